@@ -1,0 +1,1 @@
+"""Micro-Manager side: pycromanager and pymmcore-plus hooks, and the simulated microscope."""

@@ -1,0 +1,240 @@
+"""A simulated microscope built on the real MMCore (pymmcore-plus UniMMCore).
+
+A Python camera renders the forward model of `livedecon.calibration` at the focus stage's
+position, the current sample time and the camera's exposure; a Python focus stage moves the
+focal plane. The core runs MDA sequences through pymmcore-plus `run_mda`, and, once
+`attach_pycromanager()` has been called, pycromanager's Python-backend `Acquisition`.
+
+Every frame carries its sample time and focus position in its metadata (keys SAMPLE_TIME_KEY
+and FOCUS_KEY), so the exact ground truth of any frame can be rendered afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import pymmcore
+from pymmcore_plus.experimental.unicore import SimpleCameraDevice, StageDevice, UniMMCore
+
+from livedecon.calibration.config import MicroscopeConfig, default_microscope
+from livedecon.calibration.forward_model import ForwardModel, Observation
+
+SAMPLE_TIME_KEY = "LivedeconSampleTime-s"
+FOCUS_KEY = "LivedeconFocus-um"
+CAMERA_LABEL = "SimCamera"
+FOCUS_LABEL = "SimZ"
+PIXEL_CONFIG = "SimPixelSize"
+
+
+class SampleClock:
+    """The specimen's time. 'wall': seconds since start, as for a live sample; 'manual': set."""
+
+    def __init__(self, mode: Literal["wall", "manual"] = "wall") -> None:
+        self.mode = mode
+        self._start = time.monotonic()
+        self._manual_s = 0.0
+
+    def now(self) -> float:
+        return time.monotonic() - self._start if self.mode == "wall" else self._manual_s
+
+    def set(self, t_s: float) -> None:
+        """Fix the sample time (switches the clock to manual)."""
+        self.mode = "manual"
+        self._manual_s = float(t_s)
+
+
+class SimulatedFocusStage(StageDevice):
+    """A focus drive that moves instantly; its position is the focal plane in um."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._position_um = 0.0
+
+    def set_position_um(self, val: float) -> None:
+        self._position_um = float(val)
+
+    def get_position_um(self) -> float:
+        return self._position_um
+
+    def home(self) -> None:
+        self._position_um = 0.0
+
+    def stop(self) -> None:
+        pass
+
+    def set_origin(self) -> None:
+        self._position_um = 0.0
+
+
+class SimulatedCamera(SimpleCameraDevice):
+    """A camera whose frames are the forward model at (sample time, focus, exposure)."""
+
+    def __init__(self, model: ForwardModel, clock: SampleClock, focus: SimulatedFocusStage):
+        super().__init__()
+        self._model = model
+        self._clock = clock
+        self._focus = focus
+        self._exposure_ms = 20.0
+        self._lock = threading.Lock()  # the forward model's caches are not thread-safe
+        self.last_metadata: dict[str, float] = {}
+
+    def get_exposure(self) -> float:
+        return self._exposure_ms
+
+    def set_exposure(self, exposure: float) -> None:
+        if exposure <= 0:
+            raise ValueError(f"exposure must be positive, got {exposure} ms")
+        self._exposure_ms = float(exposure)
+
+    def sensor_shape(self) -> tuple[int, int]:
+        return self._model.camera_shape
+
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8 if self._model.microscope.camera.bit_depth <= 8 else np.uint16)
+
+    def snap(self, buffer: np.ndarray) -> Mapping:
+        t_s, z_um = self._clock.now(), self._focus.get_position_um()
+        with self._lock:
+            buffer[:] = self._model.acquire(t_s, z_um, self._exposure_ms).counts
+        self.last_metadata = {SAMPLE_TIME_KEY: t_s, FOCUS_KEY: z_um}
+        return self.last_metadata
+
+
+class TaggedImage:
+    """Pixels plus a tag dictionary, as pycromanager's acquisition engine expects."""
+
+    def __init__(self, tags: dict[str, Any] | None, pix: np.ndarray | None) -> None:
+        self.tags = tags
+        self.pix = pix
+
+
+def _camel_to_snake(name: str) -> str:
+    s1 = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z0-9])([A-Z])", r"\1_\2", s1).lower()
+
+
+class SimulatedCore(UniMMCore):
+    """UniMMCore that also answers to the snake_case MMCore API pycromanager's engine calls.
+
+    pycromanager's Python backend calls e.g. `core.get_image_width()` and needs
+    `TaggedImage`, `get_tagged_image` and `pop_next_tagged_image` (without TaggedImage the
+    acquisition never finishes). Snake-case names resolve to this core's camelCase methods,
+    so UniMMCore's Python-device overrides are the ones called.
+    """
+
+    TaggedImage = TaggedImage
+    _SNAKE_TO_CAMEL: dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        camel = type(self)._snake_to_camel().get(name)
+        if camel is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self, camel)
+
+    @classmethod
+    def _snake_to_camel(cls) -> dict[str, str]:
+        if not cls._SNAKE_TO_CAMEL:
+            cls._SNAKE_TO_CAMEL = {
+                _camel_to_snake(n): n for n in dir(cls) if not n.startswith("_") and n != n.lower()
+            }
+        return cls._SNAKE_TO_CAMEL
+
+    def _camera_tags(self) -> dict[str, Any]:
+        camera = self._py_camera()
+        return dict(getattr(camera, "last_metadata", {}))
+
+    def get_tagged_image(
+        self, cam_index: int, camera: str, height: int, width: int, *_: Any, **__: Any
+    ) -> TaggedImage:
+        pix = self.getImage()
+        tags = {"Camera": camera, "Height": height, "Width": width,
+                "CameraChannelIndex": cam_index, **self._camera_tags()}
+        return TaggedImage(tags, pix)
+
+    def pop_next_tagged_image(self) -> TaggedImage:
+        metadata = pymmcore.Metadata()
+        pix = self.popNextImageMD(metadata)
+        tags = {key: metadata.GetSingleTag(key).GetValue() for key in metadata.GetKeys()}
+        for key in (SAMPLE_TIME_KEY, FOCUS_KEY):
+            if key in tags:
+                tags[key] = float(tags[key])
+        return TaggedImage(tags, pix)
+
+
+class SimulatedMicroscope:
+    """A real MMCore with a simulated camera and focus stage looking at a synthetic sample.
+
+    Use as a context manager. `core` is the MMCore (run_mda works on it directly);
+    `attach_pycromanager()` makes pycromanager's `Acquisition` run on it.
+    """
+
+    def __init__(
+        self,
+        config: MicroscopeConfig | None = None,
+        clock: Literal["wall", "manual"] = "wall",
+        noise_seed: int | None = None,
+    ) -> None:
+        self.config = config or default_microscope()
+        self.model = ForwardModel(self.config, noise_seed=noise_seed)
+        self.clock = SampleClock(clock)
+        self.focus = SimulatedFocusStage()
+        self.camera = SimulatedCamera(self.model, self.clock, self.focus)
+        self.core = SimulatedCore()
+        self.core.loadPyDevice(FOCUS_LABEL, self.focus)
+        self.core.loadPyDevice(CAMERA_LABEL, self.camera)
+        self.core.initializeAllDevices()
+        self.core.setFocusDevice(FOCUS_LABEL)
+        self.core.setCameraDevice(CAMERA_LABEL)
+        self.core.definePixelSizeConfig(PIXEL_CONFIG)
+        self.core.setPixelSizeUm(PIXEL_CONFIG, self.config.optics.pixel_size_um)
+        self.core.setPixelSizeConfig(PIXEL_CONFIG)
+        self._pycromanager_attached = False
+
+    @property
+    def pixel_size_um(self) -> float:
+        return self.config.optics.pixel_size_um
+
+    def ground_truth(self, metadata: Mapping[str, Any], exposure_ms: float) -> np.ndarray:
+        """The specimen (2x grid, photoelectrons per pixel) behind a frame, from its tags."""
+        t_s, z_um = float(metadata[SAMPLE_TIME_KEY]), float(metadata[FOCUS_KEY])
+        with self.camera._lock:
+            return self.model.truth(t_s, z_um) * (exposure_ms / 1000.0)
+
+    def observe(self, t_s: float, z_um: float, exposure_ms: float) -> Observation:
+        """A frame without going through the core (for quick checks and benchmarks)."""
+        with self.camera._lock:
+            return self.model.acquire(t_s, z_um, exposure_ms)
+
+    def attach_pycromanager(self) -> None:
+        """Make pycromanager's Python-backend acquisition engine drive this core."""
+        from mmpycorex import launcher
+        from pycromanager.acquisition.acq_eng_py.internal.engine import Engine
+
+        engine = Engine.get_instance()
+        if engine is None:
+            Engine(self.core)
+        else:  # the engine is a process-wide singleton: point it at this microscope
+            engine.core = self.core
+        # pycromanager.Acquisition picks its Python backend when mmpycorex lists a core
+        if self.core not in launcher._PYMMCORES:
+            launcher._PYMMCORES.append(self.core)
+        self._pycromanager_attached = True
+
+    def close(self) -> None:
+        if self._pycromanager_attached:
+            from mmpycorex import launcher
+
+            if self.core in launcher._PYMMCORES:
+                launcher._PYMMCORES.remove(self.core)
+        self.core.unloadAllDevices()
+
+    def __enter__(self) -> SimulatedMicroscope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

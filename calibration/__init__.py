@@ -1,0 +1,1 @@
+"""Forward model, camera noise, PSF, fixed-pattern noise, metrics and calibration runs."""

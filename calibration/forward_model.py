@@ -1,0 +1,187 @@
+"""Forward model of a widefield fluorescence microscope: sample -> PSF -> camera.
+
+The specimen is rendered at twice the camera sampling (the grid restored images live on),
+blurred by the PSF, binned 2x2 onto the camera grid, then turned into counts by the camera:
+Poisson photon noise, gain, offset, Gaussian read noise and optional sCMOS column stripes.
+
+Units: photoelectrons (quantum efficiency folded into the emission rates), counts in ADU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from livedecon.calibration.config import Camera, MicroscopeConfig
+from livedecon.calibration.psf import theoretical_psf
+from livedecon.calibration.sample import SyntheticSample
+
+UPSAMPLING = 2  # the truth grid is this much finer than the camera grid
+BORDER_UM = 2.0  # zero margin around the field so blur does not wrap across edges
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One acquisition: what the camera gave and what was really there.
+
+    counts: camera counts, (Y, X) or (Z, Y, X), uint16 (uint8 for 8-bit cameras).
+    truth: the specimen on the 2x grid, (2Y, 2X) or (Z, 2Y, 2X) float32, photoelectrons per
+        truth pixel for this exposure, without background.
+    expected_e: noise-free photoelectrons per camera pixel (blurred specimen + background).
+    """
+
+    counts: np.ndarray
+    truth: np.ndarray
+    expected_e: np.ndarray
+
+
+def camera_counts(
+    electrons_expected: np.ndarray,
+    camera: Camera,
+    rng: np.random.Generator,
+    column_offsets_adu: np.ndarray | None = None,
+) -> np.ndarray:
+    """Counts a camera reads out for the given expected photoelectrons per pixel."""
+    electrons = rng.poisson(np.clip(electrons_expected, 0, None)).astype(np.float64)
+    if camera.read_noise_e > 0:
+        electrons += rng.normal(0.0, camera.read_noise_e, size=electrons.shape)
+    adu = camera.offset_adu + electrons / camera.gain_e_per_adu
+    if column_offsets_adu is not None:
+        adu += column_offsets_adu
+    dtype = np.uint8 if camera.bit_depth <= 8 else np.uint16
+    return np.clip(np.rint(adu), 0, camera.max_count).astype(dtype)
+
+
+def counts_to_electrons(counts: np.ndarray, camera: Camera) -> np.ndarray:
+    """Invert the camera's linear response: photoelectrons per pixel, float32."""
+    return ((counts.astype(np.float32) - camera.offset_adu) * camera.gain_e_per_adu).astype(
+        np.float32
+    )
+
+
+def sample_planes_um(depth_um: float, z_step_um: float) -> np.ndarray:
+    """z positions of the specimen's planes: one at 0 for a thin sample, else a centred grid."""
+    if depth_um == 0:
+        return np.zeros(1)
+    half = int(np.ceil(depth_um / 2 / z_step_um))
+    return np.arange(-half, half + 1) * z_step_um
+
+
+class ForwardModel:
+    """Renders what the configured microscope sees of its synthetic sample at (t, z)."""
+
+    def __init__(self, microscope: MicroscopeConfig, noise_seed: int | None = None) -> None:
+        if microscope.sample is None:
+            raise ValueError(
+                f"microscope config {microscope.name!r} has no [sample] section to simulate"
+            )
+        self.microscope = microscope
+        optics, camera = microscope.optics, microscope.camera
+        self.camera_shape = (camera.height_px, camera.width_px)
+        self.truth_pixel_um = optics.pixel_size_um / UPSAMPLING
+        self.truth_shape = (camera.height_px * UPSAMPLING, camera.width_px * UPSAMPLING)
+        field_um = (camera.height_px * optics.pixel_size_um, camera.width_px * optics.pixel_size_um)
+        self.sample = SyntheticSample(microscope.sample, field_um)
+        self.planes_um = sample_planes_um(microscope.sample.depth_um, optics.z_step_um)
+
+        border = int(np.ceil(BORDER_UM / self.truth_pixel_um))
+        self._padded = tuple(n + 2 * border for n in self.truth_shape)
+        self._border = border
+        self._psf_ft: dict[float, np.ndarray] = {}
+        self._sample_cache: OrderedDict[float, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+        seed = microscope.sample.seed if noise_seed is None else noise_seed
+        self.rng = np.random.default_rng(seed + 1_000_003)
+        stripe = microscope.sample.stripe_adu
+        fixed = np.random.default_rng(microscope.sample.seed + 7)
+        self.column_offsets_adu = (
+            fixed.normal(0.0, stripe, size=camera.width_px)[None, :] if stripe > 0 else None
+        )
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _psf_spectrum(self, offset_um: float) -> np.ndarray:
+        key = round(float(offset_um), 4)
+        if key not in self._psf_ft:
+            size = max(self._padded)
+            psf = theoretical_psf(
+                self.microscope.optics, self.truth_pixel_um, size, z_offsets_um=[key]
+            )[0]
+            centre = psf.shape[0] // 2
+            window = psf[
+                centre - self._padded[0] // 2 : centre - self._padded[0] // 2 + self._padded[0],
+                centre - self._padded[1] // 2 : centre - self._padded[1] // 2 + self._padded[1],
+            ]
+            # move the emitter to index (0, 0) so the FFT product is a centred convolution
+            shifted = np.roll(window, (-(self._padded[0] // 2), -(self._padded[1] // 2)), (0, 1))
+            self._psf_ft[key] = np.fft.rfft2(shifted)
+        return self._psf_ft[key]
+
+    def _specimen(self, t_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """Specimen planes (photons/s per truth pixel) and their spectra, cached per time."""
+        key = float(t_s)
+        if key in self._sample_cache:
+            self._sample_cache.move_to_end(key)
+            return self._sample_cache[key]
+        planes = self.sample.render(t_s, self.truth_pixel_um, self.truth_shape, self.planes_um)
+        b = self._border
+        padded = np.zeros((planes.shape[0], *self._padded), dtype=np.float64)
+        padded[:, b : b + self.truth_shape[0], b : b + self.truth_shape[1]] = planes
+        entry = (planes, np.fft.rfft2(padded))
+        self._sample_cache[key] = entry
+        if len(self._sample_cache) > 2:
+            self._sample_cache.popitem(last=False)
+        return entry
+
+    def truth(self, t_s: float, z_um: float) -> np.ndarray:
+        """Specimen at focus z on the 2x grid, photons/s per truth pixel (float32)."""
+        planes, _ = self._specimen(t_s)
+        if planes.shape[0] == 1:
+            return planes[0]
+        position = np.interp(z_um, self.planes_um, np.arange(self.planes_um.size))
+        k0 = int(np.floor(position))
+        k1 = min(k0 + 1, planes.shape[0] - 1)
+        frac = position - k0
+        if z_um < self.planes_um[0] - 1e-9 or z_um > self.planes_um[-1] + 1e-9:
+            return np.zeros_like(planes[0])  # outside the specimen
+        return ((1 - frac) * planes[k0] + frac * planes[k1]).astype(np.float32)
+
+    def blurred(self, t_s: float, z_um: float) -> np.ndarray:
+        """Image of the specimen at focus z on the 2x grid, photons/s per truth pixel."""
+        _, spectra = self._specimen(t_s)
+        total = np.zeros_like(spectra[0])
+        for plane_z, spectrum in zip(self.planes_um, spectra, strict=True):
+            total += spectrum * self._psf_spectrum(z_um - plane_z)
+        image = np.fft.irfft2(total, s=self._padded)
+        b = self._border
+        return image[b : b + self.truth_shape[0], b : b + self.truth_shape[1]]
+
+    def expected_electrons(self, t_s: float, z_um: float, exposure_ms: float) -> np.ndarray:
+        """Noise-free photoelectrons per camera pixel, background included."""
+        exposure_s = exposure_ms / 1000.0
+        fine = np.clip(self.blurred(t_s, z_um), 0, None) * exposure_s
+        y, x = self.camera_shape
+        binned = fine.reshape(y, UPSAMPLING, x, UPSAMPLING).sum(axis=(1, 3))
+        return binned + self.microscope.sample.background_photons_px_s * exposure_s
+
+    # -- acquisitions ----------------------------------------------------------------------
+
+    def acquire(self, t_s: float, z_um: float, exposure_ms: float) -> Observation:
+        """One camera frame at sample time t and focus z."""
+        if exposure_ms <= 0:
+            raise ValueError(f"exposure must be positive, got {exposure_ms} ms")
+        expected = self.expected_electrons(t_s, z_um, exposure_ms)
+        counts = camera_counts(expected, self.microscope.camera, self.rng, self.column_offsets_adu)
+        truth = self.truth(t_s, z_um) * (exposure_ms / 1000.0)
+        return Observation(counts, truth.astype(np.float32), expected.astype(np.float32))
+
+    def acquire_stack(self, t_s: float, z_um: np.ndarray, exposure_ms: float) -> Observation:
+        """A z-stack at one sample time: (Z, Y, X) counts and (Z, 2Y, 2X) truth."""
+        frames = [self.acquire(t_s, float(z), exposure_ms) for z in np.atleast_1d(z_um)]
+        return Observation(
+            np.stack([f.counts for f in frames]),
+            np.stack([f.truth for f in frames]),
+            np.stack([f.expected_e for f in frames]),
+        )

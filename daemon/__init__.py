@@ -1,0 +1,1 @@
+"""The acquisition-side daemon: protocol, server, pipeline, writer, publisher, client, CLI."""

@@ -1,0 +1,104 @@
+"""Daemon configuration: endpoints, limits, queue policies, output location, model choice."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from livedecon.engines.configfile import StrictModel, load_config
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Endpoints(StrictModel):
+    ingest: str = "tcp://127.0.0.1:5555"
+    publish: str = "tcp://127.0.0.1:5556"
+    allow_remote: bool = Field(
+        False, description="bind beyond loopback; then CurveZMQ keys are required"
+    )
+    curve_keys_dir: Path | None = Field(
+        None, description="server.key_secret and authorized client public keys (remote use)"
+    )
+
+    @field_validator("ingest", "publish")
+    @classmethod
+    def _zmq_address(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0]
+        if scheme not in {"tcp", "ipc", "inproc"} or "://" not in value:
+            raise ValueError("must be a ZMQ address such as tcp://127.0.0.1:5555 or ipc:///tmp/x")
+        if scheme == "tcp" and urlsplit(value).port is None:
+            raise ValueError("a tcp endpoint needs a port, e.g. tcp://127.0.0.1:5555")
+        return value
+
+    def remote_hosts(self) -> list[str]:
+        hosts = []
+        for address in (self.ingest, self.publish):
+            if address.startswith("tcp://"):
+                host = urlsplit(address).hostname or ""
+                if not _is_loopback(host):
+                    hosts.append(host)
+        return hosts
+
+    @model_validator(mode="after")
+    def _remote_is_opt_in(self) -> Endpoints:
+        remote = self.remote_hosts()
+        if remote and not self.allow_remote:
+            raise ValueError(
+                f"binds to non-loopback host(s) {remote}; set allow_remote = true and "
+                "curve_keys_dir to expose the daemon (authenticated with CurveZMQ)"
+            )
+        if self.allow_remote and self.curve_keys_dir is None:
+            raise ValueError("allow_remote = true needs curve_keys_dir for CurveZMQ keys")
+        return self
+
+
+class Limits(StrictModel):
+    max_frame_pixels: int = Field(4096 * 4096, gt=0, description="largest Y*X accepted")
+    max_z: int = Field(512, gt=0, description="largest z-stack accepted")
+    max_inflight_frames: int = Field(64, gt=0, description="client window of unacked frames")
+
+
+class Queues(StrictModel):
+    job_queue_frames: int = Field(256, gt=0, description="frames held in memory before spill")
+    batch_max_frames: int = Field(4, gt=0, le=256)
+    batch_deadline_ms: float = Field(2.0, ge=0, description="wait for a fuller 2D batch")
+    stack_timeout_s: float = Field(30.0, gt=0, description="give up on an incomplete z-stack")
+    spill_dir: str = Field("", description="empty: <output_dir>/spill")
+    display: Literal["latest"] = Field(
+        "latest", description="display frames are latest-wins; saved frames are never dropped"
+    )
+
+
+class ModelSelection(StrictModel):
+    bundle: str = Field("fast2d-sim", description="bundle directory or a shipped bundle name")
+    backend: Literal["auto", "tensorrt", "torch-cuda", "onnxruntime", "torch"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+class DaemonConfig(StrictModel):
+    output_dir: Path = Path("livedecon_out")
+    endpoints: Endpoints = Endpoints()
+    limits: Limits = Limits()
+    queues: Queues = Queues()
+    model: ModelSelection = ModelSelection()
+
+    @property
+    def spill_path(self) -> Path:
+        return Path(self.queues.spill_dir) if self.queues.spill_dir else self.output_dir / "spill"
+
+
+def load_daemon_config(path: str | Path) -> DaemonConfig:
+    return load_config(path, DaemonConfig)

@@ -1,0 +1,1 @@
+"""Networks, training, test-time adaptation, export and runtimes (numpy and torch only)."""
