@@ -11,23 +11,30 @@ and FOCUS_KEY), so the exact ground truth of any frame can be rendered afterward
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pymmcore
-from pymmcore_plus.experimental.unicore import SimpleCameraDevice, StageDevice, UniMMCore
-
 from livedecon.calibration.config import MicroscopeConfig, default_microscope
 from livedecon.calibration.forward_model import ForwardModel, Observation
+from pymmcore_plus.experimental.unicore import (
+    ShutterDevice,
+    SimpleCameraDevice,
+    StageDevice,
+    UniMMCore,
+)
 
 SAMPLE_TIME_KEY = "LivedeconSampleTime-s"
 FOCUS_KEY = "LivedeconFocus-um"
 CAMERA_LABEL = "SimCamera"
 FOCUS_LABEL = "SimZ"
+SHUTTER_LABEL = "SimLight"
 PIXEL_CONFIG = "SimPixelSize"
 
 
@@ -71,16 +78,37 @@ class SimulatedFocusStage(StageDevice):
         self._position_um = 0.0
 
 
+class SimulatedShutter(ShutterDevice):
+    """The excitation light's shutter: closed, the camera records dark frames."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open = False
+
+    def get_open(self) -> bool:
+        return self._open
+
+    def set_open(self, open: bool) -> None:
+        self._open = bool(open)
+
+
 class SimulatedCamera(SimpleCameraDevice):
     """A camera whose frames are the forward model at (sample time, focus, exposure)."""
 
-    def __init__(self, model: ForwardModel, clock: SampleClock, focus: SimulatedFocusStage):
+    def __init__(
+        self,
+        model: ForwardModel,
+        clock: SampleClock,
+        focus: SimulatedFocusStage,
+        light_on: Callable[[], bool],
+    ) -> None:
         super().__init__()
         self._model = model
+        self._light_on = light_on
         self._clock = clock
         self._focus = focus
         self._exposure_ms = 20.0
-        self._lock = threading.Lock()  # the forward model's caches are not thread-safe
+        self.model_lock = threading.Lock()  # the forward model's caches are not thread-safe
         self.last_metadata: dict[str, float] = {}
 
     def get_exposure(self) -> float:
@@ -99,8 +127,11 @@ class SimulatedCamera(SimpleCameraDevice):
 
     def snap(self, buffer: np.ndarray) -> Mapping:
         t_s, z_um = self._clock.now(), self._focus.get_position_um()
-        with self._lock:
-            buffer[:] = self._model.acquire(t_s, z_um, self._exposure_ms).counts
+        with self.model_lock:
+            if self._light_on():
+                buffer[:] = self._model.acquire(t_s, z_um, self._exposure_ms).counts
+            else:
+                buffer[:] = self._model.dark()
         self.last_metadata = {SAMPLE_TIME_KEY: t_s, FOCUS_KEY: z_um}
         return self.last_metadata
 
@@ -118,6 +149,11 @@ def _camel_to_snake(name: str) -> str:
     return re.sub("([a-z0-9])([A-Z])", r"\1_\2", s1).lower()
 
 
+@functools.cache
+def _snake_to_camel(cls: type) -> dict[str, str]:
+    return {_camel_to_snake(n): n for n in dir(cls) if not n.startswith("_") and n != n.lower()}
+
+
 class SimulatedCore(UniMMCore):
     """UniMMCore that also answers to the snake_case MMCore API pycromanager's engine calls.
 
@@ -128,21 +164,12 @@ class SimulatedCore(UniMMCore):
     """
 
     TaggedImage = TaggedImage
-    _SNAKE_TO_CAMEL: dict[str, str] = {}
 
     def __getattr__(self, name: str) -> Any:
-        camel = type(self)._snake_to_camel().get(name)
+        camel = _snake_to_camel(type(self)).get(name)
         if camel is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self, camel)
-
-    @classmethod
-    def _snake_to_camel(cls) -> dict[str, str]:
-        if not cls._SNAKE_TO_CAMEL:
-            cls._SNAKE_TO_CAMEL = {
-                _camel_to_snake(n): n for n in dir(cls) if not n.startswith("_") and n != n.lower()
-            }
-        return cls._SNAKE_TO_CAMEL
 
     def _camera_tags(self) -> dict[str, Any]:
         camera = self._py_camera()
@@ -152,8 +179,13 @@ class SimulatedCore(UniMMCore):
         self, cam_index: int, camera: str, height: int, width: int, *_: Any, **__: Any
     ) -> TaggedImage:
         pix = self.getImage()
-        tags = {"Camera": camera, "Height": height, "Width": width,
-                "CameraChannelIndex": cam_index, **self._camera_tags()}
+        tags = {
+            "Camera": camera,
+            "Height": height,
+            "Width": width,
+            "CameraChannelIndex": cam_index,
+            **self._camera_tags(),
+        }
         return TaggedImage(tags, pix)
 
     def pop_next_tagged_image(self) -> TaggedImage:
@@ -183,17 +215,26 @@ class SimulatedMicroscope:
         self.model = ForwardModel(self.config, noise_seed=noise_seed)
         self.clock = SampleClock(clock)
         self.focus = SimulatedFocusStage()
-        self.camera = SimulatedCamera(self.model, self.clock, self.focus)
-        self.core = SimulatedCore()
+        self.shutter = SimulatedShutter()
+        self.camera = SimulatedCamera(self.model, self.clock, self.focus, self._light_on)
+        # Python devices only: no Micro-Manager install (and its C++ adapters) is needed
+        self.core = SimulatedCore(mm_path=str(Path(__file__).parent))
         self.core.loadPyDevice(FOCUS_LABEL, self.focus)
         self.core.loadPyDevice(CAMERA_LABEL, self.camera)
+        self.core.loadPyDevice(SHUTTER_LABEL, self.shutter)
         self.core.initializeAllDevices()
+        self.core.setShutterDevice(SHUTTER_LABEL)
         self.core.setFocusDevice(FOCUS_LABEL)
         self.core.setCameraDevice(CAMERA_LABEL)
         self.core.definePixelSizeConfig(PIXEL_CONFIG)
         self.core.setPixelSizeUm(PIXEL_CONFIG, self.config.optics.pixel_size_um)
         self.core.setPixelSizeConfig(PIXEL_CONFIG)
         self._pycromanager_attached = False
+
+    def _light_on(self) -> bool:
+        # UniMMCore does not cycle a Python shutter around snaps of a Python camera, so
+        # auto-shutter mode counts as open, as it would be during a real exposure.
+        return self.shutter.get_open() or self.core.getAutoShutter()
 
     @property
     def pixel_size_um(self) -> float:
@@ -202,12 +243,12 @@ class SimulatedMicroscope:
     def ground_truth(self, metadata: Mapping[str, Any], exposure_ms: float) -> np.ndarray:
         """The specimen (2x grid, photoelectrons per pixel) behind a frame, from its tags."""
         t_s, z_um = float(metadata[SAMPLE_TIME_KEY]), float(metadata[FOCUS_KEY])
-        with self.camera._lock:
+        with self.camera.model_lock:
             return self.model.truth(t_s, z_um) * (exposure_ms / 1000.0)
 
     def observe(self, t_s: float, z_um: float, exposure_ms: float) -> Observation:
         """A frame without going through the core (for quick checks and benchmarks)."""
-        with self.camera._lock:
+        with self.camera.model_lock:
             return self.model.acquire(t_s, z_um, exposure_ms)
 
     def attach_pycromanager(self) -> None:

@@ -9,9 +9,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
-
 from livedecon.engines.configfile import StrictModel, load_config
+from pydantic import Field, model_validator
 
 
 class Optics(StrictModel):
@@ -28,9 +27,7 @@ class Optics(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> Optics:
         if self.na >= self.immersion_ri:
-            raise ValueError(
-                f"na ({self.na}) must be below immersion_ri ({self.immersion_ri})"
-            )
+            raise ValueError(f"na ({self.na}) must be below immersion_ri ({self.immersion_ri})")
         if self.modality == "confocal" and self.excitation_um is None:
             raise ValueError("modality 'confocal' needs excitation_um")
         return self
@@ -80,9 +77,7 @@ class MicroscopeConfig(StrictModel):
     name: str = "simulated"
     optics: Optics = Optics()
     camera: Camera = Camera()
-    sample: Sample | None = Field(
-        None, description="present only for the simulated microscope"
-    )
+    sample: Sample | None = Field(None, description="present only for the simulated microscope")
 
 
 def load_microscope(path: str | Path) -> MicroscopeConfig:

@@ -13,7 +13,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-
 from livedecon.calibration.config import Camera, MicroscopeConfig
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.calibration.sample import SyntheticSample
@@ -176,6 +175,11 @@ class ForwardModel:
         counts = camera_counts(expected, self.microscope.camera, self.rng, self.column_offsets_adu)
         truth = self.truth(t_s, z_um) * (exposure_ms / 1000.0)
         return Observation(counts, truth.astype(np.float32), expected.astype(np.float32))
+
+    def dark(self) -> np.ndarray:
+        """A frame with no light reaching the camera: offset, read noise and stripes."""
+        electrons = np.zeros(self.camera_shape)
+        return camera_counts(electrons, self.microscope.camera, self.rng, self.column_offsets_adu)
 
     def acquire_stack(self, t_s: float, z_um: np.ndarray, exposure_ms: float) -> Observation:
         """A z-stack at one sample time: (Z, Y, X) counts and (Z, 2Y, 2X) truth."""

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import psfmodels
-
 from livedecon.calibration.config import Optics
 
 

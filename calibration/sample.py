@@ -8,9 +8,8 @@ exact ground truth of a frame from its recorded sample time and focus position.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
-
 from livedecon.calibration.config import Sample
+from scipy import ndimage
 
 FILAMENT_SIGMA_UM = 0.012  # ~25 nm filaments: thinner than any grid we render on
 PUNCTUM_SIGMA_UM = 0.045  # ~100 nm vesicles
@@ -71,8 +70,16 @@ class SyntheticSample:
             basis = np.stack([(1 - u) ** 3, 3 * u * (1 - u) ** 2, 3 * u**2 * (1 - u), u**3], 1)
             points = basis @ cp
             deriv = (
-                np.stack([-3 * (1 - u) ** 2, 3 * (1 - u) ** 2 - 6 * u * (1 - u),
-                          6 * u * (1 - u) - 3 * u**2, 3 * u**2], 1) @ cp
+                np.stack(
+                    [
+                        -3 * (1 - u) ** 2,
+                        3 * (1 - u) ** 2 - 6 * u * (1 - u),
+                        6 * u * (1 - u) - 3 * u**2,
+                        3 * u**2,
+                    ],
+                    1,
+                )
+                @ cp
             )
             seg_len = np.linalg.norm(deriv, axis=1) / n
             coords.append(points)

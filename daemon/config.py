@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
-
 from livedecon.engines.configfile import StrictModel, load_config
+from pydantic import Field, field_validator, model_validator
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 

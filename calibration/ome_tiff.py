@@ -1,0 +1,67 @@
+"""OME-TIFF files with physical sizes: the one place images are written and read back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+
+@dataclass(frozen=True)
+class OmeImage:
+    data: np.ndarray
+    axes: str
+    pixel_size_um: float
+    z_step_um: float | None
+
+
+def write_ome_tiff(
+    path: str | Path,
+    data: np.ndarray,
+    axes: str,
+    pixel_size_um: float,
+    z_step_um: float | None = None,
+    time_increment_s: float | None = None,
+    description: str | None = None,
+) -> Path:
+    """Write `data` (axes such as 'TYX', 'ZYX') with its physical sampling in the OME-XML."""
+    if data.ndim != len(axes):
+        raise ValueError(f"data has {data.ndim} dimensions but axes is {axes!r}")
+    metadata: dict[str, object] = {
+        "axes": axes,
+        "PhysicalSizeX": pixel_size_um,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": pixel_size_um,
+        "PhysicalSizeYUnit": "µm",
+    }
+    if z_step_um is not None:
+        metadata.update(PhysicalSizeZ=z_step_um, PhysicalSizeZUnit="µm")
+    if time_increment_s is not None:
+        metadata.update(TimeIncrement=time_increment_s, TimeIncrementUnit="s")
+    if description:
+        metadata["Description"] = description
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, data, ome=True, bigtiff=data.nbytes > 2**31, metadata=metadata)
+    return path
+
+
+def read_ome_tiff(path: str | Path) -> OmeImage:
+    """Pixels, axes and physical sizes of an OME-TIFF written by `write_ome_tiff` (or others)."""
+    with tifffile.TiffFile(path) as tif:
+        if not tif.is_ome:
+            raise ValueError(f"{path}: not an OME-TIFF")
+        series = tif.series[0]
+        data = series.asarray()
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
+    if "PhysicalSizeX" not in pixels:
+        raise ValueError(f"{path}: OME metadata has no PhysicalSizeX")
+    return OmeImage(
+        data=data,
+        axes=series.axes,
+        pixel_size_um=float(pixels["PhysicalSizeX"]),
+        z_step_um=float(pixels["PhysicalSizeZ"]) if "PhysicalSizeZ" in pixels else None,
+    )

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def small_microscope():
+    """The default simulated microscope shrunk to 64 x 64 pixels for fast tests."""
+    from livedecon.calibration.config import default_microscope
+
+    scope = default_microscope()
+    camera = scope.camera.model_copy(update={"width_px": 64, "height_px": 64})
+    sample = scope.sample.model_copy(update={"n_filaments": 3, "n_puncta": 6})
+    return scope.model_copy(update={"camera": camera, "sample": sample})

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from livedecon.calibration.forward_model import counts_to_electrons
+from livedecon.calibration.ome_tiff import read_ome_tiff
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _small_config(tmp_path: Path, source: str, size: int) -> Path:
+    text = (CONFIGS / source).read_text()
+    text = text.replace("width_px = 256", f"width_px = {size}").replace(
+        "height_px = 256", f"height_px = {size}"
+    )
+    text = text.replace("width_px = 128", f"width_px = {size}").replace(
+        "height_px = 128", f"height_px = {size}"
+    )
+    path = tmp_path / source
+    path.write_text(text)
+    return path
+
+
+def _livedecon(*args: str) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "livedecon"
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("sim")
+    out = tmp / "out"
+    result = _livedecon(
+        "simulate",
+        "--out",
+        str(out),
+        "--frames",
+        "4",
+        "--exposure-ms",
+        "100",
+        "--config",
+        str(_small_config(tmp, "microscope_sim.toml", 64)),
+        "--config-3d",
+        str(_small_config(tmp, "microscope_widefield_3d.toml", 48)),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+def test_help_lists_simulate():
+    result = _livedecon("--help")
+    assert result.returncode == 0
+    assert "simulate" in result.stdout
+
+
+def test_series_shapes_dtypes_pixel_sizes(simulated):
+    raw = read_ome_tiff(simulated / "sim2d_raw.ome.tif")
+    truth = read_ome_tiff(simulated / "sim2d_truth.ome.tif")
+    assert (raw.axes, raw.data.shape, raw.data.dtype) == ("TYX", (4, 64, 64), np.uint16)
+    assert (truth.axes, truth.data.shape, truth.data.dtype) == ("TYX", (4, 128, 128), np.float32)
+    assert raw.pixel_size_um == pytest.approx(0.065)
+    assert truth.pixel_size_um == pytest.approx(0.0325)
+
+
+def test_stack_shapes_and_z_step(simulated):
+    raw = read_ome_tiff(simulated / "sim3d_raw.ome.tif")
+    truth = read_ome_tiff(simulated / "sim3d_truth.ome.tif")
+    manifest = json.loads((simulated / "simulation.json").read_text())["stack_3d"]
+    nz = len(manifest["focus_um"])
+    assert (raw.axes, raw.data.shape) == ("ZYX", (nz, 48, 48))
+    assert (truth.axes, truth.data.shape) == ("ZYX", (nz, 96, 96))
+    assert raw.z_step_um == truth.z_step_um == pytest.approx(0.2)
+    assert raw.pixel_size_um == pytest.approx(0.0925)
+    assert truth.pixel_size_um == pytest.approx(0.04625)
+
+
+def test_truth_and_noisy_data_align(simulated):
+    from livedecon.calibration.config import MicroscopeConfig
+
+    manifest = json.loads((simulated / "simulation.json").read_text())["series_2d"]
+    camera = MicroscopeConfig.model_validate(manifest["microscope"]).camera
+    raw = read_ome_tiff(simulated / "sim2d_raw.ome.tif").data
+    truth = read_ome_tiff(simulated / "sim2d_truth.ome.tif").data
+    for frame, gt in zip(raw, truth, strict=True):
+        signal = counts_to_electrons(frame, camera)
+        binned = gt.reshape(64, 2, 64, 2).sum(axis=(1, 3))
+        xcorr = np.fft.ifft2(
+            np.fft.fft2(signal - signal.mean()) * np.conj(np.fft.fft2(binned - binned.mean()))
+        ).real
+        assert np.unravel_index(np.argmax(xcorr), xcorr.shape) == (0, 0)
+    # consecutive timepoints differ: the sample moves
+    assert not np.allclose(truth[0], truth[-1])
+
+
+def test_config_error_is_one_clear_message(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optics]\nna = 9\n")
+    result = _livedecon("simulate", "--out", str(tmp_path / "o"), "--config", str(bad))
+    assert result.returncode == 2
+    assert "bad.toml" in result.stdout
+    assert "optics.na" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
