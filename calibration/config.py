@@ -62,11 +62,11 @@ class Sample(StrictModel):
     n_filaments: int = Field(12, ge=0, le=10_000)
     n_puncta: int = Field(40, ge=0, le=100_000)
     filament_photons_per_um_s: float = Field(
-        4000.0, ge=0, description="emission of a filament per um of length, photons/s"
+        25000.0, ge=0, description="emission of a filament per um of length, photons/s"
     )
-    punctum_photons_s: float = Field(3000.0, ge=0, description="emission of one punctum")
+    punctum_photons_s: float = Field(20000.0, ge=0, description="emission of one punctum")
     background_photons_px_s: float = Field(
-        100.0, ge=0, description="out-of-focus/autofluorescence per camera pixel"
+        200.0, ge=0, description="out-of-focus/autofluorescence per camera pixel"
     )
     motion_um: float = Field(0.4, ge=0, le=100, description="amplitude of slow motion")
     period_s: float = Field(120.0, gt=0, description="time scale of motion and shape change")
