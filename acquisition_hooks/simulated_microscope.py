@@ -21,14 +21,15 @@ from typing import Any, Literal
 
 import numpy as np
 import pymmcore
-from livedecon.calibration.config import MicroscopeConfig, default_microscope
-from livedecon.calibration.forward_model import ForwardModel, Observation
 from pymmcore_plus.experimental.unicore import (
     ShutterDevice,
     SimpleCameraDevice,
     StageDevice,
     UniMMCore,
 )
+
+from livedecon.calibration.config import MicroscopeConfig, default_microscope
+from livedecon.calibration.forward_model import ForwardModel, Observation
 
 SAMPLE_TIME_KEY = "LivedeconSampleTime-s"
 FOCUS_KEY = "LivedeconFocus-um"

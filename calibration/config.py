@@ -9,8 +9,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from livedecon.engines.configfile import StrictModel, load_config
 from pydantic import Field, model_validator
+
+from livedecon.engines.configfile import StrictModel, load_config
 
 
 class Optics(StrictModel):

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+
 from livedecon.calibration.config import Camera, MicroscopeConfig
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.calibration.sample import SyntheticSample

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import psfmodels
+
 from livedecon.calibration.config import Optics
 
 

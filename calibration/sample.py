@@ -8,8 +8,9 @@ exact ground truth of a frame from its recorded sample time and focus position.
 from __future__ import annotations
 
 import numpy as np
-from livedecon.calibration.config import Sample
 from scipy import ndimage
+
+from livedecon.calibration.config import Sample
 
 FILAMENT_SIGMA_UM = 0.012  # ~25 nm filaments: thinner than any grid we render on
 PUNCTUM_SIGMA_UM = 0.045  # ~100 nm vesicles

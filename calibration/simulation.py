@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from livedecon.calibration.config import MicroscopeConfig
 from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel
 from livedecon.calibration.ome_tiff import write_ome_tiff

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from livedecon.engines.configfile import ConfigError
 from rich.console import Console
 from rich.progress import Progress
+
+from livedecon.engines.configfile import ConfigError
 
 app = typer.Typer(
     help="livedecon: real-time restoration of fluorescence microscopy during acquisition.",

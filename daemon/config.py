@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from livedecon.engines.configfile import StrictModel, load_config
 from pydantic import Field, field_validator, model_validator
+
+from livedecon.engines.configfile import StrictModel, load_config
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from livedecon.calibration.config import MicroscopeConfig, default_microscope, load_microscope
 from livedecon.daemon.config import DaemonConfig, load_daemon_config
 from livedecon.engines.configfile import ConfigError

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from livedecon.calibration.config import Camera
 from livedecon.calibration.forward_model import (
     ForwardModel,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from livedecon.calibration.forward_model import counts_to_electrons
 from livedecon.calibration.ome_tiff import read_ome_tiff
 

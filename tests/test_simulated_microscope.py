@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from livedecon.acquisition_hooks.simulated_microscope import (
     FOCUS_KEY,
     SAMPLE_TIME_KEY,

@@ -1,0 +1,242 @@
+"""ZS-DeconvNet networks in PyTorch: 2D two-stage U-Net, its fast variant, 3D two-stage RCAN.
+
+Each network maps a raw frame (N, 1, Y, X) or stack (N, 1, Z, Y, X) in model units to a pair
+(denoised, deconvolved): the denoised image on the input grid and the deconvolved one on the
+2x lateral grid (when `upsample` is on). Inputs must be multiples of `multiple` laterally.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from livedecon.engines.configfile import StrictModel
+
+
+class UNetSpec(StrictModel):
+    """One U-Net as the ZS-DeconvNet reference builds it."""
+
+    levels: int = Field(4, ge=1, le=6, description="encoder blocks, each halving the size")
+    convs_per_block: int = Field(3, ge=1, le=6)
+    base_width: int = Field(32, ge=1, le=512, description="first block; doubles per level")
+
+
+class Network2DSpec(StrictModel):
+    kind: Literal["zs-deconvnet-2d", "zs-deconvnet-2d-fast"] = "zs-deconvnet-2d"
+    unet: UNetSpec = UNetSpec()
+    tail_width: int = Field(128, ge=1, le=1024, description="convolutions after upsampling")
+    upsample: bool = True
+
+
+class Network3DSpec(StrictModel):
+    kind: Literal["zs-deconvnet-3d"] = "zs-deconvnet-3d"
+    width: int = Field(64, ge=4, le=512)
+    residual_groups: int = Field(2, ge=1, le=16)
+    blocks_per_group: int = Field(2, ge=1, le=16)
+    attention_reduction: int = Field(16, ge=1, le=64)
+    upsample: bool = Field(True, description="lateral-only 2x upsampling of the second stage")
+
+
+def fast_2d_spec() -> Network2DSpec:
+    """The real-time variant: narrower, shallower U-Nets and a sub-pixel tail."""
+    return Network2DSpec(
+        kind="zs-deconvnet-2d-fast",
+        unet=UNetSpec(levels=3, convs_per_block=2, base_width=16),
+        tail_width=32,
+    )
+
+
+def _conv_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+
+
+class UNet2D(nn.Module):
+    """Encoder of `levels` blocks, bottleneck (2w then w), decoder with nearest upsampling.
+
+    Widths follow the reference: block n has base*2^n channels; each decoder block starts with
+    the full width and narrows to half. Output: features of width base/2 at input size.
+    """
+
+    def __init__(self, c_in: int, spec: UNetSpec) -> None:
+        super().__init__()
+        widths = [spec.base_width * 2**n for n in range(spec.levels)]
+        self.encoder = nn.ModuleList()
+        c = c_in
+        for w in widths:
+            layers = _conv_relu(c, w)
+            for _ in range(spec.convs_per_block - 1):
+                layers += _conv_relu(w, w)
+            self.encoder.append(nn.Sequential(*layers))
+            c = w
+        top = widths[-1]
+        self.bottleneck = nn.Sequential(*_conv_relu(top, 2 * top), *_conv_relu(2 * top, top))
+        self.decoder = nn.ModuleList()
+        c = top
+        for w in reversed(widths):
+            layers = _conv_relu(c + w, w)
+            narrow = max(w // 2, 1)
+            c_next = w
+            for _ in range(spec.convs_per_block - 1):
+                layers += _conv_relu(c_next, narrow)
+                c_next = narrow
+            self.decoder.append(nn.Sequential(*layers))
+            c = c_next
+        self.out_channels = c
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for block, skip in zip(self.decoder, reversed(skips), strict=True):
+            x = block(torch.cat([self.up(x), skip], dim=1))
+        return x
+
+
+class ZSDeconvNet2D(nn.Module):
+    """Denoising U-Net, then deconvolution U-Net with a 2x tail (nearest or sub-pixel)."""
+
+    def __init__(self, spec: Network2DSpec | None = None) -> None:
+        super().__init__()
+        self.spec = spec or Network2DSpec()
+        self.multiple = 2**self.spec.unet.levels
+        self.upscale = 2 if self.spec.upsample else 1
+        self.denoiser = UNet2D(1, self.spec.unet)
+        self.denoise_out = nn.Sequential(
+            nn.Conv2d(self.denoiser.out_channels, 1, 3, padding=1), nn.ReLU()
+        )
+        self.deconvolver = UNet2D(1, self.spec.unet)
+        c, w = self.deconvolver.out_channels, self.spec.tail_width
+        if self.spec.kind == "zs-deconvnet-2d":  # reference tail: nearest x2, conv, conv, conv
+            up = [nn.Upsample(scale_factor=2, mode="nearest")] if self.spec.upsample else []
+            self.tail = nn.Sequential(
+                *up, *_conv_relu(c, w), *_conv_relu(w, w), nn.Conv2d(w, 1, 3, padding=1), nn.ReLU()
+            )
+        else:  # sub-pixel tail: the convolutions run on the coarse grid, PixelShuffle lifts
+            r = self.upscale
+            self.tail = nn.Sequential(
+                *_conv_relu(c, w), nn.Conv2d(w, r * r, 3, padding=1), nn.PixelShuffle(r), nn.ReLU()
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        denoised = self.denoise_out(self.denoiser(x))
+        deconvolved = self.tail(self.deconvolver(denoised))
+        return denoised, deconvolved
+
+
+class ChannelAttention3D(nn.Module):
+    def __init__(self, width: int, reduction: int) -> None:
+        super().__init__()
+        hidden = max(width // reduction, 1)
+        self.weights = nn.Sequential(
+            nn.AdaptiveAvgPool3d(1),
+            nn.Conv3d(width, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(hidden, width, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weights(x)
+
+
+class RCAB3D(nn.Module):
+    """Residual channel-attention block: conv, LeakyReLU, conv, LeakyReLU, attention, + x."""
+
+    def __init__(self, width: int, reduction: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(width, width, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(width, width, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            ChannelAttention3D(width, reduction),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class RCANStage3D(nn.Module):
+    def __init__(self, spec: Network3DSpec, upsample: bool) -> None:
+        super().__init__()
+        w = spec.width
+        self.head = nn.Conv3d(1, w, 3, padding=1)
+        self.groups = nn.Sequential(
+            *[
+                RCAB3D(w, spec.attention_reduction)
+                for _ in range(spec.residual_groups * spec.blocks_per_group)
+            ]
+        )
+        up = [nn.Upsample(scale_factor=(1, 2, 2), mode="nearest")] if upsample else []
+        self.tail = nn.Sequential(
+            *up,
+            nn.Conv3d(w, w, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(w, 1, 3, padding=1),
+            nn.LeakyReLU(0.2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.head(x)
+        return self.tail(features + self.groups(features))
+
+
+class ZSDeconvNet3D(nn.Module):
+    """Two RCAN3D stages: denoiser on the input grid, deconvolver with lateral 2x upsampling."""
+
+    multiple = 1
+
+    def __init__(self, spec: Network3DSpec | None = None) -> None:
+        super().__init__()
+        self.spec = spec or Network3DSpec()
+        self.upscale = 2 if self.spec.upsample else 1
+        self.denoiser = RCANStage3D(self.spec, upsample=False)
+        self.deconvolver = RCANStage3D(self.spec, upsample=self.spec.upsample)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        denoised = self.denoiser(x)
+        return denoised, self.deconvolver(denoised)
+
+
+NetworkSpec = Network2DSpec | Network3DSpec
+
+
+def build_network(spec: NetworkSpec) -> nn.Module:
+    if isinstance(spec, Network3DSpec):
+        return ZSDeconvNet3D(spec)
+    return ZSDeconvNet2D(spec)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates x2 of every convolution for one forward pass of `example`."""
+    total = 0
+
+    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        kernel = module.weight[0].numel()  # c_in/groups * k...
+        total += 2 * output.numel() * kernel
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Conv3d)
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
