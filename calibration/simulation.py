@@ -15,6 +15,24 @@ from livedecon.calibration.ome_tiff import write_ome_tiff
 Progress = Callable[[int], None]  # called with the number of frames just rendered
 
 
+def _render(
+    model: ForwardModel,
+    times_s: np.ndarray,
+    focus_um: np.ndarray,
+    exposure_ms: float,
+    progress: Progress | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frames at the given (time, focus) pairs: raw counts and truth, stacked."""
+    raw, truth = [], []
+    for t_s, z_um in zip(times_s, focus_um, strict=True):
+        obs = model.acquire(float(t_s), float(z_um), exposure_ms)
+        raw.append(obs.counts)
+        truth.append(obs.truth)
+        if progress:
+            progress(1)
+    return np.stack(raw), np.stack(truth)
+
+
 def simulate_time_series(
     microscope: MicroscopeConfig,
     out_dir: Path,
@@ -24,22 +42,15 @@ def simulate_time_series(
     progress: Progress | None = None,
 ) -> dict[str, object]:
     """2D time-lapse at focus 0: raw counts (T, Y, X) and truth (T, 2Y, 2X)."""
-    model = ForwardModel(microscope)
     times = np.arange(frames) * interval_s
-    raw, truth = [], []
-    for t_s in times:
-        obs = model.acquire(float(t_s), 0.0, exposure_ms)
-        raw.append(obs.counts)
-        truth.append(obs.truth)
-        if progress:
-            progress(1)
+    raw, truth = _render(ForwardModel(microscope), times, np.zeros(frames), exposure_ms, progress)
     px = microscope.optics.pixel_size_um
     raw_path = write_ome_tiff(
-        out_dir / "sim2d_raw.ome.tif", np.stack(raw), "TYX", px, time_increment_s=interval_s
+        out_dir / "sim2d_raw.ome.tif", raw, "TYX", px, time_increment_s=interval_s
     )
     truth_path = write_ome_tiff(
         out_dir / "sim2d_truth.ome.tif",
-        np.stack(truth),
+        truth,
         "TYX",
         px / UPSAMPLING,
         time_increment_s=interval_s,
@@ -65,18 +76,12 @@ def simulate_stack(
     """3D stack over the specimen's depth at time 0: raw (Z, Y, X) and truth (Z, 2Y, 2X)."""
     model = ForwardModel(microscope)
     z_um = model.planes_um
-    raw, truth = [], []
-    for z in z_um:
-        obs = model.acquire(0.0, float(z), exposure_ms)
-        raw.append(obs.counts)
-        truth.append(obs.truth)
-        if progress:
-            progress(1)
+    raw, truth = _render(model, np.zeros(z_um.size), z_um, exposure_ms, progress)
     px, dz = microscope.optics.pixel_size_um, microscope.optics.z_step_um
-    raw_path = write_ome_tiff(out_dir / "sim3d_raw.ome.tif", np.stack(raw), "ZYX", px, dz)
+    raw_path = write_ome_tiff(out_dir / "sim3d_raw.ome.tif", raw, "ZYX", px, dz)
     truth_path = write_ome_tiff(
         out_dir / "sim3d_truth.ome.tif",
-        np.stack(truth),
+        truth,
         "ZYX",
         px / UPSAMPLING,
         dz,
