@@ -56,31 +56,23 @@ def test_out_of_range_field_names_file_and_field(tmp_path):
     assert "\n" not in message
 
 
-def test_unknown_key_is_an_error_not_ignored(tmp_path):
-    path = _write(tmp_path, "[camera]\ngain = 2.0\n")
-    with pytest.raises(ConfigError, match=r"camera\.gain: Extra inputs are not permitted"):
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[camera]\ngain = 2.0\n", r"camera\.gain: Extra inputs are not permitted"),
+        ('[camera]\nbit_depth = "sixteen"\n', r"camera\.bit_depth"),
+        ("[optics]\nna = 1.45\nimmersion_ri = 1.33\n", "must be below immersion_ri"),
+        ('[optics]\nmodality = "confocal"\n', "needs excitation_um"),
+        ("[camera]\noffset_adu = 300\nbit_depth = 8\n", "below the 8-bit maximum"),
+        ("[optics\nna = 1.4\n", r"not valid TOML.*line 1"),
+    ],
+    ids=["unknown-key", "wrong-type", "na-vs-immersion", "confocal", "offset", "syntax"],
+)
+def test_bad_microscope_config_is_one_message_naming_the_file(tmp_path, text, expected):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=expected) as info:
         load_microscope(path)
-
-
-def test_wrong_type(tmp_path):
-    path = _write(tmp_path, '[camera]\nbit_depth = "sixteen"\n')
-    with pytest.raises(ConfigError, match=r"camera\.bit_depth"):
-        load_microscope(path)
-
-
-def test_cross_field_rule(tmp_path):
-    path = _write(tmp_path, "[optics]\nna = 1.45\nimmersion_ri = 1.33\n")
-    with pytest.raises(ConfigError, match="must be below immersion_ri"):
-        load_microscope(path)
-    confocal = _write(tmp_path, '[optics]\nmodality = "confocal"\n')
-    with pytest.raises(ConfigError, match="needs excitation_um"):
-        load_microscope(confocal)
-
-
-def test_toml_syntax_error_names_file_and_line(tmp_path):
-    path = _write(tmp_path, "[optics\nna = 1.4\n")
-    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML.*line 1"):
-        load_microscope(path)
+    assert str(info.value).startswith(f"{path}: ")
 
 
 def test_missing_file(tmp_path):
