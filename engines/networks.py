@@ -29,6 +29,11 @@ class Network2DSpec(StrictModel):
     unet: UNetSpec = UNetSpec()
     tail_width: int = Field(128, ge=1, le=1024, description="convolutions after upsampling")
     upsample: bool = True
+    output_activation: Literal["softplus", "relu"] = Field(
+        "softplus",
+        description="keeps outputs non-negative; the reference's ReLU can die early in short"
+        " runs (all-zero output, no gradient), softplus cannot",
+    )
 
 
 class Network3DSpec(StrictModel):
@@ -51,6 +56,10 @@ def fast_2d_spec() -> Network2DSpec:
 
 def _conv_relu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+
+
+def _output_activation(spec: Network2DSpec) -> nn.Module:
+    return nn.Softplus(beta=10) if spec.output_activation == "softplus" else nn.ReLU()
 
 
 class UNet2D(nn.Module):
@@ -110,19 +119,26 @@ class ZSDeconvNet2D(nn.Module):
         self.upscale = 2 if self.spec.upsample else 1
         self.denoiser = UNet2D(1, self.spec.unet)
         self.denoise_out = nn.Sequential(
-            nn.Conv2d(self.denoiser.out_channels, 1, 3, padding=1), nn.ReLU()
+            nn.Conv2d(self.denoiser.out_channels, 1, 3, padding=1), _output_activation(self.spec)
         )
         self.deconvolver = UNet2D(1, self.spec.unet)
         c, w = self.deconvolver.out_channels, self.spec.tail_width
         if self.spec.kind == "zs-deconvnet-2d":  # reference tail: nearest x2, conv, conv, conv
             up = [nn.Upsample(scale_factor=2, mode="nearest")] if self.spec.upsample else []
             self.tail = nn.Sequential(
-                *up, *_conv_relu(c, w), *_conv_relu(w, w), nn.Conv2d(w, 1, 3, padding=1), nn.ReLU()
+                *up,
+                *_conv_relu(c, w),
+                *_conv_relu(w, w),
+                nn.Conv2d(w, 1, 3, padding=1),
+                _output_activation(self.spec),
             )
         else:  # sub-pixel tail: the convolutions run on the coarse grid, PixelShuffle lifts
             r = self.upscale
             self.tail = nn.Sequential(
-                *_conv_relu(c, w), nn.Conv2d(w, r * r, 3, padding=1), nn.PixelShuffle(r), nn.ReLU()
+                *_conv_relu(c, w),
+                nn.Conv2d(w, r * r, 3, padding=1),
+                nn.PixelShuffle(r),
+                _output_activation(self.spec),
             )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,112 @@
+"""Self-supervised pairs and losses of ZS-DeconvNet (2D), in model units.
+
+Recorruption turns one noisy frame y into an (input, target) pair with independent noise:
+    sigma^2 = beta1 * max(H(y) - b, 0) + beta2       (H: 5x5 mean filter)
+    input  = y + alpha * sigma * z,   target = y - sigma * z / alpha,   z ~ N(0, 1)
+beta1 scales the signal-dependent (Poisson) part, beta2 is the signal-independent (read noise)
+variance, b the background level below which no shot noise is assumed.
+
+Loss = mu * |denoised - target| + (1 - mu) * |pool2(PSF * deconvolved) - target|
+       + lambda * Hessian(deconvolved), L1 by default as in the reference code (L2 optional).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from livedecon.engines.configfile import StrictModel
+
+
+class RecorruptionConfig(StrictModel):
+    beta1_range: tuple[float, float] = Field((0.5, 1.5), description="shot-noise scale range")
+    alpha_range: tuple[float, float] = Field((1.0, 2.0), description="noise split range")
+    beta2: float | None = Field(
+        None, ge=0, description="read-noise variance in model units; None: from background"
+    )
+    background: float = Field(0.0, description="level b below which no shot noise is assumed")
+
+
+class LossConfig(StrictModel):
+    denoise_weight: float = Field(0.5, ge=0, le=1, description="mu")
+    hessian_weight: float = Field(0.02, ge=0, description="lambda (2D reference: 0.02)")
+    norm: Literal["l1", "l2"] = "l1"
+
+
+def box_mean_5x5(y: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(F.pad(y, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+
+
+def estimate_beta2(y: torch.Tensor, background: float = 0.0) -> float:
+    """Signal-independent variance, from the darkest fifth of the frame.
+
+    In photoelectron units shot noise has variance equal to the mean, so the read-noise
+    variance is what the dark regions' variance has beyond their mean above `background`.
+    """
+    mean = box_mean_5x5(y)
+    residual = y - mean
+    local_var = box_mean_5x5(residual**2) * 25 / 24  # unbiased for a 5x5 window
+    dark = mean <= torch.quantile(mean.flatten(), 0.2)
+    excess = local_var[dark].mean() - torch.clamp(mean[dark] - background, min=0).mean()
+    return max(float(excess), 1e-6)
+
+
+def recorrupt(
+    y: torch.Tensor, config: RecorruptionConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, target) from noisy frames y (N, 1, Y, X); beta1 and alpha drawn per frame."""
+    n = y.shape[0]
+    shape = (n, 1, 1, 1)
+
+    def uniform(bounds: tuple[float, float]) -> torch.Tensor:
+        u = torch.rand(shape, generator=generator, device=y.device, dtype=y.dtype)
+        return bounds[0] + (bounds[1] - bounds[0]) * u
+
+    beta1, alpha = uniform(config.beta1_range), uniform(config.alpha_range)
+    beta2 = config.beta2 if config.beta2 is not None else estimate_beta2(y, config.background)
+    variance = beta1 * torch.clamp(box_mean_5x5(y) - config.background, min=0) + beta2
+    sigma = torch.sqrt(variance)
+    z = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    return y + alpha * sigma * z, y - sigma * z / alpha
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
+    return (a - b).abs().mean() if norm == "l1" else ((a - b) ** 2).mean()
+
+
+def reblur(deconvolved: torch.Tensor, psf: torch.Tensor, upscale: int) -> torch.Tensor:
+    """The forward model of the loss: PSF blur on the fine grid, then average-pool back."""
+    k = psf.shape[-1] // 2
+    blurred = F.conv2d(F.pad(deconvolved, (k, k, k, k), mode="reflect"), psf[None, None])
+    return F.avg_pool2d(blurred, upscale) if upscale > 1 else blurred
+
+
+def hessian_penalty(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared second differences (xx, yy and both mixed terms), as in the reference."""
+    dx = x[..., :, 1:] - x[..., :, :-1]
+    dy = x[..., 1:, :] - x[..., :-1, :]
+    dxx = dx[..., :, 1:] - dx[..., :, :-1]
+    dyy = dy[..., 1:, :] - dy[..., :-1, :]
+    dxy = dy[..., :, 1:] - dy[..., :, :-1]
+    dyx = dx[..., 1:, :] - dx[..., :-1, :]
+    return sum(0.5 * (d**2).mean() for d in (dxx, dyy, dxy, dyx))
+
+
+def zs_deconv_loss(
+    denoised: torch.Tensor,
+    deconvolved: torch.Tensor,
+    target: torch.Tensor,
+    psf: torch.Tensor,
+    config: LossConfig,
+    upscale: int = 2,
+) -> dict[str, torch.Tensor]:
+    """Total loss and its parts. `psf` is (K, K) on the deconvolved grid, summing to 1."""
+    denoise = _distance(denoised, target, config.norm)
+    deconv = _distance(reblur(deconvolved, psf, upscale), target, config.norm)
+    hessian = hessian_penalty(deconvolved)
+    mu = config.denoise_weight
+    total = mu * denoise + (1 - mu) * deconv + config.hessian_weight * hessian
+    return {"total": total, "denoise": denoise, "deconv": deconv, "hessian": hessian}

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from livedecon.engines.self_supervised import (
+    LossConfig,
+    RecorruptionConfig,
+    estimate_beta2,
+    hessian_penalty,
+    reblur,
+    recorrupt,
+    zs_deconv_loss,
+)
+
+
+def _noisy(level: float, read_noise: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.full((4, 1, 128, 128), level)
+    noisy = torch.poisson(clean, generator=g) + read_noise * torch.randn(clean.shape, generator=g)
+    return clean, noisy
+
+
+def test_recorrupted_input_and_target_have_independent_noise():
+    """With beta1 = 1 and beta2 = read noise^2 (photoelectron units) the pair's noises are
+    uncorrelated and the target is unbiased: what makes the self-supervision valid."""
+    clean, noisy = _noisy(20.0, 2.0)
+    config = RecorruptionConfig(beta1_range=(1.0, 1.0), alpha_range=(1.5, 1.5), beta2=4.0)
+    inputs, target = recorrupt(noisy, config, torch.Generator().manual_seed(1))
+    n_in, n_tg = (inputs - clean).flatten(), (target - clean).flatten()
+    assert abs(torch.corrcoef(torch.stack([n_in, n_tg]))[0, 1]) < 0.02
+    assert abs(n_tg.mean()) < 0.05
+    # input noise variance: (1 + alpha^2) * (shot + read)
+    assert n_in.var() == pytest.approx((1 + 1.5**2) * 24.0, rel=0.05)
+
+
+def test_beta2_estimated_from_background():
+    for level in (5.0, 20.0):
+        _, noisy = _noisy(level, 2.0, seed=3)
+        assert estimate_beta2(noisy) == pytest.approx(4.0, rel=0.25)
+
+
+def test_reblur_of_a_point_is_the_pooled_psf():
+    psf = torch.zeros(5, 5)
+    psf[2, 2], psf[2, 3] = 0.5, 0.5
+    fine = torch.zeros(1, 1, 16, 16)
+    fine[0, 0, 8, 8] = 4.0
+    coarse = reblur(fine, psf, upscale=2)
+    assert coarse.shape == (1, 1, 8, 8)
+    assert coarse.sum() == pytest.approx(1.0)  # average pooling: flux / 4
+
+
+def test_hessian_penalty_ignores_ramps_and_punishes_curvature():
+    y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    assert hessian_penalty((2 * x + 3 * y)[None, None]) == pytest.approx(0.0, abs=1e-9)
+    assert hessian_penalty(((x - 8) ** 2)[None, None]) > 1.0
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_loss_is_zero_for_a_perfect_reconstruction(norm):
+    psf = torch.zeros(3, 3)
+    psf[1, 1] = 1.0
+    target = torch.rand(2, 1, 8, 8)
+    deconvolved = target.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    parts = zs_deconv_loss(
+        target, deconvolved, target, psf, LossConfig(norm=norm, hessian_weight=0.0)
+    )
+    assert parts["denoise"] == pytest.approx(0.0, abs=1e-7)
+    assert parts["deconv"] == pytest.approx(0.0, abs=1e-7)
+    worse = zs_deconv_loss(target + 0.1, deconvolved, target, psf, LossConfig(norm=norm))
+    assert worse["total"] > parts["total"]
