@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from livedecon.calibration.baseline import upsample_2x
+from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
+from livedecon.calibration.metrics import psnr
+from livedecon.calibration.psf import theoretical_psf
+from livedecon.engines import training
+from livedecon.engines.networks import Network2DSpec, UNetSpec
+from livedecon.engines.psf_kernel import prepare_psf
+from livedecon.engines.training import TrainingConfig, restore_2d, train_2d
+
+EXPOSURE_MS = 20.0
+TINY = Network2DSpec(unet=UNetSpec(levels=2, convs_per_block=2, base_width=8), tail_width=32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from livedecon.calibration.config import default_microscope
+
+    scope = default_microscope()
+    camera = scope.camera.model_copy(update={"width_px": 96, "height_px": 96})
+    scope = scope.model_copy(update={"camera": camera})
+    model = ForwardModel(scope)
+    frames = [
+        counts_to_electrons(model.acquire(10.0 * t, 0.0, EXPOSURE_MS).counts, scope.camera)
+        for t in range(6)
+    ]
+    test = model.acquire(200.0, 0.0, EXPOSURE_MS)
+    psf = prepare_psf(
+        theoretical_psf(scope.optics, model.truth_pixel_um, 63)[0],
+        model.truth_pixel_um,
+        model.truth_pixel_um,
+        max_size_px=21,
+    )
+    return scope, frames, test, psf
+
+
+def _config(iterations: int, **extra) -> TrainingConfig:
+    return TrainingConfig(
+        network=TINY, patch_px=32, batch_size=8, iterations=iterations, learning_rate=1e-3, **extra
+    )
+
+
+def test_short_training_beats_the_raw_frame(data):
+    """600 iterations of a tiny network already restore better than the interpolated raw
+    frame (measured: 23.26 dB against 23.01 dB, SSIM 0.60 against 0.44; Richardson-Lucy at its
+    best: 23.64 dB, SSIM 0.46)."""
+    torch.set_num_threads(2)
+    scope, frames, test, psf = data
+    result = train_2d(
+        frames, psf, _config(600), read_noise_e=scope.camera.read_noise_e, show_progress=False
+    )
+    background = scope.sample.background_photons_px_s * EXPOSURE_MS / 1000
+    electrons = counts_to_electrons(test.counts, scope.camera)
+    restored = restore_2d(result.model, electrons, result.scale_e) - background / 4
+    raw = np.clip(upsample_2x(electrons) - background / 4, 0, None)
+    assert restored.shape == test.truth.shape
+    assert psnr(restored, test.truth) > psnr(raw, test.truth) + 0.1
+    assert result.history[-1]["total"] < result.history[0]["total"]
+
+
+def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
+    _, frames, _, psf = data
+    whole = train_2d(frames, psf, _config(6, checkpoint_every=3), show_progress=False)
+    first = train_2d(frames, psf, _config(3, checkpoint_every=3), tmp_path, show_progress=False)
+    assert first.iterations_done == 3
+    resumed = train_2d(frames, psf, _config(6, checkpoint_every=3), tmp_path, show_progress=False)
+    assert resumed.iterations_done == 6
+    for a, b in zip(
+        whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+
+
+def test_ctrl_c_keeps_the_last_good_weights(data, tmp_path, monkeypatch):
+    _, frames, _, psf = data
+    calls = {"n": 0}
+    original = training.PatchSampler.batch
+
+    def interrupt_on_fifth(self, n):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, n)
+
+    monkeypatch.setattr(training.PatchSampler, "batch", interrupt_on_fifth)
+    result = train_2d(frames, psf, _config(50), tmp_path, show_progress=False)
+    assert result.interrupted
+    assert result.iterations_done == 4
+    saved = torch.load(tmp_path / training.CHECKPOINT, weights_only=True)
+    assert saved["iteration"] == 4
+    for name, value in result.model.state_dict().items():
+        torch.testing.assert_close(saved["model"][name], value)
+
+
+def test_frames_without_signal_are_refused(data):
+    _, _, _, psf = data
+    with pytest.raises(ValueError, match="no signal"):
+        train_2d([np.zeros((64, 64))], psf, _config(1), show_progress=False)
