@@ -1,4 +1,4 @@
-"""Self-supervised pairs and losses of ZS-DeconvNet (2D), in model units.
+"""Self-supervised pairs and losses of ZS-DeconvNet: 2D recorruption, 3D odd/even slices.
 
 Recorruption turns one noisy frame y into an (input, target) pair with independent noise:
     sigma^2 = beta1 * max(H(y) - b, 0) + beta2       (H: 5x5 mean filter)
@@ -8,6 +8,10 @@ variance, b the background level below which no shot noise is assumed.
 
 Loss = mu * |denoised - target| + (1 - mu) * |pool2(PSF * deconvolved) - target|
        + lambda * Hessian(deconvolved), L1 by default as in the reference code (L2 optional).
+
+3D pairs are odd slices (input) and even slices (target). Half a slice apart, they differ by
+more than noise; the gap-amending term, the network's own change between the two positions
+computed without gradient on the interleaved stack, is added to the target in a second term.
 """
 
 from __future__ import annotations
@@ -107,6 +111,74 @@ def zs_deconv_loss(
     denoise = _distance(denoised, target, config.norm)
     deconv = _distance(reblur(deconvolved, psf, upscale), target, config.norm)
     hessian = hessian_penalty(deconvolved)
+    mu = config.denoise_weight
+    total = mu * denoise + (1 - mu) * deconv + config.hessian_weight * hessian
+    return {"total": total, "denoise": denoise, "deconv": deconv, "hessian": hessian}
+
+
+# -- 3D: odd/even slices with the gap-amending term ---------------------------------------
+
+
+def odd_even_pairs(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, target) from noisy stacks (N, 1, Z, Y, X): odd slices in, even slices out."""
+    if stack.ndim != 5 or stack.shape[2] < 4:
+        raise ValueError(f"need stacks (N, 1, Z>=4, Y, X), got shape {tuple(stack.shape)}")
+    inputs, targets = stack[:, :, 1::2], stack[:, :, 0::2]
+    depth = min(inputs.shape[2], targets.shape[2])
+    return inputs[:, :, :depth], targets[:, :, :depth]
+
+
+@torch.no_grad()
+def gap_amending_term(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """What the network's denoised output changes over the half-slice between a target slice
+    and its input slice, from the interleaved stack; a constant for the loss (no gradient)."""
+    n, c, z, y, x = inputs.shape
+    interleaved = torch.empty((n, c, 2 * z, y, x), dtype=inputs.dtype, device=inputs.device)
+    interleaved[:, :, 0::2] = targets
+    interleaved[:, :, 1::2] = inputs
+    denoised = model(interleaved)[0]
+    return denoised[:, :, 1::2] - denoised[:, :, 0::2]
+
+
+def reblur_3d(deconvolved: torch.Tensor, psf: torch.Tensor, upscale: int) -> torch.Tensor:
+    """3D PSF blur on the fine lateral grid, then lateral average pooling back."""
+    kz, ky, kx = (s // 2 for s in psf.shape)
+    padded = F.pad(deconvolved, (kx, kx, ky, ky, kz, kz), mode="replicate")
+    blurred = F.conv3d(padded, psf[None, None])
+    return F.avg_pool3d(blurred, (1, upscale, upscale)) if upscale > 1 else blurred
+
+
+def hessian_penalty_3d(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared second differences along every pair of (z, y, x) axes, as the reference."""
+    total = x.new_zeros(())
+    for first_axis in (-3, -2, -1):
+        first = torch.diff(x, dim=first_axis)
+        for second_axis in (-3, -2, -1):
+            if first.shape[second_axis] > 1:
+                total = total + (torch.diff(first, dim=second_axis) ** 2).mean()
+    return total
+
+
+def zs_deconv_loss_3d(
+    denoised: torch.Tensor,
+    deconvolved: torch.Tensor,
+    target: torch.Tensor,
+    gap: torch.Tensor,
+    psf: torch.Tensor,
+    config: LossConfig,
+    upscale: int = 2,
+) -> dict[str, torch.Tensor]:
+    """Both terms compare with the target as it is and as amended by the gap."""
+    reblurred = reblur_3d(deconvolved, psf, upscale)
+    denoise = _distance(denoised, target, config.norm) + _distance(
+        denoised, target + gap, config.norm
+    )
+    deconv = _distance(reblurred, target, config.norm) + _distance(
+        reblurred, target + gap, config.norm
+    )
+    hessian = hessian_penalty_3d(deconvolved)
     mu = config.denoise_weight
     total = mu * denoise + (1 - mu) * deconv + config.hessian_weight * hessian
     return {"total": total, "denoise": denoise, "deconv": deconv, "hessian": hessian}
