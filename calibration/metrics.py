@@ -13,25 +13,27 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 
-def psnr(estimate: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR in dB over the truth's dynamic range; both arrays in the same (photon) units."""
+def _pair(estimate: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Both as float64, checked to match, with the truth's dynamic range."""
     truth = np.asarray(truth, dtype=np.float64)
     estimate = np.asarray(estimate, dtype=np.float64)
     if estimate.shape != truth.shape:
         raise ValueError(f"shapes differ: estimate {estimate.shape}, truth {truth.shape}")
     data_range = float(truth.max() - truth.min())
     if data_range <= 0:
-        raise ValueError("truth is constant: PSNR is undefined")
+        raise ValueError("truth is constant: the metric is undefined")
+    return estimate, truth, data_range
+
+
+def psnr(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """PSNR in dB over the truth's dynamic range; both arrays in the same (photon) units."""
+    estimate, truth, data_range = _pair(estimate, truth)
     return float(peak_signal_noise_ratio(truth, estimate, data_range=data_range))
 
 
 def ssim(estimate: np.ndarray, truth: np.ndarray) -> float:
     """Structural similarity over the truth's dynamic range."""
-    truth = np.asarray(truth, dtype=np.float64)
-    estimate = np.asarray(estimate, dtype=np.float64)
-    if estimate.shape != truth.shape:
-        raise ValueError(f"shapes differ: estimate {estimate.shape}, truth {truth.shape}")
-    data_range = float(truth.max() - truth.min())
+    estimate, truth, data_range = _pair(estimate, truth)
     return float(structural_similarity(truth, estimate, data_range=data_range))
 
 
