@@ -29,7 +29,7 @@ from pymmcore_plus.experimental.unicore import (
 )
 
 from livedecon.calibration.config import MicroscopeConfig, default_microscope
-from livedecon.calibration.forward_model import ForwardModel, Observation
+from livedecon.calibration.forward_model import ForwardModel
 
 SAMPLE_TIME_KEY = "LivedeconSampleTime-s"
 FOCUS_KEY = "LivedeconFocus-um"
@@ -230,27 +230,17 @@ class SimulatedMicroscope:
         self.core.definePixelSizeConfig(PIXEL_CONFIG)
         self.core.setPixelSizeUm(PIXEL_CONFIG, self.config.optics.pixel_size_um)
         self.core.setPixelSizeConfig(PIXEL_CONFIG)
-        self._pycromanager_attached = False
 
     def _light_on(self) -> bool:
         # UniMMCore does not cycle a Python shutter around snaps of a Python camera, so
         # auto-shutter mode counts as open, as it would be during a real exposure.
         return self.shutter.get_open() or self.core.getAutoShutter()
 
-    @property
-    def pixel_size_um(self) -> float:
-        return self.config.optics.pixel_size_um
-
     def ground_truth(self, metadata: Mapping[str, Any], exposure_ms: float) -> np.ndarray:
         """The specimen (2x grid, photoelectrons per pixel) behind a frame, from its tags."""
         t_s, z_um = float(metadata[SAMPLE_TIME_KEY]), float(metadata[FOCUS_KEY])
         with self.camera.model_lock:
             return self.model.truth(t_s, z_um) * (exposure_ms / 1000.0)
-
-    def observe(self, t_s: float, z_um: float, exposure_ms: float) -> Observation:
-        """A frame without going through the core (for quick checks and benchmarks)."""
-        with self.camera.model_lock:
-            return self.model.acquire(t_s, z_um, exposure_ms)
 
     def attach_pycromanager(self) -> None:
         """Make pycromanager's Python-backend acquisition engine drive this core."""
@@ -265,14 +255,12 @@ class SimulatedMicroscope:
         # pycromanager.Acquisition picks its Python backend when mmpycorex lists a core
         if self.core not in launcher._PYMMCORES:
             launcher._PYMMCORES.append(self.core)
-        self._pycromanager_attached = True
 
     def close(self) -> None:
-        if self._pycromanager_attached:
-            from mmpycorex import launcher
+        from mmpycorex import launcher
 
-            if self.core in launcher._PYMMCORES:
-                launcher._PYMMCORES.remove(self.core)
+        if self.core in launcher._PYMMCORES:
+            launcher._PYMMCORES.remove(self.core)
         self.core.unloadAllDevices()
 
     def __enter__(self) -> SimulatedMicroscope:

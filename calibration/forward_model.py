@@ -140,12 +140,12 @@ class ForwardModel:
         planes, _ = self._specimen(t_s)
         if planes.shape[0] == 1:
             return planes[0]
+        if z_um < self.planes_um[0] - 1e-9 or z_um > self.planes_um[-1] + 1e-9:
+            return np.zeros_like(planes[0])  # outside the specimen
         position = np.interp(z_um, self.planes_um, np.arange(self.planes_um.size))
         k0 = int(np.floor(position))
         k1 = min(k0 + 1, planes.shape[0] - 1)
         frac = position - k0
-        if z_um < self.planes_um[0] - 1e-9 or z_um > self.planes_um[-1] + 1e-9:
-            return np.zeros_like(planes[0])  # outside the specimen
         return ((1 - frac) * planes[k0] + frac * planes[k1]).astype(np.float32)
 
     def blurred(self, t_s: float, z_um: float) -> np.ndarray:
