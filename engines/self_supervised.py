@@ -24,6 +24,8 @@ from pydantic import Field
 
 from livedecon.engines.configfile import StrictModel
 
+HESSIAN_WEIGHT_2D, HESSIAN_WEIGHT_3D = 0.02, 0.1  # the reference code's defaults
+
 
 class RecorruptionConfig(StrictModel):
     beta1_range: tuple[float, float] = Field((0.5, 1.5), description="shot-noise scale range")
@@ -36,7 +38,9 @@ class RecorruptionConfig(StrictModel):
 
 class LossConfig(StrictModel):
     denoise_weight: float = Field(0.5, ge=0, le=1, description="mu")
-    hessian_weight: float = Field(0.02, ge=0, description="lambda (2D reference: 0.02)")
+    hessian_weight: float | None = Field(
+        None, ge=0, description="lambda; None: the reference's 0.02 in 2D, 0.1 in 3D"
+    )
     norm: Literal["l1", "l2"] = "l1"
 
 
@@ -112,7 +116,8 @@ def zs_deconv_loss(
     deconv = _distance(reblur(deconvolved, psf, upscale), target, config.norm)
     hessian = hessian_penalty(deconvolved)
     mu = config.denoise_weight
-    total = mu * denoise + (1 - mu) * deconv + config.hessian_weight * hessian
+    weight = HESSIAN_WEIGHT_2D if config.hessian_weight is None else config.hessian_weight
+    total = mu * denoise + (1 - mu) * deconv + weight * hessian
     return {"total": total, "denoise": denoise, "deconv": deconv, "hessian": hessian}
 
 
@@ -180,5 +185,6 @@ def zs_deconv_loss_3d(
     )
     hessian = hessian_penalty_3d(deconvolved)
     mu = config.denoise_weight
-    total = mu * denoise + (1 - mu) * deconv + config.hessian_weight * hessian
+    weight = HESSIAN_WEIGHT_3D if config.hessian_weight is None else config.hessian_weight
+    total = mu * denoise + (1 - mu) * deconv + weight * hessian
     return {"total": total, "denoise": denoise, "deconv": deconv, "hessian": hessian}

@@ -11,7 +11,7 @@ from livedecon.calibration.psf import theoretical_psf
 from livedecon.engines import training
 from livedecon.engines.networks import Network2DSpec, UNetSpec
 from livedecon.engines.psf_kernel import prepare_psf
-from livedecon.engines.training import TrainingConfig, restore_2d, train_2d
+from livedecon.engines.training import TrainingConfig, restore, train
 
 EXPOSURE_MS = 20.0
 TINY = Network2DSpec(unet=UNetSpec(levels=2, convs_per_block=2, base_width=8), tail_width=32)
@@ -51,12 +51,12 @@ def test_short_training_beats_the_raw_frame(data):
     best: 23.64 dB, SSIM 0.46)."""
     torch.set_num_threads(2)
     scope, frames, test, psf = data
-    result = train_2d(
+    result = train(
         frames, psf, _config(600), read_noise_e=scope.camera.read_noise_e, show_progress=False
     )
     background = scope.sample.background_photons_px_s * EXPOSURE_MS / 1000
     electrons = counts_to_electrons(test.counts, scope.camera)
-    restored = restore_2d(result.model, electrons, result.scale_e) - background / 4
+    restored = restore(result.model, electrons, result.scale_e) - background / 4
     raw = np.clip(upsample_2x(electrons) - background / 4, 0, None)
     assert restored.shape == test.truth.shape
     assert psnr(restored, test.truth) > psnr(raw, test.truth) + 0.1
@@ -65,10 +65,10 @@ def test_short_training_beats_the_raw_frame(data):
 
 def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
     _, frames, _, psf = data
-    whole = train_2d(frames, psf, _config(6, checkpoint_every=3), show_progress=False)
-    first = train_2d(frames, psf, _config(3, checkpoint_every=3), tmp_path, show_progress=False)
+    whole = train(frames, psf, _config(6, checkpoint_every=3), show_progress=False)
+    first = train(frames, psf, _config(3, checkpoint_every=3), tmp_path, show_progress=False)
     assert first.iterations_done == 3
-    resumed = train_2d(frames, psf, _config(6, checkpoint_every=3), tmp_path, show_progress=False)
+    resumed = train(frames, psf, _config(6, checkpoint_every=3), tmp_path, show_progress=False)
     assert resumed.iterations_done == 6
     for a, b in zip(
         whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
@@ -88,7 +88,7 @@ def test_ctrl_c_keeps_the_last_good_weights(data, tmp_path, monkeypatch):
         return original(self, n)
 
     monkeypatch.setattr(training.PatchSampler, "batch", interrupt_on_fifth)
-    result = train_2d(frames, psf, _config(50), tmp_path, show_progress=False)
+    result = train(frames, psf, _config(50), tmp_path, show_progress=False)
     assert result.interrupted
     assert result.iterations_done == 4
     saved = torch.load(tmp_path / training.CHECKPOINT, weights_only=True)
@@ -100,4 +100,4 @@ def test_ctrl_c_keeps_the_last_good_weights(data, tmp_path, monkeypatch):
 def test_frames_without_signal_are_refused(data):
     _, _, _, psf = data
     with pytest.raises(ValueError, match="no signal"):
-        train_2d([np.zeros((64, 64))], psf, _config(1), show_progress=False)
+        train([np.zeros((64, 64))], psf, _config(1), show_progress=False)
