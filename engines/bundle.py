@@ -1,0 +1,457 @@
+"""Model bundles: one directory holding everything needed to run (and trust) a trained model.
+
+    <name>/model.json          manifest: architecture, pixel sizes, normalisation, provenance
+    <name>/weights.safetensors the state dict
+    <name>/psf.tif             the PSF on the output grid (float32, sum 1), pixel size in OME
+    <name>/cache/              compiled artifacts (ONNX, TensorRT plans), keyed elsewhere
+
+A bundle is checked as a whole when it is made or loaded (weights hash, weights against the
+architecture, PSF), so a corrupted or mismatched bundle fails at load with one clear error,
+never later inside a runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import numpy as np
+import safetensors.torch
+import tifffile
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from livedecon.engines.configfile import StrictModel, describe_validation_error
+from livedecon.engines.networks import Network2DSpec, Network3DSpec, NetworkSpec, build_network
+
+BUNDLE_FORMAT = 1
+MANIFEST = "model.json"
+WEIGHTS = "weights.safetensors"
+PSF = "psf.tif"
+CACHE = "cache"
+REQUIRED_FILES = (MANIFEST, WEIGHTS, PSF)
+PSF_SUM_TOLERANCE = 1e-3
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # no '@' (used in bundle_id), no '/'
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message names the bundle and the problem."""
+
+
+class _Manifest(StrictModel):
+    # NaN/inf would be written to JSON as null and not read back as the same value.
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class Normalisation(_Manifest):
+    """How raw camera counts become model units: ((counts - offset) * gain - background) / scale."""
+
+    scale_e: PositiveFloat = Field(description="photoelectrons per model unit")
+    background_e: float = Field(
+        0.0, ge=0, description="photoelectrons per raw pixel subtracted before scaling"
+    )
+    camera_offset_adu: float = Field(description="camera offset the model was trained with")
+    camera_gain_e_per_adu: PositiveFloat = Field(
+        description="camera gain the model was trained with; used when no calibration is given"
+    )
+    read_noise_e: Annotated[float, Field(ge=0)] | None
+
+
+class PSFRecord(_Manifest):
+    source: Literal["theoretical", "file"]
+    description: str = Field(description="optics summary, or the path of the measured PSF")
+    source_sha256: str | None = None
+    pixel_size_um: PositiveFloat = Field(description="pixel size of psf.tif (the output grid)")
+    z_step_um: PositiveFloat | None = None
+
+
+def _livedecon_version() -> str:
+    try:
+        return importlib.metadata.version("livedecon")
+    except importlib.metadata.PackageNotFoundError:  # running from a bare source tree
+        return "unknown"
+
+
+class TrainingRecord(_Manifest):
+    created_utc: str = Field(description="ISO 8601, UTC")
+    livedecon_version: str
+    torch_version: str
+    data: list[str] = Field(description="training data: file path + sha256, or 'simulated: ...'")
+    config: dict[str, Any] = Field(description="the training config as it was run")
+    iterations: int = Field(ge=0)
+    final_loss: float | None
+    interrupted: bool = False
+    parent: str | None = Field(None, description="bundle_id of the bundle it was tuned from")
+
+    @classmethod
+    def now(
+        cls,
+        *,
+        data: Sequence[str],
+        config: BaseModel | Mapping[str, Any],
+        iterations: int,
+        final_loss: float | None = None,
+        interrupted: bool = False,
+        parent: str | None = None,
+    ) -> TrainingRecord:
+        """A record stamped with the current UTC time and the running livedecon/torch versions."""
+        if isinstance(config, BaseModel):
+            config = config.model_dump(mode="json")
+        return cls(
+            created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+            livedecon_version=_livedecon_version(),
+            torch_version=torch.__version__,
+            data=list(data),
+            config=dict(config),
+            iterations=iterations,
+            final_loss=final_loss,
+            interrupted=interrupted,
+            parent=parent,
+        )
+
+
+class BundleManifest(_Manifest):
+    format: int = BUNDLE_FORMAT
+    name: str = Field(pattern=NAME_PATTERN, description="also the bundle's directory name")
+    network: Annotated[Network2DSpec | Network3DSpec, Field(discriminator="kind")]
+    input_pixel_um: PositiveFloat
+    output_pixel_um: PositiveFloat
+    z_step_um: PositiveFloat | None = Field(description="3D models only")
+    normalisation: Normalisation
+    psf: PSFRecord
+    training: TrainingRecord
+    weights_version: int = Field(1, ge=1, description="bumped by every weights update")
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @property
+    def bundle_id(self) -> str:
+        return f"{self.name}@{self.weights_sha256[:12]}"
+
+    @property
+    def is_3d(self) -> bool:
+        return isinstance(self.network, Network3DSpec)
+
+    @model_validator(mode="after")
+    def _grids_agree(self) -> Self:
+        # The runtimes trust these numbers to place the output; disagreement is a bug upstream.
+        upscale = 2 if self.network.upsample else 1
+        if not math.isclose(self.output_pixel_um * upscale, self.input_pixel_um, rel_tol=1e-9):
+            raise ValueError(
+                f"output_pixel_um {self.output_pixel_um} must be input_pixel_um"
+                f" {self.input_pixel_um} / {upscale}"
+            )
+        if not math.isclose(self.psf.pixel_size_um, self.output_pixel_um, rel_tol=1e-6):
+            raise ValueError(
+                f"psf.pixel_size_um {self.psf.pixel_size_um} must equal output_pixel_um"
+                f" {self.output_pixel_um} (the PSF lives on the output grid)"
+            )
+        if self.is_3d:
+            if self.z_step_um is None or self.psf.z_step_um is None:
+                raise ValueError("a 3D model needs z_step_um and psf.z_step_um")
+            if not math.isclose(self.psf.z_step_um, self.z_step_um, rel_tol=1e-6):
+                raise ValueError(
+                    f"psf.z_step_um {self.psf.z_step_um} must equal z_step_um {self.z_step_um}"
+                )
+        elif self.z_step_um is not None:
+            raise ValueError("a 2D model has no z_step_um")
+        return self
+
+
+def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Hash of the tensors themselves (sorted names, dtype, shape, bytes), independent of the
+    file format, so the same weights always have the same id."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        header = json.dumps([name, str(tensor.dtype), list(tensor.shape)]) + "\n"
+        digest.update(header.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stored(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Clones: the bundle must not change when the live model it came from keeps training.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+
+
+def _architecture_problem(spec: NetworkSpec, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = {k: tuple(v.shape) for k, v in build_network(spec).state_dict().items()}
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} != {expected[k]}"
+        for k in sorted(expected.keys() & state_dict.keys())
+        if tuple(state_dict[k].shape) != expected[k]
+    ]
+    if not (missing or unexpected or wrong):
+        return None
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+
+    parts = [
+        f"{label}: {few(items)}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+        if items
+    ]
+    return f"weights do not fit the {spec.kind} architecture in model.json ({'; '.join(parts)})"
+
+
+def _psf_problem(psf: np.ndarray, manifest: BundleManifest) -> str | None:
+    ndim = 3 if manifest.is_3d else 2
+    if psf.ndim != ndim:
+        return f"PSF has {psf.ndim} dimensions, the {manifest.network.kind} model needs {ndim}"
+    if any(n % 2 == 0 for n in psf.shape):
+        return f"PSF shape {psf.shape} must be odd in every axis (centred on a pixel)"
+    if not np.all(np.isfinite(psf)):
+        return "PSF holds NaN or infinite values"
+    total = float(psf.sum(dtype=np.float64))
+    if abs(total - 1) > PSF_SUM_TOLERANCE:
+        return f"PSF sums to {total:.6g}, not 1"
+    return None
+
+
+def _problem(
+    manifest: BundleManifest, state_dict: Mapping[str, torch.Tensor], psf: np.ndarray
+) -> str | None:
+    actual = weights_sha256(state_dict)
+    if actual != manifest.weights_sha256:
+        return (
+            f"weights hash {actual[:12]}... does not match model.json"
+            f" ({manifest.weights_sha256[:12]}...): weights corrupted or edited"
+        )
+    return _architecture_problem(manifest.network, state_dict) or _psf_problem(psf, manifest)
+
+
+@dataclass(frozen=True, eq=False)  # eq would compare tensors with ==, which is ambiguous
+class ModelBundle:
+    """A trained model with its manifest and PSF; always self-consistent once constructed."""
+
+    manifest: BundleManifest
+    state_dict: dict[str, torch.Tensor]
+    psf: np.ndarray
+
+    def __post_init__(self) -> None:
+        psf = np.array(self.psf, dtype=np.float32)  # a private, read-only copy
+        psf.setflags(write=False)
+        object.__setattr__(self, "psf", psf)
+        object.__setattr__(self, "state_dict", dict(self.state_dict))
+        problem = _problem(self.manifest, self.state_dict, psf)
+        if problem:
+            raise BundleError(f"bundle {self.manifest.name!r}: {problem}")
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest.bundle_id
+
+    def build_model(self, device: torch.device | str = "cpu") -> nn.Module:
+        """A fresh float32 network in eval mode holding these weights."""
+        model = build_network(self.manifest.network)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.float().eval().to(device)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        *,
+        name: str,
+        network: NetworkSpec | None = None,
+        input_pixel_um: float,
+        z_step_um: float | None = None,
+        normalisation: Normalisation,
+        psf: np.ndarray,
+        psf_record: PSFRecord,
+        training: TrainingRecord,
+    ) -> ModelBundle:
+        """Bundle a trained network; `network` defaults to the model's own `spec`."""
+        spec = network if network is not None else model.spec
+        state = _stored(model.state_dict())
+        manifest = _validated(
+            name=name,
+            network=spec,
+            input_pixel_um=input_pixel_um,
+            output_pixel_um=input_pixel_um / (2 if spec.upsample else 1),
+            z_step_um=z_step_um,
+            normalisation=normalisation,
+            psf=psf_record,
+            training=training,
+            weights_sha256=weights_sha256(state),
+        )
+        return cls(manifest, state, psf)
+
+    def with_weights(
+        self, state_dict: Mapping[str, torch.Tensor], training: TrainingRecord | None = None
+    ) -> ModelBundle:
+        """The same bundle with new weights (test-time adaptation, fine-tuning): the version is
+        bumped and the id changes. A new training record gets this bundle as its parent."""
+        state = _stored(state_dict)
+        update: dict[str, Any] = {
+            "weights_version": self.manifest.weights_version + 1,
+            "weights_sha256": weights_sha256(state),
+        }
+        if training is not None:
+            if training.parent is None:
+                training = training.model_copy(update={"parent": self.bundle_id})
+            update["training"] = training
+        manifest = _validated(**{**self.manifest.model_dump(), **update})
+        return ModelBundle(manifest, state, self.psf)
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the bundle to `directory` (the bundle itself, not its parent) and return it.
+
+        Files go to a hidden sibling first and are renamed into place, so a crash never leaves
+        a half-written bundle under the final name. An existing bundle is replaced only with
+        `overwrite`, and only if it is a bundle (never an arbitrary directory).
+        """
+        target = Path(directory)
+        if target.exists():
+            if not overwrite:
+                raise BundleError(f"{target}: already exists (pass overwrite=True to replace it)")
+            if not target.is_dir() or not (
+                (target / MANIFEST).is_file() or not any(target.iterdir())
+            ):
+                raise BundleError(f"{target}: exists and is not a bundle; refusing to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"
+        staging.mkdir()  # not mkdtemp: that makes it private (0700) whatever the umask
+        try:
+            self._write(staging)
+            if target.exists():
+                old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
+                target.rename(old)
+                try:
+                    staging.rename(target)
+                except BaseException:
+                    old.rename(target)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync(target.parent)
+        return target
+
+    def _write(self, directory: Path) -> None:
+        (directory / CACHE).mkdir()
+        (directory / MANIFEST).write_text(self.manifest.model_dump_json(indent=2) + "\n")
+        safetensors.torch.save_file(self.state_dict, directory / WEIGHTS)
+        record = self.manifest.psf
+        metadata: dict[str, Any] = {
+            "axes": "ZYX" if self.psf.ndim == 3 else "YX",
+            "PhysicalSizeX": record.pixel_size_um,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": record.pixel_size_um,
+            "PhysicalSizeYUnit": "µm",
+        }
+        if self.psf.ndim == 3 and record.z_step_um is not None:
+            metadata |= {"PhysicalSizeZ": record.z_step_um, "PhysicalSizeZUnit": "µm"}
+        tifffile.imwrite(
+            directory / PSF, self.psf, ome=True, photometric="minisblack", metadata=metadata
+        )
+        for name in REQUIRED_FILES:
+            _fsync(directory / name)
+        _fsync(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ModelBundle:
+        """Read and check a bundle; every problem is a BundleError naming the directory."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise BundleError(f"{directory}: bundle directory not found")
+        for name in REQUIRED_FILES:
+            if not (directory / name).is_file():
+                raise BundleError(f"{directory}: bundle is missing {name}")
+        manifest = _read_manifest(directory)
+        try:
+            state = safetensors.torch.load_file(directory / WEIGHTS)
+        except Exception as exc:  # safetensors raises its own, unexported, error types
+            raise BundleError(f"{directory}: cannot read {WEIGHTS}: {exc}") from None
+        try:
+            psf = tifffile.imread(directory / PSF)
+        except Exception as exc:  # tifffile raises many types for damaged files
+            raise BundleError(f"{directory}: cannot read {PSF}: {exc}") from None
+        # Checked here to name the directory; the constructor repeats it (one more hash pass).
+        problem = _problem(manifest, state, np.asarray(psf, dtype=np.float32))
+        if problem:
+            raise BundleError(f"{directory}: {problem}")
+        return cls(manifest, state, psf)
+
+
+def _validated(**fields: Any) -> BundleManifest:
+    try:
+        return BundleManifest(**fields)
+    except ValidationError as exc:
+        raise BundleError(
+            f"bundle {fields.get('name')!r}: invalid manifest: {describe_validation_error(exc)}"
+        ) from None
+
+
+def _read_manifest(directory: Path) -> BundleManifest:
+    try:
+        data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{directory}: {MANIFEST} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{directory}: {MANIFEST} must hold a JSON object")
+    # Checked before validation: a newer format should say so, not list unknown fields.
+    if data.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{directory}: bundle format {data.get('format')!r} is not supported"
+            f" (this livedecon reads format {BUNDLE_FORMAT})"
+        )
+    try:
+        return BundleManifest.model_validate(data)
+    except ValidationError as exc:
+        raise BundleError(
+            f"{directory}: invalid {MANIFEST}: {describe_validation_error(exc)}"
+        ) from None
+
+
+def _fsync(path: Path) -> None:
+    # Contents on disk before the rename that publishes them, or a crash could publish holes.
+    # Best effort: Windows cannot open or sync a directory, and the rename stays atomic anyway.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _shipped_root() -> Path:
+    return Path(str(resources.files("livedecon.engines") / "bundles"))
+
+
+def shipped_bundle_path(name: str) -> Path:
+    """Directory of a bundle shipped with livedecon (engines/bundles/<name>)."""
+    root = _shipped_root()
+    path = root / name
+    if re.fullmatch(NAME_PATTERN, name) and (path / MANIFEST).is_file():
+        return path
+    available = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    raise BundleError(
+        f"no shipped bundle named {name!r}; available: {', '.join(available) or 'none'}"
+    )
