@@ -73,3 +73,144 @@ def simulate(
         f"{scope_2d.camera.width_px}), {out / stack['raw']} ({n_planes} planes), their ground "
         f"truth at 2x sampling, and {manifest}"
     )
+
+
+NETWORKS = ("fast", "full", "3d")
+
+
+def _network_spec(network: str):
+    from livedecon.engines.networks import Network2DSpec, Network3DSpec, fast_2d_spec
+
+    return {"fast": fast_2d_spec, "full": Network2DSpec, "3d": Network3DSpec}[network]()
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Argument(help="bundle directory to write")],
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="TIFFs of raw camera counts; none: simulate with the microscope"),
+    ] = None,
+    microscope: Annotated[
+        Path | None, typer.Option(help="microscope TOML (optics, camera) [default: simulated]")
+    ] = None,
+    network: Annotated[str, typer.Option(help=f"architecture: {', '.join(NETWORKS)}")] = "fast",
+    config: Annotated[
+        Path | None, typer.Option(help="TrainingConfig TOML; the options below override it")
+    ] = None,
+    iterations: Annotated[int | None, typer.Option(min=1)] = None,
+    patch_px: Annotated[int | None, typer.Option(min=16)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=0.0)] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    psf: Annotated[
+        Path | None, typer.Option(help="measured PSF (OME-TIFF with pixel size)")
+    ] = None,
+    simulated_frames: Annotated[int, typer.Option(min=1, help="timepoints to simulate")] = 8,
+    exposure_ms: Annotated[float, typer.Option(min=0.01, help="simulated exposure")] = 20.0,
+    name: Annotated[str | None, typer.Option(help="bundle name [default: OUT's name]")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+) -> None:
+    """Train a ZS-DeconvNet on a microscope's own noisy data and write a model bundle.
+
+    Checkpoints go next to the bundle (.NAME.training/): run the same command again to resume;
+    Ctrl-C stops with the last good weights bundled.
+    """
+    import time
+
+    from livedecon.calibration.config import load_microscope, shipped_config_path
+    from livedecon.calibration.first_model import (
+        load_training_tiffs,
+        simulated_training_data,
+        train_bundle,
+        training_psf,
+    )
+    from livedecon.engines.bundle import BundleError
+    from livedecon.engines.configfile import load_config
+    from livedecon.engines.networks import count_parameters
+    from livedecon.engines.training import TrainingConfig
+
+    if network not in NETWORKS:
+        raise _fail(f"--network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    if out.exists() and not overwrite:
+        raise _fail(f"{out}: already exists (--overwrite to replace it)")
+    try:
+        scope = load_microscope(microscope or shipped_config_path("microscope_sim.toml"))
+        base = load_config(config, TrainingConfig) if config else TrainingConfig()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    overrides = {
+        "network": _network_spec(network) if config is None else base.network,
+        "iterations": iterations,
+        "patch_px": patch_px,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+    }
+    try:
+        settings = TrainingConfig.model_validate(
+            base.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+        )
+        if inputs:
+            data = load_training_tiffs(inputs, scope, settings.is_3d)
+        else:
+            console.print(f"simulating {simulated_frames} timepoints of {scope.name!r}")
+            data = simulated_training_data(scope, simulated_frames, exposure_ms)
+        kernel, record = training_psf(scope, settings.is_3d, psf)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    started = time.perf_counter()
+    try:
+        bundle = train_bundle(
+            data,
+            kernel,
+            record,
+            scope,
+            settings,
+            name or out.name,
+            out.parent / f".{out.name}.training",
+        )
+        bundle.save(out, overwrite=overwrite)
+    except (ValueError, BundleError) as exc:
+        raise _fail(str(exc)) from None
+    m = bundle.manifest
+    state = "interrupted, last good weights" if m.training.interrupted else "done"
+    console.print(
+        f"wrote bundle {bundle.bundle_id} to {out}: {m.network.kind},"
+        f" {count_parameters(bundle.build_model()):,} parameters, {m.training.iterations}"
+        f" iterations ({state}) in {time.perf_counter() - started:.0f} s,"
+        f" scale {m.normalisation.scale_e:.4g} e-/unit, final loss {m.training.final_loss:.4g}"
+    )
+
+
+@app.command()
+def restore(
+    bundle: Annotated[str, typer.Argument(help="bundle directory, or a shipped bundle's name")],
+    input_tif: Annotated[Path, typer.Argument(metavar="IN.tif", help="raw camera counts")],
+    output_tif: Annotated[Path, typer.Argument(metavar="OUT.tif", help="OME-TIFF to write")],
+) -> None:
+    """Restore a TIFF of raw frames (or z-stacks, with a 3D bundle) with a model bundle."""
+    import time
+
+    from livedecon.daemon.offline import restore_file
+    from livedecon.engines.bundle import BundleError, ModelBundle, shipped_bundle_path
+
+    try:
+        path = Path(bundle)
+        if not path.exists() and "/" not in bundle:
+            path = shipped_bundle_path(bundle)
+        loaded = ModelBundle.load(path)
+    except BundleError as exc:
+        raise _fail(str(exc)) from None
+    started = time.perf_counter()
+    with Progress(console=console) as progress:
+        task = progress.add_task("restoring", total=None)
+        step = lambda done, total: progress.update(task, completed=done, total=total)  # noqa: E731
+        try:
+            written = restore_file(loaded, input_tif, output_tif, step)
+        except (ValueError, OSError) as exc:
+            raise _fail(str(exc)) from None
+    console.print(
+        f"wrote {written} with bundle {loaded.bundle_id} in {time.perf_counter() - started:.1f} s"
+        f" ({loaded.manifest.output_pixel_um:.4g} um pixels, photoelectrons)"
+    )

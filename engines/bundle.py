@@ -71,6 +71,11 @@ class Normalisation(_Manifest):
     )
     read_noise_e: Annotated[float, Field(ge=0)] | None
 
+    def electrons(self, counts: np.ndarray) -> np.ndarray:
+        """Raw camera counts as photoelectrons above the model's background (float32)."""
+        counts = np.asarray(counts, dtype=np.float32)
+        return (counts - self.camera_offset_adu) * self.camera_gain_e_per_adu - self.background_e
+
 
 class PSFRecord(_Manifest):
     source: Literal["theoretical", "file"]

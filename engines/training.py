@@ -128,8 +128,9 @@ class Objective:
 
     2D: recorrupted pairs, made in photoelectrons where shot-noise variance equals the mean
     (beta1 ~ 1) and read noise is the camera's, then scaled to model units.
-    3D: odd/even slice pairs with the gap-amending term. The 3D PSF's z sampling must be the
-    pairs' slice spacing, twice the acquisition step.
+    3D: odd/even slice pairs with the gap-amending term. The 3D PSF comes at the acquisition
+    z step (as stored in a bundle); the pairs are two steps apart, so the loss blurs with
+    every other PSF plane, the in-focus one included.
     """
 
     def __init__(
@@ -142,9 +143,13 @@ class Objective:
         read_noise_e: float | None = None,
     ) -> None:
         self.is_3d = isinstance(spec, Network3DSpec)
-        self.psf = torch.as_tensor(np.asarray(psf, dtype=np.float32))
-        if self.psf.ndim != (3 if self.is_3d else 2):
+        psf = np.asarray(psf, dtype=np.float32)
+        if psf.ndim != (3 if self.is_3d else 2):
             raise ValueError(f"a {'3D' if self.is_3d else '2D'} network needs a matching PSF")
+        if self.is_3d:
+            centre = psf.shape[0] // 2
+            psf = psf[centre % 2 :: 2] / psf[centre % 2 :: 2].sum()
+        self.psf = torch.from_numpy(np.ascontiguousarray(psf))
         self.scale_e = scale_e
         self.loss = loss
         if read_noise_e is not None and recorruption.beta2 is None:

@@ -21,9 +21,8 @@ def stack_and_psf():
     scope = scope.model_copy(update={"camera": camera})
     model = ForwardModel(scope, noise_seed=3)
     stack = counts_to_electrons(model.acquire_stack(0.0, model.planes_um, 50.0).counts, camera)
-    # The pairs are odd and even slices: the loss's PSF is sampled at twice the z step.
-    pair_step = 2 * scope.optics.z_step_um
-    psf = theoretical_psf(scope.optics, model.truth_pixel_um, 31, np.arange(-2, 3) * pair_step)
+    dz = scope.optics.z_step_um  # at the acquisition step; the loss takes every other plane
+    psf = theoretical_psf(scope.optics, model.truth_pixel_um, 31, np.arange(-4, 5) * dz)
     return stack, prepare_psf(psf, model.truth_pixel_um, model.truth_pixel_um, max_size_px=9)
 
 

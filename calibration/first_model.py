@@ -1,0 +1,187 @@
+"""Training a model bundle from a microscope's own data: TIFFs or the simulator.
+
+This is the glue between the microscope description (calibration) and the engines: it turns
+camera counts into photoelectrons with the camera calibration, makes the PSF through the one
+PSF code path (or reads a measured one), trains, and writes a bundle with full provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from livedecon.calibration.config import MicroscopeConfig
+from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel, counts_to_electrons
+from livedecon.calibration.ome_tiff import read_ome_tiff
+from livedecon.calibration.psf import theoretical_psf
+from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
+from livedecon.engines.psf_kernel import prepare_psf
+from livedecon.engines.training import TrainingConfig, train
+
+# A TIFF whose recorded pixel size differs from the microscope config by more than this is
+# refused: the PSF would have the wrong width on the data.
+PIXEL_SIZE_TOLERANCE = 0.02
+PSF_PLANES_3D = 9  # theoretical 3D PSF planes at the acquisition z step
+
+
+@dataclass
+class TrainingData:
+    """Frames (Y, X) or stacks (Z, Y, X) in photoelectrons, and where they came from."""
+
+    images_e: list[np.ndarray]
+    descriptions: list[str] = field(default_factory=list)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_counts(path: Path, scope: MicroscopeConfig) -> tuple[np.ndarray, str]:
+    """Pixels and axes of a TIFF, its pixel size checked against the microscope config."""
+    with tifffile.TiffFile(path) as tif:
+        is_ome = tif.is_ome
+        if not is_ome:
+            series = tif.series[0]
+            return series.asarray(), series.axes
+    image = read_ome_tiff(path)
+    expected = scope.optics.pixel_size_um
+    if abs(image.pixel_size_um / expected - 1) > PIXEL_SIZE_TOLERANCE:
+        raise ValueError(
+            f"{path}: pixel size {image.pixel_size_um} um differs from the microscope config's"
+            f" {expected} um; use the config that took these data"
+        )
+    return image.data, image.axes
+
+
+def load_training_tiffs(
+    paths: Sequence[Path], scope: MicroscopeConfig, is_3d: bool
+) -> TrainingData:
+    """Camera counts from TIFFs as photoelectrons: 2D takes every plane of every file as a
+    frame; 3D takes (Z, Y, X) stacks, any leading axes (time, channel) as separate stacks."""
+    data = TrainingData([])
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        counts, axes = _read_counts(path, scope)
+        need = 3 if is_3d else 2
+        if counts.ndim < need:
+            kind = "a z-stack (Z, Y, X)" if is_3d else "a 2D image"
+            raise ValueError(f"{path}: axes {axes!r} with shape {counts.shape} is not {kind}")
+        electrons = counts_to_electrons(counts, scope.camera).astype(np.float32)
+        images = electrons.reshape(-1, *electrons.shape[-need:])
+        data.images_e.extend(images)
+        data.descriptions.append(f"{path.resolve()} sha256:{_sha256(path)} shape {counts.shape}")
+    if not data.images_e:
+        raise ValueError("no training files given")
+    return data
+
+
+def simulated_training_data(
+    scope: MicroscopeConfig, frames: int, exposure_ms: float, interval_s: float = 10.0
+) -> TrainingData:
+    """Frames (or stacks, for a thick sample) from the simulator at the microscope config."""
+    if scope.sample is None:
+        raise ValueError(f"microscope {scope.name!r} has no [sample] section to simulate")
+    model = ForwardModel(scope)
+    images = []
+    for i in range(frames):
+        t = i * interval_s
+        if scope.sample.depth_um > 0:
+            counts = model.acquire_stack(t, model.planes_um, exposure_ms).counts
+        else:
+            counts = model.acquire(t, 0.0, exposure_ms).counts
+        images.append(counts_to_electrons(counts, scope.camera).astype(np.float32))
+    description = (
+        f"simulated: microscope {scope.name!r}, {frames} timepoints every {interval_s} s,"
+        f" exposure {exposure_ms} ms, sample seed {scope.sample.seed}"
+    )
+    return TrainingData(images, [description])
+
+
+def training_psf(
+    scope: MicroscopeConfig, is_3d: bool, psf_path: Path | None = None
+) -> tuple[np.ndarray, PSFRecord]:
+    """The PSF on the 2x output grid (3D: at the acquisition z step), with its provenance."""
+    target = scope.optics.pixel_size_um / UPSAMPLING
+    dz = scope.optics.z_step_um if is_3d else None
+    if psf_path is not None:
+        image = read_ome_tiff(psf_path)
+        if is_3d and image.data.ndim != 3:
+            raise ValueError(f"{psf_path}: a 3D model needs a (Z, Y, X) PSF")
+        raw = image.data if is_3d else _in_focus(image.data)
+        if is_3d and (image.z_step_um is None or abs(image.z_step_um / dz - 1) > 0.02):
+            raise ValueError(f"{psf_path}: PSF z step {image.z_step_um} um is not {dz} um")
+        psf = prepare_psf(raw, image.pixel_size_um, target)
+        record = PSFRecord(
+            source="file",
+            description=str(Path(psf_path).resolve()),
+            source_sha256=_sha256(Path(psf_path)),
+            pixel_size_um=target,
+            z_step_um=dz,
+        )
+        return psf, record
+    o = scope.optics
+    offsets = (np.arange(PSF_PLANES_3D) - PSF_PLANES_3D // 2) * dz if is_3d else [0.0]
+    stack = theoretical_psf(o, target, 63, offsets)
+    psf = prepare_psf(stack if is_3d else stack[0], target, target)
+    description = (
+        f"theoretical {o.modality}: NA {o.na}, emission {o.emission_um} um, immersion"
+        f" {o.immersion_ri}, sample {o.sample_ri}"
+    )
+    return psf, PSFRecord(
+        source="theoretical", description=description, pixel_size_um=target, z_step_um=dz
+    )
+
+
+def _in_focus(psf: np.ndarray) -> np.ndarray:
+    """The brightest plane of a PSF stack (a 2D PSF is returned as is)."""
+    planes = psf.reshape(-1, *psf.shape[-2:])
+    return planes[planes.max(axis=(1, 2)).argmax()]
+
+
+def train_bundle(
+    data: TrainingData,
+    psf: np.ndarray,
+    psf_record: PSFRecord,
+    scope: MicroscopeConfig,
+    config: TrainingConfig,
+    name: str,
+    work_dir: Path | None = None,
+    show_progress: bool = True,
+) -> ModelBundle:
+    """Train on `data` and bundle the result with its normalisation and provenance."""
+    result = train(data.images_e, psf, config, work_dir, scope.camera.read_noise_e, show_progress)
+    history = result.history
+    final = float(np.mean([h["total"] for h in history[-50:]])) if history else None
+    training = TrainingRecord.now(
+        data=data.descriptions,
+        config=config,
+        iterations=result.iterations_done,
+        final_loss=final,
+        interrupted=result.interrupted,
+    )
+    normalisation = Normalisation(
+        scale_e=result.scale_e,
+        camera_offset_adu=scope.camera.offset_adu,
+        camera_gain_e_per_adu=scope.camera.gain_e_per_adu,
+        read_noise_e=scope.camera.read_noise_e,
+    )
+    return ModelBundle.from_model(
+        result.model,
+        name=name,
+        input_pixel_um=scope.optics.pixel_size_um,
+        z_step_um=scope.optics.z_step_um if config.is_3d else None,
+        normalisation=normalisation,
+        psf=psf,
+        psf_record=psf_record,
+        training=training,
+    )

@@ -1,0 +1,87 @@
+"""Restoring files outside an acquisition (`livedecon restore`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
+from livedecon.engines.bundle import ModelBundle
+from livedecon.engines.training import restore
+
+# Data whose pixel size differs from the bundle's by more than this would be deconvolved
+# with a PSF of the wrong width: refused.
+PIXEL_SIZE_TOLERANCE = 0.02
+
+
+def _read(path: Path, bundle: ModelBundle) -> tuple[np.ndarray, str, float | None]:
+    """Pixels, axes and (if recorded) pixel size; a recorded pixel size must match."""
+    with tifffile.TiffFile(path) as tif:
+        if not tif.is_ome:
+            series = tif.series[0]
+            return series.asarray(), series.axes, None
+    image = read_ome_tiff(path)
+    expected = bundle.manifest.input_pixel_um
+    if abs(image.pixel_size_um / expected - 1) > PIXEL_SIZE_TOLERANCE:
+        raise ValueError(
+            f"{path}: pixel size {image.pixel_size_um} um, but bundle {bundle.bundle_id} was"
+            f" trained for {expected} um pixels"
+        )
+    return image.data, image.axes, image.z_step_um
+
+
+def _output_axes(axes: str, ndim: int, is_3d: bool) -> str:
+    """The input's axes where they are OME axes, else time (then channel) for leading ones."""
+    core = "ZYX" if is_3d else "YX"
+    spare = "TC" if is_3d else "TCZ"
+    leading = axes[: ndim - len(core)] if len(axes) == ndim else ""
+    if len(set(leading)) == ndim - len(core) and set(leading) <= set(spare):
+        return leading + core
+    return spare[: ndim - len(core)] + core
+
+
+def restore_file(
+    bundle: ModelBundle,
+    in_path: Path,
+    out_path: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Restore every frame (2D bundle) or stack (3D bundle) of a TIFF of camera counts into
+    an OME-TIFF of float32 photoelectrons per output pixel at the upsampled pixel size."""
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not in_path.is_file():
+        raise FileNotFoundError(f"{in_path}: no such file")
+    if out_path.resolve() == in_path.resolve():
+        raise ValueError(f"{out_path}: would overwrite the raw input")
+    counts, axes, z_step = _read(in_path, bundle)
+    need = 3 if bundle.manifest.is_3d else 2
+    if counts.ndim < need:
+        raise ValueError(
+            f"{in_path}: shape {counts.shape} has no {'Z, ' if need == 3 else ''}Y, X to restore"
+        )
+    manifest = bundle.manifest
+    model = bundle.build_model()
+    items = counts.reshape(-1, *counts.shape[-need:])
+    restored = []
+    with torch.inference_mode():
+        for i, item in enumerate(items):
+            electrons = manifest.normalisation.electrons(item)
+            restored.append(restore(model, electrons, manifest.normalisation.scale_e))
+            if progress:
+                progress(i + 1, len(items))
+    out = np.stack(restored).reshape(*counts.shape[:-2], *restored[0].shape[-2:])
+    return write_ome_tiff(
+        out_path,
+        out.astype(np.float32),
+        _output_axes(axes, out.ndim, manifest.is_3d),
+        manifest.output_pixel_um,
+        z_step_um=z_step or manifest.z_step_um,
+        description=(
+            f"restored by livedecon bundle {bundle.bundle_id} (weights version"
+            f" {manifest.weights_version}) from {in_path.name}; photoelectrons per pixel"
+        ),
+    )

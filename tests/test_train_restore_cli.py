@@ -1,0 +1,130 @@
+"""`livedecon train` and `livedecon restore` as a user runs them (real processes, real files)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from livedecon.calibration.config import default_microscope
+from livedecon.calibration.forward_model import ForwardModel
+from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
+from livedecon.engines.bundle import ModelBundle
+
+TINY_CONFIG = """
+iterations = 6
+patch_px = 32
+batch_size = 2
+learning_rate = 1e-3
+[network]
+kind = "zs-deconvnet-2d-fast"
+tail_width = 8
+[network.unet]
+levels = 2
+convs_per_block = 1
+base_width = 4
+"""
+
+
+def _livedecon(*args: str | Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "livedecon"
+    return subprocess.run(
+        [str(script), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def _small_microscope(tmp: Path) -> Path:
+    text = (Path(__file__).resolve().parents[1] / "configs" / "microscope_sim.toml").read_text()
+    path = tmp / "scope.toml"
+    path.write_text(text.replace("= 256", "= 48"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("train")
+    (tmp / "tiny.toml").write_text(TINY_CONFIG)
+    scope = _small_microscope(tmp)
+    bundle = tmp / "tiny-bundle"
+    result = _livedecon(
+        "train",
+        bundle,
+        "--microscope",
+        scope,
+        "--config",
+        tmp / "tiny.toml",
+        "--simulated-frames",
+        "2",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "wrote bundle tiny-bundle@" in result.stdout
+    return bundle, scope
+
+
+def test_train_writes_a_loadable_bundle_with_provenance(trained):
+    bundle_dir, _ = trained
+    bundle = ModelBundle.load(bundle_dir)
+    m = bundle.manifest
+    assert m.network.kind == "zs-deconvnet-2d-fast"
+    assert m.training.iterations == 6
+    assert m.training.data[0].startswith("simulated:")
+    assert m.psf.source == "theoretical"
+    assert m.output_pixel_um == pytest.approx(0.0325)
+    assert m.normalisation.scale_e > 0
+    assert not any(
+        p.name.startswith(".") and "partial" in p.name for p in bundle_dir.parent.iterdir()
+    )
+
+
+def test_train_refuses_an_existing_bundle_and_bad_input(trained, tmp_path):
+    bundle_dir, scope = trained
+    again = _livedecon("train", bundle_dir, "--microscope", scope)
+    assert again.returncode == 2
+    assert "already exists" in again.stdout
+    missing = _livedecon("train", tmp_path / "b", tmp_path / "nope.tif", "--microscope", scope)
+    assert missing.returncode == 2
+    assert "no such file" in missing.stdout
+    bad_net = _livedecon("train", tmp_path / "b", "--network", "huge")
+    assert bad_net.returncode == 2
+    assert "--network" in bad_net.stdout
+
+
+def test_restore_writes_upsampled_photoelectrons_with_metadata(trained, tmp_path):
+    bundle_dir, _ = trained
+    scope = default_microscope()
+    camera = scope.camera.model_copy(update={"width_px": 40, "height_px": 40})
+    model = ForwardModel(scope.model_copy(update={"camera": camera}))
+    counts = np.stack([model.acquire(t, 0.0, 20.0).counts for t in (0.0, 5.0)])
+    raw = write_ome_tiff(tmp_path / "raw.ome.tif", counts, "TYX", scope.optics.pixel_size_um)
+    out = tmp_path / "restored.ome.tif"
+    result = _livedecon("restore", bundle_dir, raw, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    image = read_ome_tiff(out)
+    assert image.axes == "TYX"
+    assert image.data.shape == (2, 80, 80)
+    assert image.data.dtype == np.float32
+    assert image.pixel_size_um == pytest.approx(scope.optics.pixel_size_um / 2)
+    assert np.isfinite(image.data).all()
+    # flux in photoelectrons: the restored frame holds about the raw frame's light
+    bundle = ModelBundle.load(bundle_dir)
+    raw_e = bundle.manifest.normalisation.electrons(counts[0]).sum()
+    assert 0.5 < image.data[0].sum() / raw_e < 2.0
+
+
+def test_restore_refuses_bad_input(trained, tmp_path):
+    bundle_dir, _ = trained
+    counts = np.full((32, 32), 120, np.uint16)
+    wrong_pixel = write_ome_tiff(tmp_path / "wrong.ome.tif", counts, "YX", 0.2)
+    result = _livedecon("restore", bundle_dir, wrong_pixel, tmp_path / "o.tif")
+    assert result.returncode == 2
+    assert "pixel size 0.2 um" in result.stdout
+    same = _livedecon("restore", bundle_dir, wrong_pixel, wrong_pixel)
+    assert "overwrite the raw input" in same.stdout
+    missing = _livedecon("restore", bundle_dir, tmp_path / "nope.tif", tmp_path / "o.tif")
+    assert "no such file" in missing.stdout
+    unknown = _livedecon("restore", "no-such-bundle", wrong_pixel, tmp_path / "o.tif")
+    assert unknown.returncode == 2
+    assert "no-such-bundle" in unknown.stdout
