@@ -20,7 +20,7 @@ from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel, counts
 from livedecon.calibration.ome_tiff import read_ome_tiff
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
-from livedecon.engines.psf_kernel import prepare_psf
+from livedecon.engines.psf_kernel import PSFError, prepare_psf
 from livedecon.engines.training import TrainingConfig, train
 
 # A TIFF whose recorded pixel size differs from the microscope config by more than this is
@@ -114,12 +114,18 @@ def training_psf(
     target = scope.optics.pixel_size_um / UPSAMPLING
     dz = scope.optics.z_step_um if is_3d else None
     if psf_path is not None:
-        image = read_ome_tiff(psf_path)
+        try:
+            image = read_ome_tiff(psf_path)
+        except ValueError:
+            raise PSFError(
+                f"{psf_path}: the PSF's pixel size is unknown; save it as OME-TIFF with"
+                " PhysicalSizeX (and PhysicalSizeZ for 3D)"
+            ) from None
         if is_3d and image.data.ndim != 3:
-            raise ValueError(f"{psf_path}: a 3D model needs a (Z, Y, X) PSF")
+            raise PSFError(f"{psf_path}: a 3D model needs a (Z, Y, X) PSF")
         raw = image.data if is_3d else _in_focus(image.data)
         if is_3d and (image.z_step_um is None or abs(image.z_step_um / dz - 1) > 0.02):
-            raise ValueError(f"{psf_path}: PSF z step {image.z_step_um} um is not {dz} um")
+            raise PSFError(f"{psf_path}: PSF z step {image.z_step_um} um is not the data's {dz} um")
         psf = prepare_psf(raw, image.pixel_size_um, target)
         record = PSFRecord(
             source="file",

@@ -17,3 +17,12 @@ def small_microscope():
     camera = scope.camera.model_copy(update={"width_px": 64, "height_px": 64})
     sample = scope.sample.model_copy(update={"n_filaments": 3, "n_puncta": 6})
     return scope.model_copy(update={"camera": camera, "sample": sample})
+
+
+@pytest.fixture
+def lamp1_path() -> Path:
+    """The real low-SNR TIRF frame of ../shared/data (skips where it is absent)."""
+    path = SHARED_DATA / "lamp1_tirf_lowsnr.tif"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path

@@ -6,7 +6,13 @@ from scipy import ndimage
 
 from livedecon.calibration.baseline import best_richardson_lucy, upsample_2x
 from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
-from livedecon.calibration.metrics import decorrelation_resolution, psnr, ssim
+from livedecon.calibration.metrics import (
+    decorrelation_resolution,
+    find_puncta,
+    psnr,
+    ringing,
+    ssim,
+)
 from livedecon.calibration.psf import theoretical_psf
 
 
@@ -82,3 +88,41 @@ def test_richardson_lucy_beats_interpolated_raw(small_microscope):
     assert estimate.shape == obs.truth.shape
     assert iterations > 1
     assert rl_psnr > raw_psnr + 0.3
+
+
+def _puncta_image(ring_depth: float) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Gaussian puncta (FWHM 6 px) on a background of 10; each with a dark ring of
+    `ring_depth` x its amplitude 1.5 FWHM out, and a bright one beyond it, as ringing makes."""
+    yy, xx = np.mgrid[:160, :160]
+    image = np.full((160, 160), 10.0)
+    centres = [(40, 40), (40, 120), (120, 40), (120, 120)]
+    sigma = 6 / 2.355
+    for cy, cx in centres:
+        r = np.hypot(yy - cy, xx - cx)
+        image += 100 * np.exp(-(r**2) / (2 * sigma**2))
+        image -= 100 * ring_depth * np.exp(-((r - 9) ** 2) / 8)
+        image += 50 * ring_depth * np.exp(-((r - 14) ** 2) / 8)
+    return image, centres
+
+
+def test_ringing_is_zero_for_clean_puncta_and_grows_with_rings():
+    clean, centres = _puncta_image(0.0)
+    found = find_puncta(clean, 6.0, count=10)
+    assert sorted(map(tuple, found)) == centres
+    assert ringing(clean, found, 6.0) == pytest.approx({"undershoot": 0, "overshoot": 0}, abs=0.01)
+    rings = ringing(_puncta_image(0.1)[0], found, 6.0)
+    assert 0.07 < rings["undershoot"] < 0.13
+    assert 0.05 < rings["overshoot"] < 0.2
+    with pytest.raises(ValueError, match="no puncta"):
+        ringing(clean, np.empty((0, 2), int), 6.0)
+
+
+def test_find_puncta_skips_crowded_and_border_peaks():
+    image, _ = _puncta_image(0.0)
+    yy, xx = np.mgrid[:160, :160]
+    image += 80 * np.exp(-((yy - 40) ** 2 + (xx - 48) ** 2) / 4)  # a close, bright neighbour
+    image += 100 * np.exp(-((yy - 3) ** 2 + (xx - 80) ** 2) / 4)  # at the border
+    found = {tuple(c) for c in find_puncta(image, 6.0, count=10)}
+    assert (40, 40) not in found
+    assert all(5 < r < 155 for r, _ in found)
+    assert {(40, 120), (120, 40), (120, 120)} <= found
