@@ -13,19 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
 from livedecon.calibration.config import MicroscopeConfig
 from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel, counts_to_electrons
-from livedecon.calibration.ome_tiff import read_ome_tiff
+from livedecon.calibration.ome_tiff import read_ome_tiff, read_raw_tiff
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
 from livedecon.engines.psf_kernel import PSFError, prepare_psf
 from livedecon.engines.training import TrainingConfig, train
 
-# A TIFF whose recorded pixel size differs from the microscope config by more than this is
-# refused: the PSF would have the wrong width on the data.
-PIXEL_SIZE_TOLERANCE = 0.02
 PSF_PLANES_3D = 9  # theoretical 3D PSF planes at the acquisition z step
 
 
@@ -45,23 +41,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_counts(path: Path, scope: MicroscopeConfig) -> tuple[np.ndarray, str]:
-    """Pixels and axes of a TIFF, its pixel size checked against the microscope config."""
-    with tifffile.TiffFile(path) as tif:
-        is_ome = tif.is_ome
-        if not is_ome:
-            series = tif.series[0]
-            return series.asarray(), series.axes
-    image = read_ome_tiff(path)
-    expected = scope.optics.pixel_size_um
-    if abs(image.pixel_size_um / expected - 1) > PIXEL_SIZE_TOLERANCE:
-        raise ValueError(
-            f"{path}: pixel size {image.pixel_size_um} um differs from the microscope config's"
-            f" {expected} um; use the config that took these data"
-        )
-    return image.data, image.axes
-
-
 def load_training_tiffs(
     paths: Sequence[Path], scope: MicroscopeConfig, is_3d: bool
 ) -> TrainingData:
@@ -71,7 +50,8 @@ def load_training_tiffs(
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-        counts, axes = _read_counts(path, scope)
+        image = read_raw_tiff(path, scope.optics.pixel_size_um, f"microscope {scope.name!r}")
+        counts, axes = image.data, image.axes
         need = 3 if is_3d else 2
         if counts.ndim < need:
             kind = "a z-stack (Z, Y, X)" if is_3d else "a 2D image"

@@ -65,3 +65,25 @@ def read_ome_tiff(path: str | Path) -> OmeImage:
         pixel_size_um=float(pixels["PhysicalSizeX"]),
         z_step_um=float(pixels["PhysicalSizeZ"]) if "PhysicalSizeZ" in pixels else None,
     )
+
+
+# Data whose recorded pixel size is this far off the expected one would be deconvolved with a
+# PSF of the wrong width.
+PIXEL_SIZE_TOLERANCE = 0.02
+
+
+def read_raw_tiff(path: str | Path, expected_pixel_um: float, expected_for: str) -> OmeImage:
+    """Raw data from any TIFF. An OME-TIFF's recorded pixel size must match
+    `expected_pixel_um` (what `expected_for` needs, for the error message); a plain TIFF has
+    none, and takes the expected one."""
+    with tifffile.TiffFile(path) as tif:
+        if not tif.is_ome:
+            series = tif.series[0]
+            return OmeImage(series.asarray(), series.axes, expected_pixel_um, None)
+    image = read_ome_tiff(path)
+    if abs(image.pixel_size_um / expected_pixel_um - 1) > PIXEL_SIZE_TOLERANCE:
+        raise ValueError(
+            f"{path}: pixel size {image.pixel_size_um} um, but {expected_for} has"
+            f" {expected_pixel_um} um pixels"
+        )
+    return image

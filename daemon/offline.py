@@ -6,32 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 
-from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
+from livedecon.calibration.ome_tiff import read_raw_tiff, write_ome_tiff
 from livedecon.engines.bundle import ModelBundle
 from livedecon.engines.training import restore
-
-# Data whose pixel size differs from the bundle's by more than this would be deconvolved
-# with a PSF of the wrong width: refused.
-PIXEL_SIZE_TOLERANCE = 0.02
-
-
-def _read(path: Path, bundle: ModelBundle) -> tuple[np.ndarray, str, float | None]:
-    """Pixels, axes and (if recorded) pixel size; a recorded pixel size must match."""
-    with tifffile.TiffFile(path) as tif:
-        if not tif.is_ome:
-            series = tif.series[0]
-            return series.asarray(), series.axes, None
-    image = read_ome_tiff(path)
-    expected = bundle.manifest.input_pixel_um
-    if abs(image.pixel_size_um / expected - 1) > PIXEL_SIZE_TOLERANCE:
-        raise ValueError(
-            f"{path}: pixel size {image.pixel_size_um} um, but bundle {bundle.bundle_id} was"
-            f" trained for {expected} um pixels"
-        )
-    return image.data, image.axes, image.z_step_um
 
 
 def _output_axes(axes: str, ndim: int, is_3d: bool) -> str:
@@ -57,7 +36,8 @@ def restore_file(
         raise FileNotFoundError(f"{in_path}: no such file")
     if out_path.resolve() == in_path.resolve():
         raise ValueError(f"{out_path}: would overwrite the raw input")
-    counts, axes, z_step = _read(in_path, bundle)
+    image = read_raw_tiff(in_path, bundle.manifest.input_pixel_um, f"bundle {bundle.bundle_id}")
+    counts, axes, z_step = image.data, image.axes, image.z_step_um
     need = 3 if bundle.manifest.is_3d else 2
     if counts.ndim < need:
         raise ValueError(

@@ -8,6 +8,8 @@ variance, b the background level below which no shot noise is assumed.
 
 Loss = mu * |denoised - target| + (1 - mu) * |pool2(PSF * deconvolved) - target|
        + lambda * Hessian(deconvolved), L1 by default as in the reference code (L2 optional).
+The deconvolution term skips a border as wide as the PSF's reach: there the re-blurred patch
+would need light from outside it.
 
 3D pairs are odd slices (input) and even slices (target). Half a slice apart, they differ by
 more than noise; the gap-amending term, the network's own change between the two positions
@@ -92,6 +94,28 @@ def reblur(deconvolved: torch.Tensor, psf: torch.Tensor, upscale: int) -> torch.
     return F.avg_pool2d(blurred, upscale) if upscale > 1 else blurred
 
 
+def exact_margin(psf_half_width: int, upscale: int) -> int:
+    """Raw pixels at a patch border whose re-blurred value depends on light from outside
+    the patch (which the network cannot see): the deconvolution loss leaves them out.
+
+    The reference code gets the same effect by padding inputs with zeros and cropping; here the
+    network sees real neighbouring data in the margin instead of zeros.
+    """
+    return -(-psf_half_width // upscale)
+
+
+def _inner(x: torch.Tensor, margin: int, dims: int = 2) -> torch.Tensor:
+    if margin == 0:
+        return x
+    if min(x.shape[-dims:]) <= 2 * margin:
+        raise ValueError(
+            f"patch {tuple(x.shape[-dims:])} is too small for the PSF: the deconvolution loss"
+            f" needs more than {2 * margin} pixels per side"
+        )
+    index = (..., *[slice(margin, -margin)] * dims)
+    return x[index]
+
+
 def hessian_penalty(x: torch.Tensor) -> torch.Tensor:
     """Mean squared second differences (xx, yy and both mixed terms), as in the reference."""
     dx = x[..., :, 1:] - x[..., :, :-1]
@@ -113,7 +137,10 @@ def zs_deconv_loss(
 ) -> dict[str, torch.Tensor]:
     """Total loss and its parts. `psf` is (K, K) on the deconvolved grid, summing to 1."""
     denoise = _distance(denoised, target, config.norm)
-    deconv = _distance(reblur(deconvolved, psf, upscale), target, config.norm)
+    margin = exact_margin(psf.shape[-1] // 2, upscale)
+    deconv = _distance(
+        _inner(reblur(deconvolved, psf, upscale), margin), _inner(target, margin), config.norm
+    )
     hessian = hessian_penalty(deconvolved)
     mu = config.denoise_weight
     weight = HESSIAN_WEIGHT_2D if config.hessian_weight is None else config.hessian_weight
@@ -176,12 +203,14 @@ def zs_deconv_loss_3d(
     upscale: int = 2,
 ) -> dict[str, torch.Tensor]:
     """Both terms compare with the target as it is and as amended by the gap."""
-    reblurred = reblur_3d(deconvolved, psf, upscale)
+    margin = exact_margin(psf.shape[-1] // 2, upscale)
+    reblurred = _inner(reblur_3d(deconvolved, psf, upscale), margin)
+    inner_target, inner_gap = _inner(target, margin), _inner(gap, margin)
     denoise = _distance(denoised, target, config.norm) + _distance(
         denoised, target + gap, config.norm
     )
-    deconv = _distance(reblurred, target, config.norm) + _distance(
-        reblurred, target + gap, config.norm
+    deconv = _distance(reblurred, inner_target, config.norm) + _distance(
+        reblurred, inner_target + inner_gap, config.norm
     )
     hessian = hessian_penalty_3d(deconvolved)
     mu = config.denoise_weight

@@ -69,3 +69,20 @@ def test_loss_is_zero_for_a_perfect_reconstruction(norm):
     assert parts["deconv"] == pytest.approx(0.0, abs=1e-7)
     worse = zs_deconv_loss(target + 0.1, deconvolved, target, psf, LossConfig(norm=norm))
     assert worse["total"] > parts["total"]
+
+
+def test_deconvolution_loss_is_exact_on_a_patch_cut_from_a_larger_scene():
+    """Light from outside a patch blurs into its border; the loss leaves that border out, so
+    the true specimen of the patch scores zero."""
+    torch.manual_seed(0)
+    scene = torch.rand(1, 1, 64, 64)
+    psf = torch.rand(7, 7)
+    psf /= psf.sum()
+    camera = reblur(scene, psf, upscale=2)  # (1, 1, 32, 32)
+    patch, target = scene[..., 16:48, 16:48], camera[..., 8:24, 8:24]
+    parts = zs_deconv_loss(target, patch, target, psf, LossConfig(hessian_weight=0.0))
+    assert parts["deconv"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="too small for the PSF"):
+        zs_deconv_loss(
+            target[..., :4, :4], patch[..., :8, :8], target[..., :4, :4], psf, LossConfig()
+        )
