@@ -116,6 +116,7 @@ def train(
     Checkpoints go next to the bundle (.NAME.training/): run the same command again to resume;
     Ctrl-C stops with the last good weights bundled.
     """
+    import shutil
     import time
 
     from livedecon.calibration.config import load_microscope, shipped_config_path
@@ -160,19 +161,14 @@ def train(
     except (ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
     started = time.perf_counter()
+    work_dir = out.parent / f".{out.name}.training"
     try:
-        bundle = train_bundle(
-            data,
-            kernel,
-            record,
-            scope,
-            settings,
-            name or out.name,
-            out.parent / f".{out.name}.training",
-        )
+        bundle = train_bundle(data, kernel, record, scope, settings, name or out.name, work_dir)
         bundle.save(out, overwrite=overwrite)
     except (ValueError, BundleError) as exc:
         raise _fail(str(exc)) from None
+    if not bundle.manifest.training.interrupted:
+        shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve a resume
     m = bundle.manifest
     state = "interrupted, last good weights" if m.training.interrupted else "done"
     console.print(

@@ -74,6 +74,7 @@ def test_train_writes_a_loadable_bundle_with_provenance(trained):
     assert m.psf.source == "theoretical"
     assert m.output_pixel_um == pytest.approx(0.0325)
     assert m.normalisation.scale_e > 0
+    assert not (bundle_dir.parent / ".tiny-bundle.training").exists()  # finished: no checkpoints
     assert not any(
         p.name.startswith(".") and "partial" in p.name for p in bundle_dir.parent.iterdir()
     )
