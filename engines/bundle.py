@@ -373,6 +373,7 @@ class ModelBundle:
             directory / PSF, self.psf, ome=True, photometric="minisblack", metadata=metadata
         )
         for name in REQUIRED_FILES:
+            (directory / name).chmod(0o644)  # safetensors writes owner-only; bundles are shared
             _fsync(directory / name)
         _fsync(directory)
 

@@ -92,6 +92,12 @@ def test_round_trip_is_bit_exact(tmp_path: Path, dims: int, shape: tuple[int, ..
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_saved_files_are_readable_by_everyone(saved: Path) -> None:
+    # A shipped or shared bundle is read by other users and by the daemon's service account.
+    for name in ("model.json", "weights.safetensors", "psf.tif"):
+        assert (saved / name).stat().st_mode & 0o044 == 0o044, name
+
+
 def test_bundle_does_not_follow_the_live_model() -> None:
     # Training or adaptation may go on after bundling; the bundle must keep what it hashed.
     model = build_network(SPEC_2D)

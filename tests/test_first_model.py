@@ -49,7 +49,7 @@ def test_training_tiffs_become_photoelectrons_and_mismatches_are_refused(tmp_pat
     assert np.allclose(data.images_e[0], expected)
     assert "sha256:" in data.descriptions[0]
     other_pixel = write_ome_tiff(tmp_path / "other.ome.tif", counts, "TYX", 0.1)
-    with pytest.raises(ValueError, match="pixel size 0.1 um, but microscope"):
+    with pytest.raises(ValueError, match=r"pixel size 0\.1 um, but microscope"):
         load_training_tiffs([other_pixel], scope, is_3d=False)
     flat = tmp_path / "flat.tif"
     tifffile.imwrite(flat, counts[0])
