@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from livedecon.calibration.baseline import upsample_2x
+from livedecon.calibration.baseline import best_richardson_lucy, upsample_2x
 from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
-from livedecon.calibration.metrics import psnr
+from livedecon.calibration.metrics import psnr, ssim
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.engines import training
-from livedecon.engines.networks import Network2DSpec, UNetSpec
+from livedecon.engines.networks import Network2DSpec, UNetSpec, fast_2d_spec
 from livedecon.engines.psf_kernel import prepare_psf
 from livedecon.engines.training import TrainingConfig, restore, train
 
@@ -19,15 +19,18 @@ TINY = Network2DSpec(unet=UNetSpec(levels=2, convs_per_block=2, base_width=8), t
 
 @pytest.fixture(scope="module")
 def data():
+    """128 x 128 frames of the default microscope's specimen at its usual density (a quarter
+    of the field, a quarter of the structures), the PSF on the 2x grid, a held-out frame."""
     from livedecon.calibration.config import default_microscope
 
     scope = default_microscope()
-    camera = scope.camera.model_copy(update={"width_px": 96, "height_px": 96})
-    scope = scope.model_copy(update={"camera": camera})
+    camera = scope.camera.model_copy(update={"width_px": 128, "height_px": 128})
+    sample = scope.sample.model_copy(update={"n_filaments": 3, "n_puncta": 10})
+    scope = scope.model_copy(update={"camera": camera, "sample": sample})
     model = ForwardModel(scope)
     frames = [
         counts_to_electrons(model.acquire(10.0 * t, 0.0, EXPOSURE_MS).counts, scope.camera)
-        for t in range(6)
+        for t in range(8)
     ]
     test = model.acquire(200.0, 0.0, EXPOSURE_MS)
     psf = prepare_psf(
@@ -45,22 +48,37 @@ def _config(iterations: int, **extra) -> TrainingConfig:
     )
 
 
-def test_short_training_beats_the_raw_frame(data):
-    """600 iterations of a tiny network already restore better than the interpolated raw
-    frame (measured: 23.26 dB against 23.01 dB, SSIM 0.60 against 0.44; Richardson-Lucy at its
-    best: 23.64 dB, SSIM 0.46)."""
+def test_short_training_beats_raw_and_richardson_lucy(data):
+    """2000 iterations of the fast variant (about 100 s on 2 cores) against the interpolated
+    raw frame and Richardson-Lucy at its best iteration count (an oracle choice). Measured:
+    PSNR raw 31.14, RL 31.89, network 32.74 dB."""
     torch.set_num_threads(2)
     scope, frames, test, psf = data
-    result = train(
-        frames, psf, _config(600), read_noise_e=scope.camera.read_noise_e, show_progress=False
+    config = TrainingConfig(
+        network=fast_2d_spec(),
+        patch_px=32,
+        batch_size=8,
+        iterations=2000,
+        learning_rate=1e-3,
+        lr_decay_every=1000,
     )
+    result = train(frames, psf, config, read_noise_e=scope.camera.read_noise_e, show_progress=False)
     background = scope.sample.background_photons_px_s * EXPOSURE_MS / 1000
     electrons = counts_to_electrons(test.counts, scope.camera)
     restored = restore(result.model, electrons, result.scale_e) - background / 4
     raw = np.clip(upsample_2x(electrons) - background / 4, 0, None)
+    _, rl_psnr, rl = best_richardson_lucy(electrons, psf, test.truth, background_e=background)
     assert restored.shape == test.truth.shape
-    assert psnr(restored, test.truth) > psnr(raw, test.truth) + 0.1
-    assert result.history[-1]["total"] < result.history[0]["total"]
+    network_psnr = psnr(restored, test.truth)
+    print(
+        f"PSNR raw {psnr(raw, test.truth):.2f} RL {rl_psnr:.2f} network {network_psnr:.2f};"
+        f" SSIM raw {ssim(raw, test.truth):.3f} RL {ssim(rl, test.truth):.3f}"
+        f" network {ssim(restored, test.truth):.3f}"
+    )
+    assert network_psnr > rl_psnr
+    assert network_psnr > psnr(raw, test.truth) + 0.3
+    assert ssim(restored, test.truth) > ssim(rl, test.truth) + 0.05
+    assert np.mean([h["total"] for h in result.history[-100:]]) < result.history[0]["total"]
 
 
 def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
