@@ -138,34 +138,47 @@ def find_puncta(
     return np.array(chosen, dtype=int).reshape(-1, 2)
 
 
-def ringing(image: np.ndarray, centres: np.ndarray, fwhm_px: float) -> dict[str, float]:
-    """Ringing around puncta, from their azimuthally averaged radial profiles.
+def ringing(
+    image: np.ndarray,
+    centres: np.ndarray,
+    fwhm_px: float,
+    reference: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Ringing around puncta, relative to each punctum's amplitude above its surroundings.
 
-    Per punctum, relative to its amplitude above the local background (the profile's median
-    between 2.5 and 3 FWHM): `undershoot` is how far the profile dips below that background
-    (a dark ring, what negative lobes become in a non-negative image) and `overshoot` how far
-    it climbs again beyond its minimum (a bright ring). Medians over the puncta; 0 for a
-    clean, monotonic fall-off.
+    The surroundings' level comes from `reference` (the raw frame on the same grid and in the
+    same units; default: the image itself) smoothed by one FWHM: the 20th percentile of the
+    ring 3 to 5 FWHM out, beyond the reach of the blur, so every restoration of a frame is held
+    to the same level. `undershoot`: how far the darkest pixels (5th percentile) of the ring 1
+    to 3 FWHM out fall below that level, where negative lobes (dark halos) appear; noise
+    counts too, so compare with the raw frame's value. `overshoot`: how far the azimuthal mean
+    profile climbs again beyond its minimum (a bright ring). Medians over the puncta.
     """
     image = np.asarray(image, dtype=np.float64)
-    if len(centres) == 0:
-        raise ValueError("no puncta to measure ringing around")
-    outer = int(np.ceil(3 * fwhm_px))
+    reference = image if reference is None else np.asarray(reference, dtype=np.float64)
+    if reference.shape != image.shape:
+        raise ValueError(f"reference {reference.shape} and image {image.shape} differ")
+    smooth = ndimage.gaussian_filter(reference, fwhm_px / 2.355)
+    outer = int(np.ceil(5 * fwhm_px))
     yy, xx = np.mgrid[-outer : outer + 1, -outer : outer + 1]
-    distance = np.hypot(yy, xx)
-    bins = np.minimum((distance / (fwhm_px / 4)).astype(int), 12)  # quarter-FWHM rings
+    distance = np.hypot(yy, xx) / fwhm_px
+    near, far = (distance >= 1) & (distance <= 3), (distance >= 3) & (distance <= 5)
+    bins = np.minimum((distance * 4).astype(int), 12)  # quarter-FWHM rings out to 3 FWHM
+    ny, nx = image.shape
     under, over = [], []
     for r, c in centres:
-        patch = image[r - outer : r + outer + 1, c - outer : c + outer + 1]
-        profile = ndimage.mean(patch, bins, np.arange(12))
-        far = np.median(patch[(distance >= 2.5 * fwhm_px) & (distance <= 3 * fwhm_px)])
-        amplitude = patch[outer - 1 : outer + 2, outer - 1 : outer + 2].max() - far
+        if not (outer <= r < ny - outer and outer <= c < nx - outer):
+            continue
+        window = (slice(r - outer, r + outer + 1), slice(c - outer, c + outer + 1))
+        patch = image[window]
+        level = np.percentile(smooth[window][far], 20)
+        amplitude = patch[outer - 1 : outer + 2, outer - 1 : outer + 2].max() - level
         if amplitude <= 0:
             continue
-        first_min = int(np.argmin(profile))
-        under.append(max(far - profile.min(), 0.0) / amplitude)
-        after = profile[first_min:]
-        over.append(max(after.max() - profile[first_min], 0.0) / amplitude)
+        under.append(max(level - np.percentile(patch[near], 5), 0.0) / amplitude)
+        profile = ndimage.mean(patch, bins, np.arange(12))
+        lowest = int(np.argmin(profile))
+        over.append(max(profile[lowest:].max() - profile[lowest], 0.0) / amplitude)
     if not under:
-        raise ValueError("no punctum stands above its background")
+        raise ValueError("no puncta to measure ringing around (none inside, none above)")
     return {"undershoot": float(np.median(under)), "overshoot": float(np.median(over))}
