@@ -52,6 +52,7 @@ class Adapter:
         self.objective = Objective(
             spec, psf, scale_e, self.config.loss, self.config.recorruption, read_noise_e
         )
+        self.objective.check_patch(self.config.patch_px, self.model.upscale)
         lateral = (self.config.patch_px, self.config.patch_px)
         self.patch_shape = (self.config.patch_slices, *lateral) if self.objective.is_3d else lateral
         self.trainer: Trainer | None = None

@@ -33,6 +33,7 @@ from livedecon.engines.networks import (
 from livedecon.engines.self_supervised import (
     LossConfig,
     RecorruptionConfig,
+    exact_margin,
     gap_amending_term,
     odd_even_pairs,
     recorrupt,
@@ -156,6 +157,15 @@ class Objective:
             recorruption = recorruption.model_copy(update={"beta2": read_noise_e**2})
         self.recorruption = recorruption
 
+    def check_patch(self, patch_px: int, upscale: int) -> None:
+        """Refuse, before any training, patches the deconvolution loss cannot use."""
+        margin = exact_margin(self.psf.shape[-1] // 2, upscale)
+        if patch_px <= 2 * margin:
+            raise ValueError(
+                f"patch_px {patch_px} is too small for the {self.psf.shape[-1]}-pixel PSF: the"
+                f" deconvolution loss needs more than {2 * margin} pixels per side"
+            )
+
     def __call__(
         self, model: nn.Module, batch_e: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
@@ -223,6 +233,7 @@ def train(
     objective = Objective(
         config.network, psf, scale, config.loss, config.recorruption, read_noise_e
     )
+    objective.check_patch(config.patch_px, model.upscale)
     sampler = PatchSampler(data_e, config.patch_shape(), config.seed)
     trainer = Trainer(
         model, objective, sampler, config.batch_size, config.learning_rate, config.seed

@@ -129,3 +129,65 @@ def test_restore_refuses_bad_input(trained, tmp_path):
     unknown = _livedecon("restore", "no-such-bundle", wrong_pixel, tmp_path / "o.tif")
     assert unknown.returncode == 2
     assert "no-such-bundle" in unknown.stdout
+
+
+TINY_3D_CONFIG = """
+iterations = 3
+patch_px = 24
+patch_slices = 8
+batch_size = 1
+[network]
+kind = "zs-deconvnet-3d"
+width = 4
+residual_groups = 1
+blocks_per_group = 1
+attention_reduction = 2
+"""
+
+
+def test_3d_train_and_restore_of_a_z_stack(tmp_path):
+    too_small = _livedecon(
+        "train",
+        tmp_path / "x",
+        "--network",
+        "3d",
+        "--patch-px",
+        "16",
+        "--microscope",
+        Path(__file__).resolve().parents[1] / "configs" / "microscope_widefield_3d.toml",
+        "--simulated-frames",
+        "1",
+    )
+    assert too_small.returncode == 2
+    assert "too small for the" in too_small.stdout
+    text = Path(__file__).resolve().parents[1] / "configs" / "microscope_widefield_3d.toml"
+    scope = tmp_path / "scope3d.toml"
+    scope.write_text(text.read_text().replace("= 128", "= 32"))
+    (tmp_path / "tiny3d.toml").write_text(TINY_3D_CONFIG)
+    bundle = tmp_path / "tiny3d"
+    trained = _livedecon(
+        "train",
+        bundle,
+        "--microscope",
+        scope,
+        "--config",
+        tmp_path / "tiny3d.toml",
+        "--simulated-frames",
+        "1",
+    )
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    manifest = ModelBundle.load(bundle).manifest
+    assert manifest.network.kind == "zs-deconvnet-3d"
+    assert manifest.z_step_um == pytest.approx(0.2)
+    stack = np.full((9, 24, 24), 105, np.uint16)  # restoring needs no particular size
+    raw = write_ome_tiff(tmp_path / "stack.ome.tif", stack, "ZYX", 0.0925, z_step_um=0.2)
+    result = _livedecon("restore", bundle, raw, tmp_path / "out.ome.tif")
+    assert result.returncode == 0, result.stdout + result.stderr
+    image = read_ome_tiff(tmp_path / "out.ome.tif")
+    assert image.axes == "ZYX"
+    assert image.data.shape == (9, 48, 48)
+    assert image.z_step_um == pytest.approx(0.2)
+    flat = write_ome_tiff(tmp_path / "flat.ome.tif", stack[0], "YX", 0.0925)
+    refused = _livedecon("restore", bundle, flat, tmp_path / "o.tif")
+    assert refused.returncode == 2
+    assert "has no Z, Y, X" in refused.stdout

@@ -51,7 +51,7 @@ def _config(iterations: int, **extra) -> TrainingConfig:
 def test_short_training_beats_raw_and_richardson_lucy(data):
     """2000 iterations of the fast variant (about 100 s on 2 cores) against the interpolated
     raw frame and Richardson-Lucy at its best iteration count (an oracle choice). Measured:
-    PSNR raw 31.14, RL 31.89, network 32.74 dB."""
+    PSNR raw 31.14, RL 31.89, network 32.74 dB; SSIM 0.759, 0.760, 0.943."""
     torch.set_num_threads(2)
     scope, frames, test, psf = data
     config = TrainingConfig(
