@@ -1,0 +1,51 @@
+"""ONNX export of the ZS-DeconvNet networks, with dynamic batch and frame size.
+
+The graph holds no shape-dependent crop (the networks need inputs that are multiples of
+`model.multiple`; padding and cropping live outside, in engines/tiling.py), so one file serves
+every frame size. Initializer names stay the torch parameter names, which is what a weights
+refit (onnxruntime session rebuild, TensorRT Refitter) maps by.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+OPSET = 17
+INPUT, DENOISED, DECONVOLVED = "raw", "denoised", "deconvolved"
+
+
+def export_onnx(model: nn.Module, path: str | Path, is_3d: bool = False) -> Path:
+    """Write `model` (float32, eval) to `path` and check the file with onnx.checker."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first = 3 if is_3d else 2  # first lateral axis
+    axes_in = {0: "batch", first: "y", first + 1: "x", **({2: "z"} if is_3d else {})}
+    axes_out = {**axes_in, first: "y_out", first + 1: "x_out"}
+    example = torch.rand((1, 1, *([4] if is_3d else []), 2 * model.multiple, 2 * model.multiple))
+    model = model.float().eval()
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of the dynamo one, which needs
+        # onnxscript; this one still exports these plain convolutional graphs exactly.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT],
+            output_names=[DENOISED, DECONVOLVED],
+            dynamic_axes={INPUT: axes_in, DENOISED: axes_in, DECONVOLVED: axes_out},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path
+
+
+def initializer_names(path: str | Path) -> list[str]:
+    """Names of the weights stored in an exported graph."""
+    return [init.name for init in onnx.load(str(path)).graph.initializer]

@@ -1,0 +1,157 @@
+"""Runtime backends behind one interface: `infer`, `update_weights`, `describe`.
+
+`infer` takes a float32 batch in model units, (N, 1, Y, X) or (N, 1, Z, Y, X) with Y and X
+multiples of the network's `multiple`, and returns the deconvolved batch on the 2x lateral
+grid. Padding to the multiple and tiling of large frames live in engines/tiling.py.
+
+Weights are swapped whole: the new model (torch) or session (onnxruntime) is built off the
+serving path and replaces the old one in a single reference assignment, so a concurrent
+`infer` runs entirely on the old weights or entirely on the new ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from livedecon.engines.export import DECONVOLVED, INPUT, export_onnx
+from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network
+
+
+class Runtime(Protocol):
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def _check_batch(batch: np.ndarray, multiple: int, is_3d: bool) -> np.ndarray:
+    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    rank = 5 if is_3d else 4
+    if batch.ndim != rank or batch.shape[1] != 1:
+        layout = "(N, 1, Z, Y, X)" if is_3d else "(N, 1, Y, X)"
+        raise ValueError(f"expected a batch {layout}, got shape {batch.shape}")
+    if batch.shape[-1] % multiple or batch.shape[-2] % multiple:
+        raise ValueError(
+            f"frame {batch.shape[-2:]} is not a multiple of {multiple}: pad it (engines.tiling)"
+        )
+    return batch
+
+
+class TorchRuntime:
+    """The float32 reference, on CPU or a GPU."""
+
+    name = "torch"
+
+    def __init__(
+        self, spec: NetworkSpec, weights: Mapping[str, torch.Tensor], device: str = "cpu"
+    ) -> None:
+        self.spec, self.device = spec, torch.device(device)
+        self.is_3d = isinstance(spec, Network3DSpec)
+        self.model = self._build(weights)
+        self.weights_updates = 0
+
+    def _build(self, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+        model = build_network(self.spec)
+        model.load_state_dict(dict(weights))
+        return model.float().eval().to(self.device)
+
+    @property
+    def multiple(self) -> int:
+        return self.model.multiple
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        model = self.model  # one reference for the whole call: a swap cannot split it
+        batch = _check_batch(batch, model.multiple, self.is_3d)
+        with torch.inference_mode():
+            _, deconvolved = model(torch.from_numpy(batch).to(self.device))
+        return deconvolved.float().cpu().numpy()
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self.model = self._build(state_dict)
+        self.weights_updates += 1
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "precision": "fp32",
+            "network": self.spec.kind,
+            "weights_updates": self.weights_updates,
+            "torch": torch.__version__,
+        }
+
+
+class OnnxRuntime:
+    """ONNX Runtime: the embedded default on machines without a GPU; uses the CUDA or
+    TensorRT execution providers when the installed onnxruntime has them and asked for."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        spec: NetworkSpec,
+        weights: Mapping[str, torch.Tensor],
+        work_dir: str | Path | None = None,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.spec = spec
+        self.is_3d = isinstance(spec, Network3DSpec)
+        self.providers = providers or ["CPUExecutionProvider"]
+        missing = set(self.providers) - set(ort.get_available_providers())
+        if missing:
+            raise RuntimeError(
+                f"onnxruntime lacks {sorted(missing)}; it has {ort.get_available_providers()}"
+            )
+        self.threads = threads
+        self._tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="livedecon-onnx-")
+        self.work_dir = Path(work_dir or self._tmp.name)
+        self._lock = threading.Lock()  # one update at a time; inference never takes it
+        self.weights_updates = 0
+        self.multiple = build_network(spec).multiple
+        self.session = self._session(weights, self.work_dir / "model.onnx")
+
+    def _session(self, weights: Mapping[str, torch.Tensor], path: Path):
+        model = build_network(self.spec)
+        model.load_state_dict(dict(weights))
+        export_onnx(model, path, self.is_3d)
+        options = self._ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        return self._ort.InferenceSession(str(path), options, providers=self.providers)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        session = self.session
+        batch = _check_batch(batch, self.multiple, self.is_3d)
+        return session.run([DECONVOLVED], {INPUT: batch})[0]
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Export and load a new session beside the serving one, then swap."""
+        with self._lock:
+            version = self.weights_updates + 1
+            weights = copy.deepcopy(dict(state_dict))
+            self.session = self._session(weights, self.work_dir / f"model-v{version}.onnx")
+            self.weights_updates = version
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "providers": self.session.get_providers(),
+            "precision": "fp32",
+            "network": self.spec.kind,
+            "weights_updates": self.weights_updates,
+            "onnxruntime": self._ort.__version__,
+        }
