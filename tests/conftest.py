@@ -26,3 +26,25 @@ def lamp1_path() -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` and `tensorrt` tests skip cleanly where there is no CUDA GPU or no TensorRT."""
+    import torch
+
+    absent = {
+        "gpu": None if torch.cuda.is_available() else "no CUDA GPU",
+        "tensorrt": None
+        if _importable("tensorrt") and torch.cuda.is_available()
+        else "TensorRT or a CUDA GPU is not present",
+    }
+    for item in items:
+        for marker, reason in absent.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
