@@ -71,7 +71,7 @@ class TorchRuntime:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         model = self.model  # one reference for the whole call: a swap cannot split it
-        batch = _check_batch(batch, model.multiple, self.is_3d)
+        batch = _check_batch(batch, self.multiple, self.is_3d)
         with torch.inference_mode():
             _, deconvolved = model(torch.from_numpy(batch).to(self.device))
         return deconvolved.float().cpu().numpy()
@@ -104,7 +104,10 @@ class OnnxRuntime:
         work_dir: str | Path | None = None,
         providers: list[str] | None = None,
         threads: int | None = None,
+        onnx_path: str | Path | None = None,
     ) -> None:
+        """`onnx_path`: an exported graph of these weights to load (exported there if absent);
+        `work_dir`: where graphs of updated weights go (default: a temporary directory)."""
         import onnxruntime as ort
 
         self._ort = ort
@@ -122,12 +125,17 @@ class OnnxRuntime:
         self._lock = threading.Lock()  # one update at a time; inference never takes it
         self.weights_updates = 0
         self.multiple = build_network(spec).multiple
-        self.session = self._session(weights, self.work_dir / "model.onnx")
+        path = Path(onnx_path) if onnx_path else self.work_dir / "model.onnx"
+        if not path.is_file():
+            self._export(weights, path)
+        self.session = self._load(path)
 
-    def _session(self, weights: Mapping[str, torch.Tensor], path: Path):
+    def _export(self, weights: Mapping[str, torch.Tensor], path: Path) -> None:
         model = build_network(self.spec)
         model.load_state_dict(dict(weights))
         export_onnx(model, path, self.is_3d)
+
+    def _load(self, path: Path):  # -> onnxruntime.InferenceSession
         options = self._ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
@@ -142,8 +150,9 @@ class OnnxRuntime:
         """Export and load a new session beside the serving one, then swap."""
         with self._lock:
             version = self.weights_updates + 1
-            weights = copy.deepcopy(dict(state_dict))
-            self.session = self._session(weights, self.work_dir / f"model-v{version}.onnx")
+            path = self.work_dir / f"model-v{version}.onnx"
+            self._export(copy.deepcopy(dict(state_dict)), path)
+            self.session = self._load(path)
             self.weights_updates = version
 
     def describe(self) -> dict[str, Any]:
@@ -154,4 +163,52 @@ class OnnxRuntime:
             "network": self.spec.kind,
             "weights_updates": self.weights_updates,
             "onnxruntime": self._ort.__version__,
+        }
+
+
+class TorchCudaRuntime(TorchRuntime):
+    """PyTorch on a CUDA GPU in half precision, optionally compiled (torch.compile)."""
+
+    name = "torch-cuda"
+
+    def __init__(
+        self,
+        spec: NetworkSpec,
+        weights: Mapping[str, torch.Tensor],
+        precision: str = "fp16",
+        compile_model: bool = True,
+    ) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch-cuda needs a CUDA GPU, and torch sees none")
+        if precision not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"precision must be fp16, bf16 or fp32, got {precision!r}")
+        self.precision = precision
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+            precision
+        ]
+        self.compile_model = compile_model
+        super().__init__(spec, weights, device="cuda")
+
+    def _build(self, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+        model = super()._build(weights).to(self.dtype)
+        if self.compile_model:
+            compiled = torch.compile(model, dynamic=True)
+            compiled.multiple = model.multiple  # the compiled wrapper hides module attributes
+            return compiled
+        return model
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        model = self.model
+        batch = _check_batch(batch, self.multiple, self.is_3d)
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, non_blocking=True).to(self.dtype)
+            _, deconvolved = model(x)
+        return deconvolved.float().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "device": torch.cuda.get_device_name(),
+            "precision": self.precision,
+            "compiled": self.compile_model,
         }

@@ -1,0 +1,174 @@
+"""Choosing, building and checking a runtime for a bundle.
+
+`open_runtime` is the one entry point: it picks the backend (`auto`: tensorrt > torch-cuda >
+onnxruntime > torch, from what is present, saying why), builds or reuses its cached artifact,
+and before the runtime serves, compares it with the torch float32 reference on a fixed input.
+Below the precision's PSNR threshold it refuses with an `AccuracyGateError`; the result is
+cached with the artifact.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from livedecon.engines.artifacts import artifact_dir, artifact_key, cache_root, seal
+from livedecon.engines.bundle import ModelBundle
+from livedecon.engines.export import export_onnx
+from livedecon.engines.runtime import OnnxRuntime, Runtime, TorchCudaRuntime, TorchRuntime
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "torch-cuda", "onnxruntime", "torch")
+DEFAULT_PRECISION = {
+    "tensorrt": "fp16",
+    "torch-cuda": "fp16",
+    "onnxruntime": "fp32",
+    "torch": "fp32",
+}
+# PSNR (dB, over the reference output's range) a backend must reach against torch float32.
+# Float32 backends differ only by summation order; half precision keeps about 3 decimal
+# digits, and 40 dB (1% of the range at worst-case RMS) is invisible in a restored frame.
+GATE_DB = {"fp32": 60.0, "fp16": 40.0, "bf16": 35.0}
+
+
+class AccuracyGateError(RuntimeError):
+    """A compiled backend whose output strays too far from the float32 reference."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    reason: str
+
+
+def available_backends() -> dict[str, str | None]:
+    """Each backend and why it cannot run here (None: it can)."""
+    cuda = torch.cuda.is_available()
+    has = lambda module: importlib.util.find_spec(module) is not None  # noqa: E731
+    return {
+        "tensorrt": None
+        if has("tensorrt") and cuda
+        else "needs the tensorrt package and a CUDA GPU",
+        "torch-cuda": None if cuda else "torch sees no CUDA GPU",
+        "onnxruntime": None if has("onnxruntime") else "onnxruntime is not installed",
+        "torch": None,
+    }
+
+
+def choose_backend(requested: str = "auto") -> Choice:
+    availability = available_backends()
+    if requested != "auto":
+        if requested not in availability:
+            raise ValueError(f"unknown backend {requested!r}; one of auto, {', '.join(BACKENDS)}")
+        if availability[requested]:
+            raise RuntimeError(f"backend {requested} is not available: {availability[requested]}")
+        return Choice(requested, "requested")
+    skipped = []
+    for name in BACKENDS:
+        if availability[name] is None:
+            why = "; ".join(skipped) if skipped else "the fastest backend"
+            return Choice(name, f"auto: {name} ({why})")
+        skipped.append(f"not {name}: {availability[name]}")
+    raise AssertionError("torch is always available")
+
+
+def gate_input(is_3d: bool, multiple: int, size: int = 64, seed: int = 7) -> np.ndarray:
+    """A fixed, specimen-like input in model units: sparse bright blobs on a dim background
+    with shot-like noise (the same for every backend and every run)."""
+    rng = np.random.default_rng(seed)
+    size = max(size // multiple, 1) * multiple
+    shape = (8, size, size) if is_3d else (size, size)
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    image = np.full(shape, 0.05)
+    for _ in range(24):
+        centre = [rng.uniform(0, n) for n in shape]
+        r2 = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))
+        image += rng.uniform(0.2, 1.0) * np.exp(-r2 / (2 * rng.uniform(1.0, 3.0) ** 2))
+    image = rng.poisson(image * 50) / 50.0
+    return image[None, None].astype(np.float32)
+
+
+def psnr_against(reference: np.ndarray, candidate: np.ndarray) -> float:
+    span = float(reference.max() - reference.min()) or 1.0
+    mse = float(np.mean((reference.astype(np.float64) - candidate) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(span**2 / mse)
+
+
+def accuracy_gate(
+    runtime: Runtime,
+    bundle: ModelBundle,
+    precision: str,
+    record: Path | None = None,
+    reuse: bool = False,
+) -> float:
+    """PSNR of `runtime` against torch float32 on the fixed input; raises below the gate.
+    The result is stored in `record`; with `reuse` (a valid cached artifact) a stored result
+    is taken instead of measuring again."""
+    if reuse and record is not None and record.is_file():
+        stored = json.loads(record.read_text())
+        psnr, threshold = stored["psnr_db"], stored["threshold_db"]
+    else:
+        reference = TorchRuntime(bundle.manifest.network, bundle.state_dict)
+        batch = gate_input(bundle.manifest.is_3d, reference.multiple)
+        psnr = psnr_against(reference.infer(batch), runtime.infer(batch))
+        threshold = GATE_DB[precision]
+        if record is not None:
+            record.write_text(json.dumps({"psnr_db": psnr, "threshold_db": threshold}))
+    if psnr < threshold:
+        raise AccuracyGateError(
+            f"{runtime.describe()['backend']} ({precision}) reaches {psnr:.1f} dB against torch"
+            f" float32, below the {threshold:.0f} dB gate: refusing to serve with it"
+        )
+    return psnr
+
+
+def open_runtime(
+    bundle: ModelBundle,
+    bundle_dir: Path,
+    backend: str = "auto",
+    precision: str | None = None,
+    frame_shapes: Sequence[tuple[int, ...]] = ((1024, 1024),),
+    max_batch: int = 4,
+) -> tuple[Runtime, Choice]:
+    """A checked runtime for `bundle`, built from (or into) the artifact cache."""
+    choice = choose_backend(backend)
+    name = choice.backend
+    precision = precision or DEFAULT_PRECISION[name]
+    spec, weights = bundle.manifest.network, bundle.state_dict
+    profile = None
+    if name == "tensorrt":
+        from livedecon.engines import tensorrt_runtime as trt_rt
+
+        profile = trt_rt.profile_for(frame_shapes, bundle.build_model().multiple, max_batch)
+    key = artifact_key(
+        bundle, name, precision, None if profile is None else json.loads(profile.model_dump_json())
+    )
+    directory, cached = artifact_dir(cache_root(bundle_dir, bundle), key)
+    onnx_path = directory / "model.onnx"
+    if name in ("onnxruntime", "tensorrt") and not cached:
+        export_onnx(bundle.build_model(), onnx_path, bundle.manifest.is_3d)
+    if name == "torch":
+        runtime: Runtime = TorchRuntime(spec, weights)
+    elif name == "torch-cuda":
+        runtime = TorchCudaRuntime(spec, weights, precision)
+    elif name == "onnxruntime":
+        runtime = OnnxRuntime(spec, weights, onnx_path=onnx_path)
+    else:
+        plan = directory / "engine.plan"
+        if not cached:
+            trt_rt.build_engine(
+                onnx_path, plan, profile, precision, directory.parent / "timing.cache"
+            )
+        runtime = trt_rt.TensorRTRuntime(spec, weights, onnx_path, plan, profile, precision)
+    psnr = accuracy_gate(runtime, bundle, precision, directory / "gate.json", reuse=cached)
+    seal(directory, key)
+    log.info("%s; accuracy gate %.1f dB; artifact %s", choice.reason, psnr, directory)
+    return runtime, choice
