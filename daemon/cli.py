@@ -210,3 +210,127 @@ def restore(
         f"wrote {written} with bundle {loaded.bundle_id} in {time.perf_counter() - started:.1f} s"
         f" ({loaded.manifest.output_pixel_um:.4g} um pixels, photoelectrons)"
     )
+
+
+def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+    try:
+        shapes = [tuple(int(n) for n in item.split("x")) for item in text.split(",") if item]
+    except ValueError:
+        raise _fail(
+            f"--shapes {text!r}: expected sizes like 1024x1024,512x512 (or ZxYxX)"
+        ) from None
+    if not shapes or any(len(s) not in (2, 3) or min(s) < 1 for s in shapes):
+        raise _fail(f"--shapes {text!r}: expected sizes like 1024x1024,512x512 (or ZxYxX)")
+    return shapes
+
+
+@app.command()
+def export(
+    bundle: Annotated[str, typer.Argument(help="bundle directory, or a shipped bundle's name")],
+    backend: Annotated[
+        str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
+    ] = "auto",
+    precision: Annotated[
+        str | None, typer.Option(help="fp32, fp16, bf16 [default: per backend]")
+    ] = None,
+    shapes: Annotated[str, typer.Option(help="frame shapes the engine must take")] = "1024x1024",
+    max_batch: Annotated[int, typer.Option(min=1, help="largest batch of frames")] = 4,
+) -> None:
+    """Build (or reuse) the bundle's compiled artifact for a backend and check its accuracy."""
+    from livedecon.engines.backends import AccuracyGateError, open_runtime
+    from livedecon.engines.bundle import BundleError, ModelBundle, shipped_bundle_path
+
+    try:
+        path = Path(bundle)
+        if not path.exists() and "/" not in bundle:
+            path = shipped_bundle_path(bundle)
+        loaded = ModelBundle.load(path)
+        runtime, choice = open_runtime(
+            loaded, path, backend, precision, _parse_shapes(shapes), max_batch
+        )
+    except (BundleError, AccuracyGateError, ValueError, RuntimeError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"{loaded.bundle_id}: {choice.reason}")
+    console.print(f"accuracy gate: {choice.gate_db:.1f} dB against torch float32")
+    console.print(runtime.describe())
+
+
+bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("engines")
+def bench_engines_command(
+    models: Annotated[str, typer.Option(help="comma list of full, fast, 3d")] = "full,fast,3d",
+    sizes: Annotated[str, typer.Option(help="square 2D input sizes")] = "256,512,1024",
+    stack: Annotated[str, typer.Option(help="3D input ZxYxX")] = "16x256x256",
+    backends: Annotated[str | None, typer.Option(help="comma list [default: all present]")] = None,
+    repeats: Annotated[int, typer.Option(min=1)] = 20,
+    budget_s: Annotated[float, typer.Option(min=0.0, help="time limit per row")] = 20.0,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench_engines.json"),
+) -> None:
+    """Latency p50/p95 per frame and frames/s of every backend present, per model and size."""
+    import json
+
+    from rich.table import Table
+
+    from livedecon.engines.bench import MODELS, bench_engines
+
+    chosen = [m for m in models.split(",") if m]
+    unknown = set(chosen) - set(MODELS)
+    if unknown:
+        raise _fail(f"--models: unknown {sorted(unknown)}; known: {', '.join(MODELS)}")
+    try:
+        side = [int(s) for s in sizes.split(",") if s]
+        z, y, x = (int(n) for n in stack.split("x"))
+    except ValueError:
+        raise _fail("--sizes takes integers (256,512) and --stack ZxYxX (16x256x256)") from None
+    with console.status("benchmarking") as status:
+        rows = bench_engines(
+            chosen,
+            side,
+            (z, y, x),
+            backends.split(",") if backends else None,
+            repeats,
+            budget_s,
+            progress=lambda what: status.update(f"benchmarking {what}"),
+        )
+    table = Table(title="livedecon bench engines (one frame per call)")
+    for column in (
+        "backend",
+        "precision",
+        "model",
+        "input",
+        "runs",
+        "p50 ms",
+        "p95 ms",
+        "frames/s",
+    ):
+        table.add_column(
+            column,
+            justify="right" if column[0] in "prf" and column != "precision" else "left",
+            no_wrap=True,
+        )
+    for r in rows:
+        table.add_row(
+            r["backend"],
+            r["precision"],
+            r["model"],
+            r["input"],
+            str(r["runs"]),
+            f"{r['p50_ms']:.1f}",
+            f"{r['p95_ms']:.1f}",
+            f"{r['frames_per_s']:.2f}",
+        )
+    console.print(table)
+    out.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
+    console.print(f"wrote {out}")
+
+
+def _device() -> str:
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class AccuracyGateError(RuntimeError):
 class Choice:
     backend: str
     reason: str
+    gate_db: float | None = None  # PSNR against torch float32, once checked
 
 
 def available_backends() -> dict[str, str | None]:
@@ -171,4 +172,4 @@ def open_runtime(
     psnr = accuracy_gate(runtime, bundle, precision, directory / "gate.json", reuse=cached)
     seal(directory, key)
     log.info("%s; accuracy gate %.1f dB; artifact %s", choice.reason, psnr, directory)
-    return runtime, choice
+    return runtime, replace(choice, gate_db=psnr)

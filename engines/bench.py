@@ -1,0 +1,113 @@
+"""`livedecon bench engines`: latency and throughput of every backend present.
+
+Models carry random weights (speed does not depend on them) and go through the same path as
+served bundles (`open_runtime`: artifact cache and accuracy gate), one frame per call.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from livedecon.engines.backends import available_backends, open_runtime
+from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
+from livedecon.engines.networks import (
+    Network2DSpec,
+    Network3DSpec,
+    NetworkSpec,
+    build_network,
+    fast_2d_spec,
+)
+
+MODELS: dict[str, Callable[[], NetworkSpec]] = {
+    "full": Network2DSpec,
+    "fast": fast_2d_spec,
+    "3d": Network3DSpec,
+}
+
+
+def _random_bundle(spec: NetworkSpec, directory: Path) -> ModelBundle:
+    torch.manual_seed(0)
+    is_3d = isinstance(spec, Network3DSpec)
+    psf = np.zeros((3, 3, 3) if is_3d else (3, 3), np.float32)
+    psf[(1,) * psf.ndim] = 1.0
+    bundle = ModelBundle.from_model(
+        build_network(spec),
+        name=f"bench-{spec.kind}",
+        input_pixel_um=0.1,
+        z_step_um=0.2 if is_3d else None,
+        normalisation=Normalisation(
+            scale_e=1.0, camera_offset_adu=0.0, camera_gain_e_per_adu=1.0, read_noise_e=None
+        ),
+        psf=psf,
+        psf_record=PSFRecord(
+            source="theoretical",
+            description="benchmark",
+            pixel_size_um=0.05,
+            z_step_um=0.2 if is_3d else None,
+        ),
+        training=TrainingRecord.now(data=["random weights"], config={}, iterations=0),
+    )
+    bundle.save(directory, overwrite=True)
+    return bundle
+
+
+def _time(
+    infer: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, repeats: int, budget_s: float
+) -> list[float]:
+    infer(batch)  # warm-up: allocation, autotuning, compilation
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < repeats and (not times or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        infer(batch)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_engines(
+    models: Sequence[str] = ("full", "fast", "3d"),
+    sizes: Sequence[int] = (256, 512, 1024),
+    stack: tuple[int, int, int] = (16, 256, 256),
+    backends: Sequence[str] | None = None,
+    repeats: int = 20,
+    budget_s: float = 20.0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, object]]:
+    """One row per (backend, model, input shape): latency p50/p95 (ms) and frames/s."""
+    present = [b for b, why in available_backends().items() if why is None]
+    chosen = [b for b in (backends or present) if b in present]
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="livedecon-bench-") as tmp:
+        for model in models:
+            spec = MODELS[model]()
+            bundle_dir = Path(tmp) / model
+            bundle = _random_bundle(spec, bundle_dir)
+            shapes = [stack] if model == "3d" else [(s, s) for s in sizes]
+            for backend in chosen:
+                runtime, _ = open_runtime(
+                    bundle, bundle_dir, backend, frame_shapes=shapes, max_batch=1
+                )
+                for shape in shapes:
+                    if progress:
+                        progress(f"{backend} {model} {'x'.join(map(str, shape))}")
+                    batch = np.random.default_rng(0).random((1, 1, *shape), dtype=np.float32)
+                    times = np.array(_time(runtime.infer, batch, repeats, budget_s))
+                    rows.append(
+                        {
+                            "backend": backend,
+                            "precision": runtime.describe()["precision"],
+                            "model": model,
+                            "input": "x".join(map(str, shape)),
+                            "runs": len(times),
+                            "p50_ms": float(np.percentile(times, 50) * 1e3),
+                            "p95_ms": float(np.percentile(times, 95) * 1e3),
+                            "frames_per_s": float(1.0 / times.mean()),
+                        }
+                    )
+    return rows
