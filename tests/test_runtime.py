@@ -107,3 +107,20 @@ def test_no_seam_on_a_smooth_gradient(shipped):
     whole = largest_step(None)
     assert largest_step(96) <= 1.1 * whole
     assert largest_step(96, overlap_px=0) > 2 * whole
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_torch_cuda_matches_the_float32_reference(precision):
+    from livedecon.engines.backends import GATE_DB, psnr_against
+    from livedecon.engines.runtime import TorchCudaRuntime
+
+    bundle = ModelBundle.load(shipped_bundle_path("fast2d-sim"))
+    spec, weights = bundle.manifest.network, bundle.state_dict
+    batch = np.random.default_rng(0).random((2, 1, 128, 128), dtype=np.float32)
+    reference = TorchRuntime(spec, weights).infer(batch)
+    runtime = TorchCudaRuntime(spec, weights, precision, compile_model=False)
+    assert psnr_against(reference, runtime.infer(batch)) > GATE_DB[precision]
+    runtime.update_weights(_weights(spec, 3))
+    expected = TorchRuntime(spec, _weights(spec, 3)).infer(batch)
+    assert psnr_against(expected, runtime.infer(batch)) > GATE_DB[precision]
