@@ -136,3 +136,26 @@ def test_accuracy_gate_refuses_a_backend_that_strays(tmp_path):
     with pytest.raises(AccuracyGateError, match=r"noisy \(fp16\) reaches .* below the 40 dB gate"):
         accuracy_gate(_Noisy(bundle, 0.05), bundle, "fp16", tmp_path / "gate.json")
     assert json.loads((tmp_path / "gate.json").read_text())["psnr_db"] < 40
+
+
+def test_artifact_key_changes_with_every_ingredient(monkeypatch):
+    bundle = _bundle()
+    base = artifacts.artifact_key(bundle, "onnxruntime", "fp32", {"max": [4, 1, 64, 64]})
+    variants = [
+        artifacts.artifact_key(
+            bundle.with_weights(_bundle(1).state_dict), "onnxruntime", "fp32", base["profile"]
+        ),
+        artifacts.artifact_key(bundle, "torch", "fp32", base["profile"]),
+        artifacts.artifact_key(bundle, "onnxruntime", "fp16", base["profile"]),
+        artifacts.artifact_key(bundle, "onnxruntime", "fp32", {"max": [4, 1, 128, 128]}),
+    ]
+    monkeypatch.setattr(artifacts, "device_description", lambda _: "NVIDIA H100 sm_90")
+    variants.append(artifacts.artifact_key(bundle, "onnxruntime", "fp32", base["profile"]))
+    monkeypatch.undo()
+    monkeypatch.setattr(artifacts, "library_versions", lambda: {"onnxruntime": "9.9"})
+    variants.append(artifacts.artifact_key(bundle, "onnxruntime", "fp32", base["profile"]))
+    digests = {artifacts._digest(k) for k in [base, *variants]}
+    assert len(digests) == 1 + len(variants)
+    assert artifacts._digest(base) == artifacts._digest(
+        artifacts.artifact_key(bundle, "onnxruntime", "fp32", {"max": [4, 1, 64, 64]})
+    )
