@@ -154,6 +154,7 @@ def test_artifact_key_changes_with_every_ingredient(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(artifacts, "library_versions", lambda: {"onnxruntime": "9.9"})
     variants.append(artifacts.artifact_key(bundle, "onnxruntime", "fp32", base["profile"]))
+    monkeypatch.undo()
     digests = {artifacts._digest(k) for k in [base, *variants]}
     assert len(digests) == 1 + len(variants)
     assert artifacts._digest(base) == artifacts._digest(
