@@ -322,7 +322,7 @@ def bench_engines_command(
             f"{r['p95_ms']:.1f}",
             f"{r['frames_per_s']:.2f}",
         )
-    console.print(table)
+    console.print(table, width=max(console.width, 100))  # whole, even when piped
     out.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
     console.print(f"wrote {out}")
 

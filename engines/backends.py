@@ -149,9 +149,7 @@ def open_runtime(
         from livedecon.engines import tensorrt_runtime as trt_rt
 
         profile = trt_rt.profile_for(frame_shapes, bundle.build_model().multiple, max_batch)
-    key = artifact_key(
-        bundle, name, precision, None if profile is None else json.loads(profile.model_dump_json())
-    )
+    key = artifact_key(bundle, name, precision, None if profile is None else profile.as_dict())
     directory, cached = artifact_dir(cache_root(bundle_dir, bundle), key)
     onnx_path = directory / "model.onnx"
     if name in ("onnxruntime", "tensorrt") and not cached:

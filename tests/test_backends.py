@@ -160,3 +160,15 @@ def test_artifact_key_changes_with_every_ingredient(monkeypatch):
     assert artifacts._digest(base) == artifacts._digest(
         artifacts.artifact_key(bundle, "onnxruntime", "fp32", {"max": [4, 1, 64, 64]})
     )
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_through_open_runtime_passes_the_gate_and_caches_its_plan(saved, precision):
+    bundle, path = saved
+    runtime, choice = open_runtime(bundle, path, "tensorrt", precision, [(64, 64)], max_batch=2)
+    assert choice.gate_db >= backends.GATE_DB[precision]
+    (entry,) = (path / "cache").glob(f"tensorrt-{precision}-*")
+    assert (entry / "engine.plan").is_file()
+    batch = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
+    assert runtime.infer(batch).shape == (2, 1, 128, 128)
