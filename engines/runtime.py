@@ -113,7 +113,13 @@ class OnnxRuntime:
         self._ort = ort
         self.spec = spec
         self.is_3d = isinstance(spec, Network3DSpec)
-        self.providers = providers or ["CPUExecutionProvider"]
+        # Default: CUDA when this onnxruntime build has it, CPU always. The TensorRT provider
+        # builds its engines on first use (minutes); it is taken only when asked for.
+        self.providers = providers or [
+            p
+            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            if p in ort.get_available_providers()
+        ]
         missing = set(self.providers) - set(ort.get_available_providers())
         if missing:
             raise RuntimeError(
