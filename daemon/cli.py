@@ -322,7 +322,8 @@ def bench_engines_command(
             f"{r['p95_ms']:.1f}",
             f"{r['frames_per_s']:.2f}",
         )
-    console.print(table, width=max(console.width, 100))  # whole, even when piped
+    # Piped output (a log, CI) gets the whole table rather than an 80-column cut.
+    (console if console.is_terminal else Console(width=120)).print(table)
     out.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
     console.print(f"wrote {out}")
 
