@@ -189,12 +189,10 @@ def restore(
     import time
 
     from livedecon.daemon.offline import restore_file
-    from livedecon.engines.bundle import BundleError, ModelBundle, shipped_bundle_path
+    from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
 
     try:
-        path = Path(bundle)
-        if not path.exists() and "/" not in bundle:
-            path = shipped_bundle_path(bundle)
+        path = find_bundle(bundle)
         loaded = ModelBundle.load(path)
     except BundleError as exc:
         raise _fail(str(exc)) from None
@@ -238,12 +236,10 @@ def export(
 ) -> None:
     """Build (or reuse) the bundle's compiled artifact for a backend and check its accuracy."""
     from livedecon.engines.backends import AccuracyGateError, open_runtime
-    from livedecon.engines.bundle import BundleError, ModelBundle, shipped_bundle_path
+    from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
 
     try:
-        path = Path(bundle)
-        if not path.exists() and "/" not in bundle:
-            path = shipped_bundle_path(bundle)
+        path = find_bundle(bundle)
         loaded = ModelBundle.load(path)
         runtime, choice = open_runtime(
             loaded, path, backend, precision, _parse_shapes(shapes), max_batch

@@ -461,3 +461,11 @@ def shipped_bundle_path(name: str) -> Path:
     raise BundleError(
         f"no shipped bundle named {name!r}; available: {', '.join(available) or 'none'}"
     )
+
+
+def find_bundle(name_or_path: str | Path) -> Path:
+    """A bundle directory given as a path, or the name of a shipped bundle."""
+    path = Path(name_or_path)
+    if path.exists() or len(path.parts) > 1:
+        return path  # a path: load() reports it if it is not a bundle
+    return shipped_bundle_path(str(name_or_path))
