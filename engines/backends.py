@@ -131,6 +131,53 @@ def accuracy_gate(
     return psnr
 
 
+# ONNX node-name prefixes of the output heads: the layers an FP16 engine keeps in FP32 when it
+# misses the gate without them (the last convolutions set the output's absolute level).
+FP32_HEADS = {False: ("/denoise_out/", "/tail/"), True: ("/denoiser/tail/", "/deconvolver/tail/")}
+
+
+def _checked_tensorrt(
+    bundle: ModelBundle, directory: Path, profile: object, precision: str, cached: bool
+) -> tuple[Runtime, float]:
+    """A TensorRT runtime that passes the gate: all-FP16 first, then (fp16 only) with the
+    output heads in FP32. Each variant's plan and gate result are cached side by side."""
+    from livedecon.engines import tensorrt_runtime as trt_rt
+
+    spec, weights = bundle.manifest.network, bundle.state_dict
+    variants = [("engine", ())]
+    if precision == "fp16":
+        variants.append(("engine-fp32-heads", FP32_HEADS[bundle.manifest.is_3d]))
+    failure: AccuracyGateError | None = None
+    for stem, fp32_layers in variants:
+        plan = directory / f"{stem}.plan"
+        if not (cached and plan.is_file()):
+            trt_rt.build_engine(
+                directory / "model.onnx",
+                plan,
+                profile,
+                precision,
+                directory.parent / "timing.cache",
+                fp32_layers,
+            )
+        runtime = trt_rt.TensorRTRuntime(
+            spec,
+            weights,
+            directory / "model.onnx",
+            plan,
+            profile,
+            precision,
+            fp32_layers=fp32_layers,
+        )
+        try:
+            record = directory / f"gate-{stem}.json"
+            return runtime, accuracy_gate(runtime, bundle, precision, record, reuse=cached)
+        except AccuracyGateError as exc:
+            log.warning("%s; trying the next precision variant", exc)
+            failure = exc
+    assert failure is not None
+    raise failure
+
+
 def open_runtime(
     bundle: ModelBundle,
     bundle_dir: Path,
@@ -154,20 +201,16 @@ def open_runtime(
     onnx_path = directory / "model.onnx"
     if name in ("onnxruntime", "tensorrt") and not cached:
         export_onnx(bundle.build_model(), onnx_path, bundle.manifest.is_3d)
-    if name == "torch":
-        runtime: Runtime = TorchRuntime(spec, weights)
-    elif name == "torch-cuda":
-        runtime = TorchCudaRuntime(spec, weights, precision)
-    elif name == "onnxruntime":
-        runtime = OnnxRuntime(spec, weights, onnx_path=onnx_path)
+    if name == "tensorrt":
+        runtime, psnr = _checked_tensorrt(bundle, directory, profile, precision, cached)
     else:
-        plan = directory / "engine.plan"
-        if not cached:
-            trt_rt.build_engine(
-                onnx_path, plan, profile, precision, directory.parent / "timing.cache"
-            )
-        runtime = trt_rt.TensorRTRuntime(spec, weights, onnx_path, plan, profile, precision)
-    psnr = accuracy_gate(runtime, bundle, precision, directory / "gate.json", reuse=cached)
+        if name == "torch":
+            runtime: Runtime = TorchRuntime(spec, weights)
+        elif name == "torch-cuda":
+            runtime = TorchCudaRuntime(spec, weights, precision)
+        else:
+            runtime = OnnxRuntime(spec, weights, onnx_path=onnx_path)
+        psnr = accuracy_gate(runtime, bundle, precision, directory / "gate.json", reuse=cached)
     seal(directory, key)
     log.info("%s; accuracy gate %.1f dB; artifact %s", choice.reason, psnr, directory)
     return runtime, replace(choice, gate_db=psnr)

@@ -172,3 +172,33 @@ def test_tensorrt_through_open_runtime_passes_the_gate_and_caches_its_plan(saved
     assert (entry / "engine.plan").is_file()
     batch = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
     assert runtime.infer(batch).shape == (2, 1, 128, 128)
+
+
+def test_fp16_tensorrt_missing_the_gate_falls_back_to_fp32_heads(saved, monkeypatch):
+    """The selection logic around TensorRT, with TensorRT itself replaced by a stand-in whose
+    all-FP16 engine strays and whose FP32-heads engine does not (TensorRT cannot run here)."""
+    from livedecon.engines import tensorrt_runtime as trt_rt
+
+    bundle, path = saved
+    built = []
+
+    def build_engine(onnx_path, plan, profile, precision, cache, fp32_layers=()):
+        built.append(tuple(fp32_layers))
+        plan.write_bytes(b"plan")
+        return plan
+
+    class StandIn(_Noisy):
+        def __init__(self, spec, weights, onnx_path, plan, profile, precision, fp32_layers=()):
+            super().__init__(bundle, 0.0 if fp32_layers else 0.05)
+
+    monkeypatch.setattr(backends, "available_backends", lambda: dict.fromkeys(backends.BACKENDS))
+    monkeypatch.setattr(trt_rt, "build_engine", build_engine)
+    monkeypatch.setattr(trt_rt, "TensorRTRuntime", StandIn)
+    runtime, choice = open_runtime(bundle, path, "tensorrt", "fp16", [(64, 64)], max_batch=2)
+    assert built == [(), backends.FP32_HEADS[False]]
+    assert choice.gate_db >= 40
+    assert runtime.noise == 0.0
+    open_runtime(bundle, path, "tensorrt", "fp16", [(64, 64)], max_batch=2)
+    assert len(built) == 2  # cached plans and gate results: nothing rebuilt
+    key = json.loads(next((path / "cache").glob("tensorrt-fp16-*/key.json")).read_text())
+    assert key["profile"]["max"] == [2, 1, 64, 64]
