@@ -1,0 +1,266 @@
+"""The wire protocol between acquisition hooks, the daemon and viewers (version 1).
+
+A message is a ZMQ multipart: frame 0 a UTF-8 JSON header (`Header`), frame 1, for image
+messages, the raw C-contiguous pixels (or nothing, when a shared-memory slot carries them).
+Nothing that crosses a socket is ever unpickled. Every request gets a `Reply`: ok, or an error
+code with a sentence a person understands. `decode` turns every malformed input into a
+`ProtocolError` with its code, so the daemon answers it and goes on serving.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any, Literal, Self
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROTOCOL_VERSION = 1
+DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
+
+
+class Kind(StrEnum):
+    ACQUISITION_START = "acquisition_start"
+    FRAME = "frame"
+    TIMEPOINT_DONE = "timepoint_done"
+    ACQUISITION_END = "acquisition_end"
+    STATUS = "status"
+    METRICS = "metrics"
+    LOAD_MODEL = "load_model"
+    ADAPTATION = "adaptation"
+    SHUTDOWN = "shutdown"
+
+
+IMAGE_KINDS = {Kind.FRAME}
+ACQUISITION_KINDS = {
+    Kind.ACQUISITION_START,
+    Kind.FRAME,
+    Kind.TIMEPOINT_DONE,
+    Kind.ACQUISITION_END,
+}
+
+
+class ErrorCode(StrEnum):
+    BAD_JSON = "bad_json"
+    BAD_HEADER = "bad_header"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_KIND = "unknown_kind"
+    BAD_DTYPE = "bad_dtype"
+    MISSING_PAYLOAD = "missing_payload"
+    UNEXPECTED_PAYLOAD = "unexpected_payload"
+    PAYLOAD_LENGTH = "payload_length"
+    TOO_LARGE = "too_large"
+    NON_FINITE = "non_finite"
+    UNKNOWN_ACQUISITION = "unknown_acquisition"
+    DUPLICATE_ACQUISITION = "duplicate_acquisition"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Axes(_Wire):
+    time: int = Field(0, ge=0)
+    z: int = Field(0, ge=0)
+    channel: int | str = 0
+    position: int | str = 0
+
+
+class Plan(_Wire):
+    """What an acquisition will send, from its start message."""
+
+    mode: Literal["2d", "3d"] = "2d"
+    z_count: int | None = Field(None, ge=1, description="planes per stack (3D)")
+    channels: list[str] = Field(default_factory=lambda: ["default"])
+    pixel_size_um: float = Field(gt=0)
+    z_step_um: float | None = Field(None, gt=0)
+    time_interval_s: float | None = Field(None, ge=0)
+    model: str | None = Field(None, description="bundle to use; None: the daemon's default")
+    output_dir: str | None = Field(None, description="None: the daemon's output directory")
+
+    @model_validator(mode="after")
+    def _stacks_have_depth(self) -> Self:
+        if self.mode == "3d" and (self.z_count is None or self.z_step_um is None):
+            raise ValueError("a 3d plan needs z_count and z_step_um")
+        return self
+
+
+class SharedMemorySlot(_Wire):
+    segment: str = Field(min_length=1)
+    slot: int = Field(ge=0)
+    length: int = Field(gt=0)
+
+
+class Header(_Wire):
+    version: int
+    kind: Kind
+    acquisition_id: str | None = Field(None, min_length=1, max_length=200)
+    frame_id: int | None = Field(None, ge=0, description="monotonic per acquisition")
+    axes: Axes | None = None
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    pixel_size_um: float | None = Field(None, gt=0)
+    timestamp_s: float | None = None
+    z_stack_size: int | None = Field(None, ge=1)
+    shm: SharedMemorySlot | None = None
+    plan: Plan | None = None
+    request: dict[str, Any] = Field(default_factory=dict, description="control arguments")
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> Self:
+        needs: dict[Kind, tuple[str, ...]] = {
+            Kind.ACQUISITION_START: ("acquisition_id", "plan"),
+            Kind.FRAME: ("acquisition_id", "frame_id", "axes", "dtype", "shape"),
+            Kind.TIMEPOINT_DONE: ("acquisition_id", "axes"),
+            Kind.ACQUISITION_END: ("acquisition_id",),
+        }
+        missing = [name for name in needs.get(self.kind, ()) if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.kind} message needs {', '.join(missing)}")
+        return self
+
+
+class Reply(_Wire):
+    version: int = PROTOCOL_VERSION
+    ok: bool
+    code: ErrorCode | None = None
+    message: str | None = None
+    frame_id: int | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def error(cls, error: ProtocolError, frame_id: int | None = None) -> Reply:
+        return cls(ok=False, code=error.code, message=error.message, frame_id=frame_id)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def encode(header: Header, payload: np.ndarray | None = None) -> list[bytes | memoryview]:
+    """Multipart frames for `header` and its pixels (sent without a copy)."""
+    frames: list[bytes | memoryview] = [header.model_dump_json(exclude_none=True).encode()]
+    if payload is not None:
+        frames.append(memoryview(np.ascontiguousarray(payload)).cast("B"))
+    return frames
+
+
+def frame_header(
+    acquisition_id: str,
+    frame_id: int,
+    image: np.ndarray,
+    axes: Axes,
+    pixel_size_um: float | None = None,
+    timestamp_s: float | None = None,
+) -> Header:
+    """The header of one image message, its dtype and shape taken from the image."""
+    return Header(
+        version=PROTOCOL_VERSION,
+        kind=Kind.FRAME,
+        acquisition_id=acquisition_id,
+        frame_id=frame_id,
+        axes=axes,
+        dtype=str(image.dtype),
+        shape=tuple(image.shape),
+        pixel_size_um=pixel_size_um,
+        timestamp_s=timestamp_s,
+    )
+
+
+def parse_header(raw: bytes | memoryview) -> Header:
+    try:
+        data = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"the header is not UTF-8 JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.BAD_JSON, "the header must be a JSON object")
+    if data.get("version") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {data.get('version')!r} is not spoken here (this daemon: "
+            f"{PROTOCOL_VERSION}); update the client or the daemon",
+        )
+    if data.get("kind") not in set(Kind):
+        known = ", ".join(k.value for k in Kind)
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_KIND, f"unknown message kind {data.get('kind')!r}; known: {known}"
+        )
+    try:
+        return Header.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "header"
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"{where}: {first['msg']}") from None
+
+
+def decode(
+    frames: Sequence[bytes | memoryview],
+    max_frame_pixels: int,
+    max_z: int,
+    shared_payload: memoryview | None = None,
+) -> tuple[Header, np.ndarray | None]:
+    """Check a received multipart and return its header and pixels (a zero-copy view).
+
+    `shared_payload` is the buffer a shared-memory slot resolved to, when the header names one.
+    """
+    if not frames:
+        raise ProtocolError(ErrorCode.BAD_JSON, "empty message")
+    header = parse_header(frames[0])
+    extra = list(frames[1:])
+    if header.kind not in IMAGE_KINDS:
+        if extra:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_PAYLOAD, f"a {header.kind} message carries no pixels"
+            )
+        return header, None
+    if header.dtype not in DTYPES:
+        raise ProtocolError(
+            ErrorCode.BAD_DTYPE,
+            f"dtype {header.dtype!r} is not accepted; send one of {', '.join(DTYPES)}",
+        )
+    shape = header.shape
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ProtocolError(
+            ErrorCode.BAD_HEADER, f"shape {list(shape)} must be (Y, X) or (Z, Y, X), all >= 1"
+        )
+    if shape[-1] * shape[-2] > max_frame_pixels or (len(shape) == 3 and shape[0] > max_z):
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"shape {list(shape)} is over the limit ({max_frame_pixels} pixels per plane,"
+            f" {max_z} planes)",
+        )
+    if header.shm is not None:
+        if extra:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_PAYLOAD, "pixels both inline and in shared memory"
+            )
+        if shared_payload is None:
+            raise ProtocolError(ErrorCode.MISSING_PAYLOAD, "the shared-memory slot is not open")
+        buffer = shared_payload
+    elif len(extra) != 1:
+        raise ProtocolError(
+            ErrorCode.MISSING_PAYLOAD if not extra else ErrorCode.UNEXPECTED_PAYLOAD,
+            f"a frame message has exactly one pixel part, got {len(extra)}",
+        )
+    else:
+        buffer = memoryview(extra[0])
+    dtype = np.dtype(DTYPES[header.dtype])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if buffer.nbytes != expected:
+        raise ProtocolError(
+            ErrorCode.PAYLOAD_LENGTH,
+            f"{buffer.nbytes} bytes of pixels, but shape {list(shape)} of {header.dtype}"
+            f" needs {expected}",
+        )
+    pixels = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    if dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise ProtocolError(ErrorCode.NON_FINITE, "the pixels hold NaN or infinite values")
+    return header, pixels
