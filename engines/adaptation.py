@@ -45,10 +45,14 @@ class Adapter:
         scale_e: float,
         config: AdaptationConfig | None = None,
         read_noise_e: float | None = None,
+        device: str | None = None,
     ) -> None:
+        """`device`: where to train (default: the GPU when torch sees one, else the CPU)."""
         self.config = config or AdaptationConfig()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_network(spec)
         self.model.load_state_dict(copy.deepcopy(dict(weights)))
+        self.model.to(self.device)
         self.objective = Objective(
             spec, psf, scale_e, self.config.loss, self.config.recorruption, read_noise_e
         )
@@ -79,7 +83,7 @@ class Adapter:
 
     def weights(self) -> Weights:
         """A detached copy of the adapted weights, safe to hand to another thread."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Restart from given weights (after a rejected update or a rollback)."""
@@ -100,7 +104,7 @@ class Adapter:
         generator = torch.Generator().manual_seed(12345)
         total = 0.0
         for _ in range(self.config.validation_batches):
-            batch = torch.from_numpy(sampler.batch(self.config.batch_size))
+            batch = torch.from_numpy(sampler.batch(self.config.batch_size)).to(self.device)
             total += float(self.objective(model, batch, generator)["total"])
         return total / self.config.validation_batches
 

@@ -70,16 +70,22 @@ def recorrupt(
     """(input, target) from noisy frames y (N, 1, Y, X); beta1 and alpha drawn per frame."""
     n = y.shape[0]
     shape = (n, 1, 1, 1)
+    # Draw where the generator lives (a seeded CPU generator keeps runs repeatable on a GPU).
+    noise_device = generator.device if generator is not None else y.device
 
     def uniform(bounds: tuple[float, float]) -> torch.Tensor:
-        u = torch.rand(shape, generator=generator, device=y.device, dtype=y.dtype)
+        u = torch.rand(shape, generator=generator, device=noise_device, dtype=y.dtype)
         return bounds[0] + (bounds[1] - bounds[0]) * u
 
-    beta1, alpha = uniform(config.beta1_range), uniform(config.alpha_range)
+    beta1, alpha = (
+        uniform(config.beta1_range).to(y.device),
+        uniform(config.alpha_range).to(y.device),
+    )
     beta2 = config.beta2 if config.beta2 is not None else estimate_beta2(y, config.background)
     variance = beta1 * torch.clamp(box_mean_5x5(y) - config.background, min=0) + beta2
     sigma = torch.sqrt(variance)
-    z = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    z = torch.randn(y.shape, generator=generator, device=noise_device, dtype=y.dtype)
+    z = z.to(y.device)
     return y + alpha * sigma * z, y - sigma * z / alpha
 
 

@@ -170,6 +170,8 @@ class Objective:
         self, model: nn.Module, batch_e: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         upscale = model.upscale
+        if self.psf.device != batch_e.device:
+            self.psf = self.psf.to(batch_e.device)
         if self.is_3d:
             inputs, targets = odd_even_pairs(batch_e / self.scale_e)
             gap = gap_amending_term(model, inputs, targets)
@@ -203,7 +205,8 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         self.model.train()
-        batch = torch.from_numpy(self.sampler.batch(self.batch_size))
+        device = next(self.model.parameters()).device
+        batch = torch.from_numpy(self.sampler.batch(self.batch_size)).to(device)
         losses = self.objective(self.model, batch, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -218,15 +221,18 @@ def train(
     work_dir: Path | None = None,
     read_noise_e: float | None = None,
     show_progress: bool = True,
+    device: str | None = None,
 ) -> TrainingResult:
     """Train from noisy frames (Y, X) or stacks (Z, Y, X) in photoelectrons, with a PSF on the
     output grid summing to 1 (2D: (K, K); 3D: (Kz, K, K)).
 
     With `work_dir`, checkpoints are written every `checkpoint_every` iterations and a run
     resumes from the last one. Ctrl-C stops after the current step with its weights saved.
+    `device`: where to train (default: the GPU when torch sees one, else the CPU).
     """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
-    model = build_network(config.network)
+    model = build_network(config.network).to(device)
     if config.patch_px % model.multiple:
         raise ValueError(f"patch_px {config.patch_px} must be a multiple of {model.multiple}")
     scale = normalisation_scale(data_e, config.scale_percentile)
@@ -244,7 +250,7 @@ def train(
     start, history = 0, []
     checkpoint = work_dir / CHECKPOINT if work_dir else None
     if checkpoint and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
+        state = torch.load(checkpoint, weights_only=True, map_location=device)
         model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -306,7 +312,8 @@ def restore(model: nn.Module, image_e: np.ndarray, scale_e: float) -> np.ndarray
     pad = [(0, 0)] * (image.ndim - 2) + [(0, -ny % m), (0, -nx % m)]
     padded = np.pad(image, pad, mode="reflect")
     model.eval()
-    _, deconvolved = model(torch.from_numpy(padded)[None, None])
+    device = next(model.parameters()).device
+    _, deconvolved = model(torch.from_numpy(padded)[None, None].to(device))
     up = model.upscale
-    out = deconvolved[0, 0, ..., : ny * up, : nx * up].numpy()
+    out = deconvolved[0, 0, ..., : ny * up, : nx * up].float().cpu().numpy()
     return out * scale_e / (up * up)

@@ -77,3 +77,16 @@ def test_adapter_steps_only_with_data_and_reloads_weights(served):
     assert all(torch.equal(adapter.weights()[k], v) for k, v in result.model.state_dict().items())
     with pytest.raises(ValueError, match="at least 1"):
         fine_tune(TINY, changed, new, psf, result.scale_e, 0, CONFIG)
+
+
+@pytest.mark.gpu
+def test_training_and_adaptation_run_on_the_gpu(served):
+    result, psf, new = served
+    config = TrainingConfig(
+        network=TINY, patch_px=32, batch_size=4, iterations=20, learning_rate=1e-3
+    )
+    trained = train(new, psf, config, show_progress=False, device="cuda")
+    assert next(trained.model.parameters()).is_cuda
+    assert np.isfinite([h["total"] for h in trained.history]).all()
+    weights, _ = fine_tune(TINY, result.model.state_dict(), new, psf, result.scale_e, 5, CONFIG)
+    assert all(not w.is_cuda for w in weights.values())  # handed out on the CPU
