@@ -184,24 +184,33 @@ def restore(
     bundle: Annotated[str, typer.Argument(help="bundle directory, or a shipped bundle's name")],
     input_tif: Annotated[Path, typer.Argument(metavar="IN.tif", help="raw camera counts")],
     output_tif: Annotated[Path, typer.Argument(metavar="OUT.tif", help="OME-TIFF to write")],
+    backend: Annotated[
+        str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
+    ] = "auto",
+    tile_px: Annotated[int, typer.Option(min=16, help="larger frames go in blended tiles")] = 1024,
 ) -> None:
     """Restore a TIFF of raw frames (or z-stacks, with a 3D bundle) with a model bundle."""
     import time
 
     from livedecon.daemon.offline import restore_file
+    from livedecon.engines.backends import AccuracyGateError, open_runtime
     from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
 
     try:
         path = find_bundle(bundle)
         loaded = ModelBundle.load(path)
-    except BundleError as exc:
+        # 3D stacks are tiled laterally only; 64 planes is the deepest a TensorRT profile takes
+        shape = (64, tile_px, tile_px) if loaded.manifest.is_3d else (tile_px, tile_px)
+        runtime, choice = open_runtime(loaded, path, backend, frame_shapes=[shape], max_batch=4)
+    except (BundleError, AccuracyGateError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
+    console.print(f"engine: {choice.reason}")
     started = time.perf_counter()
     with Progress(console=console) as progress:
         task = progress.add_task("restoring", total=None)
         step = lambda done, total: progress.update(task, completed=done, total=total)  # noqa: E731
         try:
-            written = restore_file(loaded, input_tif, output_tif, step)
+            written = restore_file(loaded, input_tif, output_tif, step, runtime, tile_px)
         except (ValueError, OSError) as exc:
             raise _fail(str(exc)) from None
     console.print(

@@ -6,11 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from livedecon.calibration.ome_tiff import read_raw_tiff, write_ome_tiff
 from livedecon.engines.bundle import ModelBundle
-from livedecon.engines.training import restore
+from livedecon.engines.runtime import Runtime, TorchRuntime
+from livedecon.engines.tiling import infer_tiled
 
 
 def _output_axes(axes: str, ndim: int, is_3d: bool) -> str:
@@ -28,9 +28,15 @@ def restore_file(
     in_path: Path,
     out_path: Path,
     progress: Callable[[int, int], None] | None = None,
+    runtime: Runtime | None = None,
+    tile_px: int | None = 1024,
 ) -> Path:
     """Restore every frame (2D bundle) or stack (3D bundle) of a TIFF of camera counts into
-    an OME-TIFF of float32 photoelectrons per output pixel at the upsampled pixel size."""
+    an OME-TIFF of float32 photoelectrons per output pixel at the upsampled pixel size.
+
+    `runtime`: the engine to use (default: torch float32); frames wider than `tile_px` are
+    restored in blended tiles, so memory stays bounded whatever the camera.
+    """
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
         raise FileNotFoundError(f"{in_path}: no such file")
@@ -44,15 +50,17 @@ def restore_file(
             f"{in_path}: shape {counts.shape} has no {'Z, ' if need == 3 else ''}Y, X to restore"
         )
     manifest = bundle.manifest
-    model = bundle.build_model()
+    norm = manifest.normalisation
+    runtime = runtime or TorchRuntime(manifest.network, bundle.state_dict)
+    upscale = 2 if manifest.network.upsample else 1
     items = counts.reshape(-1, *counts.shape[-need:])
     restored = []
-    with torch.inference_mode():
-        for i, item in enumerate(items):
-            electrons = manifest.normalisation.electrons(item)
-            restored.append(restore(model, electrons, manifest.normalisation.scale_e))
-            if progress:
-                progress(i + 1, len(items))
+    for i, item in enumerate(items):
+        units = norm.electrons(item) / norm.scale_e
+        output = infer_tiled(runtime.infer, units, runtime.multiple, upscale, tile_px)
+        restored.append(output * (norm.scale_e / upscale**2))  # flux kept on the finer grid
+        if progress:
+            progress(i + 1, len(items))
     out = np.stack(restored).reshape(*counts.shape[:-2], *restored[0].shape[-2:])
     return write_ome_tiff(
         out_path,

@@ -191,3 +191,25 @@ def test_3d_train_and_restore_of_a_z_stack(tmp_path):
     refused = _livedecon("restore", bundle, flat, tmp_path / "o.tif")
     assert refused.returncode == 2
     assert "has no Z, Y, X" in refused.stdout
+
+
+def test_restore_file_with_onnxruntime_and_tiles_matches_the_torch_reference(tmp_path):
+    from livedecon.calibration.config import default_microscope
+    from livedecon.daemon.offline import restore_file
+    from livedecon.engines.bundle import shipped_bundle_path
+    from livedecon.engines.runtime import OnnxRuntime
+    from livedecon.engines.training import restore
+
+    bundle = ModelBundle.load(shipped_bundle_path("fast2d-sim"))
+    scope = default_microscope()
+    counts = ForwardModel(scope, noise_seed=4).acquire(50.0, 0.0, 20.0).counts
+    raw = write_ome_tiff(tmp_path / "raw.ome.tif", counts, "YX", scope.optics.pixel_size_um)
+    runtime = OnnxRuntime(bundle.manifest.network, bundle.state_dict)
+    out = restore_file(bundle, raw, tmp_path / "r.ome.tif", runtime=runtime, tile_px=128)
+    tiled = read_ome_tiff(out).data
+    norm = bundle.manifest.normalisation
+    whole = restore(bundle.build_model(), norm.electrons(counts), norm.scale_e)
+    assert tiled.shape == whole.shape == (512, 512)
+    error = np.abs(tiled - whole)
+    assert error.max() < 0.02 * whole.max()
+    assert error.mean() < 0.001 * whole.max()
