@@ -52,6 +52,10 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 class BundleError(Exception):
     """A bundle that cannot be used; the message names the bundle and the problem."""
 
+    def __init__(self, message: str, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem or message
+
 
 class _Manifest(StrictModel):
     # NaN/inf would be written to JSON as null and not read back as the same value.
@@ -259,7 +263,7 @@ class ModelBundle:
         object.__setattr__(self, "state_dict", dict(self.state_dict))
         problem = _problem(self.manifest, self.state_dict, psf)
         if problem:
-            raise BundleError(f"bundle {self.manifest.name!r}: {problem}")
+            raise BundleError(f"bundle {self.manifest.name!r}: {problem}", problem)
 
     @property
     def bundle_id(self) -> str:
@@ -395,11 +399,10 @@ class ModelBundle:
             psf = tifffile.imread(directory / PSF)
         except Exception as exc:  # tifffile raises many types for damaged files
             raise BundleError(f"{directory}: cannot read {PSF}: {exc}") from None
-        # Checked here to name the directory; the constructor repeats it (one more hash pass).
-        problem = _problem(manifest, state, np.asarray(psf, dtype=np.float32))
-        if problem:
-            raise BundleError(f"{directory}: {problem}")
-        return cls(manifest, state, psf)
+        try:
+            return cls(manifest, state, psf)  # checks weights hash, architecture, PSF once
+        except BundleError as exc:
+            raise BundleError(f"{directory}: {exc.problem}", exc.problem) from None
 
 
 def _validated(**fields: Any) -> BundleManifest:
