@@ -22,6 +22,7 @@ import torch
 from livedecon.engines.artifacts import artifact_dir, artifact_key, cache_root, seal
 from livedecon.engines.bundle import ModelBundle
 from livedecon.engines.export import export_onnx
+from livedecon.engines.networks import input_multiple
 from livedecon.engines.runtime import OnnxRuntime, Runtime, TorchCudaRuntime, TorchRuntime
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,9 @@ def open_runtime(
     if name == "tensorrt":
         from livedecon.engines import tensorrt_runtime as trt_rt
 
-        profile = trt_rt.profile_for(frame_shapes, bundle.build_model().multiple, max_batch)
+        profile = trt_rt.profile_for(
+            frame_shapes, input_multiple(bundle.manifest.network), max_batch
+        )
     key = artifact_key(bundle, name, precision, None if profile is None else profile.as_dict())
     directory, cached = artifact_dir(cache_root(bundle_dir, bundle), key)
     onnx_path = directory / "model.onnx"

@@ -115,7 +115,7 @@ class ZSDeconvNet2D(nn.Module):
     def __init__(self, spec: Network2DSpec | None = None) -> None:
         super().__init__()
         self.spec = spec or Network2DSpec()
-        self.multiple = 2**self.spec.unet.levels
+        self.multiple = input_multiple(self.spec)
         self.upscale = 2 if self.spec.upsample else 1
         self.denoiser = UNet2D(1, self.spec.unet)
         self.denoise_out = nn.Sequential(
@@ -223,6 +223,11 @@ class ZSDeconvNet3D(nn.Module):
 
 
 NetworkSpec = Network2DSpec | Network3DSpec
+
+
+def input_multiple(spec: NetworkSpec) -> int:
+    """What input Y and X must be multiples of: the U-Nets halve them once per level."""
+    return 2**spec.unet.levels if isinstance(spec, Network2DSpec) else 1
 
 
 def build_network(spec: NetworkSpec) -> nn.Module:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from livedecon.engines.export import DECONVOLVED, INPUT, export_onnx
-from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network
+from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network, input_multiple
 
 
 class Runtime(Protocol):
@@ -57,6 +57,7 @@ class TorchRuntime:
     ) -> None:
         self.spec, self.device = spec, torch.device(device)
         self.is_3d = isinstance(spec, Network3DSpec)
+        self.multiple = input_multiple(spec)
         self.model = self._build(weights)
         self.weights_updates = 0
 
@@ -64,10 +65,6 @@ class TorchRuntime:
         model = build_network(self.spec)
         model.load_state_dict(dict(weights))
         return model.float().eval().to(self.device)
-
-    @property
-    def multiple(self) -> int:
-        return self.model.multiple
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         model = self.model  # one reference for the whole call: a swap cannot split it
@@ -130,7 +127,7 @@ class OnnxRuntime:
         self.work_dir = Path(work_dir or self._tmp.name)
         self._lock = threading.Lock()  # one update at a time; inference never takes it
         self.weights_updates = 0
-        self.multiple = build_network(spec).multiple
+        self.multiple = input_multiple(spec)
         path = Path(onnx_path) if onnx_path else self.work_dir / "model.onnx"
         if not path.is_file():
             self._export(weights, path)
@@ -197,11 +194,7 @@ class TorchCudaRuntime(TorchRuntime):
 
     def _build(self, weights: Mapping[str, torch.Tensor]) -> nn.Module:
         model = super()._build(weights).to(self.dtype)
-        if self.compile_model:
-            compiled = torch.compile(model, dynamic=True)
-            compiled.multiple = model.multiple  # the compiled wrapper hides module attributes
-            return compiled
-        return model
+        return torch.compile(model, dynamic=True) if self.compile_model else model
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         model = self.model

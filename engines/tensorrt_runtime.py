@@ -37,7 +37,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from livedecon.engines.export import DECONVOLVED, DENOISED, INPUT, export_onnx
-from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network
+from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network, input_multiple
 from livedecon.engines.runtime import _check_batch
 
 Precision = Literal["fp16", "fp32"]
@@ -538,8 +538,7 @@ class TensorRTRuntime:
         self.is_3d = isinstance(spec, Network3DSpec)
         if profile.is_3d != self.is_3d:
             raise ValueError(f"a {'3D' if self.is_3d else '2D'} network needs a matching profile")
-        model = build_network(spec)
-        self.multiple = model.multiple
+        self.multiple = input_multiple(spec)
         self.onnx_path, self.plan_path = Path(onnx_path), Path(plan_path)
         self.device = torch.device(device)
         self.weights_updates = 0
@@ -548,6 +547,7 @@ class TensorRTRuntime:
 
         if not self.plan_path.exists():
             if not self.onnx_path.exists():
+                model = build_network(spec)
                 model.load_state_dict(dict(weights))
                 export_onnx(model, self.onnx_path, self.is_3d)
             cache = timing_cache_path or self.plan_path.with_suffix(".timing-cache")
