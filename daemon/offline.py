@@ -10,7 +10,7 @@ import numpy as np
 from livedecon.calibration.ome_tiff import read_raw_tiff, write_ome_tiff
 from livedecon.engines.bundle import ModelBundle
 from livedecon.engines.runtime import Runtime, TorchRuntime
-from livedecon.engines.tiling import infer_tiled
+from livedecon.engines.tiling import restore_electrons
 
 
 def _output_axes(axes: str, ndim: int, is_3d: bool) -> str:
@@ -56,9 +56,12 @@ def restore_file(
     items = counts.reshape(-1, *counts.shape[-need:])
     restored = []
     for i, item in enumerate(items):
-        units = norm.electrons(item) / norm.scale_e
-        output = infer_tiled(runtime.infer, units, runtime.multiple, upscale, tile_px)
-        restored.append(output * (norm.scale_e / upscale**2))  # flux kept on the finer grid
+        electrons = norm.electrons(item)
+        restored.append(
+            restore_electrons(
+                runtime.infer, electrons, norm.scale_e, runtime.multiple, upscale, tile_px
+            )
+        )
         if progress:
             progress(i + 1, len(items))
     out = np.stack(restored).reshape(*counts.shape[:-2], *restored[0].shape[-2:])

@@ -83,3 +83,20 @@ def infer_tiled(
             out[region] += result * window
             weight[region[1:]] += window
     return (out / weight)[..., : ny * upscale, : nx * upscale].astype(np.float32)
+
+
+def restore_electrons(
+    infer: Infer,
+    image_e: np.ndarray,
+    scale_e: float,
+    multiple: int,
+    upscale: int,
+    tile_px: int | None = None,
+) -> np.ndarray:
+    """A frame (Y, X) or stack (Z, Y, X) in photoelectrons, restored to photoelectrons per
+    output pixel: divided by the bundle's fixed scale, inferred (in tiles beyond `tile_px`),
+    scaled back. Flux is kept: the output is an intensity on the finer grid, so each output
+    pixel holds a 1/upscale^2 share of it."""
+    units = np.asarray(image_e, dtype=np.float32) / scale_e
+    output = infer_tiled(infer, units, multiple, upscale, tile_px)
+    return output * scale_e / (upscale * upscale)

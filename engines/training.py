@@ -40,6 +40,7 @@ from livedecon.engines.self_supervised import (
     zs_deconv_loss,
     zs_deconv_loss_3d,
 )
+from livedecon.engines.tiling import restore_electrons
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -304,16 +305,11 @@ def train(
 @torch.no_grad()
 def restore(model: nn.Module, image_e: np.ndarray, scale_e: float) -> np.ndarray:
     """Deconvolved, laterally 2x frame (Y, X) or stack (Z, Y, X) in photoelectrons per output
-    pixel (flux kept: the network's output is an intensity on the fine grid, so each fine
-    pixel holds a 1/upscale^2 share of it)."""
-    image = np.asarray(image_e, dtype=np.float32) / scale_e
-    m = model.multiple
-    ny, nx = image.shape[-2:]
-    pad = [(0, 0)] * (image.ndim - 2) + [(0, -ny % m), (0, -nx % m)]
-    padded = np.pad(image, pad, mode="reflect")
+    pixel, straight from a torch model (the runtimes do the same through engines.runtime)."""
     model.eval()
     device = next(model.parameters()).device
-    _, deconvolved = model(torch.from_numpy(padded)[None, None].to(device))
-    up = model.upscale
-    out = deconvolved[0, 0, ..., : ny * up, : nx * up].float().cpu().numpy()
-    return out * scale_e / (up * up)
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(batch).to(device))[1].float().cpu().numpy()
+
+    return restore_electrons(infer, image_e, scale_e, model.multiple, model.upscale)
