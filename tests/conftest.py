@@ -28,23 +28,14 @@ def lamp1_path() -> Path:
     return path
 
 
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 def pytest_collection_modifyitems(config, items):
-    """`gpu` and `tensorrt` tests skip cleanly where there is no CUDA GPU or no TensorRT."""
-    import torch
+    """`gpu` and `tensorrt` tests skip cleanly where the backend selection says they cannot
+    run (the same check `backend="auto"` makes)."""
+    from livedecon.engines.backends import available_backends
 
-    absent = {
-        "gpu": None if torch.cuda.is_available() else "no CUDA GPU",
-        "tensorrt": None
-        if _importable("tensorrt") and torch.cuda.is_available()
-        else "TensorRT or a CUDA GPU is not present",
-    }
+    absent = available_backends()
+    reasons = {"gpu": absent["torch-cuda"], "tensorrt": absent["tensorrt"]}
     for item in items:
-        for marker, reason in absent.items():
+        for marker, reason in reasons.items():
             if reason and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
