@@ -100,3 +100,14 @@ def restore_electrons(
     units = np.asarray(image_e, dtype=np.float32) / scale_e
     output = infer_tiled(infer, units, multiple, upscale, tile_px)
     return output * scale_e / (upscale * upscale)
+
+
+def restore_batch_electrons(
+    infer: Infer, images_e: np.ndarray, scale_e: float, multiple: int, upscale: int
+) -> np.ndarray:
+    """`restore_electrons` for a batch of same-shape frames (N, Y, X) or stacks (N, Z, Y, X)
+    small enough to run whole: one engine call for the batch (the daemon's micro-batches)."""
+    ny, nx = images_e.shape[-2:]
+    units = pad_to_multiple(np.asarray(images_e, dtype=np.float32) / scale_e, multiple)
+    output = infer(np.ascontiguousarray(units[:, None]))[:, 0, ..., : ny * upscale, : nx * upscale]
+    return output * (scale_e / (upscale * upscale))

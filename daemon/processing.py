@@ -1,0 +1,109 @@
+"""What the daemon does to a batch of camera frames: a model bundle on an engine, or nothing.
+
+A `Processor` turns same-shape raw items (2D frames (Y, X) or 3D stacks (Z, Y, X), camera
+counts) into restored ones. `ModelProcessor` applies the bundle's fixed normalisation (never
+per-frame min-max) and returns float32 photoelectrons per output pixel on the 2x grid;
+`PassThrough` returns the frames untouched (transport benchmarks, raw display).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from livedecon.engines.backends import open_runtime
+from livedecon.engines.bundle import ModelBundle, find_bundle
+from livedecon.engines.runtime import Runtime
+from livedecon.engines.tiling import restore_batch_electrons, restore_electrons
+
+PHOTOELECTRONS = "photoelectrons per output pixel (float32)"
+CAMERA_COUNTS = "camera counts, unprocessed (pass-through)"
+
+
+class Processor(Protocol):
+    name: str
+    bundle_id: str
+    weights_version: int
+    upscale: int
+    is_3d: bool | None  # None: takes both
+    units: str
+
+    def process(self, items: list[np.ndarray]) -> list[np.ndarray]: ...
+
+
+@dataclass
+class PassThrough:
+    name: str = "pass-through"
+    bundle_id: str = "pass-through"
+    weights_version: int = 0
+    upscale: int = 1
+    is_3d: bool | None = None
+    units: str = CAMERA_COUNTS
+
+    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        return items
+
+
+@dataclass
+class ModelProcessor:
+    bundle: ModelBundle
+    bundle_dir: Path
+    runtime: Runtime
+    backend: str
+    tile_px: int = 1024
+    name: str = "model"
+    units: str = PHOTOELECTRONS
+    upscale: int = field(init=False)
+    is_3d: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.upscale = 2 if self.bundle.manifest.network.upsample else 1
+        self.is_3d = self.bundle.manifest.is_3d
+
+    @property
+    def bundle_id(self) -> str:
+        return self.bundle.bundle_id
+
+    @property
+    def weights_version(self) -> int:
+        return self.bundle.manifest.weights_version
+
+    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        norm = self.bundle.manifest.normalisation
+        multiple = self.runtime.multiple  # type: ignore[attr-defined]
+        fits = max(items[0].shape[-2:]) <= self.tile_px
+        if fits and all(item.shape == items[0].shape for item in items):
+            batch = norm.electrons(np.stack(items))
+            out = restore_batch_electrons(
+                self.runtime.infer, batch, norm.scale_e, multiple, self.upscale
+            )
+            return list(out)
+        return [
+            restore_electrons(
+                self.runtime.infer,
+                norm.electrons(item),
+                norm.scale_e,
+                multiple,
+                self.upscale,
+                self.tile_px,
+            )
+            for item in items
+        ]
+
+
+def open_processor(
+    bundle: str | Path,
+    backend: str = "auto",
+    precision: str | None = None,
+    frame_shapes: tuple[tuple[int, ...], ...] = ((1024, 1024),),
+    max_batch: int = 4,
+    tile_px: int = 1024,
+) -> ModelProcessor:
+    """A bundle (directory or shipped name) on the chosen engine, through the accuracy gate."""
+    bundle_dir = find_bundle(bundle)
+    loaded = ModelBundle.load(bundle_dir)
+    runtime, choice = open_runtime(loaded, bundle_dir, backend, precision, frame_shapes, max_batch)
+    return ModelProcessor(loaded, bundle_dir, runtime, choice.backend, tile_px)

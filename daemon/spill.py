@@ -1,0 +1,61 @@
+"""Frames that wait on disk instead of in memory when the engine falls behind.
+
+One frame is two files under <spill_dir>/<acquisition_id>/: `<frame_id>.raw` (the pixels as
+sent) then `<frame_id>.json` (its header), each renamed into place, the header last, so a
+header on disk always has its whole payload. A spilled frame is removed only once its restored
+plane is written; `livedecon reprocess` restores the ones a crash left behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from livedecon.daemon.protocol import DTYPES, Header
+
+
+def _safe(acquisition_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in acquisition_id)
+
+
+class SpillStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def directory(self, acquisition_id: str) -> Path:
+        return self.root / _safe(acquisition_id)
+
+    def put(self, header: Header, pixels: np.ndarray) -> Path:
+        """Write one frame; returns the path of its header (the handle for `load`/`remove`)."""
+        folder = self.directory(header.acquisition_id or "")
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = folder / f"{header.frame_id:012d}"
+        for suffix, data in ((".raw", memoryview(np.ascontiguousarray(pixels)).cast("B")),
+                             (".json", header.model_dump_json(exclude={"shm"}).encode())):
+            tmp = stem.with_suffix(suffix + ".tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, stem.with_suffix(suffix))
+        return stem.with_suffix(".json")
+
+    @staticmethod
+    def load(path: Path) -> tuple[Header, np.ndarray]:
+        header = Header.model_validate_json(path.read_bytes())
+        raw = path.with_suffix(".raw").read_bytes()
+        pixels = np.frombuffer(raw, dtype=DTYPES[header.dtype or ""]).reshape(header.shape or ())
+        return header, pixels
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".raw").unlink(missing_ok=True)
+
+    def frames(self, acquisition_id: str) -> Iterator[tuple[Path, Header, np.ndarray]]:
+        """Every complete spilled frame of an acquisition, in frame order."""
+        folder = self.directory(acquisition_id)
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            header, pixels = self.load(path)
+            yield path, header, pixels
