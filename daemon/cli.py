@@ -260,6 +260,101 @@ def export(
     console.print(runtime.describe())
 
 
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option(help="daemon TOML [default: the shipped configs/daemon.toml]")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run the daemon: ingest and control on a ROUTER socket, results on a PUB socket.
+
+    Stops on a shutdown request, SIGTERM or Ctrl-C after finishing every queued frame."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    from livedecon.calibration.config import shipped_config_path
+    from livedecon.daemon.config import load_daemon_config
+    from livedecon.daemon.server import Daemon
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+    try:
+        settings = load_daemon_config(config or shipped_config_path("daemon.toml"))
+        daemon = Daemon(settings)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:  # a model that cannot load: say which, and why
+        raise _fail(f"the daemon cannot start: {exc}") from None
+    try:
+        daemon.serve()
+    except Exception as exc:
+        raise _fail(f"the daemon stopped: {exc}") from None
+
+
+@app.command()
+def keys(
+    directory: Annotated[Path, typer.Argument(help="where to write the keys")],
+    client: Annotated[str, typer.Option(help="name of the client key pair")] = "client",
+) -> None:
+    """Create CurveZMQ keys for a daemon reachable beyond this host: a server pair and an
+    authorised client pair (give the client its secret key and the server's public key)."""
+    from livedecon.daemon.security import make_keys
+
+    for role, path in make_keys(directory, client).items():
+        console.print(f"{role:14} {path}")
+    console.print(f"set endpoints.curve_keys_dir = {str(directory)!r} in the daemon config")
+
+
+@app.command("reprocess")
+def reprocess_command(
+    acq_dir: Annotated[
+        Path, typer.Argument(metavar="ACQ_DIR", help="an acquisition's output directory")
+    ],
+    raw: Annotated[
+        Path | None, typer.Option(help="the raw NDTiff dataset (Micro-Manager, pycro-manager)")
+    ] = None,
+    spill_dir: Annotated[
+        Path | None, typer.Option(help="the daemon's spill directory [default: ACQ_DIR/../spill]")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
+    ] = "auto",
+) -> None:
+    """After a crash: recreate every acknowledged plane that is not on disk (from the spill
+    store, else the raw dataset) and finalise the output files. Exit code 1: some planes could
+    not be recovered."""
+    from livedecon.daemon.reprocess import ReprocessError, reprocess
+    from livedecon.engines.backends import AccuracyGateError
+    from livedecon.engines.bundle import BundleError
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("reprocessing", total=None)
+        step = lambda done, total: progress.update(task, completed=done, total=total)  # noqa: E731
+        try:
+            report = reprocess(acq_dir, raw, spill_dir, progress=step, backend=backend)
+        except (ReprocessError, BundleError, AccuracyGateError, ValueError, OSError) as exc:
+            raise _fail(str(exc)) from None
+    console.print(
+        f"acknowledged {report.acknowledged} planes: {report.already_written} already on disk,"
+        f" {report.recreated_from_spill} recreated from the spill store,"
+        f" {report.recreated_from_raw} from the raw dataset,"
+        f" {len(report.unrecoverable)} unrecoverable"
+    )
+    for path in report.files:
+        console.print(f"rewrote {path}" if path.exists() else f"removed {path}")
+    for note in report.notes:
+        console.print(f"note: {note}")
+    if report.unrecoverable:
+        console.print("[red]not every acknowledged plane could be recovered[/red]")
+        raise typer.Exit(code=1)
+    console.print("every acknowledged plane is on disk")
+
+
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

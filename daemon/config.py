@@ -72,10 +72,18 @@ class Limits(StrictModel):
 
 
 class Queues(StrictModel):
-    job_queue_frames: int = Field(256, gt=0, description="frames held in memory before spill")
+    memory_queue_mb: float = Field(
+        512, gt=0, description="frames held in memory before the queue spills to disk"
+    )
+    write_queue_planes: int = Field(16, gt=0, description="restored planes waiting for the disk")
     batch_max_frames: int = Field(4, gt=0, le=256)
-    batch_deadline_ms: float = Field(2.0, ge=0, description="wait for a fuller 2D batch")
-    stack_timeout_s: float = Field(30.0, gt=0, description="give up on an incomplete z-stack")
+    batch_deadline_ms: float = Field(
+        0.0,
+        ge=0,
+        description="wait this long for a fuller 2D batch; 0: batch what is already queued "
+        "(batches fill from the backlog when the engine falls behind, without adding latency)",
+    )
+    stack_timeout_s: float = Field(30.0, gt=0, description="give up waiting for a z-stack")
     spill_dir: str = Field("", description="empty: <output_dir>/spill")
     display: Literal["latest"] = Field(
         "latest", description="display frames are latest-wins; saved frames are never dropped"
@@ -83,9 +91,21 @@ class Queues(StrictModel):
 
 
 class ModelSelection(StrictModel):
-    bundle: str = Field("fast2d-sim", description="bundle directory or a shipped bundle name")
+    bundle: str = Field(
+        "fast2d-sim",
+        description="bundle directory, a shipped bundle name, or 'pass-through' (no processing)",
+    )
     backend: Literal["auto", "tensorrt", "torch-cuda", "onnxruntime", "torch"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    tile_px: int = Field(1024, ge=64, description="larger frames are restored in tiles")
+    pass_through_delay_ms: float = Field(
+        0.0, ge=0, description="pass-through only: a stand-in engine this slow (overload tests)"
+    )
+
+
+class Telemetry(StrictModel):
+    log_interval_s: float = Field(10.0, gt=0, description="metrics line in the log this often")
+    latency_window: int = Field(4096, ge=16, description="latest samples per percentile")
 
 
 class DaemonConfig(StrictModel):
@@ -94,6 +114,7 @@ class DaemonConfig(StrictModel):
     limits: Limits = Limits()
     queues: Queues = Queues()
     model: ModelSelection = ModelSelection()
+    telemetry: Telemetry = Telemetry()
 
     @property
     def spill_path(self) -> Path:

@@ -70,7 +70,9 @@ def read_acquisition_record(directory: Path) -> AcquisitionRecord:
     try:
         return AcquisitionRecord.model_validate_json(path.read_text())
     except ValidationError as exc:
-        raise ValueError(f"{path}: not a valid acquisition record ({exc.errors()[0]['msg']})")
+        raise ValueError(
+            f"{path}: not a valid acquisition record ({exc.errors()[0]['msg']})"
+        ) from None
 
 
 class Journal:

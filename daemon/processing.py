@@ -8,6 +8,7 @@ per-frame min-max) and returns float32 photoelectrons per output pixel on the 2x
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +17,7 @@ import numpy as np
 
 from livedecon.engines.backends import open_runtime
 from livedecon.engines.bundle import ModelBundle, find_bundle
+from livedecon.engines.networks import input_multiple
 from livedecon.engines.runtime import Runtime
 from livedecon.engines.tiling import restore_batch_electrons, restore_electrons
 
@@ -42,8 +44,11 @@ class PassThrough:
     upscale: int = 1
     is_3d: bool | None = None
     units: str = CAMERA_COUNTS
+    delay_s: float = 0.0  # stands in for a slow engine in overload tests and benchmarks
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        if self.delay_s:
+            time.sleep(self.delay_s * len(items))
         return items
 
 
@@ -73,7 +78,7 @@ class ModelProcessor:
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         norm = self.bundle.manifest.normalisation
-        multiple = self.runtime.multiple  # type: ignore[attr-defined]
+        multiple = input_multiple(self.bundle.manifest.network)
         fits = max(items[0].shape[-2:]) <= self.tile_px
         if fits and all(item.shape == items[0].shape for item in items):
             batch = norm.electrons(np.stack(items))

@@ -55,6 +55,10 @@ class ErrorCode(StrEnum):
     NON_FINITE = "non_finite"
     UNKNOWN_ACQUISITION = "unknown_acquisition"
     DUPLICATE_ACQUISITION = "duplicate_acquisition"
+    FRAME_ORDER = "frame_order"
+    PLAN_MISMATCH = "plan_mismatch"
+    MODEL = "model"
+    UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
 
 
@@ -84,8 +88,11 @@ class Plan(_Wire):
     pixel_size_um: float = Field(gt=0)
     z_step_um: float | None = Field(None, gt=0)
     time_interval_s: float | None = Field(None, ge=0)
-    model: str | None = Field(None, description="bundle to use; None: the daemon's default")
+    model: str | None = Field(
+        None, description="bundle (or 'pass-through') to use; None: the daemon's default"
+    )
     output_dir: str | None = Field(None, description="None: the daemon's output directory")
+    save: bool = Field(True, description="False: display only (nothing written, may drop)")
 
     @model_validator(mode="after")
     def _stacks_have_depth(self) -> Self:
@@ -95,8 +102,11 @@ class Plan(_Wire):
 
 
 class SharedMemorySlot(_Wire):
+    """Where a frame's pixels lie in a segment the client shares; the daemon copies them out
+    before it acknowledges, so the client may reuse the slot once acknowledged."""
+
     segment: str = Field(min_length=1)
-    slot: int = Field(ge=0)
+    offset: int = Field(ge=0)
     length: int = Field(gt=0)
 
 
@@ -264,3 +274,54 @@ def decode(
     if dtype.kind == "f" and not np.isfinite(pixels).all():
         raise ProtocolError(ErrorCode.NON_FINITE, "the pixels hold NaN or infinite values")
     return header, pixels
+
+
+class Topic(StrEnum):
+    """What the daemon publishes; a viewer subscribes to the topics it shows. Raw frames and
+    whole volumes are sent only while someone subscribes to them."""
+
+    RESTORED = "restored"
+    RAW = "raw"
+    MIP = "mip"  # maximum-intensity projection of a restored volume
+    VOLUME = "volume"
+
+
+class Publication(_Wire):
+    """The header of a published image: frame 0 is the topic, frame 1 this, frame 2 pixels."""
+
+    version: int = PROTOCOL_VERSION
+    topic: Topic
+    acquisition_id: str
+    frame_id: int
+    axes: Axes
+    dtype: str
+    shape: tuple[int, ...]
+    pixel_size_um: float | None = Field(description="of these pixels (restored: upsampled)")
+    z_step_um: float | None = None
+    timestamp_s: float | None = Field(None, description="the camera's time of the frame")
+    published_s: float = Field(description="wall clock when the daemon sent it")
+    bundle_id: str
+    weights_version: int
+    units: str
+
+
+def encode_publication(publication: Publication, pixels: np.ndarray) -> list[bytes | memoryview]:
+    return [
+        publication.topic.value.encode(),
+        publication.model_dump_json(exclude_none=True).encode(),
+        memoryview(np.ascontiguousarray(pixels)).cast("B"),
+    ]
+
+
+def decode_publication(frames: Sequence[bytes | memoryview]) -> tuple[Publication, np.ndarray]:
+    """A received publication and its pixels (a view on the last frame)."""
+    if len(frames) != 3:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"a publication has 3 parts, got {len(frames)}")
+    try:
+        publication = Publication.model_validate_json(bytes(frames[1]))
+    except ValidationError as exc:
+        raise ProtocolError(
+            ErrorCode.BAD_HEADER, f"publication header: {exc.errors()[0]['msg']}"
+        ) from None
+    dtype = np.dtype(DTYPES.get(publication.dtype, np.float32))
+    return publication, np.frombuffer(frames[2], dtype=dtype).reshape(publication.shape)

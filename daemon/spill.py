@@ -33,8 +33,10 @@ class SpillStore:
         folder = self.directory(header.acquisition_id or "")
         folder.mkdir(parents=True, exist_ok=True)
         stem = folder / f"{header.frame_id:012d}"
-        for suffix, data in ((".raw", memoryview(np.ascontiguousarray(pixels)).cast("B")),
-                             (".json", header.model_dump_json(exclude={"shm"}).encode())):
+        for suffix, data in (
+            (".raw", memoryview(np.ascontiguousarray(pixels)).cast("B")),
+            (".json", header.model_dump_json(exclude={"shm"}).encode()),
+        ):
             tmp = stem.with_suffix(suffix + ".tmp")
             with open(tmp, "wb") as fh:
                 fh.write(data)

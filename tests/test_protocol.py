@@ -108,7 +108,7 @@ def test_every_bad_input_class_has_its_error_code(frames, code):
 def test_shared_memory_frames_take_their_pixels_from_the_slot():
     image = np.arange(256, dtype=np.uint16).reshape(16, 16)
     header = frame_header("acq-1", 0, image, Axes()).model_copy(
-        update={"shm": SharedMemorySlot(segment="seg", slot=2, length=image.nbytes)}
+        update={"shm": SharedMemorySlot(segment="seg", offset=0, length=image.nbytes)}
     )
     frames = encode(header)
     _, pixels = decode(frames, **LIMITS, shared_payload=memoryview(image).cast("B"))

@@ -1,0 +1,463 @@
+"""From acknowledged frames to restored planes: queue, batching, z-stacks, engine, outputs.
+
+    ingest -> JobQueue (memory, spilling to disk beyond its budget) -> Worker thread:
+      2D: micro-batch same-shape frames of one acquisition | 3D: assemble z-stacks
+      -> processor -> Publisher (latest-wins display) + WriterThread (disk, bounded queue)
+
+Back-pressure runs backwards: a slow disk fills the write queue, which stalls the worker, whose
+queue then spills to disk; memory stays bounded and no frame to be saved is dropped. Markers
+(timepoint done, acquisition end) travel through the same queue, so they are handled after
+every frame sent before them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from livedecon.daemon.journal import AcquisitionRecord, Journal
+from livedecon.daemon.metrics import Metrics
+from livedecon.daemon.processing import Processor
+from livedecon.daemon.protocol import Axes, Header, Kind, Publication, Topic
+from livedecon.daemon.publisher import Publisher
+from livedecon.daemon.spill import SpillStore
+from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Acquisition:
+    """One acquisition's state, shared by the threads (each field has one writer)."""
+
+    record: AcquisitionRecord
+    processor: Processor
+    directory: Path
+    journal: Journal | None
+    last_frame_id: int = -1
+    shapes: dict[tuple, tuple[int, ...]] = field(default_factory=dict)
+    acknowledged: int = 0
+    restored: int = 0
+    written: int = 0
+    spilled: int = 0
+    incomplete_stacks: int = 0
+    timepoints_done: int = 0
+    ended: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def id(self) -> str:
+        return self.record.acquisition_id
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": self.record.plan.mode,
+            "bundle_id": self.processor.bundle_id,
+            "weights_version": self.processor.weights_version,
+            "output": str(self.directory),
+            "acknowledged": self.acknowledged,
+            "restored": self.restored,
+            "written": self.written,
+            "spilled": self.spilled,
+            "incomplete_stacks": self.incomplete_stacks,
+            "timepoints_done": self.timepoints_done,
+            "ended": self.ended,
+            "finished": self.finished.is_set(),
+        }
+
+
+@dataclass
+class Job:
+    acquisition: Acquisition
+    kind: Kind
+    header: Header
+    pixels: np.ndarray | None = None
+    received_s: float = 0.0  # perf_counter when the message arrived
+    spill_path: Path | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.pixels is None else self.pixels.nbytes
+
+
+class JobQueue:
+    """FIFO of jobs with a memory budget; beyond it, frames to be saved go to disk (in order:
+    once anything is on disk, newer frames follow it there until it drains), and display-only
+    frames are dropped."""
+
+    def __init__(self, budget_bytes: int, spill: SpillStore, metrics: Metrics) -> None:
+        self.budget_bytes, self.spill, self.metrics = budget_bytes, spill, metrics
+        self._memory: deque[Job] = deque()
+        self._spilled: deque[Job] = deque()  # headers only; pixels on disk
+        self._bytes = 0
+        self._ready = threading.Condition()
+
+    def put(self, job: Job) -> str:
+        """Queue a job; returns 'memory', 'spilled' or 'dropped'."""
+        with self._ready:
+            over = self._bytes + job.nbytes > self.budget_bytes and self._memory
+            if job.pixels is not None and (self._spilled or over):
+                if not job.acquisition.record.plan.save:
+                    self.metrics.count("display_only_dropped")
+                    return "dropped"
+                job.spill_path = self.spill.put(job.header, job.pixels)
+                job.pixels = None
+                self._spilled.append(job)
+                self.metrics.count("frames_spilled")
+                where = "spilled"
+            elif self._spilled:
+                self._spilled.append(job)  # a marker keeps its place behind spilled frames
+                where = "spilled"
+            else:
+                self._memory.append(job)
+                self._bytes += job.nbytes
+                where = "memory"
+            self._ready.notify()
+            return where
+
+    def get(self, timeout: float) -> Job | None:
+        with self._ready:
+            if not self._memory and not self._spilled:
+                self._ready.wait(timeout)
+            if self._memory:
+                job = self._memory.popleft()
+                self._bytes -= job.nbytes
+                return job
+            if not self._spilled:
+                return None
+            job = self._spilled.popleft()
+        if job.spill_path is not None:  # read outside the lock: ingest keeps going meanwhile
+            _, job.pixels = SpillStore.load(job.spill_path)
+        return job
+
+    def depth(self) -> dict[str, float]:
+        return {
+            "memory_frames": len(self._memory),
+            "memory_mb": self._bytes / 2**20,
+            "spilled_frames": len(self._spilled),
+        }
+
+    def empty(self) -> bool:
+        return not self._memory and not self._spilled
+
+
+@dataclass
+class Stack:
+    acquisition: Acquisition
+    planes: dict[int, Job] = field(default_factory=dict)
+    last_s: float = field(default_factory=time.monotonic)
+
+
+class StackAssembler:
+    """Single planes of 3D acquisitions gathered into z-stacks keyed by acquisition, position,
+    time and channel; the plan says how many planes make a stack."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._open: dict[tuple, Stack] = {}
+
+    @staticmethod
+    def key(job: Job) -> tuple:
+        axes = job.header.axes or Axes()
+        return (job.acquisition.id, axes.position, axes.time, axes.channel)
+
+    def add(self, job: Job) -> Stack | None:
+        """Add a plane; the stack when this plane completed it."""
+        key = self.key(job)
+        stack = self._open.setdefault(key, Stack(job.acquisition))
+        stack.planes[(job.header.axes or Axes()).z] = job
+        stack.last_s = time.monotonic()
+        if len(stack.planes) >= (job.acquisition.record.plan.z_count or 1):
+            return self._open.pop(key)
+        return None
+
+    def expired(self) -> list[Stack]:
+        now = time.monotonic()
+        keys = [k for k, s in self._open.items() if now - s.last_s > self.timeout_s]
+        return [self._open.pop(k) for k in keys]
+
+    def flush(self, acquisition_id: str) -> list[Stack]:
+        keys = [k for k in self._open if k[0] == acquisition_id]
+        return [self._open.pop(k) for k in keys]
+
+    def next_deadline(self) -> float | None:
+        if not self._open:
+            return None
+        return min(s.last_s for s in self._open.values()) + self.timeout_s
+
+
+@dataclass
+class WriteItem:
+    acquisition: Acquisition
+    plane: np.ndarray | None = None
+    record: PlaneRecord | None = None
+    spill_paths: tuple[Path, ...] = ()
+    queued_s: float = 0.0
+    close: bool = False  # the acquisition's last item: finalise its files
+
+
+class WriterThread(threading.Thread):
+    """Writes restored planes; a spilled frame's file goes once its last plane is on disk."""
+
+    def __init__(self, capacity: int, metrics: Metrics) -> None:
+        super().__init__(name="writer", daemon=True)
+        self.queue: queue.Queue[WriteItem | None] = queue.Queue(maxsize=capacity)
+        self.metrics = metrics
+        self._writers: dict[str, AcquisitionWriter] = {}
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            acquisition = item.acquisition
+            try:
+                if item.close:
+                    writer = self._writers.pop(acquisition.id, None)
+                    if writer is not None:
+                        writer.close()
+                    acquisition.finished.set()
+                    continue
+                writer = self._writers.get(acquisition.id)
+                if writer is None:
+                    writer = AcquisitionWriter(acquisition.directory, acquisition.record)
+                    self._writers[acquisition.id] = writer
+                assert item.plane is not None
+                assert item.record is not None
+                writer.write(item.plane, item.record)
+                acquisition.written += 1
+                self.metrics.count("planes_written")
+                self.metrics.observe("write", time.perf_counter() - item.queued_s)
+                for path in item.spill_paths:
+                    SpillStore.remove(path)
+            except Exception:
+                # The plane stays recoverable (journal + raw or spill) by `livedecon reprocess`.
+                self.metrics.count("errors")
+                log.exception("writing %s of %s failed", item.record, acquisition.id)
+        for writer in self._writers.values():
+            writer.close()
+
+
+class Worker(threading.Thread):
+    """Takes jobs off the queue, runs the engine, hands results to display and disk."""
+
+    def __init__(
+        self,
+        jobs: JobQueue,
+        writer: WriterThread,
+        publisher: Publisher,
+        metrics: Metrics,
+        batch_max: int,
+        batch_deadline_s: float,
+        stack_timeout_s: float,
+    ) -> None:
+        super().__init__(name="worker", daemon=True)
+        self.jobs, self.writer, self.publisher, self.metrics = jobs, writer, publisher, metrics
+        self.batch_max, self.batch_deadline_s = batch_max, batch_deadline_s
+        self.stacks = StackAssembler(stack_timeout_s)
+        self._held: Job | None = None  # taken while batching, but belongs to the next batch
+        self._stopping = threading.Event()
+        self.idle = threading.Event()
+
+    def stop(self) -> None:
+        """Stop once everything queued has been processed."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        while True:
+            job = self._next(timeout=0.05)
+            if job is None:
+                for stack in self.stacks.expired():
+                    self._run_stack(stack)
+                if self._stopping.is_set() and self.jobs.empty():
+                    break
+                self.idle.set()
+                continue
+            self.idle.clear()
+            try:
+                self._handle(job)
+            except Exception:
+                self.metrics.count("errors")
+                log.exception("processing %s of %s failed", job.header.frame_id, job.acquisition.id)
+        for acquisition_id in {k[0] for k in self.stacks._open}:
+            for stack in self.stacks.flush(acquisition_id):
+                self._run_stack(stack)
+        self.writer.queue.put(None)
+
+    def _next(self, timeout: float) -> Job | None:
+        if self._held is not None:
+            job, self._held = self._held, None
+            return job
+        deadline = self.stacks.next_deadline()
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        return self.jobs.get(timeout)
+
+    def _handle(self, job: Job) -> None:
+        acquisition = job.acquisition
+        if job.kind is Kind.TIMEPOINT_DONE:
+            acquisition.timepoints_done += 1
+            return
+        if job.kind is Kind.ACQUISITION_END:
+            for stack in self.stacks.flush(acquisition.id):
+                self._run_stack(stack)
+            self.writer.queue.put(WriteItem(acquisition, close=True))
+            return
+        self.metrics.observe("queue", time.perf_counter() - job.received_s)
+        if acquisition.record.plan.mode == "3d" and job.pixels is not None and job.pixels.ndim == 2:
+            stack = self.stacks.add(job)
+            if stack is not None:
+                self._run_stack(stack)
+            return
+        self._run_batch(self._batch(job))
+
+    def _batch(self, first: Job) -> list[Job]:
+        """`first` and the frames queued right behind it that can share its engine call."""
+        batch = [first]
+        deadline = time.perf_counter() + self.batch_deadline_s
+        while len(batch) < self.batch_max:
+            job = self.jobs.get(max(0.0, deadline - time.perf_counter()))
+            if job is None:
+                break
+            same = (
+                job.kind is Kind.FRAME
+                and job.acquisition is first.acquisition
+                and job.pixels is not None
+                and first.pixels is not None
+                and job.pixels.shape == first.pixels.shape
+            )
+            if not same or (
+                job.pixels is not None
+                and job.pixels.ndim == 2
+                and job.acquisition.record.plan.mode == "3d"
+            ):
+                self._held = job
+                break
+            self.metrics.observe("queue", time.perf_counter() - job.received_s)
+            batch.append(job)
+        return batch
+
+    def _infer(self, acquisition: Acquisition, items: list[np.ndarray]) -> list[np.ndarray]:
+        start = time.perf_counter()
+        outputs = acquisition.processor.process(items)
+        self.metrics.observe("inference", time.perf_counter() - start)
+        return outputs
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        acquisition = batch[0].acquisition
+        outputs = self._infer(acquisition, [job.pixels for job in batch])  # type: ignore[misc]
+        for job, output in zip(batch, outputs, strict=True):
+            axes = job.header.axes or Axes()
+            if output.ndim == 3:  # a whole stack in one message
+                self._deliver_stack(
+                    acquisition,
+                    [job] * len(output),
+                    output,
+                    list(range(len(output))),
+                    incomplete=False,
+                )
+                continue
+            self._display(Topic.RESTORED, job, output)
+            if self.publisher.wants(Topic.RAW) and job.pixels is not None:
+                self._display(Topic.RAW, job, job.pixels)
+            self._save(acquisition, job, output, axes.z, (job.spill_path,), False)
+            self._finished_frames(acquisition, 1, job)
+
+    def _run_stack(self, stack: Stack) -> None:
+        acquisition = stack.acquisition
+        z_count = acquisition.record.plan.z_count or 1
+        present = sorted(stack.planes)
+        complete = len(present) >= z_count and present == list(range(z_count))
+        if not complete:
+            acquisition.incomplete_stacks += 1
+            log.warning(
+                "%s: stack %s incomplete (%d of %d planes); restoring what arrived",
+                acquisition.id,
+                StackAssembler.key(next(iter(stack.planes.values())))[1:],
+                len(present),
+                z_count,
+            )
+        depth = max(z_count, present[-1] + 1)
+        # A missing plane borrows its nearest acquired neighbour, so the 3D network sees a
+        # continuous volume; only acquired planes are written.
+        nearest = [min(present, key=lambda p, z=z: abs(p - z)) for z in range(depth)]
+        volume = np.stack([stack.planes[p].pixels for p in nearest])  # type: ignore[misc]
+        (output,) = self._infer(acquisition, [volume])
+        jobs = [stack.planes[z] for z in present]
+        self._deliver_stack(acquisition, jobs, output[present], present, incomplete=not complete)
+
+    def _deliver_stack(
+        self,
+        acquisition: Acquisition,
+        jobs: list[Job],
+        output: np.ndarray,
+        zs: list[int],
+        incomplete: bool,
+    ) -> None:
+        last = jobs[-1]
+        self._display(Topic.MIP, last, output.max(axis=0))
+        if self.publisher.wants(Topic.VOLUME):
+            self._display(Topic.VOLUME, last, output)
+        for i, (job, plane, z) in enumerate(zip(jobs, output, zs, strict=True)):
+            # A message's spill file goes with its last plane (a whole-stack message has many).
+            again = any(other is job for other in jobs[i + 1 :])
+            self._save(acquisition, job, plane, z, () if again else (job.spill_path,), incomplete)
+        self._finished_frames(acquisition, len({id(job) for job in jobs}), last)
+
+    def _finished_frames(self, acquisition: Acquisition, n: int, job: Job) -> None:
+        acquisition.restored += n
+        self.metrics.count("frames_restored", n)
+        self.metrics.restored_rate.tick(n)
+        self.metrics.observe("end_to_end", time.perf_counter() - job.received_s)
+
+    def _save(
+        self,
+        acquisition: Acquisition,
+        job: Job,
+        plane: np.ndarray,
+        z: int,
+        spill_paths: tuple[Path | None, ...],
+        incomplete: bool,
+    ) -> None:
+        if not acquisition.record.plan.save:
+            return
+        axes = job.header.axes or Axes()
+        record = PlaneRecord(
+            frame_id=job.header.frame_id or 0,
+            time=axes.time,
+            z=z,
+            channel=axes.channel,
+            position=axes.position,
+            timestamp_s=job.header.timestamp_s,
+            bundle_id=acquisition.processor.bundle_id,
+            weights_version=acquisition.processor.weights_version,
+            incomplete_stack=incomplete,
+        )
+        paths = tuple(p for p in spill_paths if p is not None)
+        self.writer.queue.put(WriteItem(acquisition, plane, record, paths, time.perf_counter()))
+
+    def _display(self, topic: Topic, job: Job, pixels: np.ndarray) -> None:
+        record = job.acquisition.record
+        processor = job.acquisition.processor
+        restored = topic is not Topic.RAW
+        publication = Publication(
+            topic=topic,
+            acquisition_id=job.acquisition.id,
+            frame_id=job.header.frame_id or 0,
+            axes=job.header.axes or Axes(),
+            dtype=str(pixels.dtype),
+            shape=tuple(pixels.shape),
+            pixel_size_um=record.output_pixel_um if restored else record.input_pixel_um,
+            z_step_um=record.plan.z_step_um,
+            timestamp_s=job.header.timestamp_s,
+            published_s=0.0,
+            bundle_id=processor.bundle_id if restored else "raw",
+            weights_version=processor.weights_version if restored else 0,
+            units=record.units if restored else "camera counts",
+        )
+        self.publisher.offer(publication, pixels, time.perf_counter())

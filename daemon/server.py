@@ -1,0 +1,429 @@
+"""The daemon: a ROUTER socket for ingest and control, the pipeline threads, the publisher.
+
+The ingest thread (the one that calls `serve`) validates each message, records it, queues it
+and acknowledges it; an acknowledged frame is in the journal and in the queue (memory or
+disk). Every request gets exactly one reply, in order; a bad request gets an error reply and
+changes nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from livedecon.calibration.ome_tiff import PIXEL_SIZE_TOLERANCE
+from livedecon.daemon.config import DaemonConfig
+from livedecon.daemon.journal import (
+    ACQUISITION_FILE,
+    AcquisitionRecord,
+    Journal,
+    JournalEntry,
+    write_acquisition_record,
+)
+from livedecon.daemon.metrics import Metrics
+from livedecon.daemon.pipeline import Acquisition, Job, JobQueue, Worker, WriterThread
+from livedecon.daemon.processing import PassThrough, Processor, open_processor
+from livedecon.daemon.protocol import (
+    ErrorCode,
+    Header,
+    Kind,
+    ProtocolError,
+    Reply,
+    decode,
+    parse_header,
+)
+from livedecon.daemon.publisher import Publisher
+from livedecon.daemon.security import server_security
+from livedecon.daemon.spill import SpillStore
+
+log = logging.getLogger(__name__)
+PASS_THROUGH = "pass-through"
+FINISHED_KEPT = 100  # ended acquisitions still listed by `status`
+
+
+def safe_name(acquisition_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in acquisition_id)
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.context = zmq.Context.instance()
+        self.metrics = Metrics(config.telemetry.latency_window)
+        self.spill = SpillStore(config.spill_path)
+        self.jobs = JobQueue(int(config.queues.memory_queue_mb * 2**20), self.spill, self.metrics)
+        self.active: dict[str, Acquisition] = {}
+        self.ended: dict[str, Acquisition] = {}
+        self._processors: dict[str, Processor] = {}
+        self._segments: dict[str, shared_memory.SharedMemory] = {}
+        self._stopping = threading.Event()
+        self._secure, self._authenticator = None, None
+        if config.endpoints.curve_keys_dir is not None:
+            self._secure, self._authenticator = server_security(
+                self.context, config.endpoints.curve_keys_dir
+            )
+        self.default_model = config.model.bundle
+        self._processor(self.default_model)  # fail at start, not at the first acquisition
+        self.writer = WriterThread(config.queues.write_queue_planes, self.metrics)
+        self.publisher = Publisher(
+            self.context, config.endpoints.publish, self.metrics, self._secure
+        )
+        queues = config.queues
+        self.worker = Worker(
+            self.jobs,
+            self.writer,
+            self.publisher,
+            self.metrics,
+            queues.batch_max_frames,
+            queues.batch_deadline_ms / 1e3,
+            queues.stack_timeout_s,
+        )
+        self.metrics.gauges["jobs"] = self.jobs.depth
+        self.metrics.gauges["write_planes"] = self.writer.queue.qsize
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def serve(self, ready: threading.Event | None = None) -> None:
+        """Serve until a shutdown request or SIGTERM/SIGINT, then finish every queued frame."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stopping.set())
+        self.publisher.start()
+        self.publisher.ready.wait(10)
+        if self.publisher.error is not None:
+            raise RuntimeError(f"cannot publish on {self.config.endpoints.publish}") from (
+                self.publisher.error
+            )
+        self.writer.start()
+        self.worker.start()
+        router = self.context.socket(zmq.ROUTER)
+        try:
+            router.setsockopt(zmq.LINGER, 1000)
+            # ZMQ stops reading a client that outruns its window, instead of buffering it all.
+            router.setsockopt(zmq.RCVHWM, 2 * self.config.limits.max_inflight_frames + 16)
+            if self._secure:
+                self._secure(router)
+            router.bind(self.config.endpoints.ingest)
+            log.info(
+                "serving: ingest %s, publish %s, model %s, output %s",
+                self.config.endpoints.ingest,
+                self.config.endpoints.publish,
+                self._describe(self._processor(self.default_model)),
+                self.config.output_dir,
+            )
+            if ready is not None:
+                ready.set()
+            self._loop(router)
+        finally:
+            router.close()
+            self._drain()
+
+    def _loop(self, router: zmq.Socket) -> None:
+        next_log = time.monotonic() + self.config.telemetry.log_interval_s
+        last_logged: dict[str, int] = {}
+        while not self._stopping.is_set():
+            if router.poll(100):
+                while not self._stopping.is_set():
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_message(router, frames)
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + self.config.telemetry.log_interval_s
+                if self.metrics.counters != last_logged:  # an idle daemon keeps quiet
+                    last_logged = dict(self.metrics.counters)
+                    log.info("%s", self.metrics.log_line())
+
+    def _drain(self) -> None:
+        log.info("shutting down: finishing %s", self.jobs.depth())
+        for acquisition in self.active.values():
+            if acquisition.journal:
+                acquisition.journal.close()
+        self.worker.stop()
+        self.worker.join()
+        self.writer.join()
+        self.publisher.stop()
+        self.publisher.join(5)
+        for segment in self._segments.values():
+            segment.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        log.info("stopped; %s", self.metrics.log_line())
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _on_message(self, router: zmq.Socket, frames: list[zmq.Frame]) -> None:
+        received = time.perf_counter()
+        # DEALER clients send [identity, header, payload]; REQ ones add an empty delimiter.
+        envelope = 2 if len(frames) > 1 and len(frames[1].bytes) == 0 else 1
+        route = [frame.bytes for frame in frames[:envelope]]
+        parts = [frame.buffer for frame in frames[envelope:]]
+        frame_id = None
+        try:
+            header, pixels = self._decode(parts)
+            frame_id = header.frame_id
+            reply = self._dispatch(header, pixels, received)
+        except ProtocolError as exc:
+            self.metrics.count("errors")
+            log.warning("refused a message: %s", exc)
+            reply = Reply.error(exc, frame_id)
+        except Exception as exc:
+            self.metrics.count("errors")
+            log.exception("request failed")
+            reply = Reply.error(
+                ProtocolError(ErrorCode.INTERNAL, f"the daemon failed: {exc}"), frame_id
+            )
+        router.send_multipart([*route, reply.to_bytes()])
+        self.metrics.observe("ingest", time.perf_counter() - received)
+
+    def _decode(self, parts: list[memoryview]) -> tuple[Header, Any]:
+        limits = self.config.limits
+        shared = None
+        if parts and len(parts) == 1:
+            header = parse_header(parts[0])
+            if header.shm is not None:
+                shared = self._shared_buffer(header)
+        return decode(parts, limits.max_frame_pixels, limits.max_z, shared)
+
+    def _shared_buffer(self, header: Header) -> memoryview:
+        slot = header.shm
+        assert slot is not None
+        segment = self._segments.get(slot.segment)
+        if segment is None:
+            try:
+                segment = shared_memory.SharedMemory(name=slot.segment)
+            except (FileNotFoundError, ValueError, OSError):
+                raise ProtocolError(
+                    ErrorCode.MISSING_PAYLOAD,
+                    f"shared-memory segment {slot.segment!r} does not exist on this host",
+                ) from None
+            # The client owns the segment; the tracker would otherwise unlink it when we exit.
+            resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+            self._segments[slot.segment] = segment
+        if slot.offset + slot.length > segment.size:
+            raise ProtocolError(
+                ErrorCode.PAYLOAD_LENGTH,
+                f"slot {slot.offset}+{slot.length} runs past the segment's {segment.size} bytes",
+            )
+        return segment.buf[slot.offset : slot.offset + slot.length]
+
+    def _dispatch(self, header: Header, pixels: Any, received: float) -> Reply:
+        kind = header.kind
+        if kind is Kind.FRAME:
+            return self._frame(header, pixels, received)
+        if kind is Kind.ACQUISITION_START:
+            return self._start(header)
+        if kind is Kind.TIMEPOINT_DONE:
+            acquisition = self._acquisition(header)
+            self.jobs.put(Job(acquisition, kind, header, received_s=received))
+            return Reply(ok=True)
+        if kind is Kind.ACQUISITION_END:
+            return self._end(header, received)
+        if kind is Kind.STATUS:
+            return Reply(ok=True, data=self.status())
+        if kind is Kind.METRICS:
+            return Reply(ok=True, data=self.metrics.snapshot())
+        if kind is Kind.LOAD_MODEL:
+            return self._load_model(header.request)
+        if kind is Kind.SHUTDOWN:
+            self._stopping.set()
+            return Reply(ok=True, data={"message": "finishing queued frames, then stopping"})
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED, f"{kind} is not available in this version of the daemon"
+        )
+
+    def _acquisition(self, header: Header) -> Acquisition:
+        acquisition = self.active.get(header.acquisition_id or "")
+        if acquisition is None:
+            state = "has ended" if header.acquisition_id in self.ended else "is not running"
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_ACQUISITION,
+                f"acquisition {header.acquisition_id!r} {state}; send acquisition_start first",
+            )
+        return acquisition
+
+    def _start(self, header: Header) -> Reply:
+        plan, acquisition_id = header.plan, header.acquisition_id
+        assert plan is not None
+        assert acquisition_id is not None
+        directory = Path(plan.output_dir or self.config.output_dir) / safe_name(acquisition_id)
+        if acquisition_id in self.active or (plan.save and (directory / ACQUISITION_FILE).exists()):
+            raise ProtocolError(
+                ErrorCode.DUPLICATE_ACQUISITION,
+                f"acquisition {acquisition_id!r} already exists (output {directory}); "
+                "start it under a new id",
+            )
+        processor = self._processor(plan.model or self.default_model)
+        if processor.is_3d is not None and processor.is_3d != (plan.mode == "3d"):
+            raise ProtocolError(
+                ErrorCode.PLAN_MISMATCH,
+                f"a {plan.mode} acquisition needs a {plan.mode} model; "
+                f"{processor.bundle_id} is {'3d' if processor.is_3d else '2d'}",
+            )
+        expected = getattr(getattr(processor, "bundle", None), "manifest", None)
+        if expected is not None:
+            off = abs(plan.pixel_size_um / expected.input_pixel_um - 1)
+            if off > PIXEL_SIZE_TOLERANCE:
+                raise ProtocolError(
+                    ErrorCode.PLAN_MISMATCH,
+                    f"pixel size {plan.pixel_size_um} µm, but {processor.bundle_id} was trained"
+                    f" at {expected.input_pixel_um} µm: its PSF would be the wrong width",
+                )
+        record = AcquisitionRecord(
+            acquisition_id=acquisition_id,
+            plan=plan,
+            processor="pass-through" if isinstance(processor, PassThrough) else "model",
+            bundle_path=str(getattr(processor, "bundle_dir", "")) or None,
+            bundle_id=processor.bundle_id,
+            weights_version=processor.weights_version,
+            backend=getattr(processor, "backend", "none"),
+            input_pixel_um=plan.pixel_size_um,
+            output_pixel_um=plan.pixel_size_um / processor.upscale,
+            units=processor.units,
+        )
+        journal = None
+        if plan.save:
+            write_acquisition_record(directory, record)
+            journal = Journal(directory)
+        self.active[acquisition_id] = Acquisition(record, processor, directory, journal)
+        log.info("acquisition %s started: %s, %s", acquisition_id, plan.mode, processor.bundle_id)
+        return Reply(
+            ok=True,
+            data={
+                "bundle_id": processor.bundle_id,
+                "weights_version": processor.weights_version,
+                "backend": record.backend,
+                "output": str(directory) if plan.save else None,
+                "max_inflight_frames": self.config.limits.max_inflight_frames,
+            },
+        )
+
+    def _frame(self, header: Header, pixels: Any, received: float) -> Reply:
+        acquisition = self._acquisition(header)
+        frame_id = header.frame_id
+        assert frame_id is not None
+        assert header.axes is not None
+        if frame_id <= acquisition.last_frame_id:
+            raise ProtocolError(
+                ErrorCode.FRAME_ORDER,
+                f"frame id {frame_id} is not after the last one ({acquisition.last_frame_id}):"
+                " a repeat would be restored twice",
+            )
+        self._check_against_plan(acquisition, header, pixels)
+        if header.shm is not None:
+            pixels = pixels.copy()  # the client reuses the slot once we acknowledge
+        acquisition.last_frame_id = frame_id
+        if acquisition.journal is not None:
+            acquisition.journal.append(
+                JournalEntry(
+                    frame_id=frame_id,
+                    axes=header.axes,
+                    dtype=header.dtype or "",
+                    shape=header.shape or (),
+                    timestamp_s=header.timestamp_s,
+                )
+            )
+        where = self.jobs.put(Job(acquisition, Kind.FRAME, header, pixels, received))
+        acquisition.acknowledged += 1
+        acquisition.spilled += where == "spilled"
+        self.metrics.count("frames_received")
+        self.metrics.received_rate.tick()
+        return Reply(ok=True, frame_id=frame_id)
+
+    @staticmethod
+    def _check_against_plan(acquisition: Acquisition, header: Header, pixels: Any) -> None:
+        plan, axes = acquisition.record.plan, header.axes
+        assert axes is not None
+
+        def refuse(message: str) -> ProtocolError:
+            return ProtocolError(ErrorCode.PLAN_MISMATCH, message)
+
+        if plan.mode == "2d" and pixels.ndim != 2:
+            raise refuse(f"a 2d acquisition takes (Y, X) frames, got shape {list(pixels.shape)}")
+        if plan.mode == "3d":
+            z_count = plan.z_count or 1
+            if pixels.ndim == 2 and not axes.z < z_count:
+                raise refuse(f"z index {axes.z} is outside the plan's {z_count} planes")
+            if pixels.ndim == 3 and pixels.shape[0] != z_count:
+                raise refuse(f"a stack of {pixels.shape[0]} planes; the plan says {z_count}")
+        size = header.pixel_size_um
+        if size is not None and abs(size / plan.pixel_size_um - 1) > PIXEL_SIZE_TOLERANCE:
+            raise refuse(
+                f"pixel size {header.pixel_size_um} µm differs from the plan's "
+                f"{plan.pixel_size_um} µm"
+            )
+        stream = (axes.position, axes.channel)
+        plane = tuple(pixels.shape[-2:])
+        first = acquisition.shapes.setdefault(stream, plane)
+        if plane != first:
+            raise refuse(
+                f"frame {list(plane)} differs from earlier frames {list(first)} of position "
+                f"{axes.position!r}, channel {axes.channel!r}"
+            )
+
+    def _end(self, header: Header, received: float) -> Reply:
+        acquisition = self._acquisition(header)
+        acquisition.ended = True
+        if acquisition.journal is not None:
+            acquisition.journal.close()
+        self.jobs.put(Job(acquisition, Kind.ACQUISITION_END, header, received_s=received))
+        del self.active[acquisition.id]
+        self.ended[acquisition.id] = acquisition
+        while len(self.ended) > FINISHED_KEPT:
+            self.ended.pop(next(iter(self.ended)))
+        log.info("acquisition %s ended: %d frames", acquisition.id, acquisition.acknowledged)
+        return Reply(ok=True, data=acquisition.status())
+
+    # -- models and state --------------------------------------------------------------------
+
+    def _processor(self, name: str) -> Processor:
+        if name in self._processors:
+            return self._processors[name]
+        model = self.config.model
+        if name == PASS_THROUGH:
+            processor: Processor = PassThrough(delay_s=model.pass_through_delay_ms / 1e3)
+        else:
+            try:
+                processor = open_processor(
+                    name,
+                    model.backend,
+                    model.precision,
+                    max_batch=self.config.queues.batch_max_frames,
+                    tile_px=model.tile_px,
+                )
+            except Exception as exc:
+                raise ProtocolError(ErrorCode.MODEL, f"cannot load model {name!r}: {exc}") from exc
+        self._processors[name] = processor
+        return processor
+
+    def _load_model(self, request: dict[str, Any]) -> Reply:
+        name = request.get("bundle")
+        if not isinstance(name, str) or not name:
+            raise ProtocolError(ErrorCode.BAD_HEADER, "load_model needs request.bundle (a name)")
+        processor = self._processor(name)
+        self.default_model = name
+        return Reply(ok=True, data=self._describe(processor))
+
+    @staticmethod
+    def _describe(processor: Processor) -> dict[str, Any]:
+        return {
+            "bundle_id": processor.bundle_id,
+            "weights_version": processor.weights_version,
+            "backend": getattr(processor, "backend", "none"),
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "model": self._describe(self._processor(self.default_model)),
+            "acquisitions": {aid: acq.status() for aid, acq in (self.ended | self.active).items()},
+            "queues": self.jobs.depth(),
+            "limits": self.config.limits.model_dump(),
+        }
