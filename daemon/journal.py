@@ -42,6 +42,7 @@ class AcquisitionRecord(_Record):
     input_pixel_um: float
     output_pixel_um: float
     units: str = Field(description="what an output pixel value means")
+    spill_dir: str | None = Field(None, description="where the daemon spilled this acquisition")
     started_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 

@@ -1,0 +1,577 @@
+"""Crash recovery (`livedecon reprocess`): every acknowledged plane ends up readable on disk.
+
+After a kill, the journal (acked.jsonl) lists what the daemon promised and the output files
+hold what it wrote; the difference is restored again from the raw pixels, taken from the spill
+store (frames the daemon had parked on disk) or else from the raw NDTiff dataset that
+Micro-Manager / pycro-manager wrote. A 3D stack with a plane missing is restored whole, as the
+daemon would have, and only its missing planes are added.
+
+Each affected output file is rewritten next to itself and renamed over the old one, sorted by
+(time, z) and finalised as OME-TIFF, so a reprocess killed halfway leaves the old file intact
+and can simply be run again; a second run finds nothing to do and changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import io
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from pydantic import ValidationError
+
+from livedecon.daemon.journal import (
+    AcquisitionRecord,
+    JournalEntry,
+    read_acquisition_record,
+    read_journal,
+)
+from livedecon.daemon.processing import PassThrough, Processor, open_processor
+from livedecon.daemon.protocol import DTYPES, Header
+from livedecon.daemon.spill import SpillStore
+from livedecon.daemon.writer import (
+    FileScan,
+    OutputBusyError,
+    PlaneFile,
+    PlaneKey,
+    PlaneRecord,
+    lock,
+    output_files,
+    output_path,
+    read_page,
+    scan_file,
+)
+
+BATCH = 4  # 2D frames per processor call
+TEMP_SUFFIX = ".reprocess.tmp"
+
+
+class ReprocessError(Exception):
+    """Reprocessing cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class ReprocessReport:
+    acknowledged: int = 0  # planes the daemon acknowledged (a (Z, Y, X) frame counts Z)
+    already_written: int = 0
+    recreated_from_spill: int = 0
+    recreated_from_raw: int = 0
+    unrecoverable: list[PlaneKey] = field(default_factory=list)  # (time, z, channel, position)
+    files: list[Path] = field(default_factory=list)  # files rewritten (or removed, when empty)
+    notes: list[str] = field(default_factory=list)  # what a person should know
+
+    @property
+    def complete(self) -> bool:
+        return not self.unrecoverable
+
+
+@dataclass(frozen=True)
+class _Acked:
+    entry: JournalEntry
+    plane: int | None  # index into a (Z, Y, X) frame; None for a (Y, X) frame
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.entry.shape[-2], self.entry.shape[-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(DTYPES[self.entry.dtype])
+
+
+def _acknowledged(entries: list[JournalEntry]) -> dict[PlaneKey, _Acked]:
+    planes: dict[PlaneKey, _Acked] = {}
+    for entry in entries:
+        axes = entry.axes
+        if len(entry.shape) == 3:  # a whole stack in one frame: plane i is z = i
+            for i in range(entry.shape[0]):
+                planes[(axes.time, i, axes.channel, axes.position)] = _Acked(entry, i)
+        else:
+            planes[(axes.time, axes.z, axes.channel, axes.position)] = _Acked(entry, None)
+    return planes
+
+
+class _RawDataset:
+    """Single planes of an NDTiff dataset, addressed by our axes."""
+
+    def __init__(self, path: Path, channels: list[str]) -> None:
+        from ndstorage import Dataset
+
+        self.path, self._channels = path, channels
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress to stdout
+                self._data = Dataset(str(path))
+        except Exception as exc:  # ndstorage raises bare Exceptions for foreign directories
+            raise ReprocessError(
+                f"{path}: not a readable NDTiff dataset (Micro-Manager / pycro-manager): {exc}"
+            ) from None
+        self.axes: dict[str, Any] = dict(self._data.axes)
+
+    def _value(self, name: str, value: int | str) -> int | str | None:
+        values = self.axes[name]
+        if value in values:
+            return value
+        if name == "channel" and isinstance(value, int):  # an index: the plan names it
+            named = self._channels[value] if value < len(self._channels) else None
+            if named in values:
+                return named
+            if value == 0 and len(values) == 1:
+                return next(iter(values))
+        return None
+
+    def _coordinates(self, key: PlaneKey) -> dict[str, int | str] | None:
+        time, z, channel, position = key
+        wanted = {"time": time, "z": z, "channel": channel, "position": position}
+        # Axes the dataset does not have were not varied (e.g. no "position" for one field).
+        coordinates = {}
+        for name, value in wanted.items():
+            if name in self.axes:
+                found = self._value(name, value)
+                if found is None:
+                    return None
+                coordinates[name] = found
+        return coordinates
+
+    def has(self, key: PlaneKey) -> bool:
+        coordinates = self._coordinates(key)
+        return coordinates is not None and bool(self._data.has_image(**coordinates))
+
+    def read(self, key: PlaneKey) -> np.ndarray:
+        return np.array(self._data.read_image(**self._coordinates(key)))
+
+    def close(self) -> None:
+        self._data.close()
+
+
+class _Sources:
+    """Where the raw pixels of a plane are: the spill store first, then the raw dataset."""
+
+    def __init__(self, store: SpillStore, acquisition: AcquisitionRecord, raw: Path | None) -> None:
+        self.store, self._raw_path, self._channels = store, raw, acquisition.plan.channels
+        self._raw: _RawDataset | None = None
+        self.spilled: dict[PlaneKey, tuple[Path, int | None]] = {}
+        self.spill_frames: dict[Path, list[PlaneKey]] = {}
+        self._cached: tuple[Path, np.ndarray] | None = None
+        folder = store.directory(acquisition.acquisition_id)
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                header = Header.model_validate_json(path.read_bytes())
+            except (OSError, ValidationError):
+                continue  # not a spilled frame header
+            if header.axes is None or header.shape is None:
+                continue
+            axes, keys = header.axes, []
+            stack = len(header.shape) == 3
+            for i in range(header.shape[0] if stack else 1):
+                key = (axes.time, i if stack else axes.z, axes.channel, axes.position)
+                self.spilled[key] = (path, i if stack else None)
+                keys.append(key)
+            self.spill_frames[path] = keys
+
+    @property
+    def has_raw(self) -> bool:
+        return self._raw_path is not None
+
+    @property
+    def raw(self) -> _RawDataset | None:
+        if self._raw is None and self._raw_path is not None:
+            self._raw = _RawDataset(self._raw_path, self._channels)
+        return self._raw
+
+    def where(self, key: PlaneKey) -> str | None:
+        if key in self.spilled:
+            return "spill"
+        if self.raw is not None and self.raw.has(key):
+            return "raw"
+        return None
+
+    def load(self, key: PlaneKey, acked: _Acked | None) -> tuple[np.ndarray, str]:
+        """The raw plane and where it came from; ValueError when it is not usable."""
+        if key in self.spilled:
+            path, index = self.spilled[key]
+            if self._cached is None or self._cached[0] != path:  # a stack: read it once
+                self._cached = (path, self.store.load(path)[1])
+            pixels, source = self._cached[1], "spill"
+            plane = pixels if index is None else pixels[index]
+        elif self.raw is not None and self.raw.has(key):
+            plane, source = self.raw.read(key), "raw"
+        else:
+            where = "the raw dataset" if self.raw is not None else "a raw dataset (no --raw)"
+            raise ValueError(f"in neither the spill store nor {where}")
+        if acked is not None:
+            if plane.shape != acked.shape:
+                raise ValueError(f"{source} plane has shape {plane.shape}, sent {acked.shape}")
+            if plane.dtype != acked.dtype:
+                if not np.can_cast(plane.dtype, acked.dtype, "safe"):
+                    raise ValueError(f"{source} plane is {plane.dtype}, sent {acked.dtype}")
+                plane = plane.astype(acked.dtype)
+        return plane, source
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+
+
+@dataclass
+class _Work:
+    """What one output file needs: 2D planes, or whole stacks (time, channel, position)."""
+
+    planes: list[PlaneKey] = field(default_factory=list)
+    stacks: dict[int, list[PlaneKey]] = field(default_factory=dict)  # time -> missing keys
+
+
+def _open_processor(
+    record: AcquisitionRecord, backend: str, shapes: set[tuple[int, ...]]
+) -> Processor:
+    if record.processor == "pass-through":
+        return PassThrough()
+    if record.bundle_path is None:
+        raise ReprocessError(f"{record.acquisition_id}: the record names no model bundle")
+    processor = open_processor(
+        record.bundle_path, backend, frame_shapes=tuple(sorted(shapes)), max_batch=BATCH
+    )
+    if processor.bundle_id != record.bundle_id:
+        raise ReprocessError(
+            f"the bundle at {record.bundle_path} is now {processor.bundle_id}, but this"
+            f" acquisition was restored with {record.bundle_id}: its weights changed since."
+            " Restore the original bundle, or pass a processor explicitly to accept the new one"
+        )
+    return processor
+
+
+class _Rebuild:
+    """Recreates missing planes, in (time, z) order per file, from their raw pixels."""
+
+    def __init__(
+        self,
+        record: AcquisitionRecord,
+        acked: dict[PlaneKey, _Acked],
+        sources: _Sources,
+        processor: Processor,
+        report: ReprocessReport,
+        progress: Callable[[], None],
+    ) -> None:
+        self.record, self.acked, self.sources = record, acked, sources
+        self.processor, self.report, self._progress = processor, report, progress
+        self.done: set[PlaneKey] = set()
+        self.reasons: dict[str, list[PlaneKey]] = defaultdict(list)
+
+    def _plane_record(self, key: PlaneKey, incomplete: bool = False) -> PlaneRecord:
+        time, z, channel, position = key
+        entry = self.acked[key].entry
+        return PlaneRecord(
+            frame_id=entry.frame_id,
+            time=time,
+            z=z,
+            channel=channel,
+            position=position,
+            timestamp_s=entry.timestamp_s,
+            bundle_id=self.processor.bundle_id,
+            weights_version=self.processor.weights_version,
+            incomplete_stack=incomplete,
+        )
+
+    def lost(self, keys: list[PlaneKey], why: str) -> None:
+        self.report.unrecoverable.extend(keys)
+        self.reasons[why].extend(keys)
+        for _ in keys:
+            self._progress()
+
+    def _made(self, key: PlaneKey, source: str) -> None:
+        if source == "spill":
+            self.report.recreated_from_spill += 1
+        else:
+            self.report.recreated_from_raw += 1
+        self.done.add(key)
+        self._progress()
+
+    def _check(self, out: np.ndarray, shape: tuple[int, ...]) -> None:
+        up = self.processor.upscale
+        expected = (*shape[:-2], shape[-2] * up, shape[-1] * up)
+        if out.shape != expected:
+            raise ReprocessError(
+                f"processor {self.processor.name} made shape {out.shape} from {shape};"
+                f" expected {expected}"
+            )
+
+    def _flush(
+        self, batch: list[tuple[PlaneKey, np.ndarray, str]]
+    ) -> Iterator[tuple[PlaneRecord, np.ndarray]]:
+        outputs = self.processor.process([raw for _, raw, _ in batch])
+        for (key, raw, source), out in zip(batch, outputs, strict=True):
+            self._check(out, raw.shape)
+            self._made(key, source)
+            yield self._plane_record(key), out
+
+    def planes(self, keys: list[PlaneKey]) -> Iterator[tuple[PlaneRecord, np.ndarray]]:
+        """Restored 2D planes, up to BATCH frames of one shape per processor call."""
+        batch: list[tuple[PlaneKey, np.ndarray, str]] = []
+        for key in keys:
+            try:
+                raw, source = self.sources.load(key, self.acked[key])
+            except (ValueError, OSError) as exc:
+                self.lost([key], str(exc))
+                continue
+            if batch and (len(batch) == BATCH or raw.shape != batch[0][1].shape):
+                yield from self._flush(batch)
+                batch = []
+            batch.append((key, raw, source))
+        if batch:
+            yield from self._flush(batch)
+
+    def stack(self, missing: list[PlaneKey]) -> Iterator[tuple[PlaneRecord, np.ndarray]]:
+        """The missing planes of one stack, restored from the whole stack as the daemon
+        restores it: the planes it acknowledged, a plane never sent borrowing the pixels of
+        its nearest sent neighbour, depth at least the plan's z_count."""
+        time, _, channel, position = missing[0]
+        present = sorted(
+            k[1] for k in self.acked if (k[0], k[2], k[3]) == (time, channel, position)
+        )
+        raw: dict[int, np.ndarray] = {}
+        sources: dict[int, str] = {}
+        for z in present:
+            key = (time, z, channel, position)
+            try:
+                raw[z], sources[z] = self.sources.load(key, self.acked[key])
+            except (ValueError, OSError) as exc:
+                self.lost(missing, f"its stack needs plane z={z}, which is {exc}")
+                return
+        if len({plane.shape for plane in raw.values()}) != 1:
+            self.lost(missing, "the raw planes of its stack differ in shape")
+            return
+        z_count = self.record.plan.z_count or 1
+        depth = max(z_count, present[-1] + 1)
+        nearest = [min(present, key=lambda p, z=z: abs(p - z)) for z in range(depth)]
+        volume = np.stack([raw[p] for p in nearest])
+        out = self.processor.process([volume])[0]
+        self._check(out, volume.shape)
+        incomplete = present != list(range(z_count))
+        for key in missing:
+            self._made(key, sources[key[1]])
+            yield self._plane_record(key, incomplete), out[key[1]]
+
+    def recreated(self, work: _Work) -> Iterator[tuple[PlaneRecord, np.ndarray]]:
+        yield from self.planes(work.planes)
+        for time in sorted(work.stacks):
+            yield from self.stack(work.stacks[time])
+
+    def explain(self) -> None:
+        for why, keys in self.reasons.items():
+            self.report.notes.append(
+                f"{len(keys)} plane(s) not recoverable, e.g. (time, z, channel, position)"
+                f" {keys[0]}: {why}"
+            )
+
+
+def _existing(scan: FileScan | None) -> list[tuple[PlaneRecord, Any]]:
+    if scan is None:
+        return []
+    latest = {record.key: (record, page) for page, record in scan.planes()}
+    return list(latest.values())
+
+
+def _rewrite(
+    path: Path,
+    scan: FileScan | None,
+    handle: BinaryIO | None,
+    recreated: Iterator[tuple[PlaneRecord, np.ndarray]],
+    record: AcquisitionRecord,
+    origin: float | None,
+) -> bool:
+    """Write the old planes and the recreated ones, sorted by (time, z), to a temporary file
+    and rename it over `path`. False when there was no plane at all to write."""
+    old = ((r, page) for r, page in sorted(_existing(scan), key=lambda item: item[0].key[:2]))
+
+    def loaded() -> Iterator[tuple[PlaneRecord, np.ndarray]]:
+        for r, page in old:
+            yield r, read_page(handle, page)
+
+    merged = heapq.merge(loaded(), recreated, key=lambda item: item[0].key[:2])
+    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    temp.unlink(missing_ok=True)
+    target = PlaneFile(temp)
+    wrote = False
+    try:
+        for plane_record, pixels in merged:
+            target.append(pixels, plane_record)
+            wrote = True
+        target.close(record, origin)
+        if not wrote:
+            temp.unlink()
+            return False
+        with open(temp, "rb") as fh:
+            os.fsync(fh.fileno())  # the rename must not reach the disk before the data
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            target.close(record, origin)
+        temp.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # directories cannot be opened on Windows
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # and the rename itself reaches the disk
+        finally:
+            os.close(directory)
+    return True
+
+
+def _foreign(scans: dict[Path, FileScan]) -> list[Path]:
+    """Output-named files with pages livedecon did not write: never rewritten."""
+    return [path for path, scan in scans.items() if any(r is None for r in scan.records)]
+
+
+def _time_origin(acked: dict[PlaneKey, _Acked], scans: dict[Path, FileScan]) -> float | None:
+    stamps = [a.entry.timestamp_s for a in acked.values() if a.entry.timestamp_s is not None]
+    stamps += [
+        r.timestamp_s for s in scans.values() for _, r in s.planes() if r.timestamp_s is not None
+    ]
+    return min(stamps) if stamps else None
+
+
+def reprocess(
+    acquisition_dir: Path,
+    raw: Path | None = None,
+    spill_root: Path | None = None,
+    processor: Processor | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    backend: str = "auto",
+) -> ReprocessReport:
+    """Make every acknowledged plane of an acquisition readable on disk (see the module doc).
+
+    `processor`: restore with this one (default: what acquisition.json names, refused if the
+    bundle's weights changed since); `backend` picks the engine for the default one.
+    """
+    directory = Path(acquisition_dir)
+    if not directory.is_dir():
+        raise ReprocessError(f"{directory}: no such directory")
+    try:
+        record = read_acquisition_record(directory)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ReprocessError(str(exc)) from None
+    if raw is not None and not Path(raw).is_dir():
+        raise ReprocessError(f"{raw}: no such raw dataset directory")
+    handles: dict[Path, BinaryIO] = {}
+    scans: dict[Path, FileScan] = {}
+    untouchable: list[Path] = []
+    report = ReprocessReport()
+    raw_path = Path(raw) if raw is not None else None
+    default_spill = Path(record.spill_dir) if record.spill_dir else directory.parent / "spill"
+    sources = _Sources(SpillStore(spill_root or default_spill), record, raw_path)
+    try:
+        for path in output_files(directory):
+            handles[path] = handle = open(path, "rb")  # noqa: SIM115 (held, locked, to the end)
+            try:
+                lock(handle, path)
+            except OutputBusyError:
+                raise ReprocessError(
+                    f"{path}: a daemon is still writing this acquisition; stop it first"
+                ) from None
+            try:
+                scans[path] = scan_file(handle, path)
+            except ValueError:
+                untouchable.append(path)
+        for stale in directory.glob(f".*{TEMP_SUFFIX}"):
+            stale.unlink()  # left by a reprocess that was killed; the files it read are intact
+        untouchable += _foreign(scans)
+        for path in untouchable:
+            scans.pop(path, None)
+            report.notes.append(f"{path.name}: not written by livedecon; left alone")
+        journal = read_journal(directory)
+        _recover(
+            directory,
+            record,
+            journal,
+            scans,
+            untouchable,
+            handles,
+            sources,
+            processor,
+            backend,
+            progress,
+            report,
+        )
+    finally:
+        sources.close()
+        for handle in handles.values():
+            handle.close()
+    return report
+
+
+def _recover(
+    directory: Path,
+    record: AcquisitionRecord,
+    journal: list[JournalEntry],
+    scans: dict[Path, FileScan],
+    untouchable: list[Path],
+    handles: dict[Path, BinaryIO],
+    sources: _Sources,
+    processor: Processor | None,
+    backend: str,
+    progress: Callable[[int, int], None] | None,
+    report: ReprocessReport,
+) -> None:
+    acked = _acknowledged(journal)
+    written = {r.key for scan in scans.values() for _, r in scan.planes()}
+    missing = sorted((key for key in acked if key not in written), key=lambda k: k[:2])
+    report.acknowledged = len(acked)
+    report.already_written = len(acked) - len(missing)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, len(missing))
+
+    if progress:
+        progress(0, len(missing))
+    rebuild = _Rebuild(record, acked, sources, processor or PassThrough(), report, step)
+    blocked = {k for k in missing if output_path(directory, k[3], k[2]) in untouchable}
+    if blocked:
+        rebuild.lost(sorted(blocked, key=lambda k: k[:2]), "its output file is not livedecon's")
+    unsourced = [k for k in missing if k not in blocked and sources.where(k) is None]
+    if unsourced:
+        where = "the raw dataset" if sources.has_raw else "a raw dataset (no --raw given)"
+        rebuild.lost(unsourced, f"in neither the spill store nor {where}")
+    skipped = blocked.union(unsourced)
+    todo = [k for k in missing if k not in skipped]
+    if todo and processor is None:
+        depth = record.plan.z_count if record.plan.mode == "3d" else None
+        shapes = {(depth, *acked[k].shape) if depth else acked[k].shape for k in todo}
+        rebuild.processor = processor = _open_processor(record, backend, shapes)
+    whole_stacks = record.plan.mode == "3d"  # as the daemon restores them, whatever the model
+    work: dict[Path, _Work] = defaultdict(_Work)
+    for key in todo:
+        target = work[output_path(directory, key[3], key[2])]
+        if whole_stacks:
+            target.stacks.setdefault(key[0], []).append(key)
+        else:
+            target.planes.append(key)
+    rewrite = sorted(set(work) | {p for p, scan in scans.items() if not scan.finalised})
+    origin = _time_origin(acked, scans)
+    for path in rewrite:
+        recreated = rebuild.recreated(work.get(path, _Work()))
+        if _rewrite(path, scans.get(path), handles.get(path), recreated, record, origin):
+            report.files.append(path)
+        elif path.exists():
+            path.unlink()  # a header and a torn first page: nothing in it to keep
+            report.files.append(path)
+            report.notes.append(f"{path.name}: held no whole plane; removed")
+    rebuild.explain()
+    on_disk = written | rebuild.done
+    left = 0
+    for frame, keys in sources.spill_frames.items():
+        if all(k in on_disk for k in keys):
+            sources.store.remove(frame)
+        else:
+            left += 1
+    if left:
+        report.notes.append(f"{left} spilled frame(s) kept: their planes are not on disk")
