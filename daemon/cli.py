@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -319,7 +320,10 @@ def reprocess_command(
         Path | None, typer.Option(help="the raw NDTiff dataset (Micro-Manager, pycro-manager)")
     ] = None,
     spill_dir: Annotated[
-        Path | None, typer.Option(help="the daemon's spill directory [default: ACQ_DIR/../spill]")
+        Path | None,
+        typer.Option(
+            help="the daemon's spill directory (default: the one the acquisition record names)"
+        ),
     ] = None,
     backend: Annotated[
         str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
@@ -435,3 +439,56 @@ def _device() -> str:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"
+
+
+@bench_app.command("daemon")
+def bench_daemon_command(
+    size: Annotated[int, typer.Option(min=64, help="square uint16 frames")] = 2048,
+    frames: Annotated[int, typer.Option(min=10, help="frames per transport run")] = 300,
+    rate_hz: Annotated[float, typer.Option(min=1.0, help="camera rate of the paced runs")] = 100.0,
+    model_frames: Annotated[int, typer.Option(min=0, help="frames through the model; 0 skips")] = 6,
+    model: Annotated[str, typer.Option(help="bundle for the model run")] = "fast2d-sim",
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench_daemon.json"),
+) -> None:
+    """Frames from this process through a daemon process and out of its publisher: pass-through
+    (display only, shared memory, with writing) and the model, beside a bare pyzmq relay."""
+    from rich.table import Table
+
+    from livedecon.daemon.bench import bench_daemon
+
+    with console.status("benchmarking") as status:
+        rows = bench_daemon(
+            size,
+            frames,
+            rate_hz,
+            model_frames,
+            model,
+            progress=lambda what: status.update(f"benchmarking {what}"),
+        )
+    table = Table(title=f"livedecon bench daemon ({size}x{size} uint16, paced at {rate_hz:g} Hz)")
+    columns = {
+        "scenario": "scenario",
+        "throughput_sent_per_s": "acked/s",
+        "throughput_displayed_per_s": "displayed/s",
+        "latency_p50_ms": "p50 ms",
+        "latency_p95_ms": "p95 ms",
+        "latency_p99_ms": "p99 ms",
+        "added_p50_ms": "added p50 ms",
+        "vs_bare_throughput": "x bare",
+        "spilled": "spilled",
+    }
+    for label in columns.values():
+        table.add_column(label, justify="left" if label == "scenario" else "right", no_wrap=True)
+    for row in rows:
+        cells = []
+        for key in columns:
+            value = row.get(key, "")
+            cells.append(f"{value:.2f}" if isinstance(value, float) else str(value))
+        table.add_row(*cells)
+    (console if console.is_terminal else Console(width=140)).print(table)
+    console.print(
+        "targets (display only, pass-through): >= 100 frames/s of 2048x2048, added p50 <= 2 ms, "
+        "within 2x of bare pyzmq"
+    )
+    out.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
+    console.print(f"wrote {out}")

@@ -288,6 +288,7 @@ class Daemon:
             input_pixel_um=plan.pixel_size_um,
             output_pixel_um=plan.pixel_size_um / processor.upscale,
             units=processor.units,
+            spill_dir=str(self.config.spill_path.resolve()),
         )
         journal = None
         if plan.save:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import TypeVar
@@ -34,7 +35,8 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def load_config(path: str | Path, model: type[M]) -> M:
-    """Read `path` as TOML and validate it against `model`.
+    """Read `path` as TOML (or JSON, for configs that programs write) and validate it
+    against `model`.
 
     Raises ConfigError with a message naming the file and each offending field.
     """
@@ -46,7 +48,9 @@ def load_config(path: str | Path, model: type[M]) -> M:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     try:
-        data = tomllib.loads(text)
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import tifffile
 import zmq
-from daemon_harness import RunningDaemon, start_daemon
+from daemon_harness import process_memory_mb, start_daemon
 
 from livedecon.daemon.client import DaemonClient, DaemonError, DaemonUnavailable
 from livedecon.daemon.journal import read_journal
+from livedecon.daemon.launcher import DaemonProcess
 from livedecon.daemon.protocol import (
     PROTOCOL_VERSION,
     Axes,
@@ -32,7 +33,7 @@ PIXEL_UM = 0.065  # the shipped fast2d-sim bundle's camera pixel
 
 
 @pytest.fixture(scope="module")
-def pass_through(tmp_path_factory) -> RunningDaemon:
+def pass_through(tmp_path_factory) -> DaemonProcess:
     """One pass-through daemon shared by the tests that only need transport."""
     daemon = start_daemon(tmp_path_factory.mktemp("daemon"), limits={"max_frame_pixels": 4096})
     yield daemon
@@ -44,7 +45,7 @@ def frames(n: int, shape=(32, 32), seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(100, 1000, shape).astype(np.uint16) for _ in range(n)]
 
 
-def subscriber(daemon: RunningDaemon, *topics: Topic) -> zmq.Socket:
+def subscriber(daemon: DaemonProcess, *topics: Topic) -> zmq.Socket:
     socket = zmq.Context.instance().socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
     socket.connect(daemon.publish)
@@ -77,7 +78,7 @@ def test_every_frame_is_acknowledged_restored_and_written_with_its_metadata(tmp_
     finally:
         assert daemon.stop() == 0
     assert state["acknowledged"] == state["restored"] == state["written"] == 12
-    directory = daemon.output_dir / "timelapse"
+    directory = daemon.config.output_dir / "timelapse"
     assert started["output"] == str(directory)
     assert [e.frame_id for e in read_journal(directory)] == list(range(12))
     bundle = ModelBundle.load(bundle_dir)
@@ -209,7 +210,7 @@ def test_shared_memory_frames_arrive_intact_and_display_is_published(pass_throug
         assert publication.topic is Topic.RESTORED
         assert publication.pixel_size_um == 0.1
         assert np.array_equal(pixels, images[publication.frame_id])
-    planes = read_planes(output_path(pass_through.output_dir / "shm", 0, 0))
+    planes = read_planes(output_path(pass_through.config.output_dir / "shm", 0, 0))
     assert len(planes) == 5
     assert all(np.array_equal(p, images[r.frame_id]) for r, p in planes)
 
@@ -240,7 +241,7 @@ def test_z_stacks_are_assembled_projected_and_incomplete_ones_time_out(tmp_path)
         by_topic.setdefault(publication.topic, []).append((publication, pixels))
     assert np.array_equal(by_topic[Topic.MIP][0][1], stacks[0].max(axis=0))
     assert np.array_equal(by_topic[Topic.VOLUME][0][1], stacks[0])
-    planes = read_planes(output_path(daemon.output_dir / "zstack", 0, 0))
+    planes = read_planes(output_path(daemon.config.output_dir / "zstack", 0, 0))
     keys = {(r.time, r.z): (r, p) for r, p in planes}
     assert sorted(keys) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 3)]
     assert keys[(1, 3)][0].incomplete_stack
@@ -257,7 +258,7 @@ def test_overload_spills_to_disk_loses_nothing_and_keeps_memory_bounded(tmp_path
     n, shape = 300, (512, 512)  # 150 MB sent, at several times the engine's 100 frames/s
     image = frames(1, shape)[0]
     try:
-        baseline = daemon.rss_mb()
+        baseline = process_memory_mb(daemon, "VmRSS")
         with daemon.client(window=16, timeout_s=30) as client:
             client.start("overload", Plan(pixel_size_um=0.1))
             started = time.monotonic()
@@ -265,14 +266,14 @@ def test_overload_spills_to_disk_loses_nothing_and_keeps_memory_bounded(tmp_path
                 client.send(image, Axes(time=i))
             sending_s = time.monotonic() - started
             state = client.end(wait_s=120)
-        peak = daemon.peak_rss_mb()
+        peak = process_memory_mb(daemon, "VmHWM")
     finally:
         daemon.stop()
     assert sending_s < n * 0.010  # the client was never held to the engine's pace
     assert state["written"] == n
     assert state["spilled"] > n // 2
     assert peak - baseline < 60, f"daemon memory grew {peak - baseline:.0f} MB"
-    planes = read_planes(output_path(daemon.output_dir / "overload", 0, 0))
+    planes = read_planes(output_path(daemon.config.output_dir / "overload", 0, 0))
     assert [r.time for r, _ in planes] == list(range(n))  # in order, none twice
     assert not any((tmp_path / "out" / "spill").rglob("*.raw"))  # spill cleaned up
 
@@ -299,3 +300,43 @@ def test_curve_keys_refuse_an_unauthenticated_client(tmp_path):
             client.status()
     finally:
         daemon.stop()
+
+
+def test_after_kill_9_reprocess_completes_every_acknowledged_frame(tmp_path):
+    from ndstorage import NDTiffDataset
+    from typer.testing import CliRunner
+
+    from livedecon.daemon.cli import app
+
+    n = 60
+    images = frames(n, (64, 64), seed=9)
+    # Micro-Manager keeps the raw data (here written as pycro-manager writes it: NDTiff).
+    raw = NDTiffDataset(str(tmp_path / "raw"), name="raw", writable=True, summary_metadata={})
+    for i, image in enumerate(images):
+        raw.put_image({"time": i}, image, {})
+    raw.finish()
+    # The engine is slower than the camera, so the kill finds frames in memory and on disk.
+    daemon = start_daemon(
+        tmp_path, model={"pass_through_delay_ms": 40.0}, queues={"memory_queue_mb": 0.05}
+    )
+    with daemon.client() as client:
+        client.start("crash", Plan(pixel_size_um=0.1))
+        for i, image in enumerate(images):
+            client.send(image, Axes(time=i))
+        client.flush()
+        while (state := client.status()["acquisitions"]["crash"])["written"] < 10:
+            time.sleep(0.02)
+    daemon.kill()
+    assert state["acknowledged"] == n
+    assert 0 < state["written"] < n  # killed mid-run
+    directory = daemon.config.output_dir / "crash"
+    assert len(read_journal(directory)) == n
+    result = CliRunner().invoke(app, ["reprocess", str(directory), "--raw", raw.path])
+    assert result.exit_code == 0, result.output
+    planes = read_planes(output_path(directory, 0, 0))
+    assert sorted(r.time for r, _ in planes) == list(range(n))
+    for record, plane in planes:
+        assert np.array_equal(plane, images[record.time])
+    with tifffile.TiffFile(output_path(directory, 0, 0)) as tif:
+        assert tif.is_ome
+        assert tif.series[0].shape[0] == n
