@@ -446,7 +446,7 @@ def bench_daemon_command(
     size: Annotated[int, typer.Option(min=64, help="square uint16 frames")] = 2048,
     frames: Annotated[int, typer.Option(min=10, help="frames per transport run")] = 300,
     rate_hz: Annotated[float, typer.Option(min=1.0, help="camera rate of the paced runs")] = 100.0,
-    model_frames: Annotated[int, typer.Option(min=0, help="frames through the model; 0 skips")] = 6,
+    model_frames: Annotated[int, typer.Option(min=0, help="frames through the model; 0 skips")] = 4,
     model: Annotated[str, typer.Option(help="bundle for the model run")] = "fast2d-sim",
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench_daemon.json"),
 ) -> None:

@@ -195,7 +195,7 @@ def test_the_client_never_blocks_past_its_timeout_without_a_daemon():
 
 
 def test_shared_memory_frames_arrive_intact_and_display_is_published(pass_through):
-    restored = subscriber(pass_through, Topic.RESTORED)
+    restored = subscriber(pass_through, Topic.RESTORED, Topic.RAW)
     images = frames(5, seed=3)
     with pass_through.client(shared_memory_min_bytes=0, window=2) as client:
         client.start("shm", Plan(pixel_size_um=0.1))
@@ -205,6 +205,10 @@ def test_shared_memory_frames_arrive_intact_and_display_is_published(pass_throug
         client.end(wait_s=30)
     published = receive_all(restored)
     restored.close()
+    raw = [(p, pixels) for p, pixels in published if p.topic is Topic.RAW]
+    published = [(p, pixels) for p, pixels in published if p.topic is Topic.RESTORED]
+    assert [p.frame_id for p, _ in raw] == list(range(5))  # raw too, as it was asked for
+    assert all(p.units == "camera counts" for p, _ in raw)
     assert [p.frame_id for p, _ in published] == list(range(5))
     for publication, pixels in published:
         assert publication.topic is Topic.RESTORED
