@@ -470,6 +470,8 @@ def bench_daemon_command(
         "scenario": "scenario",
         "throughput_sent_per_s": "acked/s",
         "throughput_displayed_per_s": "displayed/s",
+        "throughput_processed_per_s": "processed/s",
+        "paced_hz": "paced Hz",
         "latency_p50_ms": "p50 ms",
         "latency_p95_ms": "p95 ms",
         "latency_p99_ms": "p99 ms",
