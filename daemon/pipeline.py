@@ -324,6 +324,8 @@ class Worker(threading.Thread):
             job = self.jobs.get(max(0.0, deadline - time.perf_counter()))
             if job is None:
                 break
+            # Same acquisition and shape: 2D frames, or whole stacks (planes of a 3D
+            # acquisition never get here: they go to the stack assembler).
             same = (
                 job.kind is Kind.FRAME
                 and job.acquisition is first.acquisition
@@ -331,11 +333,7 @@ class Worker(threading.Thread):
                 and first.pixels is not None
                 and job.pixels.shape == first.pixels.shape
             )
-            if not same or (
-                job.pixels is not None
-                and job.pixels.ndim == 2
-                and job.acquisition.record.plan.mode == "3d"
-            ):
+            if not same:
                 self._held = job
                 break
             self.metrics.observe("queue", time.perf_counter() - job.received_s)
