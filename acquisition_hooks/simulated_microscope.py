@@ -6,7 +6,8 @@ focal plane. The core runs MDA sequences through pymmcore-plus `run_mda`, and, o
 `attach_pycromanager()` has been called, pycromanager's Python-backend `Acquisition`.
 
 Every frame carries its sample time and focus position in its metadata (keys SAMPLE_TIME_KEY
-and FOCUS_KEY), so the exact ground truth of any frame can be rendered afterwards.
+and FOCUS_KEY), so the exact ground truth of any frame can be rendered afterwards, and the
+wall-clock time it left the camera (CAMERA_TIME_KEY), for end-to-end latency.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from livedecon.calibration.forward_model import ForwardModel
 
 SAMPLE_TIME_KEY = "LivedeconSampleTime-s"
 FOCUS_KEY = "LivedeconFocus-um"
+CAMERA_TIME_KEY = "LivedeconCameraTime-s"  # wall clock when the frame left the camera
 CAMERA_LABEL = "SimCamera"
 FOCUS_LABEL = "SimZ"
 SHUTTER_LABEL = "SimLight"
@@ -133,7 +135,7 @@ class SimulatedCamera(SimpleCameraDevice):
                 buffer[:] = self._model.acquire(t_s, z_um, self._exposure_ms).counts
             else:
                 buffer[:] = self._model.dark()
-        self.last_metadata = {SAMPLE_TIME_KEY: t_s, FOCUS_KEY: z_um}
+        self.last_metadata = {SAMPLE_TIME_KEY: t_s, FOCUS_KEY: z_um, CAMERA_TIME_KEY: time.time()}
         return self.last_metadata
 
 
@@ -193,7 +195,7 @@ class SimulatedCore(UniMMCore):
         metadata = pymmcore.Metadata()
         pix = self.popNextImageMD(metadata)
         tags = {key: metadata.GetSingleTag(key).GetValue() for key in metadata.GetKeys()}
-        for key in (SAMPLE_TIME_KEY, FOCUS_KEY):
+        for key in (SAMPLE_TIME_KEY, FOCUS_KEY, CAMERA_TIME_KEY):
             if key in tags:
                 tags[key] = float(tags[key])
         return TaggedImage(tags, pix)

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from livedecon.acquisition_hooks.simulated_microscope import (
+    CAMERA_TIME_KEY,
     FOCUS_KEY,
     SAMPLE_TIME_KEY,
     SimulatedMicroscope,
@@ -35,7 +38,11 @@ def test_ground_truth_from_frame_metadata(scope):
     scope.core.setExposure(1000)
     frame = scope.core.snap()
     tags = scope.camera.last_metadata
-    assert tags == {SAMPLE_TIME_KEY: 40.0, FOCUS_KEY: 0.0}
+    assert {k: tags[k] for k in (SAMPLE_TIME_KEY, FOCUS_KEY)} == {
+        SAMPLE_TIME_KEY: 40.0,
+        FOCUS_KEY: 0.0,
+    }
+    assert abs(tags[CAMERA_TIME_KEY] - time.time()) < 5
     signal = counts_to_electrons(frame, scope.config.camera).ravel()
 
     def match(truth):

@@ -1,0 +1,179 @@
+"""pycromanager integration: one call gives what `Acquisition(...)` needs.
+
+    hooks = livedecon_hooks(core, events)
+    with Acquisition(directory, name, show_display=False, **hooks.acquisition_kwargs) as acq:
+        acq.acquire(events)
+    hooks.finish()            # also happens by itself when the data sink finishes
+
+The image processor hands every frame to the daemon and returns the image and metadata
+unchanged (same object, dtype and shape), so Micro-Manager saves the raw data as usual, with
+the Java backend as with the Python one. The plan (z count, channels, pixel size, z step,
+interval) comes from the core and the events; a timepoint is done when all its events' images
+were seen (or a later timepoint began); the acquisition ends when pycromanager's data sink
+finishes. A missing or slow daemon never stops the acquisition (see `DaemonStream`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+from livedecon.acquisition_hooks.stream import DaemonStream, TimepointTracker
+from livedecon.daemon.protocol import Axes, Plan
+
+log = logging.getLogger(__name__)
+
+# Where the camera's wall-clock time of a frame may be found (the simulated camera's key first).
+CAMERA_TIME_KEYS = ("LivedeconCameraTime-s",)
+DATA_SINK_FINISHED = "data_sink_finished"
+
+
+def new_acquisition_id(prefix: str = "acq") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def axes_from(values: Mapping[str, Any]) -> Axes:
+    """pycromanager's axes ({'time': 0, 'z': 3, 'channel': 'GFP', ...}) as protocol axes."""
+    return Axes(
+        time=int(values.get("time", 0)),
+        z=int(values.get("z", 0)),
+        channel=values.get("channel", 0),
+        position=values.get("position", 0),
+    )
+
+
+def camera_time(metadata: Mapping[str, Any]) -> float:
+    for key in CAMERA_TIME_KEYS:
+        if key in metadata:
+            return float(metadata[key])
+    return time.time()  # when the hook saw it: the closest the metadata allows
+
+
+def _spacing(values: Iterable[float]) -> float | None:
+    ordered = sorted(set(values))
+    steps = np.diff(ordered)
+    return float(np.median(steps)) if len(steps) else None
+
+
+def plan_from_events(
+    events: list[Mapping[str, Any]],
+    pixel_size_um: float,
+    mode: Literal["auto", "2d", "3d"] = "auto",
+    model: str | None = None,
+) -> tuple[Plan, dict[int, int]]:
+    """The plan of an acquisition of `events`, and how many images each timepoint has."""
+    axes = [event.get("axes", {}) for event in events]
+    z_indices = {a["z"] for a in axes if "z" in a}
+    channels = list(dict.fromkeys(str(a["channel"]) for a in axes if "channel" in a))
+    z_step = _spacing(event["z"] for event in events if "z" in event)
+    interval = _spacing(e["min_start_time"] for e in events if "min_start_time" in e)
+    z_count = max(len(z_indices), 1)
+    chosen = ("3d" if z_count > 1 else "2d") if mode == "auto" else mode
+    plan = Plan(
+        mode=chosen,
+        z_count=z_count if chosen == "3d" or z_count > 1 else None,
+        channels=channels or ["default"],
+        pixel_size_um=pixel_size_um,
+        z_step_um=z_step if z_step else None,
+        time_interval_s=interval,
+        model=model,
+    )
+    per_timepoint = Counter(int(a.get("time", 0)) for a in axes)
+    return plan, dict(per_timepoint)
+
+
+class PycromanagerHooks:
+    def __init__(
+        self,
+        stream: DaemonStream,
+        tracker: TimepointTracker,
+        end_wait_s: float | None = None,
+    ) -> None:
+        self.stream, self.tracker, self.end_wait_s = stream, tracker, end_wait_s
+        self._started = self._finished = False
+        self.final_state: dict[str, Any] = {}
+
+    @property
+    def acquisition_kwargs(self) -> dict[str, Any]:
+        return {"image_process_fn": self.process, "notification_callback_fn": self.notify}
+
+    def process(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, dict]:
+        try:
+            if not self._started:
+                self._start()
+            axes = axes_from(metadata.get("Axes", {}))
+            self.stream.frame(image, axes, camera_time(metadata))
+            for t in self.tracker.image(axes.time):
+                self.stream.timepoint_done(Axes(time=t))
+        except Exception:  # whatever happens here, the acquisition keeps its image
+            log.exception("livedecon hook failed on a frame; the frame passes through")
+        return image, metadata
+
+    def notify(self, notification: Any) -> None:
+        milestone = getattr(notification, "milestone", None)
+        if milestone == DATA_SINK_FINISHED:
+            self.finish()
+
+    def _start(self) -> None:
+        self._started = True
+        self.stream.start()
+
+    def finish(self) -> dict[str, Any]:
+        """End the acquisition on the daemon (idempotent)."""
+        if self._finished or not self._started:
+            self._finished = True
+            return self.final_state
+        self._finished = True
+        try:
+            for t in self.tracker.remaining():
+                self.stream.timepoint_done(Axes(time=t))
+            self.final_state = self.stream.end(self.end_wait_s)
+        except Exception:
+            log.exception("livedecon hook failed to end the acquisition")
+        return self.final_state
+
+    def __enter__(self) -> PycromanagerHooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+
+def livedecon_hooks(
+    core: Any,
+    events: list[Mapping[str, Any]],
+    acquisition_id: str | None = None,
+    address: str = "tcp://127.0.0.1:5555",
+    mode: Literal["auto", "2d", "3d"] = "auto",
+    model: str | None = None,
+    timeout_s: float = 1.0,
+    retry_s: float = 2.0,
+    end_wait_s: float | None = None,
+    **stream_options: Any,
+) -> PycromanagerHooks:
+    """Hooks for a pycromanager `Acquisition` of `events` on `core` (an MMCore, Java or
+    Python), streaming to the daemon at `address`. `mode` 'auto': 3D when the events have
+    z-stacks (the daemon then needs a 3D model); '2d' restores every plane on its own."""
+    if not isinstance(events, list):
+        raise TypeError("pass the events as a list (e.g. from multi_d_acquisition_events)")
+    pixel_size = float(
+        core.get_pixel_size_um() if hasattr(core, "get_pixel_size_um") else core.getPixelSizeUm()
+    )
+    if pixel_size <= 0:
+        raise ValueError("the core has no pixel size calibration; set one in Micro-Manager")
+    plan, per_timepoint = plan_from_events(events, pixel_size, mode, model)
+    stream = DaemonStream(
+        acquisition_id or new_acquisition_id(),
+        plan,
+        address,
+        timeout_s=timeout_s,
+        retry_s=retry_s,
+        **stream_options,
+    )
+    return PycromanagerHooks(stream, TimepointTracker(per_timepoint), end_wait_s)

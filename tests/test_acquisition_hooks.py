@@ -1,0 +1,189 @@
+"""Acquisitions on the simulated microscope streaming through a real daemon process: the
+pycromanager Python backend and pymmcore-plus `run_mda`, and a daemon that dies mid-way."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from daemon_harness import start_daemon
+from ndstorage import Dataset
+
+from livedecon.acquisition_hooks.pycromanager_hooks import livedecon_hooks, plan_from_events
+from livedecon.acquisition_hooks.pymmcore_hooks import attach_livedecon, plan_from_sequence
+from livedecon.acquisition_hooks.simulated_microscope import SimulatedMicroscope
+from livedecon.acquisition_hooks.stream import TimepointTracker
+from livedecon.daemon.journal import read_acquisition_record
+from livedecon.daemon.launcher import spawn_daemon
+from livedecon.daemon.writer import output_path, read_planes
+from livedecon.engines.bundle import ModelBundle, find_bundle
+from livedecon.engines.runtime import TorchRuntime
+from livedecon.engines.tiling import restore_electrons
+
+
+@pytest.fixture
+def scope(small_microscope):
+    with SimulatedMicroscope(small_microscope, clock="wall", noise_seed=3) as microscope:
+        yield microscope
+
+
+def test_plans_come_from_the_events_and_the_sequence():
+    from pycromanager import multi_d_acquisition_events
+    from useq import MDASequence
+
+    events = multi_d_acquisition_events(
+        num_time_points=3, time_interval_s=2, z_start=0, z_end=0.6, z_step=0.2
+    )
+    plan, per_t = plan_from_events(events, 0.065)
+    assert (plan.mode, plan.z_step_um, plan.time_interval_s) == ("3d", pytest.approx(0.2), 2)
+    assert plan.z_count == len({e["axes"]["z"] for e in events})
+    assert per_t == dict.fromkeys(range(3), plan.z_count)
+    flat, _ = plan_from_events(events, 0.065, mode="2d")
+    assert flat.mode == "2d"
+    sequence = MDASequence(
+        time_plan={"interval": 0.5, "loops": 2},
+        z_plan={"range": 0.4, "step": 0.2},
+        channels=["DAPI", "GFP"],
+    )
+    plan, per_t = plan_from_sequence(sequence, 0.1)
+    assert (plan.mode, plan.z_count, plan.channels) == ("3d", 3, ["DAPI", "GFP"])
+    assert plan.time_interval_s == 0.5
+    assert per_t == {0: 6, 1: 6}
+
+
+def test_timepoints_complete_on_count_or_when_a_later_one_begins():
+    tracker = TimepointTracker({0: 2, 1: 2})
+    assert tracker.image(0) == []
+    assert tracker.image(0) == [0]
+    assert tracker.image(1) == []
+    assert tracker.image(3) == [1]  # 1 never came complete: closed when a later one began
+    assert tracker.remaining() == [3]
+
+
+def _restored(directory, channel=0):
+    return read_planes(output_path(directory, 0, channel))
+
+
+def test_pycromanager_acquisition_streams_every_frame_and_keeps_raw_data(tmp_path, scope):
+    from pycromanager import Acquisition, multi_d_acquisition_events
+
+    daemon = start_daemon(tmp_path, bundle="fast2d-sim")
+    scope.attach_pycromanager()
+    events = multi_d_acquisition_events(num_time_points=3, z_start=-0.2, z_end=0.2, z_step=0.2)
+    hooks = livedecon_hooks(scope.core, events, "pycro", daemon.ingest, mode="2d", end_wait_s=60)
+    seen = []
+    process = hooks.acquisition_kwargs["image_process_fn"]
+
+    def check_passthrough(image, metadata):
+        out_image, out_metadata = process(image, metadata)
+        seen.append(out_image is image and out_metadata is metadata)
+        return out_image, out_metadata
+
+    kwargs = {**hooks.acquisition_kwargs, "image_process_fn": check_passthrough}
+    try:
+        with Acquisition(str(tmp_path / "raw"), "run", show_display=False, **kwargs) as acq:
+            acq.acquire(events)
+        state = hooks.final_state  # ended by the data-sink notification
+        with daemon.client() as client:
+            timepoints = client.status()["acquisitions"]["pycro"]["timepoints_done"]
+    finally:
+        daemon.stop()
+    n = len(events)
+    assert all(seen)
+    assert len(seen) == n
+    assert state["written"] == n
+    assert timepoints == 3
+    assert hooks.stream.counters.summary()["missed"] == 0
+    planes = _restored(daemon.config.output_dir / "pycro")
+    assert sorted((r.time, r.z) for r, _ in planes) == sorted(
+        (e["axes"]["time"], e["axes"]["z"]) for e in events
+    )
+    record = read_acquisition_record(daemon.config.output_dir / "pycro")
+    assert record.output_pixel_um == pytest.approx(0.065 / 2)
+    assert all(p.shape == (128, 128) for _, p in planes)
+    raw = Dataset(str(acq.get_dataset().path))
+    assert raw.read_image(time=2, z=1).shape == (64, 64)  # Micro-Manager kept the raw data
+    raw.close()
+
+
+def test_pymmcore_plus_run_mda_streams_every_frame(tmp_path, scope):
+    from useq import MDASequence
+
+    daemon = start_daemon(tmp_path, bundle="fast2d-sim")
+    hooks = attach_livedecon(
+        scope.core, address=daemon.ingest, mode="2d", acquisition_id="mda", end_wait_s=60
+    )
+    raw = {}
+    scope.core.mda.events.frameReady.connect(
+        lambda image, event, _: raw.setdefault((event.index["t"], event.index["z"]), image.copy())
+    )
+    sequence = MDASequence(
+        time_plan={"interval": 0, "loops": 2}, z_plan={"range": 0.4, "step": 0.2}, axis_order="tz"
+    )
+    try:
+        scope.core.mda.run(sequence)
+    finally:
+        hooks.detach()
+        daemon.stop()
+    assert hooks.final_state["written"] == 6
+    planes = _restored(daemon.config.output_dir / "mda")
+    assert sorted((r.time, r.z) for r, _ in planes) == sorted(raw)
+    bundle = ModelBundle.load(find_bundle("fast2d-sim"))
+    reference = TorchRuntime(bundle.manifest.network, bundle.state_dict)
+    norm = bundle.manifest.normalisation
+    for record, plane in planes:
+        assert record.bundle_id == bundle.bundle_id
+        # each plane is the restoration of its own raw frame
+        source = norm.electrons(raw[(record.time, record.z)])
+        expected = restore_electrons(reference.infer, source, norm.scale_e, reference.multiple, 2)
+        assert np.abs(plane - expected).max() <= 1e-3 * expected.max()
+
+
+def test_a_daemon_that_dies_mid_acquisition_leaves_it_unharmed_and_resumes(tmp_path, scope):
+    from pycromanager import Acquisition, multi_d_acquisition_events
+
+    daemon = start_daemon(tmp_path)  # pass-through: this is about the connection
+    scope.attach_pycromanager()
+    events = multi_d_acquisition_events(num_time_points=24, time_interval_s=0.15)
+    hooks = livedecon_hooks(
+        scope.core, events, "outage", daemon.ingest, timeout_s=0.5, retry_s=0.3, end_wait_s=30
+    )
+    process = hooks.acquisition_kwargs["image_process_fn"]
+    restarted: list = []
+
+    def with_outage(image, metadata):
+        t = metadata["Axes"]["time"]
+        if t == 6:
+            daemon.kill()  # a crash mid-acquisition
+        if t == 9:  # and a restart, in the background, as a user would do
+            threading.Thread(
+                target=lambda: restarted.append(spawn_daemon(daemon.config, tmp_path / "again"))
+            ).start()
+        return process(image, metadata)
+
+    kwargs = {**hooks.acquisition_kwargs, "image_process_fn": with_outage}
+    started = time.monotonic()
+    try:
+        with Acquisition(str(tmp_path / "raw"), "run", show_display=False, **kwargs) as acq:
+            acq.acquire(events)
+        elapsed = time.monotonic() - started
+    finally:
+        for process_ in restarted:
+            process_.stop()
+    counters = hooks.stream.counters.summary()
+    raw = Dataset(str(acq.get_dataset().path))
+    assert len(raw.get_image_coordinates_list()) == 24  # the raw data is complete
+    raw.close()
+    assert counters["frames"] == 24
+    assert counters["missed"] > 0  # the gap shows
+    assert counters["outages"] == 1
+    assert counters["parts"] == ["outage", "outage-part2"]  # and processing resumed
+    assert counters["sent"] + counters["missed"] == 24
+    resumed = _restored(daemon.config.output_dir / "outage-part2")
+    assert len(resumed) > 0
+    assert {r.time for r, _ in resumed} <= set(range(10, 24))
+    before = _restored(daemon.config.output_dir / "outage")
+    assert len(before) + len(resumed) == counters["sent"] - counters["unacknowledged"]
+    assert elapsed < 24 * 0.15 + 8  # never held up for long
