@@ -1,0 +1,231 @@
+"""`livedecon demo`: the whole path on the simulated microscope, measured against its truth.
+
+A daemon starts as a child process; the simulated microscope (a real MMCore) runs a
+pycromanager acquisition (2D time-lapse, or z-stacks with `three_d`) that saves the raw data
+as NDTiff and streams every frame through the hooks; the daemon restores, publishes and
+writes; the demo listens to the display stream for latency (camera to publication) and then
+compares raw and restored frames with the simulator's ground truth.
+
+This module composes the parts (it starts a daemon, so it uses more of livedecon.daemon than
+the hooks themselves, which need only the client and protocol).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from livedecon.acquisition_hooks.pycromanager_hooks import livedecon_hooks
+from livedecon.acquisition_hooks.simulated_microscope import (
+    FOCUS_KEY,
+    SAMPLE_TIME_KEY,
+    SimulatedMicroscope,
+)
+from livedecon.calibration.baseline import upsample_2x
+from livedecon.calibration.config import MicroscopeConfig, load_microscope, shipped_config_path
+from livedecon.calibration.forward_model import counts_to_electrons
+from livedecon.calibration.metrics import psnr
+from livedecon.daemon.config import load_daemon_config
+from livedecon.daemon.launcher import free_tcp_endpoint, spawn_daemon
+from livedecon.daemon.protocol import Topic, decode_publication
+from livedecon.daemon.writer import output_files, read_planes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoSettings:
+    out: Path = Path("demo_out")
+    frames: int = 20
+    interval_s: float = 0.5
+    exposure_ms: float = 20.0
+    three_d: bool = False
+    z_planes: int = 9
+    bundle: str | None = None  # None: the shipped model for the mode
+    backend: str = "auto"
+    microscope: Path | None = None
+
+
+@dataclass
+class DemoSummary:
+    acquisition_id: str
+    frames: int
+    stream: dict[str, Any]
+    daemon: dict[str, Any]
+    latency_ms: dict[str, float]
+    psnr_raw_db: float
+    psnr_restored_db: float
+    raw_dataset: str
+    restored_files: list[str]
+    backend: str
+    bundle_id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Latencies(threading.Thread):
+    """Camera-to-publication latency of every restored frame the daemon publishes."""
+
+    def __init__(self, endpoint: str, topic: Topic) -> None:
+        super().__init__(name="demo-latency", daemon=True)
+        self.samples_ms: list[float] = []
+        self._socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket.connect(endpoint)
+        self._socket.subscribe(topic.value.encode())
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            if self._socket.poll(100):
+                publication, _ = decode_publication(self._socket.recv_multipart())
+                if publication.timestamp_s is not None:
+                    self.samples_ms.append(
+                        (publication.published_s - publication.timestamp_s) * 1e3
+                    )
+
+    def stop(self) -> dict[str, float]:
+        self._stopping.set()
+        self.join(2)
+        self._socket.close(linger=0)
+        if not self.samples_ms:
+            return {}
+        p50, p95 = np.percentile(self.samples_ms, [50, 95])
+        return {"p50": float(p50), "p95": float(p95), "count": len(self.samples_ms)}
+
+
+def _scope_config(settings: DemoSettings) -> MicroscopeConfig:
+    default = "microscope_widefield_3d.toml" if settings.three_d else "microscope_sim.toml"
+    return load_microscope(settings.microscope or shipped_config_path(default))
+
+
+def _quality(
+    scope: SimulatedMicroscope, raw_path: Path, restored: list[Path], exposure_ms: float
+) -> tuple[float, float]:
+    """Mean PSNR of raw (interpolated to 2x) and restored planes against the ground truth."""
+    from ndstorage import Dataset
+
+    background = scope.config.sample.background_photons_px_s * exposure_ms / 1000
+    with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its progress
+        raw_data = Dataset(str(raw_path))
+    raw_scores, restored_scores = [], []
+    try:
+        for path in restored:
+            for record, plane in read_planes(path):
+                axes = {"time": record.time}
+                if "z" in raw_data.axes:
+                    axes["z"] = record.z
+                metadata = raw_data.read_metadata(**axes)
+                counts = raw_data.read_image(**axes)
+                truth = scope.ground_truth(
+                    {SAMPLE_TIME_KEY: metadata[SAMPLE_TIME_KEY], FOCUS_KEY: metadata[FOCUS_KEY]},
+                    exposure_ms,
+                )
+                electrons = counts_to_electrons(np.asarray(counts), scope.config.camera)
+                # both in photoelectrons per fine pixel, without the uniform background
+                raw_2x = np.clip(upsample_2x(electrons) - background / 4, 0, None)
+                raw_scores.append(psnr(raw_2x, truth))
+                restored_scores.append(psnr(plane - background / 4, truth))
+    finally:
+        raw_data.close()
+    return float(np.mean(raw_scores)), float(np.mean(restored_scores))
+
+
+def run_demo(
+    settings: DemoSettings, progress: Callable[[str, int, int], None] = lambda *_: None
+) -> DemoSummary:
+    from pycromanager import Acquisition, multi_d_acquisition_events
+
+    out = settings.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    scope_config = _scope_config(settings)
+    bundle = settings.bundle or ("fast3d-sim" if settings.three_d else "fast2d-sim")
+    daemon_config = load_daemon_config(shipped_config_path("daemon.toml")).model_copy(
+        update={"output_dir": out / "restored"}
+    )
+    daemon_config = type(daemon_config).model_validate(
+        {
+            **daemon_config.model_dump(),
+            "endpoints": {"ingest": free_tcp_endpoint(), "publish": free_tcp_endpoint()},
+            "model": {
+                **daemon_config.model.model_dump(),
+                "bundle": bundle,
+                "backend": settings.backend,
+            },
+        }
+    )
+    progress("starting the daemon (first run: exports and checks the engine)", 0, 0)
+    daemon = spawn_daemon(daemon_config, out / "daemon", wait_s=600)
+    topic = Topic.MIP if settings.three_d else Topic.RESTORED
+    latencies = Latencies(daemon_config.endpoints.publish, topic)
+    latencies.start()
+    try:
+        with SimulatedMicroscope(scope_config, clock="wall", noise_seed=0) as scope:
+            scope.attach_pycromanager()
+            scope.core.setExposure(settings.exposure_ms)
+            z_options = {}
+            if settings.three_d:
+                half = (settings.z_planes - 1) / 2 * scope_config.optics.z_step_um
+                z_options = {
+                    "z_start": -half,
+                    "z_end": half,
+                    "z_step": scope_config.optics.z_step_um,
+                }
+            events = multi_d_acquisition_events(
+                num_time_points=settings.frames, time_interval_s=settings.interval_s, **z_options
+            )
+            acquisition_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+            hooks = livedecon_hooks(
+                scope.core,
+                events,
+                acquisition_id,
+                daemon_config.endpoints.ingest,
+                mode="3d" if settings.three_d else "2d",
+                end_wait_s=300,
+            )
+            process = hooks.acquisition_kwargs["image_process_fn"]
+            seen = [0]
+
+            def counted(image: np.ndarray, metadata: dict) -> tuple[np.ndarray, dict]:
+                seen[0] += 1
+                progress("acquiring", seen[0], len(events))
+                return process(image, metadata)
+
+            kwargs = {**hooks.acquisition_kwargs, "image_process_fn": counted}
+            time.sleep(0.3)  # the latency listener's subscription reaches the daemon
+            with Acquisition(str(out / "raw"), "demo", show_display=False, **kwargs) as acq:
+                acq.acquire(events)
+            state = hooks.finish()
+            raw_path = Path(acq.get_dataset().path)
+            time.sleep(0.5)  # the last publications arrive
+            latency = latencies.stop()
+            with daemon.client() as client:
+                metrics = client.metrics()
+            progress("comparing with the ground truth", 0, 0)
+            restored = output_files(daemon_config.output_dir / acquisition_id)
+            psnr_raw, psnr_restored = _quality(scope, raw_path, restored, settings.exposure_ms)
+    finally:
+        if latencies.is_alive():
+            latencies.stop()
+        daemon.stop()
+    return DemoSummary(
+        acquisition_id=acquisition_id,
+        frames=len(events),
+        stream=hooks.stream.counters.summary(),
+        daemon={**state, "inference_p50_ms": metrics["latency_ms"]["inference"].get("p50_ms")},
+        latency_ms=latency,
+        psnr_raw_db=psnr_raw,
+        psnr_restored_db=psnr_restored,
+        raw_dataset=str(raw_path),
+        restored_files=[str(p) for p in restored],
+        backend=hooks.stream.started_reply.get("backend", "?"),
+        bundle_id=hooks.stream.started_reply.get("bundle_id", "?"),
+    )
