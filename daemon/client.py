@@ -178,6 +178,12 @@ class DaemonClient:
     def load_model(self, bundle: str) -> dict[str, Any]:
         return self._request(self._header(Kind.LOAD_MODEL, request={"bundle": bundle})).data
 
+    def adaptation(self, action: str = "status", **request: Any) -> dict[str, Any]:
+        """Adaptation of the current acquisition: 'status', 'set' (plan={...}) or 'rollback'
+        (version=N, default: the previous version)."""
+        header = self._header(Kind.ADAPTATION, request={"action": action, **request})
+        return self._request(header).data
+
     def shutdown(self) -> None:
         self._request(self._header(Kind.SHUTDOWN))
 
@@ -203,7 +209,7 @@ class DaemonClient:
     def _header(self, kind: Kind, **fields: Any) -> Header:
         acquisition = (
             {"acquisition_id": self.acquisition_id}
-            if kind in (Kind.TIMEPOINT_DONE, Kind.ACQUISITION_END)
+            if kind in (Kind.TIMEPOINT_DONE, Kind.ACQUISITION_END, Kind.ADAPTATION)
             else {}
         )
         if acquisition and self.acquisition_id is None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 STAGES = ("ingest", "queue", "inference", "write", "publish", "end_to_end")
+ADAPTATION = ("adaptation_step", "swap", "swap_prepare", "training_delay")
 
 
 class LatencyWindow:
@@ -58,7 +59,7 @@ class RateMeter:
 
 class Metrics:
     def __init__(self, window: int = 4096) -> None:
-        self.latency = {stage: LatencyWindow(window) for stage in STAGES}
+        self.latency = {stage: LatencyWindow(window) for stage in STAGES + ADAPTATION}
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "frames_received",

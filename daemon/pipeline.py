@@ -17,16 +17,18 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from livedecon.daemon.adaptation import AcquisitionAdaptation, TimepointReport, adaptation_for
 from livedecon.daemon.journal import AcquisitionRecord, Journal
 from livedecon.daemon.metrics import Metrics
 from livedecon.daemon.processing import Processor
-from livedecon.daemon.protocol import Axes, Header, Kind, Publication, Topic
+from livedecon.daemon.protocol import AdaptationPlan, Axes, Header, Kind, Publication, Topic
 from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord
@@ -52,6 +54,7 @@ class Acquisition:
     timepoints_done: int = 0
     ended: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
+    adaptation: AcquisitionAdaptation | None = None  # owned by the worker thread
 
     @property
     def id(self) -> str:
@@ -71,6 +74,7 @@ class Acquisition:
             "timepoints_done": self.timepoints_done,
             "ended": self.ended,
             "finished": self.finished.is_set(),
+            "adaptation": self.adaptation.status() if self.adaptation else {"mode": "off"},
         }
 
 
@@ -261,6 +265,11 @@ class Worker(threading.Thread):
         self.batch_max, self.batch_deadline_s = batch_max, batch_deadline_s
         self.stacks = StackAssembler(stack_timeout_s)
         self._held: Job | None = None  # taken while batching, but belongs to the next batch
+        self._adapting: dict[str, Acquisition] = {}  # acquisitions with steps to run
+        # accepted weights being prepared off this thread, committed here between batches
+        self._swaps: deque[tuple[Future, Acquisition, TimepointReport, float]] = deque()
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="weights")
+        self._last_step = (0.0, 0.0)  # perf_counter start and end of the latest step
         self._stopping = threading.Event()
         self.idle = threading.Event()
 
@@ -270,8 +279,13 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while True:
-            job = self._next(timeout=0.05)
+            self._commit_ready_swaps()
+            adapting = next(iter(self._adapting.values()), None)
+            job = self._next(timeout=0.0 if adapting else 0.05)
             if job is None:
+                if adapting is not None:
+                    self._adapt(adapting)  # one step: a frame arriving now waits at most this
+                    continue
                 for stack in self.stacks.expired():
                     self._run_stack(stack)
                 if self._stopping.is_set() and self.jobs.empty():
@@ -279,6 +293,7 @@ class Worker(threading.Thread):
                 self.idle.set()
                 continue
             self.idle.clear()
+            self._note_training_delay(job)
             try:
                 self._handle(job)
             except Exception:
@@ -287,7 +302,90 @@ class Worker(threading.Thread):
         for acquisition_id in {k[0] for k in self.stacks._open}:
             for stack in self.stacks.flush(acquisition_id):
                 self._run_stack(stack)
+        self._preparer.shutdown(wait=True)
+        self._commit_ready_swaps()
         self.writer.queue.put(None)
+
+    # -- test-time adaptation (between batches, in this thread) ----------------------------
+
+    def _adapt(self, acquisition: Acquisition) -> None:
+        """One step of `acquisition`'s adaptation, or its conclusion once the steps are done."""
+        adaptation = acquisition.adaptation
+        if adaptation is None or not (adaptation.busy or adaptation.awaiting_check):
+            self._adapting.pop(acquisition.id, None)
+            return
+        start = time.perf_counter()
+        try:
+            if adaptation.busy:
+                self.metrics.observe("adaptation_step", adaptation.step())
+            else:
+                self._conclude(acquisition)
+        except Exception:
+            self._adapting.pop(acquisition.id, None)
+            self.metrics.count("errors")
+            log.exception("adaptation of %s failed; the serving weights stay", acquisition.id)
+        self._last_step = (start, time.perf_counter())
+
+    def _conclude(self, acquisition: Acquisition) -> None:
+        """Check the candidate; if it passes, prepare it off this thread (export, new session)
+        and swap it in between two batches once ready (`_commit_ready_swaps`)."""
+        assert acquisition.adaptation is not None
+        self._adapting.pop(acquisition.id, None)
+        report, weights = acquisition.adaptation.conclude()
+        if weights is None:
+            log.info("adaptation of %s: %s", acquisition.id, report)
+            return
+        processor = acquisition.processor
+        future = self._preparer.submit(processor.prepare_weights, weights, report.version)  # type: ignore[attr-defined]
+        self._swaps.append((future, acquisition, report, time.perf_counter()))
+
+    def _commit_ready_swaps(self) -> None:
+        while self._swaps and self._swaps[0][0].done():
+            future, acquisition, report, started = self._swaps.popleft()
+            try:
+                commit = future.result()
+            except Exception:
+                self.metrics.count("errors")
+                log.exception("preparing weights v%d of %s failed", report.version, acquisition.id)
+                continue
+            start = time.perf_counter()
+            commit()
+            assert acquisition.adaptation is not None
+            acquisition.adaptation.serving_version = report.version
+            report.swap_ms = (time.perf_counter() - start) * 1e3
+            report.prepare_ms = (start - started) * 1e3
+            self.metrics.observe("swap", report.swap_ms / 1e3)
+            self.metrics.observe("swap_prepare", report.prepare_ms / 1e3)
+            log.info("adaptation of %s: %s", acquisition.id, report)
+
+    def _serve(self, acquisition: Acquisition, weights: dict, version: int) -> None:
+        acquisition.processor.update_weights(weights, version)  # type: ignore[attr-defined]
+        assert acquisition.adaptation is not None
+        acquisition.adaptation.serving_version = version
+
+    def _note_training_delay(self, job: Job) -> None:
+        """How long a frame waited for a training step that was running when it arrived."""
+        start, end = self._last_step
+        if job.kind is Kind.FRAME and start < job.received_s < end:
+            self.metrics.observe("training_delay", end - job.received_s)
+
+    def _control_adaptation(self, acquisition: Acquisition, request: dict) -> None:
+        if request.get("action") == "rollback":
+            assert acquisition.adaptation is not None
+            # weights still being prepared for this acquisition must not land after it
+            self._swaps = deque(s for s in self._swaps if s[1] is not acquisition)
+            version = acquisition.adaptation.rollback(request.get("version"))
+            self._serve(acquisition, acquisition.adaptation.versions[version], version)
+            log.info("%s rolled back to weights version %d", acquisition.id, version)
+            return
+        plan = AdaptationPlan.model_validate(request.get("plan", {}))
+        if acquisition.adaptation is None:
+            if plan.mode == "off":
+                return
+            acquisition.processor = acquisition.processor.fork()  # type: ignore[attr-defined]
+            acquisition.adaptation = adaptation_for(acquisition.processor, plan, acquisition)
+        else:
+            acquisition.adaptation.plan = plan
 
     def _next(self, timeout: float) -> Job | None:
         if self._held is not None:
@@ -302,6 +400,17 @@ class Worker(threading.Thread):
         acquisition = job.acquisition
         if job.kind is Kind.TIMEPOINT_DONE:
             acquisition.timepoints_done += 1
+            if acquisition.adaptation is not None and job.header.axes is not None:
+                if acquisition.adaptation.busy or acquisition.adaptation.awaiting_check:
+                    # the next timepoint is complete before this one's steps: judge what the
+                    # steps so far gave, then adapt to the newer data
+                    self._conclude(acquisition)
+                acquisition.adaptation.timepoint_done(job.header.axes.time)
+                if acquisition.adaptation.busy:
+                    self._adapting[acquisition.id] = acquisition
+            return
+        if job.kind is Kind.ADAPTATION:
+            self._control_adaptation(acquisition, job.header.request)
             return
         if job.kind is Kind.ACQUISITION_END:
             for stack in self.stacks.flush(acquisition.id):
@@ -365,6 +474,7 @@ class Worker(threading.Thread):
                 self._display(Topic.RAW, job, job.pixels)
             self._save(acquisition, job, output, axes.z, (job.spill_path,), False)
             self._finished_frames(acquisition, 1, job)
+            self._observe(acquisition, axes.time, job.pixels)
 
     def _run_stack(self, stack: Stack) -> None:
         acquisition = stack.acquisition
@@ -388,6 +498,8 @@ class Worker(threading.Thread):
         (output,) = self._infer(acquisition, [volume])
         jobs = [stack.planes[z] for z in present]
         self._deliver_stack(acquisition, jobs, output[present], present, incomplete=not complete)
+        if complete:
+            self._observe(acquisition, (jobs[0].header.axes or Axes()).time, volume)
 
     def _deliver_stack(
         self,
@@ -406,6 +518,13 @@ class Worker(threading.Thread):
             again = any(other is job for other in jobs[i + 1 :])
             self._save(acquisition, job, plane, z, () if again else (job.spill_path,), incomplete)
         self._finished_frames(acquisition, len({id(job) for job in jobs}), last)
+
+    @staticmethod
+    def _observe(acquisition: Acquisition, time_index: int, counts: np.ndarray | None) -> None:
+        adaptation = acquisition.adaptation
+        if adaptation is not None and counts is not None and adaptation.wants(time_index):
+            norm = acquisition.processor.bundle.manifest.normalisation  # type: ignore[attr-defined]
+            adaptation.observe(time_index, norm.electrons(counts))
 
     def _finished_frames(self, acquisition: Acquisition, n: int, job: Job) -> None:
         acquisition.restored += n

@@ -9,11 +9,13 @@ per-frame min-max) and returns float32 photoelectrons per output pixel on the 2x
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from livedecon.engines.backends import open_runtime
 from livedecon.engines.bundle import ModelBundle, find_bundle
@@ -75,6 +77,32 @@ class ModelProcessor:
     @property
     def weights_version(self) -> int:
         return self.bundle.manifest.weights_version
+
+    def prepare_weights(
+        self, weights: Mapping[str, torch.Tensor], version: int
+    ) -> Callable[[], None]:
+        """Get `weights` ready to serve as `version` (slow: any thread); the returned commit
+        makes them serve from the next batch on (fast: call it between batches, from the thread
+        that calls `process`). Runtimes without a two-phase update swap inside the commit."""
+        prepare = getattr(self.runtime, "prepare_weights", None)
+        swap = prepare(weights) if prepare else (lambda: self.runtime.update_weights(weights))
+        bundle = self.bundle.with_weights(weights)
+        bundle = replace(
+            bundle, manifest=bundle.manifest.model_copy(update={"weights_version": version})
+        )
+
+        def commit() -> None:
+            swap()
+            self.bundle = bundle
+
+        return commit
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
+        self.prepare_weights(weights, version)()
+
+    def fork(self) -> ModelProcessor:
+        """A processor of its own (an acquisition whose weights will change)."""
+        return open_processor(self.bundle_dir, self.backend, max_batch=4, tile_px=self.tile_px)
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         norm = self.bundle.manifest.normalisation

@@ -79,6 +79,26 @@ class Axes(_Wire):
     position: int | str = 0
 
 
+class AdaptationPlan(_Wire):
+    """Per-acquisition settings (in the acquisition's plan, or set by the control call)."""
+
+    mode: Literal["off", "adapt", "retrain"] = "off"
+    steps_per_timepoint: int = Field(50, ge=1, le=10_000)
+    retrain_every: int = Field(5, ge=1, description="retrain mode: every K timepoints")
+    retrain_steps: int = Field(300, ge=1, le=100_000)
+    frames_kept: int = Field(8, ge=1, le=256, description="frames (or stacks) per timepoint")
+    timepoints_kept: int = Field(5, ge=1, le=100, description="retrain mode: data window")
+    validation_tolerance: float = Field(
+        0.02, ge=0, description="candidate loss may exceed the serving loss by this fraction"
+    )
+    collapse_ratio: float = Field(
+        0.5, gt=0, lt=1, description="output mean and contrast must stay within this ratio"
+    )
+    learning_rate: float = Field(2e-5, gt=0)
+    patch_px: int = Field(64, ge=16)
+    batch_size: int = Field(4, ge=1)
+
+
 class Plan(_Wire):
     """What an acquisition will send, from its start message."""
 
@@ -93,6 +113,7 @@ class Plan(_Wire):
     )
     output_dir: str | None = Field(None, description="None: the daemon's output directory")
     save: bool = Field(True, description="False: display only (nothing written, may drop)")
+    adaptation: AdaptationPlan = Field(default_factory=AdaptationPlan)
 
     @model_validator(mode="after")
     def _stacks_have_depth(self) -> Self:

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from pydantic import ValidationError
 
 from livedecon.calibration.ome_tiff import PIXEL_SIZE_TOLERANCE
+from livedecon.daemon.adaptation import adaptation_for
 from livedecon.daemon.config import DaemonConfig
 from livedecon.daemon.journal import (
     ACQUISITION_FILE,
@@ -31,6 +33,7 @@ from livedecon.daemon.metrics import Metrics
 from livedecon.daemon.pipeline import Acquisition, Job, JobQueue, Worker, WriterThread
 from livedecon.daemon.processing import PassThrough, Processor, open_processor
 from livedecon.daemon.protocol import (
+    AdaptationPlan,
     ErrorCode,
     Header,
     Kind,
@@ -233,6 +236,8 @@ class Daemon:
             return Reply(ok=True, data=self.metrics.snapshot())
         if kind is Kind.LOAD_MODEL:
             return self._load_model(header.request)
+        if kind is Kind.ADAPTATION:
+            return self._adaptation(header, received)
         if kind is Kind.SHUTDOWN:
             self._stopping.set()
             return Reply(ok=True, data={"message": "finishing queued frames, then stopping"})
@@ -290,11 +295,18 @@ class Daemon:
             units=processor.units,
             spill_dir=str(self.config.spill_path.resolve()),
         )
+        if plan.adaptation.mode != "off":
+            if isinstance(processor, PassThrough):
+                raise ProtocolError(ErrorCode.PLAN_MISMATCH, "pass-through has nothing to adapt")
+            processor = processor.fork()  # type: ignore[attr-defined]  # its weights will change
         journal = None
         if plan.save:
             write_acquisition_record(directory, record)
             journal = Journal(directory)
-        self.active[acquisition_id] = Acquisition(record, processor, directory, journal)
+        acquisition = Acquisition(record, processor, directory, journal)
+        if plan.adaptation.mode != "off":
+            acquisition.adaptation = adaptation_for(processor, plan.adaptation, acquisition)
+        self.active[acquisition_id] = acquisition
         log.info("acquisition %s started: %s, %s", acquisition_id, plan.mode, processor.bundle_id)
         return Reply(
             ok=True,
@@ -369,6 +381,39 @@ class Daemon:
                 f"frame {list(plane)} differs from earlier frames {list(first)} of position "
                 f"{axes.position!r}, channel {axes.channel!r}"
             )
+
+    def _adaptation(self, header: Header, received: float) -> Reply:
+        """Per-acquisition adaptation: status, set (request.plan) or rollback
+        (request.version, default: the previous one). Changes run in the worker, in order."""
+        acquisition = self._acquisition(header)
+        request, action = header.request, header.request.get("action", "status")
+        state = acquisition.adaptation
+        if action == "status":
+            return Reply(ok=True, data=state.status() if state else {"mode": "off"})
+        if action == "rollback":
+            if state is None or len(state.versions) < 2:
+                raise ProtocolError(ErrorCode.BAD_HEADER, "there is no earlier weights version")
+            version = request.get("version")
+            if version is not None and version not in state.versions:
+                raise ProtocolError(
+                    ErrorCode.BAD_HEADER,
+                    f"no weights version {version}; kept: {sorted(state.versions)}",
+                )
+        elif action == "set":
+            if isinstance(acquisition.processor, PassThrough):
+                raise ProtocolError(ErrorCode.PLAN_MISMATCH, "pass-through has nothing to adapt")
+            try:
+                AdaptationPlan.model_validate(request.get("plan", {}))
+            except ValidationError as exc:
+                raise ProtocolError(
+                    ErrorCode.BAD_HEADER, f"adaptation plan: {exc.errors()[0]['msg']}"
+                ) from None
+        else:
+            raise ProtocolError(
+                ErrorCode.BAD_HEADER, f"adaptation action {action!r}: use status, set or rollback"
+            )
+        self.jobs.put(Job(acquisition, Kind.ADAPTATION, header, received_s=received))
+        return Reply(ok=True, data={"scheduled": action})
 
     def _end(self, header: Header, received: float) -> Reply:
         acquisition = self._acquisition(header)

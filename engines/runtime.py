@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,8 +74,18 @@ class TorchRuntime:
         return deconvolved.float().cpu().numpy()
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        self.model = self._build(state_dict)
-        self.weights_updates += 1
+        self.prepare_weights(state_dict)()
+
+    def prepare_weights(self, state_dict: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        """Build the new model now (any thread); the returned commit swaps it in (one
+        assignment), so the caller decides which batch is the first on the new weights."""
+        model = self._build(state_dict)
+
+        def commit() -> None:
+            self.model = model
+            self.weights_updates += 1
+
+        return commit
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -127,6 +137,7 @@ class OnnxRuntime:
         self.work_dir = Path(work_dir or self._tmp.name)
         self._lock = threading.Lock()  # one update at a time; inference never takes it
         self.weights_updates = 0
+        self._prepared = 0
         self.multiple = input_multiple(spec)
         path = Path(onnx_path) if onnx_path else self.work_dir / "model.onnx"
         if not path.is_file():
@@ -151,12 +162,21 @@ class OnnxRuntime:
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Export and load a new session beside the serving one, then swap."""
+        self.prepare_weights(state_dict)()
+
+    def prepare_weights(self, state_dict: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        """Export and load a new session now (any thread); the returned commit swaps it in."""
         with self._lock:
-            version = self.weights_updates + 1
-            path = self.work_dir / f"model-v{version}.onnx"
+            self._prepared += 1
+            path = self.work_dir / f"model-v{self._prepared}.onnx"
             self._export(copy.deepcopy(dict(state_dict)), path)
-            self.session = self._load(path)
-            self.weights_updates = version
+            session = self._load(path)
+
+        def commit() -> None:
+            self.session = session
+            self.weights_updates += 1
+
+        return commit
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -151,7 +151,7 @@ class Objective:
         if self.is_3d:
             centre = psf.shape[0] // 2
             psf = psf[centre % 2 :: 2] / psf[centre % 2 :: 2].sum()
-        self.psf = torch.from_numpy(np.ascontiguousarray(psf))
+        self.psf = torch.from_numpy(np.array(psf, dtype=np.float32))  # a writable copy
         self.scale_e = scale_e
         self.loss = loss
         if read_noise_e is not None and recorruption.beta2 is None:

@@ -18,7 +18,6 @@ from livedecon.daemon.protocol import (
     PROTOCOL_VERSION,
     Axes,
     ErrorCode,
-    Kind,
     Plan,
     Topic,
     decode_publication,
@@ -164,12 +163,13 @@ def test_every_bad_input_gets_its_error_and_the_daemon_keeps_serving(pass_throug
 
 def test_client_errors_carry_the_daemons_sentence_and_control_calls_work(pass_through):
     with pass_through.client() as client:
-        with pytest.raises(DaemonError, match="not available"):
-            client._request(client._header(Kind.ADAPTATION))
         with pytest.raises(DaemonError, match="cannot load model 'no-such-bundle'") as caught:
             client.load_model("no-such-bundle")
         assert caught.value.code == "model"
         client.start("errors", Plan(pixel_size_um=0.1))
+        with pytest.raises(DaemonError, match="pass-through has nothing to adapt"):
+            client.adaptation("set", plan={"mode": "adapt"})
+        assert client.adaptation() == {"mode": "off"}
         with pytest.raises(DaemonError, match="already exists"):
             client.start("errors", Plan(pixel_size_um=0.1))
         client.send(np.zeros((32, 32), np.uint16))
