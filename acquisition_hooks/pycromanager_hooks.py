@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from livedecon.acquisition_hooks.stream import DaemonStream, TimepointTracker
+from livedecon.acquisition_hooks.stream import DaemonStream
 from livedecon.daemon.protocol import Axes, Plan
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,8 @@ def plan_from_events(
 
 
 class PycromanagerHooks:
-    def __init__(
-        self,
-        stream: DaemonStream,
-        tracker: TimepointTracker,
-        end_wait_s: float | None = None,
-    ) -> None:
-        self.stream, self.tracker, self.end_wait_s = stream, tracker, end_wait_s
+    def __init__(self, stream: DaemonStream, end_wait_s: float | None = None) -> None:
+        self.stream, self.end_wait_s = stream, end_wait_s
         self._started = self._finished = False
         self.final_state: dict[str, Any] = {}
 
@@ -107,10 +102,7 @@ class PycromanagerHooks:
         try:
             if not self._started:
                 self._start()
-            axes = axes_from(metadata.get("Axes", {}))
-            self.stream.frame(image, axes, camera_time(metadata))
-            for t in self.tracker.image(axes.time):
-                self.stream.timepoint_done(Axes(time=t))
+            self.stream.frame(image, axes_from(metadata.get("Axes", {})), camera_time(metadata))
         except Exception:  # whatever happens here, the acquisition keeps its image
             log.exception("livedecon hook failed on a frame; the frame passes through")
         return image, metadata
@@ -131,8 +123,6 @@ class PycromanagerHooks:
             return self.final_state
         self._finished = True
         try:
-            for t in self.tracker.remaining():
-                self.stream.timepoint_done(Axes(time=t))
             self.final_state = self.stream.end(self.end_wait_s)
         except Exception:
             log.exception("livedecon hook failed to end the acquisition")
@@ -174,6 +164,7 @@ def livedecon_hooks(
         address,
         timeout_s=timeout_s,
         retry_s=retry_s,
+        images_per_timepoint=per_timepoint,
         **stream_options,
     )
-    return PycromanagerHooks(stream, TimepointTracker(per_timepoint), end_wait_s)
+    return PycromanagerHooks(stream, end_wait_s)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from livedecon.acquisition_hooks.pycromanager_hooks import camera_time, new_acquisition_id
-from livedecon.acquisition_hooks.stream import DaemonStream, TimepointTracker
+from livedecon.acquisition_hooks.stream import DaemonStream
 from livedecon.daemon.protocol import Axes, Plan
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,6 @@ class MDAHooks:
         self.end_wait_s = end_wait_s
         self._options = {"timeout_s": timeout_s, "retry_s": retry_s, **stream_options}
         self.stream: DaemonStream | None = None
-        self.tracker = TimepointTracker()
         self.final_state: dict[str, Any] = {}
 
     def attach(self) -> MDAHooks:
@@ -102,11 +101,11 @@ class MDAHooks:
             plan, per_timepoint = plan_from_sequence(
                 sequence, float(self.core.getPixelSizeUm()), self.mode, self.model
             )
-            self.tracker = TimepointTracker(per_timepoint)
             self.stream = DaemonStream(
                 self.acquisition_id or new_acquisition_id("mda"),
                 plan,
                 self.address,
+                images_per_timepoint=per_timepoint,
                 **self._options,
             )
             self.stream.start()
@@ -117,11 +116,8 @@ class MDAHooks:
         if self.stream is None:
             return
         try:
-            axes = axes_from_event(event)
             timestamp = camera_time({**metadata.get("camera_metadata", {}), **metadata})
-            self.stream.frame(image, axes, timestamp)
-            for t in self.tracker.image(axes.time):
-                self.stream.timepoint_done(Axes(time=t))
+            self.stream.frame(image, axes_from_event(event), timestamp)
         except Exception:
             log.exception("livedecon hook failed on a frame; the frame passes through")
 
@@ -129,8 +125,6 @@ class MDAHooks:
         if self.stream is None:
             return
         try:
-            for t in self.tracker.remaining():
-                self.stream.timepoint_done(Axes(time=t))
             self.final_state = self.stream.end(self.end_wait_s)
         except Exception:
             log.exception("livedecon hook failed to end the acquisition")

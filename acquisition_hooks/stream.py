@@ -82,8 +82,12 @@ class DaemonStream:
         retry_s: float = 2.0,
         shared_memory_min_bytes: int | None = None,
         secure: Callable[[zmq.Socket], None] | None = None,
+        images_per_timepoint: dict[int, int] | None = None,
     ) -> None:
+        """`images_per_timepoint`: how many images complete each timepoint (else a timepoint
+        is complete when a later one begins, or at the end)."""
         self.base_id, self.plan = acquisition_id, plan
+        self.tracker = TimepointTracker(images_per_timepoint)
         self.address, self.retry_s, self.secure = address, retry_s, secure
         self.counters = StreamCounters()
         self.client = DaemonClient(address, timeout_s, window, shared_memory_min_bytes, secure)
@@ -104,6 +108,12 @@ class DaemonStream:
         self._open_part(self.base_id)
 
     def frame(self, image: np.ndarray, axes: Axes, timestamp_s: float | None = None) -> None:
+        """Send one frame, and the timepoints it completes."""
+        self._send_frame(image, axes, timestamp_s)
+        for t in self.tracker.image(axes.time):
+            self.timepoint_done(Axes(time=t))
+
+    def _send_frame(self, image: np.ndarray, axes: Axes, timestamp_s: float | None) -> None:
         self.counters.frames += 1
         if not self.online and self._back.is_set():
             self._resume()
@@ -124,7 +134,10 @@ class DaemonStream:
         self._control(lambda: self.client.timepoint_done(axes))
 
     def end(self, wait_s: float | None = None) -> dict[str, Any]:
-        """End the acquisition on the daemon (waiting up to `wait_s` for it to be written)."""
+        """Close the open timepoints and end the acquisition on the daemon (waiting up to
+        `wait_s` for it to be written)."""
+        for t in self.tracker.remaining():
+            self.timepoint_done(Axes(time=t))
         state: dict[str, Any] = {}
         if not self.online and self._back.is_set():
             self._resume()

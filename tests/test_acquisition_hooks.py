@@ -141,12 +141,15 @@ def test_pymmcore_plus_run_mda_streams_every_frame(tmp_path, scope):
         assert np.abs(plane - expected).max() <= 1e-3 * expected.max()
 
 
+N_OUTAGE = 40  # timepoints, 0.15 s apart: time for a restarted daemon to come up
+
+
 def test_a_daemon_that_dies_mid_acquisition_leaves_it_unharmed_and_resumes(tmp_path, scope):
     from pycromanager import Acquisition, multi_d_acquisition_events
 
     daemon = start_daemon(tmp_path)  # pass-through: this is about the connection
     scope.attach_pycromanager()
-    events = multi_d_acquisition_events(num_time_points=24, time_interval_s=0.15)
+    events = multi_d_acquisition_events(num_time_points=N_OUTAGE, time_interval_s=0.15)
     hooks = livedecon_hooks(
         scope.core, events, "outage", daemon.ingest, timeout_s=0.5, retry_s=0.3, end_wait_s=30
     )
@@ -174,16 +177,16 @@ def test_a_daemon_that_dies_mid_acquisition_leaves_it_unharmed_and_resumes(tmp_p
             process_.stop()
     counters = hooks.stream.counters.summary()
     raw = Dataset(str(acq.get_dataset().path))
-    assert len(raw.get_image_coordinates_list()) == 24  # the raw data is complete
+    assert len(raw.get_image_coordinates_list()) == N_OUTAGE  # the raw data is complete
     raw.close()
-    assert counters["frames"] == 24
+    assert counters["frames"] == N_OUTAGE
     assert counters["missed"] > 0  # the gap shows
     assert counters["outages"] == 1
     assert counters["parts"] == ["outage", "outage-part2"]  # and processing resumed
-    assert counters["sent"] + counters["missed"] == 24
+    assert counters["sent"] + counters["missed"] == N_OUTAGE
     resumed = _restored(daemon.config.output_dir / "outage-part2")
     assert len(resumed) > 0
-    assert {r.time for r, _ in resumed} <= set(range(10, 24))
+    assert {r.time for r, _ in resumed} <= set(range(10, N_OUTAGE))
     before = _restored(daemon.config.output_dir / "outage")
     assert len(before) + len(resumed) == counters["sent"] - counters["unacknowledged"]
-    assert elapsed < 24 * 0.15 + 8  # never held up for long
+    assert elapsed < N_OUTAGE * 0.15 + 8  # never held up for long
