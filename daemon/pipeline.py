@@ -280,6 +280,8 @@ class Worker(threading.Thread):
     def run(self) -> None:
         while True:
             self._commit_ready_swaps()
+            if self._stopping.is_set():
+                self._adapting.clear()  # shutting down: finish the frames, not the training
             adapting = next(iter(self._adapting.values()), None)
             job = self._next(timeout=0.0 if adapting else 0.05)
             if job is None:
@@ -413,6 +415,7 @@ class Worker(threading.Thread):
             self._control_adaptation(acquisition, job.header.request)
             return
         if job.kind is Kind.ACQUISITION_END:
+            self._adapting.pop(acquisition.id, None)  # no frame left to serve better
             for stack in self.stacks.flush(acquisition.id):
                 self._run_stack(stack)
             self.writer.queue.put(WriteItem(acquisition, close=True))
