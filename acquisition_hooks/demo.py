@@ -35,7 +35,7 @@ from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.config import MicroscopeConfig, load_microscope, shipped_config_path
 from livedecon.calibration.forward_model import counts_to_electrons
 from livedecon.calibration.metrics import psnr
-from livedecon.daemon.config import load_daemon_config
+from livedecon.daemon.config import Endpoints, load_daemon_config
 from livedecon.daemon.launcher import free_tcp_endpoint, spawn_daemon
 from livedecon.daemon.protocol import Topic, decode_publication
 from livedecon.daemon.writer import output_files, read_planes
@@ -148,18 +148,14 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     scope_config = _scope_config(settings)
     bundle = settings.bundle or ("fast3d-sim" if settings.three_d else "fast2d-sim")
-    daemon_config = load_daemon_config(shipped_config_path("daemon.toml")).model_copy(
-        update={"output_dir": out / "restored"}
-    )
-    daemon_config = type(daemon_config).model_validate(
-        {
-            **daemon_config.model_dump(),
-            "endpoints": {"ingest": free_tcp_endpoint(), "publish": free_tcp_endpoint()},
-            "model": {
-                **daemon_config.model.model_dump(),
-                "bundle": bundle,
-                "backend": settings.backend,
-            },
+    shipped = load_daemon_config(shipped_config_path("daemon.toml"))
+    daemon_config = shipped.model_copy(
+        update={
+            "output_dir": out / "restored",
+            "endpoints": Endpoints(ingest=free_tcp_endpoint(), publish=free_tcp_endpoint()),
+            "model": shipped.model.model_copy(
+                update={"bundle": bundle, "backend": settings.backend}
+            ),
         }
     )
     progress("starting the daemon (first run: exports and checks the engine)", 0, 0)

@@ -27,6 +27,11 @@ ACQUISITION_FILE = "acquisition.json"
 JOURNAL_FILE = "acked.jsonl"
 
 
+def safe_name(name: int | str) -> str:
+    """`name` (an acquisition id, a position or channel) as a file or directory name."""
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in str(name))
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

@@ -188,8 +188,9 @@ class StackAssembler:
         keys = [k for k, s in self._open.items() if now - s.last_s > self.timeout_s]
         return [self._open.pop(k) for k in keys]
 
-    def flush(self, acquisition_id: str) -> list[Stack]:
-        keys = [k for k in self._open if k[0] == acquisition_id]
+    def flush(self, acquisition_id: str | None = None) -> list[Stack]:
+        """The open stacks of an acquisition (of all, by default), incomplete as they are."""
+        keys = [k for k in self._open if acquisition_id in (None, k[0])]
         return [self._open.pop(k) for k in keys]
 
     def next_deadline(self) -> float | None:
@@ -271,7 +272,6 @@ class Worker(threading.Thread):
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="weights")
         self._last_step = (0.0, 0.0)  # perf_counter start and end of the latest step
         self._stopping = threading.Event()
-        self.idle = threading.Event()
 
     def stop(self) -> None:
         """Stop once everything queued has been processed."""
@@ -292,18 +292,15 @@ class Worker(threading.Thread):
                     self._run_stack(stack)
                 if self._stopping.is_set() and self.jobs.empty():
                     break
-                self.idle.set()
                 continue
-            self.idle.clear()
             self._note_training_delay(job)
             try:
                 self._handle(job)
             except Exception:
                 self.metrics.count("errors")
                 log.exception("processing %s of %s failed", job.header.frame_id, job.acquisition.id)
-        for acquisition_id in {k[0] for k in self.stacks._open}:
-            for stack in self.stacks.flush(acquisition_id):
-                self._run_stack(stack)
+        for stack in self.stacks.flush():
+            self._run_stack(stack)
         self._preparer.shutdown(wait=True)
         self._commit_ready_swaps()
         self.writer.queue.put(None)

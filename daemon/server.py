@@ -27,6 +27,7 @@ from livedecon.daemon.journal import (
     AcquisitionRecord,
     Journal,
     JournalEntry,
+    safe_name,
     write_acquisition_record,
 )
 from livedecon.daemon.metrics import Metrics
@@ -49,10 +50,6 @@ from livedecon.daemon.spill import SpillStore
 log = logging.getLogger(__name__)
 PASS_THROUGH = "pass-through"
 FINISHED_KEPT = 100  # ended acquisitions still listed by `status`
-
-
-def safe_name(acquisition_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in acquisition_id)
 
 
 class Daemon:

@@ -14,11 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from livedecon.daemon.journal import safe_name
 from livedecon.daemon.protocol import DTYPES, Header
-
-
-def _safe(acquisition_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in acquisition_id)
 
 
 class SpillStore:
@@ -26,7 +23,7 @@ class SpillStore:
         self.root = Path(root)
 
     def directory(self, acquisition_id: str) -> Path:
-        return self.root / _safe(acquisition_id)
+        return self.root / safe_name(acquisition_id)
 
     def put(self, header: Header, pixels: np.ndarray) -> Path:
         """Write one frame; returns the path of its header (the handle for `load`/`remove`)."""

@@ -33,7 +33,7 @@ import numpy as np
 import tifffile
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from livedecon.daemon.journal import AcquisitionRecord
+from livedecon.daemon.journal import AcquisitionRecord, safe_name
 
 try:
     import fcntl
@@ -76,13 +76,11 @@ class OutputBusyError(RuntimeError):
     """Another process (a running daemon, a reprocess) holds the file open for writing."""
 
 
-def _safe(name: int | str) -> str:
-    return "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in str(name))
-
-
 def output_path(directory: Path, position: int | str, channel: int | str) -> Path:
     """The file holding the restored planes of one position and channel."""
-    return Path(directory) / f"{FILE_PREFIX}p{_safe(position)}_c{_safe(channel)}{FILE_SUFFIX}"
+    return (
+        Path(directory) / f"{FILE_PREFIX}p{safe_name(position)}_c{safe_name(channel)}{FILE_SUFFIX}"
+    )
 
 
 def output_files(directory: Path) -> list[Path]:
