@@ -2,7 +2,9 @@
 
 The specimen is rendered at twice the camera sampling (the grid restored images live on),
 blurred by the PSF, binned 2x2 onto the camera grid, then turned into counts by the camera:
-Poisson photon noise, gain, offset, Gaussian read noise and optional sCMOS column stripes.
+photo-response non-uniformity, hot-pixel dark current, Poisson photon noise, EM multiplication
+(EMCCD), Gaussian read noise, gain, offset, and optional sCMOS column stripes; the per-pixel
+maps (sCMOS offsets and read noise, photo-response, hot pixels) are the camera's fixed pattern.
 
 Units: photoelectrons (quantum efficiency folded into the emission rates), counts in ADU.
 """
@@ -37,17 +39,106 @@ class Observation:
     expected_e: np.ndarray
 
 
+@dataclass(frozen=True)
+class CameraPattern:
+    """A camera's fixed pattern, drawn once from Camera.pattern_seed: the same in every frame.
+
+    Uniform quantities stay scalars (the cheap path, and the only one for a default camera).
+    offset_adu: dark level, scalar or (Y, X) map.
+    read_noise_e: read noise rms in electrons, scalar or (Y, X) map (log-normal around the
+        camera's read_noise_e, which is its median).
+    relative_gain: per-pixel photo-response (mean 1), or None.
+    dark_e_per_s: dark current, non-zero at hot pixels only, or None.
+    """
+
+    shape: tuple[int, int]
+    offset_adu: float | np.ndarray
+    read_noise_e: float | np.ndarray
+    relative_gain: np.ndarray | None
+    dark_e_per_s: np.ndarray | None
+
+    @classmethod
+    def build(cls, camera: Camera, shape: tuple[int, int]) -> CameraPattern:
+        shape = (int(shape[0]), int(shape[1]))
+
+        def stream(i: int) -> np.random.Generator:
+            # one stream per map, so switching one map on does not redraw the others
+            return np.random.default_rng([camera.pattern_seed, i])
+
+        offset: float | np.ndarray = camera.offset_adu
+        if camera.offset_spread_adu > 0:
+            noise = stream(0).normal(0.0, camera.offset_spread_adu, shape)
+            offset = np.clip(camera.offset_adu + noise, 0, camera.max_count)
+        read: float | np.ndarray = camera.read_noise_e
+        if camera.read_noise_spread > 0:
+            read = camera.read_noise_e * np.exp(
+                stream(1).normal(0.0, camera.read_noise_spread, shape)
+            )
+        gain = None
+        if camera.gain_spread > 0:
+            gain = np.clip(1.0 + stream(2).normal(0.0, camera.gain_spread, shape), 0.05, None)
+            gain /= gain.mean()
+        dark = None
+        hot = round(camera.hot_pixel_fraction * shape[0] * shape[1])
+        if hot > 0:
+            rng = stream(3)
+            dark = np.zeros(shape)
+            where = rng.choice(dark.size, size=hot, replace=False)
+            dark.flat[where] = camera.hot_pixel_e_per_s * np.exp(rng.normal(0.0, 0.3, hot))
+        return cls(shape, offset, read, gain, dark)
+
+    @property
+    def hot_pixels(self) -> np.ndarray:
+        """Where the hot pixels are, (Y, X) bool."""
+        if self.dark_e_per_s is None:
+            return np.zeros(self.shape, dtype=bool)
+        return self.dark_e_per_s > 0
+
+
+def excess_noise_factor_sq(em_gain: float) -> float:
+    """F^2 of a multiplication register of mean gain `em_gain` in the many-stage limit:
+    2 - 1/em_gain (1 without multiplication, 2 at high gain). Real registers of ~500 stages
+    give slightly less (1.97 at gain 100)."""
+    return 2.0 - 1.0 / em_gain
+
+
 def camera_counts(
     electrons_expected: np.ndarray,
     camera: Camera,
     rng: np.random.Generator,
     column_offsets_adu: np.ndarray | None = None,
+    *,
+    pattern: CameraPattern | None = None,
+    exposure_ms: float = 0.0,
 ) -> np.ndarray:
-    """Counts a camera reads out for the given expected photoelectrons per pixel."""
-    electrons = rng.poisson(np.clip(electrons_expected, 0, None)).astype(np.float64)
-    if camera.read_noise_e > 0:
-        electrons += rng.normal(0.0, camera.read_noise_e, size=electrons.shape)
-    adu = camera.offset_adu + electrons / camera.gain_e_per_adu
+    """Counts a camera reads out for the given expected photoelectrons per pixel.
+
+    `pattern` is the camera's fixed pattern (built from `camera` when not given);
+    `exposure_ms` sets the dark electrons of hot pixels (0: a bias frame).
+    """
+    if pattern is None:
+        pattern = CameraPattern.build(camera, electrons_expected.shape[-2:])
+    elif electrons_expected.shape[-2:] != pattern.shape:
+        raise ValueError(f"frame {electrons_expected.shape} does not match pattern {pattern.shape}")
+    expected = np.clip(electrons_expected, 0, None)
+    if pattern.relative_gain is not None:
+        expected = expected * pattern.relative_gain
+    if pattern.dark_e_per_s is not None and exposure_ms > 0:
+        expected = expected + pattern.dark_e_per_s * (exposure_ms / 1000.0)
+    electrons = rng.poisson(expected).astype(np.float64)
+    if camera.em_gain > 1:
+        # Multiplication register, referred to its input: a gamma with mean n and variance
+        # n (1 - 1/g), so the total variance is F^2 = 2 - 1/g times the photoelectrons.
+        k = camera.em_gain / (camera.em_gain - 1.0)
+        electrons = rng.gamma(electrons * k, 1.0 / k)
+    if np.ndim(pattern.read_noise_e) == 0:
+        if camera.read_noise_e > 0:
+            electrons += rng.normal(0.0, camera.read_noise_e, size=electrons.shape)
+    else:
+        electrons += rng.standard_normal(electrons.shape) * pattern.read_noise_e
+    adu = pattern.offset_adu + electrons / camera.gain_e_per_adu
+    if camera.column_noise_adu > 0:
+        adu += rng.normal(0.0, camera.column_noise_adu, size=electrons.shape[-1])
     if column_offsets_adu is not None:
         adu += column_offsets_adu
     dtype = np.uint8 if camera.bit_depth <= 8 else np.uint16
@@ -99,6 +190,7 @@ class ForwardModel:
         self.column_offsets_adu = (
             fixed.normal(0.0, stripe, size=camera.width_px)[None, :] if stripe > 0 else None
         )
+        self.camera_pattern = CameraPattern.build(camera, self.camera_shape)
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -173,14 +265,37 @@ class ForwardModel:
         if exposure_ms <= 0:
             raise ValueError(f"exposure must be positive, got {exposure_ms} ms")
         expected = self.expected_electrons(t_s, z_um, exposure_ms)
-        counts = camera_counts(expected, self.microscope.camera, self.rng, self.column_offsets_adu)
+        counts = self._counts(expected, exposure_ms)
         truth = self.truth(t_s, z_um) * (exposure_ms / 1000.0)
         return Observation(counts, truth.astype(np.float32), expected.astype(np.float32))
 
-    def dark(self) -> np.ndarray:
-        """A frame with no light reaching the camera: offset, read noise and stripes."""
-        electrons = np.zeros(self.camera_shape)
-        return camera_counts(electrons, self.microscope.camera, self.rng, self.column_offsets_adu)
+    def _counts(self, electrons: np.ndarray, exposure_ms: float) -> np.ndarray:
+        camera = self.microscope.camera
+        return camera_counts(
+            electrons,
+            camera,
+            self.rng,
+            self.column_offsets_adu,
+            pattern=self.camera_pattern,
+            exposure_ms=exposure_ms,
+        )
+
+    def dark(self, exposure_ms: float = 0.0) -> np.ndarray:
+        """A frame with no light reaching the camera: offset, read noise, stripes and the hot
+        pixels' dark current over `exposure_ms` (0: a bias frame)."""
+        if exposure_ms < 0:
+            raise ValueError(f"exposure must not be negative, got {exposure_ms} ms")
+        return self._counts(np.zeros(self.camera_shape), exposure_ms)
+
+    def flat(self, electrons_per_px: float, exposure_ms: float) -> np.ndarray:
+        """An evenly illuminated frame: `electrons_per_px` expected photoelectrons in every
+        pixel, through the whole camera (photo-response, dark current, noise, offset)."""
+        if electrons_per_px < 0 or exposure_ms <= 0:
+            raise ValueError(
+                f"a flat needs electrons_per_px >= 0 and a positive exposure, got"
+                f" {electrons_per_px} e- and {exposure_ms} ms"
+            )
+        return self._counts(np.full(self.camera_shape, float(electrons_per_px)), exposure_ms)
 
     def acquire_stack(self, t_s: float, z_um: np.ndarray, exposure_ms: float) -> Observation:
         """A z-stack at one sample time: (Z, Y, X) counts and (Z, 2Y, 2X) truth."""

@@ -1,4 +1,5 @@
-"""A synthetic fluorescent specimen: filaments and puncta that move and bend slowly.
+"""A synthetic fluorescent specimen: filaments and puncta that move and bend slowly, or a
+slide of sub-resolution beads (Sample.kind == "beads") for measuring the PSF.
 
 Everything is a deterministic function of (seed, time): the specimen at time t can be
 rendered in any order, so a camera can ask for any timepoint and a test can rebuild the
@@ -14,6 +15,7 @@ from livedecon.calibration.config import Sample
 
 FILAMENT_SIGMA_UM = 0.012  # ~25 nm filaments: thinner than any grid we render on
 PUNCTUM_SIGMA_UM = 0.045  # ~100 nm vesicles
+BEAD_PAIR_MAX_UM = 1.5  # partner distance of a clumped bead: from unresolved to near neighbours
 
 
 class SyntheticSample:
@@ -48,6 +50,13 @@ class SyntheticSample:
         self._p_gain = rng.uniform(0.5, 1.5, size=n_p)
         self._p_blink_period = sample.period_s * rng.uniform(1.0, 3.0, size=n_p)
         self._p_blink_phase = rng.uniform(0, 2 * np.pi, size=n_p)
+
+        # its own generator, so adding beads leaves the cell specimen of a seed unchanged
+        self.bead_positions_um, self.bead_photons_s = (
+            _place_beads(sample, self.field_um, np.random.default_rng((sample.seed, 2)))
+            if sample.kind == "beads"
+            else (np.zeros((0, 3)), np.zeros(0))
+        )
 
     def _amplitude_scale(self) -> np.ndarray:
         motion = self.config.motion_um
@@ -104,10 +113,13 @@ class SyntheticSample:
         """Emission density on a grid: (len(z_planes), Y, X) float32, photons/s per pixel.
 
         A thin sample (depth 0) puts everything on the single plane given. For a thick one,
-        emitters are shared linearly between the two nearest planes.
+        emitters are shared linearly between the two nearest planes. Beads are points snapped
+        to the nearest grid pixel centre (and plane), so each bead's image is exactly the PSF.
         """
         z_planes_um = np.atleast_1d(np.asarray(z_planes_um, dtype=float))
         shape = (z_planes_um.size, *shape_yx)
+        if self.config.kind == "beads":
+            return self._render_beads(pixel_um, shape, z_planes_um)
         fil_xyz, fil_w = self.filament_points(t_s, spacing_um=pixel_um / 2)
         pun_xyz, pun_w = self.puncta(t_s)
         filaments = _splat(fil_xyz, fil_w, pixel_um, shape, z_planes_um, self.config.depth_um)
@@ -118,6 +130,23 @@ class SyntheticSample:
             filaments[k] = ndimage.gaussian_filter(filaments[k], sigma_f, mode="constant")
             puncta[k] = ndimage.gaussian_filter(puncta[k], sigma_p, mode="constant")
         return (filaments + puncta).astype(np.float32)
+
+    def bead_centres_um(self, pixel_um: float, z_planes_um: np.ndarray | None = None) -> np.ndarray:
+        """(n, 3) bead positions (z, y, x) in um as rendered on a grid of `pixel_um`: at the
+        nearest pixel centre (and of a thick sample, the nearest of `z_planes_um`)."""
+        pos = self.bead_positions_um.copy()
+        pos[:, 1:] = (np.floor(pos[:, 1:] / pixel_um) + 0.5) * pixel_um
+        if z_planes_um is not None and self.config.depth_um > 0 and len(z_planes_um) > 1:
+            planes = np.asarray(z_planes_um, dtype=float)
+            pos[:, 0] = planes[np.abs(pos[:, :1] - planes[None, :]).argmin(axis=1)]
+        return pos
+
+    def _render_beads(
+        self, pixel_um: float, shape: tuple[int, int, int], z_planes_um: np.ndarray
+    ) -> np.ndarray:
+        pos = self.bead_centres_um(pixel_um, z_planes_um)
+        out = _splat(pos, self.bead_photons_s, pixel_um, shape, z_planes_um, self.config.depth_um)
+        return out.astype(np.float32)
 
 
 def _splat(
@@ -155,3 +184,39 @@ def _splat(
                     flat.astype(np.int64), weights=(weights * wz * wy * wx)[ok], minlength=out.size
                 )
     return out.reshape(shape)
+
+
+def _place_beads(
+    sample: Sample, field_um: tuple[float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) bead positions (z, y, x) in um and photons/s each.
+
+    Beads keep `bead_min_separation_um` from each other (placed one by one; a field too small
+    for all of them holds fewer), except the partners of clumped pairs, which sit 0 to
+    BEAD_PAIR_MAX_UM from a bead: unresolved doublets and close neighbours, as on a real slide.
+    """
+    n_pairs = round(sample.n_beads * sample.bead_pair_fraction / 2)
+    n_sites = sample.n_beads - n_pairs
+    fy, fx = field_um
+    sep2 = sample.bead_min_separation_um**2
+    sites: list[np.ndarray] = []
+    for _ in range(100 * max(n_sites, 1)):
+        if len(sites) == n_sites:
+            break
+        p = rng.uniform((0.0, 0.0), (fy, fx))
+        if not sites or np.min(np.sum((np.asarray(sites) - p) ** 2, axis=1)) >= sep2:
+            sites.append(p)
+    yx = np.asarray(sites).reshape(-1, 2)
+    partners = []
+    for anchor in yx[: min(n_pairs, len(yx))]:
+        for _ in range(20):  # a partner that would fall off the field is drawn again
+            r, phi = rng.uniform(0, BEAD_PAIR_MAX_UM), rng.uniform(0, 2 * np.pi)
+            p = anchor + r * np.array([np.sin(phi), np.cos(phi)])
+            if 0 <= p[0] < fy and 0 <= p[1] < fx:
+                partners.append(p)
+                break
+    yx = np.concatenate([yx, np.asarray(partners).reshape(-1, 2)])
+    half = sample.depth_um / 2
+    z = rng.uniform(-half, half, size=len(yx)) if half > 0 else np.zeros(len(yx))
+    gain = np.clip(rng.normal(1.0, sample.bead_brightness_sd, size=len(yx)), 0.2, None)
+    return np.column_stack([z, yx]), sample.bead_photons_s * gain
