@@ -13,6 +13,7 @@ the hooks themselves, which need only the client and protocol).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import threading
@@ -54,6 +55,7 @@ class DemoSettings:
     bundle: str | None = None  # None: the shipped model for the mode
     backend: str = "auto"
     microscope: Path | None = None
+    endpoints: Endpoints | None = None  # None: free loopback ports
 
 
 @dataclass
@@ -152,7 +154,8 @@ def run_demo(
     daemon_config = shipped.model_copy(
         update={
             "output_dir": out / "restored",
-            "endpoints": Endpoints(ingest=free_tcp_endpoint(), publish=free_tcp_endpoint()),
+            "endpoints": settings.endpoints
+            or Endpoints(ingest=free_tcp_endpoint(), publish=free_tcp_endpoint()),
             "model": shipped.model.model_copy(
                 update={"bundle": bundle, "backend": settings.backend}
             ),
@@ -225,3 +228,47 @@ def run_demo(
         backend=hooks.stream.started_reply.get("backend", "?"),
         bundle_id=hooks.stream.started_reply.get("bundle_id", "?"),
     )
+
+
+def run_demo_with_viewer(
+    settings: DemoSettings,
+    progress: Callable[[str, int, int], None] = lambda *_: None,
+    report: Callable[[DemoSummary], None] = lambda _: None,
+) -> DemoSummary:
+    """The demo with the live viewer. The window opens first, on the endpoints the daemon will
+    bind (it shows the daemon as soon as it is up); the demo runs in a thread, since Qt owns
+    the main thread, and `report` gets its summary when it ends. The window stays open until
+    the user closes it; closed early, the demo still finishes (and stops its daemon)."""
+    try:
+        import napari
+
+        from livedecon.daemon.viewer import open_viewer
+    except ImportError as exc:
+        raise RuntimeError(str(exc)) from None
+    endpoints = settings.endpoints or Endpoints(
+        ingest=free_tcp_endpoint(), publish=free_tcp_endpoint()
+    )
+    settings = dataclasses.replace(settings, endpoints=endpoints)
+    _, widget = open_viewer(
+        endpoints.publish, endpoints.ingest, volume=settings.three_d, title="livedecon demo"
+    )
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["summary"] = run_demo(settings, progress)
+            report(outcome["summary"])
+        except BaseException as exc:  # raised again in the caller's thread
+            outcome["error"] = exc
+            progress(f"the demo failed ({exc}); close the viewer to exit", 0, 0)
+
+    thread = threading.Thread(target=work, name="livedecon-demo", daemon=True)
+    thread.start()
+    try:
+        napari.run()
+    finally:
+        widget.shutdown()
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["summary"]

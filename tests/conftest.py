@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Qt tests (the live viewer) and `livedecon demo` run without a display: no window opens, and
+# CI needs no X server. Set before anything imports Qt; an explicit setting wins.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
