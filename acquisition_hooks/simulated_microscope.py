@@ -29,7 +29,7 @@ from pymmcore_plus.experimental.unicore import (
     UniMMCore,
 )
 
-from livedecon.calibration.config import MicroscopeConfig, default_microscope
+from livedecon.calibration.config import MicroscopeConfig, Sample, default_microscope
 from livedecon.calibration.forward_model import ForwardModel
 
 SAMPLE_TIME_KEY = "LivedeconSampleTime-s"
@@ -95,8 +95,15 @@ class SimulatedShutter(ShutterDevice):
         self._open = bool(open)
 
 
+Specimen = Literal["sample", "beads", "flat"]
+
+
 class SimulatedCamera(SimpleCameraDevice):
-    """A camera whose frames are the forward model at (sample time, focus, exposure)."""
+    """A camera whose frames are the forward model at (sample time, focus, exposure).
+
+    What is under the objective can be changed, as a user changes slides for a calibration
+    run: the configured sample, a bead slide, or an evenly fluorescent (flat-field) slide.
+    """
 
     def __init__(
         self,
@@ -107,6 +114,8 @@ class SimulatedCamera(SimpleCameraDevice):
     ) -> None:
         super().__init__()
         self._model = model
+        self.specimen: Specimen = "sample"
+        self.flat_e_per_ms = 10.0  # photoelectrons per pixel and ms of the flat-field slide
         self._light_on = light_on
         self._clock = clock
         self._focus = focus
@@ -131,10 +140,13 @@ class SimulatedCamera(SimpleCameraDevice):
     def snap(self, buffer: np.ndarray) -> Mapping:
         t_s, z_um = self._clock.now(), self._focus.get_position_um()
         with self.model_lock:
-            if self._light_on():
-                buffer[:] = self._model.acquire(t_s, z_um, self._exposure_ms).counts
+            if not self._light_on():
+                buffer[:] = self._model.dark(self._exposure_ms)
+            elif self.specimen == "flat":
+                level_e = self.flat_e_per_ms * self._exposure_ms
+                buffer[:] = self._model.flat(level_e, self._exposure_ms)
             else:
-                buffer[:] = self._model.dark()
+                buffer[:] = self._model.acquire(t_s, z_um, self._exposure_ms).counts
         self.last_metadata = {SAMPLE_TIME_KEY: t_s, FOCUS_KEY: z_um, CAMERA_TIME_KEY: time.time()}
         return self.last_metadata
 
@@ -216,6 +228,7 @@ class SimulatedMicroscope:
     ) -> None:
         self.config = config or default_microscope()
         self.model = ForwardModel(self.config, noise_seed=noise_seed)
+        self._noise_seed = noise_seed
         self.clock = SampleClock(clock)
         self.focus = SimulatedFocusStage()
         self.shutter = SimulatedShutter()
@@ -232,6 +245,25 @@ class SimulatedMicroscope:
         self.core.definePixelSizeConfig(PIXEL_CONFIG)
         self.core.setPixelSizeUm(PIXEL_CONFIG, self.config.optics.pixel_size_um)
         self.core.setPixelSizeConfig(PIXEL_CONFIG)
+
+    def load_specimen(self, specimen: Specimen, beads: Sample | None = None) -> None:
+        """Put another slide under the objective: the configured sample, a bead slide
+        (`beads`, default: the default bead sample) or an evenly fluorescent slide ("flat")."""
+        with self.camera.model_lock:
+            if specimen == "beads":
+                sample = beads or self._bead_slide()
+                config = self.config.model_copy(update={"sample": sample})
+                self.camera._model = ForwardModel(config, noise_seed=self._noise_seed)
+            else:
+                self.camera._model = self.model
+            self.camera.specimen = specimen
+
+    def _bead_slide(self) -> Sample:
+        """Beads about 3.5 um apart on average over the camera's field, at least 3 um."""
+        optics, camera = self.config.optics, self.config.camera
+        area_um2 = camera.width_px * camera.height_px * optics.pixel_size_um**2
+        n_beads = max(int(area_um2 / 3.5**2), 5)
+        return Sample(kind="beads", n_beads=n_beads, bead_min_separation_um=3.0)
 
     def _light_on(self) -> bool:
         # UniMMCore does not cycle a Python shutter around snaps of a Python camera, so

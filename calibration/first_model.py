@@ -7,7 +7,6 @@ PSF code path (or reads a measured one), trains, and writes a bundle with full p
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from livedecon.calibration.config import MicroscopeConfig
 from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel, counts_to_electrons
+from livedecon.calibration.inputs import sha256
 from livedecon.calibration.ome_tiff import read_ome_tiff, read_raw_tiff
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
@@ -31,14 +31,6 @@ class TrainingData:
 
     images_e: list[np.ndarray]
     descriptions: list[str] = field(default_factory=list)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_training_tiffs(
@@ -59,7 +51,7 @@ def load_training_tiffs(
         electrons = counts_to_electrons(counts, scope.camera).astype(np.float32)
         images = electrons.reshape(-1, *electrons.shape[-need:])
         data.images_e.extend(images)
-        data.descriptions.append(f"{path.resolve()} sha256:{_sha256(path)} shape {counts.shape}")
+        data.descriptions.append(f"{path.resolve()} sha256:{sha256(path)} shape {counts.shape}")
     if not data.images_e:
         raise ValueError("no training files given")
     return data
@@ -110,7 +102,7 @@ def training_psf(
         record = PSFRecord(
             source="file",
             description=str(Path(psf_path).resolve()),
-            source_sha256=_sha256(Path(psf_path)),
+            source_sha256=sha256(Path(psf_path)),
             pixel_size_um=target,
             z_step_um=dz,
         )

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
+from livedecon.daemon.calibrate_command import calibrate
 from livedecon.engines.configfile import ConfigError
 
 app = typer.Typer(
@@ -285,19 +286,33 @@ def demo(
     settings = DemoSettings(
         out, frames, interval_s, exposure_ms, three_d, z_planes, bundle, backend, microscope
     )
-    if viewer:
-        console.print("the live viewer is not part of this version yet; running headless")
+    from livedecon.daemon.display_stream import viewer_unavailable
+
+    # default: the viewer where napari and a display are present; CI (no display) stays headless
+    headless = "--headless" if viewer is False else viewer_unavailable()
+    if viewer and headless:
+        console.print(f"no live viewer ({headless}); running headless")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("demo", total=None)
 
         def step(what: str, done: int, total: int) -> None:
             progress.update(task, description=what, completed=done, total=total or None)
 
+        def report(summary) -> None:
+            _print_demo(summary, out)
+            console.print("close the viewer window to exit")
+
         try:
-            summary = run_demo(settings, step)
+            if headless:
+                summary = run_demo(settings, step)
+            else:
+                from livedecon.acquisition_hooks.demo import run_demo_with_viewer
+
+                summary = run_demo_with_viewer(settings, step, report)
         except (ConfigError, FileNotFoundError, RuntimeError) as exc:
             raise _fail(str(exc)) from None
-    _print_demo(summary, out)
+    if headless:
+        _print_demo(summary, out)
 
 
 def _print_demo(summary, out: Path) -> None:
@@ -377,6 +392,66 @@ def serve(
 
 
 @app.command()
+def view(
+    config: Annotated[
+        Path | None,
+        typer.Option(help="daemon TOML whose endpoints to use [default: the shipped one]"),
+    ] = None,
+    publish: Annotated[
+        str | None, typer.Option(help="the daemon's publish endpoint (overrides --config)")
+    ] = None,
+    control: Annotated[
+        str | None, typer.Option(help="the daemon's ingest/control endpoint (overrides --config)")
+    ] = None,
+    max_hz: Annotated[float, typer.Option(min=1, max=60, help="display refresh limit")] = 60.0,
+    volume: Annotated[
+        bool, typer.Option("--volume", help="also receive whole volumes (3D slice browsing)")
+    ] = False,
+    client_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="CurveZMQ client secret key [default: <curve_keys_dir>/client.key_secret]"
+        ),
+    ] = None,
+) -> None:
+    """Live napari view of a running daemon: raw and restored side by side (newest frame, at
+    most 60 Hz), maximum projections of 3D stacks, and a status panel (latency, frames/s,
+    model and weights version, adaptation). Start it before or after the daemon and the
+    acquisition; it reconnects when the daemon restarts. Needs the `viewer` extra."""
+    from livedecon.calibration.config import shipped_config_path
+    from livedecon.daemon.config import load_daemon_config
+    from livedecon.daemon.display_stream import viewer_unavailable
+
+    reason = viewer_unavailable()
+    if reason is not None:
+        raise _fail(f"cannot open the live viewer: {reason}")
+    try:
+        settings = load_daemon_config(config or shipped_config_path("daemon.toml"))
+    except (ConfigError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    secure = None
+    keys = settings.endpoints.curve_keys_dir
+    if keys is not None:  # a remote daemon admits only authorised CurveZMQ clients
+        from livedecon.daemon.security import client_security
+
+        try:
+            secure = client_security(keys / "server.key", client_key or keys / "client.key_secret")
+        except (OSError, ValueError) as exc:
+            raise _fail(f"CurveZMQ keys: {exc}") from None
+    try:
+        from livedecon.daemon.viewer import run_viewer
+    except ImportError as exc:
+        raise _fail(str(exc)) from None
+    run_viewer(
+        publish or settings.endpoints.publish,
+        control or settings.endpoints.ingest,
+        max_hz,
+        volume,
+        secure,
+    )
+
+
+@app.command()
 def keys(
     directory: Annotated[Path, typer.Argument(help="where to write the keys")],
     client: Annotated[str, typer.Option(help="name of the client key pair")] = "client",
@@ -436,6 +511,9 @@ def reprocess_command(
         console.print("[red]not every acknowledged plane could be recovered[/red]")
         raise typer.Exit(code=1)
     console.print("every acknowledged plane is on disk")
+
+
+app.command()(calibrate)
 
 
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)

@@ -103,6 +103,22 @@ class ModelSelection(StrictModel):
     )
 
 
+class Correction(StrictModel):
+    """Optional corrections of the camera counts before the model (daemon/correction.py)."""
+
+    calibration: str = Field(
+        "",
+        description="calibration bundle with the camera maps; empty: the one model.bundle "
+        "names, when that is a calibration bundle",
+    )
+    offset_gain: bool | None = Field(
+        None, description="per-pixel offset, gain and hot pixels; unset: the calibration's choice"
+    )
+    stripes: bool | None = Field(
+        None, description="Fourier column-stripe suppression; unset: the calibration's choice"
+    )
+
+
 class Telemetry(StrictModel):
     log_interval_s: float = Field(10.0, gt=0, description="metrics line in the log this often")
     latency_window: int = Field(4096, ge=16, description="latest samples per percentile")
@@ -114,6 +130,7 @@ class DaemonConfig(StrictModel):
     limits: Limits = Limits()
     queues: Queues = Queues()
     model: ModelSelection = ModelSelection()
+    correction: Correction = Correction()
     telemetry: Telemetry = Telemetry()
 
     @property

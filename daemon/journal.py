@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from livedecon.daemon.config import Correction
 from livedecon.daemon.protocol import Axes, Plan
 
 ACQUISITION_FILE = "acquisition.json"
@@ -48,6 +49,7 @@ class AcquisitionRecord(_Record):
     output_pixel_um: float
     units: str = Field(description="what an output pixel value means")
     spill_dir: str | None = Field(None, description="where the daemon spilled this acquisition")
+    correction: Correction | None = Field(None, description="input corrections applied")
     started_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 

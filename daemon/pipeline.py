@@ -523,8 +523,8 @@ class Worker(threading.Thread):
     def _observe(acquisition: Acquisition, time_index: int, counts: np.ndarray | None) -> None:
         adaptation = acquisition.adaptation
         if adaptation is not None and counts is not None and adaptation.wants(time_index):
-            norm = acquisition.processor.bundle.manifest.normalisation  # type: ignore[attr-defined]
-            adaptation.observe(time_index, norm.electrons(counts))
+            electrons = acquisition.processor.electrons(counts)  # type: ignore[attr-defined]
+            adaptation.observe(time_index, electrons)
 
     def _finished_frames(self, acquisition: Acquisition, n: int, job: Job) -> None:
         acquisition.restored += n

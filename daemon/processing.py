@@ -17,6 +17,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from livedecon.calibration.calibration_bundle import CalibrationBundle, is_calibration_bundle
+from livedecon.daemon.config import Correction
+from livedecon.daemon.correction import InputCorrection, input_correction
 from livedecon.engines.backends import open_runtime
 from livedecon.engines.bundle import ModelBundle, find_bundle
 from livedecon.engines.networks import input_multiple
@@ -61,6 +64,7 @@ class ModelProcessor:
     runtime: Runtime
     backend: str
     tile_px: int = 1024
+    correction: InputCorrection = field(default_factory=InputCorrection)
     name: str = "model"
     units: str = PHOTOELECTRONS
     upscale: int = field(init=False)
@@ -102,14 +106,19 @@ class ModelProcessor:
 
     def fork(self) -> ModelProcessor:
         """A processor of its own (an acquisition whose weights will change)."""
-        return open_processor(self.bundle_dir, self.backend, max_batch=4, tile_px=self.tile_px)
+        runtime, _ = open_runtime(self.bundle, self.bundle_dir, self.backend, max_batch=4)
+        return replace(self, runtime=runtime)
+
+    def electrons(self, counts: np.ndarray) -> np.ndarray:
+        """Camera counts as the model's input: corrected, then photoelectrons (float32)."""
+        return self.bundle.manifest.normalisation.electrons(self.correction(counts))
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         norm = self.bundle.manifest.normalisation
         multiple = input_multiple(self.bundle.manifest.network)
         fits = max(items[0].shape[-2:]) <= self.tile_px
         if fits and all(item.shape == items[0].shape for item in items):
-            batch = norm.electrons(np.stack(items))
+            batch = np.stack([self.electrons(item) for item in items])
             out = restore_batch_electrons(
                 self.runtime.infer, batch, norm.scale_e, multiple, self.upscale
             )
@@ -117,7 +126,7 @@ class ModelProcessor:
         return [
             restore_electrons(
                 self.runtime.infer,
-                norm.electrons(item),
+                self.electrons(item),
                 norm.scale_e,
                 multiple,
                 self.upscale,
@@ -134,9 +143,17 @@ def open_processor(
     frame_shapes: tuple[tuple[int, ...], ...] = ((1024, 1024),),
     max_batch: int = 4,
     tile_px: int = 1024,
+    correction: Correction | None = None,
 ) -> ModelProcessor:
-    """A bundle (directory or shipped name) on the chosen engine, through the accuracy gate."""
+    """A bundle on the chosen engine, through the accuracy gate. `bundle` is a model bundle
+    (directory or shipped name) or a calibration bundle, whose model serves behind its camera
+    corrections (as `correction` chooses)."""
     bundle_dir = find_bundle(bundle)
+    calibration = None
+    if is_calibration_bundle(bundle_dir):
+        calibration = CalibrationBundle.load(bundle_dir)
+        bundle_dir = calibration.model_dir
+    corrections = input_correction(correction or Correction(), calibration)
     loaded = ModelBundle.load(bundle_dir)
     runtime, choice = open_runtime(loaded, bundle_dir, backend, precision, frame_shapes, max_batch)
-    return ModelProcessor(loaded, bundle_dir, runtime, choice.backend, tile_px)
+    return ModelProcessor(loaded, bundle_dir, runtime, choice.backend, tile_px, corrections)

@@ -234,7 +234,11 @@ def _open_processor(
     if record.bundle_path is None:
         raise ReprocessError(f"{record.acquisition_id}: the record names no model bundle")
     processor = open_processor(
-        record.bundle_path, backend, frame_shapes=tuple(sorted(shapes)), max_batch=BATCH
+        record.bundle_path,
+        backend,
+        frame_shapes=tuple(sorted(shapes)),
+        max_batch=BATCH,
+        correction=record.correction,
     )
     if processor.bundle_id != record.bundle_id:
         raise ReprocessError(

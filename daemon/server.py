@@ -284,6 +284,7 @@ class Daemon:
             plan=plan,
             processor="pass-through" if isinstance(processor, PassThrough) else "model",
             bundle_path=str(getattr(processor, "bundle_dir", "")) or None,
+            correction=getattr(processor, "correction", None) and processor.correction.settings(),
             bundle_id=processor.bundle_id,
             weights_version=processor.weights_version,
             backend=getattr(processor, "backend", "none"),
@@ -441,6 +442,7 @@ class Daemon:
                     model.precision,
                     max_batch=self.config.queues.batch_max_frames,
                     tile_px=model.tile_px,
+                    correction=self.config.correction,
                 )
             except Exception as exc:
                 raise ProtocolError(ErrorCode.MODEL, f"cannot load model {name!r}: {exc}") from exc
@@ -457,10 +459,12 @@ class Daemon:
 
     @staticmethod
     def _describe(processor: Processor) -> dict[str, Any]:
+        correction = getattr(processor, "correction", None)
         return {
             "bundle_id": processor.bundle_id,
             "weights_version": processor.weights_version,
             "backend": getattr(processor, "backend", "none"),
+            "correction": correction.describe() if correction else "none",
         }
 
     def status(self) -> dict[str, Any]:
