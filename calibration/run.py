@@ -287,6 +287,11 @@ def _background_noise(image: np.ndarray) -> float:
     return float(flat[: max(flat.size // 10, 16)].std())
 
 
+def _metric_text(value: float) -> str:
+    # decorrelation analysis gives inf when it finds no signal above the noise
+    return f"{value:.4g}" if np.isfinite(value) else "not measurable (no signal above noise)"
+
+
 def _report(
     bundle: CalibrationBundle,
     inputs: CalibrationInputs,
@@ -353,7 +358,7 @@ def _report(
         psf=psf_plot,
         stripe_profiles=(mean_dark.mean(axis=0), stripes(mean_dark).mean(axis=0)),
         crops=crops,
-        metrics=[(k.replace("_", " "), f"{v:.4g}") for k, v in record.metrics.items()],
+        metrics=[(k.replace("_", " "), _metric_text(v)) for k, v in record.metrics.items()],
         notes=notes,
     )
     return write_report(bundle.directory, data)
