@@ -56,11 +56,21 @@ def send(socket: zmq.Socket, topic: Topic, frame_id: int, pixels: np.ndarray, **
     )
 
 
-def bound_pub(endpoint: str) -> zmq.Socket:
+def bound_pub(endpoint: str, timeout_s: float = 5.0) -> zmq.Socket:
+    """A PUB bound to `endpoint`. ZMQ closes a socket's listener in its I/O thread after
+    close() returns, so rebinding the port of a publisher just closed can briefly fail."""
     socket = zmq.Context.instance().socket(zmq.PUB)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.bind(endpoint)
-    return socket
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.bind(endpoint)
+            return socket
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                socket.close()
+                raise
+            time.sleep(0.05)
 
 
 def until(condition, timeout_s: float = 5.0, sending=None) -> None:
