@@ -123,6 +123,11 @@ class SimulatedCamera(SimpleCameraDevice):
         self.model_lock = threading.Lock()  # the forward model's caches are not thread-safe
         self.last_metadata: dict[str, float] = {}
 
+    def look_at(self, model: ForwardModel, specimen: Specimen) -> None:
+        """Render `model` from the next frame on ("flat": its camera under even light)."""
+        with self.model_lock:
+            self._model, self.specimen = model, specimen
+
     def get_exposure(self) -> float:
         return self._exposure_ms
 
@@ -248,15 +253,12 @@ class SimulatedMicroscope:
 
     def load_specimen(self, specimen: Specimen, beads: Sample | None = None) -> None:
         """Put another slide under the objective: the configured sample, a bead slide
-        (`beads`, default: the default bead sample) or an evenly fluorescent slide ("flat")."""
-        with self.camera.model_lock:
-            if specimen == "beads":
-                sample = beads or self._bead_slide()
-                config = self.config.model_copy(update={"sample": sample})
-                self.camera._model = ForwardModel(config, noise_seed=self._noise_seed)
-            else:
-                self.camera._model = self.model
-            self.camera.specimen = specimen
+        (`beads`, default: a bead slide sized to the field) or an evenly fluorescent slide."""
+        model = self.model
+        if specimen == "beads":
+            config = self.config.model_copy(update={"sample": beads or self._bead_slide()})
+            model = ForwardModel(config, noise_seed=self._noise_seed)
+        self.camera.look_at(model, specimen)
 
     def _bead_slide(self) -> Sample:
         """Beads about 3.5 um apart on average over the camera's field, at least 3 um."""

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import Progress
 
+from livedecon.daemon.cli_output import console
+from livedecon.daemon.cli_output import fail as _fail
 from livedecon.engines.configfile import ConfigError
 
 if TYPE_CHECKING:
@@ -18,13 +19,6 @@ if TYPE_CHECKING:
     from livedecon.calibration.config import MicroscopeConfig
     from livedecon.calibration.inputs import CalibrationInputs
     from livedecon.calibration.run import CalibrationSettings
-
-console = Console()
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=2)
 
 
 def _progress(step: str, done: int, total: int) -> None:

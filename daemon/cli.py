@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from livedecon.daemon.calibrate_command import calibrate
+from livedecon.daemon.cli_output import console
+from livedecon.daemon.cli_output import fail as _fail
 from livedecon.engines.configfile import ConfigError
 
 app = typer.Typer(
@@ -18,12 +20,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=2)
 
 
 @app.callback()

@@ -279,12 +279,13 @@ class Daemon:
                     f"pixel size {plan.pixel_size_um} µm, but {processor.bundle_id} was trained"
                     f" at {expected.input_pixel_um} µm: its PSF would be the wrong width",
                 )
+        correction = getattr(processor, "correction", None)  # models only
         record = AcquisitionRecord(
             acquisition_id=acquisition_id,
             plan=plan,
             processor="pass-through" if isinstance(processor, PassThrough) else "model",
             bundle_path=str(getattr(processor, "bundle_dir", "")) or None,
-            correction=getattr(processor, "correction", None) and processor.correction.settings(),
+            correction=correction.settings() if correction else None,
             bundle_id=processor.bundle_id,
             weights_version=processor.weights_version,
             backend=getattr(processor, "backend", "none"),

@@ -130,19 +130,25 @@ class LivedeconWidget(QWidget):
         self.auto_contrast_button.setToolTip("Set each layer's contrast from its current frame")
         self.auto_contrast_button.clicked.connect(self.auto_contrast)
         layout.addWidget(self.auto_contrast_button)
-        self.side_by_side = QCheckBox("Side by side (else overlaid)")
-        self.side_by_side.setChecked(True)
-        self.side_by_side.toggled.connect(self._arrange)
-        layout.addWidget(self.side_by_side)
-        self.raw_box = QCheckBox("Raw frames")
-        self.raw_box.setChecked(True)
-        self.raw_box.setToolTip("The daemon publishes raw frames only while a viewer asks")
-        self.raw_box.toggled.connect(self._topics_changed)
-        layout.addWidget(self.raw_box)
-        self.volume_box = QCheckBox("Whole volumes (3D slice browsing)")
-        self.volume_box.setChecked(volume)
-        self.volume_box.toggled.connect(self._topics_changed)
-        layout.addWidget(self.volume_box)
+
+        def checkbox(text: str, checked: bool, on_toggle, tip: str = "") -> QCheckBox:
+            box = QCheckBox(text)
+            box.setChecked(checked)
+            box.setToolTip(tip)
+            box.toggled.connect(on_toggle)
+            layout.addWidget(box)
+            return box
+
+        self.side_by_side = checkbox("Side by side (else overlaid)", True, self._arrange)
+        self.raw_box = checkbox(
+            "Raw frames",
+            True,
+            self._topics_changed,
+            "The daemon publishes raw frames only while a viewer asks",
+        )
+        self.volume_box = checkbox(
+            "Whole volumes (3D slice browsing)", volume, self._topics_changed
+        )
         group = QGroupBox("status")
         form = QFormLayout(group)
         self.status_labels: dict[str, QLabel] = {}
