@@ -5,15 +5,22 @@ Micro-Manager are fresh arrays) or, for large frames on the same host, through a
 ring. At most `window` frames are unacknowledged; no call blocks longer than `timeout_s`.
 Replies arrive in request order, so each one is matched to the oldest request in flight. A
 daemon error becomes a `DaemonError` carrying the daemon's sentence; an error about an earlier
-frame is raised by the next call (after that call's own frame was sent).
+frame is raised by the next call (after that call's own frame was sent). Every refused frame is
+counted in `refused_frames` (by code in `refusals`), also those whose error was not raised.
+
+Acknowledged planes that the daemon later failed to write (a disk removed, an I/O error) are
+reported in the reply to the next call about the acquisition; they are counted in
+`write_failures`, their sentences kept in `warnings` and logged, and nothing is raised: the
+frames stay recoverable by `livedecon reprocess` and the acquisition goes on.
 
 Not thread-safe: use one client per thread.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any
@@ -33,6 +40,8 @@ from livedecon.daemon.protocol import (
     encode,
     frame_header,
 )
+
+log = logging.getLogger(__name__)
 
 
 class DaemonError(Exception):
@@ -74,6 +83,10 @@ class DaemonClient:
         self._ring: shared_memory.SharedMemory | None = None
         self._ring_slot_bytes = 0
         self._sent_frames = 0
+        self.refused_frames = 0
+        self.refusals: Counter[str] = Counter()
+        self.write_failures = 0
+        self.warnings: deque[str] = deque(maxlen=100)
         self.acquisition_id: str | None = None
         self._next_frame_id = 0
         self._socket = self._connect()
@@ -265,7 +278,14 @@ class DaemonClient:
         reply = Reply.model_validate_json(raw)
         request = self._pending.popleft() if self._pending else (Kind.STATUS, None)
         kind, frame_id = request
+        failed = reply.data.get("write_failed") if reply.ok else None
+        if isinstance(failed, dict):
+            self.write_failures += int(failed.get("count", 0))
+            self.warnings.append(str(failed.get("message", "")))
+            log.warning("livedecon daemon: %s", failed.get("message"))
         if not reply.ok and kind is Kind.FRAME:
+            self.refused_frames += 1
+            self.refusals[str(reply.code)] += 1
             self._errors.append(
                 DaemonError(reply.code or ErrorCode.INTERNAL, reply.message or "", frame_id)
             )

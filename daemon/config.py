@@ -69,6 +69,24 @@ class Limits(StrictModel):
     max_frame_pixels: int = Field(4096 * 4096, gt=0, description="largest Y*X accepted")
     max_z: int = Field(512, gt=0, description="largest z-stack accepted")
     max_inflight_frames: int = Field(64, gt=0, description="client window of unacked frames")
+    max_header_bytes: int = Field(
+        65_536, ge=1024, le=16 * 2**20, description="largest JSON header accepted"
+    )
+    max_active_acquisitions: int = Field(
+        32, gt=0, description="acquisitions started and not yet ended, at most"
+    )
+    idle_close_s: float = Field(
+        600.0,
+        gt=0,
+        description="an acquisition silent this long has its files closed (reopened when it "
+        "sends again)",
+    )
+
+    @property
+    def max_message_part_bytes(self) -> int:
+        """The largest part of a valid message: a whole (Z, Y, X) float32 stack, or a header.
+        The ROUTER's ZMQ_MAXMSGSIZE: anything larger is dropped before it is read."""
+        return max(self.max_header_bytes, self.max_frame_pixels * self.max_z * 4)
 
 
 class Queues(StrictModel):
@@ -87,6 +105,23 @@ class Queues(StrictModel):
     spill_dir: str = Field("", description="empty: <output_dir>/spill")
     display: Literal["latest"] = Field(
         "latest", description="display frames are latest-wins; saved frames are never dropped"
+    )
+
+
+class Storage(StrictModel):
+    """How the daemon keeps its promises on disk (see daemon/journal.py for the fsync policy)."""
+
+    reserve_mb: float = Field(
+        1024.0,
+        ge=0,
+        description="free space kept on the output and spill file systems: frames to be saved "
+        "are refused (disk_full) rather than eat into it",
+    )
+    free_check_ms: float = Field(
+        200.0, ge=0, description="free space is measured at most this often (and every 64 MB)"
+    )
+    journal_fsync_s: float = Field(
+        1.0, ge=0, description="acknowledged lines reach the disk within this; 0: before each ack"
     )
 
 
@@ -129,6 +164,7 @@ class DaemonConfig(StrictModel):
     endpoints: Endpoints = Endpoints()
     limits: Limits = Limits()
     queues: Queues = Queues()
+    storage: Storage = Storage()
     model: ModelSelection = ModelSelection()
     correction: Correction = Correction()
     telemetry: Telemetry = Telemetry()

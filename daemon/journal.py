@@ -7,14 +7,27 @@ Layout of one acquisition's output directory:
     restored_*.ome.tif the restored planes (daemon/writer.py)
 
 After a crash, acknowledged minus written is exactly what `livedecon reprocess` must recreate.
-A line is written with one `write` call, so a kill leaves at most a torn last line, which is
-ignored (its frame was never acknowledged).
+A line is written whole before its frame is acknowledged (a short write is continued; a failed
+one is cut off again and the frame refused), so a kill leaves at most a torn last line, which
+is ignored (its frame was never acknowledged).
+
+Durability (the fsync policy): once `append` returns, the line is in the operating system, so
+a killed or crashed daemon cannot lose it. It reaches the disk itself within
+`storage.journal_fsync_s` (a background fsync; default 1 s) and at the acquisition's end or
+idle close; with `journal_fsync_s = 0` every line is fsynced before its frame is acknowledged
+(safe against power loss, at the cost of a disk flush per frame). A power cut can therefore
+forget at most the last second of acknowledgements, whose frames the raw data still holds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -28,9 +41,47 @@ ACQUISITION_FILE = "acquisition.json"
 JOURNAL_FILE = "acked.jsonl"
 
 
+_PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+_INTEGER = re.compile(r"-?[0-9]+")
+MAX_NAME = 100  # characters of a name; longer ones end in '~' and a hash of the whole name
+
+
 def safe_name(name: int | str) -> str:
-    """`name` (an acquisition id, a position or channel) as a file or directory name."""
-    return "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in str(name))
+    """`name` (an acquisition id, a position or channel) as one file-name component.
+
+    Injective, and never a path: letters, digits, '-', '_' and '.' stay as they are (a leading
+    '.' does not), every other character becomes '%XX' per UTF-8 byte, so the result is never
+    empty, '.', '..', hidden, or holds a separator. An integer is its digits; a string that
+    reads as an integer gets its first character escaped, so channel 0 and channel "0" differ;
+    the empty string is '%'. A result longer than MAX_NAME is cut and ends in '~' plus a hash
+    of the whole name ('~' appears nowhere else). Only case can make two names meet, on a
+    case-insensitive file system; the daemon refuses such pairs within an acquisition.
+    """
+    if isinstance(name, bool) or not isinstance(name, int | str):
+        raise TypeError(f"a name is an int or a str, not {type(name).__name__}")
+    if isinstance(name, int):
+        return str(name)
+    if not name:
+        return "%"
+    parts = []
+    for i, char in enumerate(name):
+        if char in _PLAIN and not (i == 0 and char == "."):
+            parts.append(char)
+        else:
+            parts.extend(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass"))
+    text = "".join(parts)
+    if _INTEGER.fullmatch(text):
+        text = f"%{ord(text[0]):02X}{text[1:]}"
+    if len(text) > MAX_NAME:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+        text = f"{text[: MAX_NAME - 21]}~{digest}"
+    return text
+
+
+def is_plain(name: str) -> bool:
+    """`name` is a harmless file-name component as it stands (a directory a person named):
+    letters, digits, '-', '_', '.', not hidden, not too long."""
+    return 0 < len(name) <= MAX_NAME and name[0] != "." and all(c in _PLAIN for c in name)
 
 
 class _Record(BaseModel):
@@ -62,13 +113,39 @@ class JournalEntry(_Record):
 
 
 def write_acquisition_record(directory: Path, record: AcquisitionRecord) -> Path:
-    """Write acquisition.json atomically (a reader sees the old file or the whole new one)."""
+    """Write acquisition.json atomically (a reader sees the old file or the whole new one);
+    a symbolic link in the way is replaced, never followed."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / ACQUISITION_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(record.model_dump_json(indent=2))
+    write_file(tmp, record.model_dump_json(indent=2).encode())
     os.replace(tmp, path)
     return path
+
+
+def write_file(path: Path, data: bytes | memoryview) -> None:
+    """Create or truncate `path` (never through a symbolic link) and write all of `data`."""
+    if os.path.islink(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | _CLOEXEC, 0o644)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """`os.write` until every byte is written; OSError when the system takes none."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, "the file system took no more bytes")
+        view = view[written:]
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def read_acquisition_record(directory: Path) -> AcquisitionRecord:
@@ -84,20 +161,73 @@ def read_acquisition_record(directory: Path) -> AcquisitionRecord:
 
 
 class Journal:
-    """Appends one line per acknowledged frame; the OS holds it once `append` returns, so a
-    killed daemon does not lose it (power loss is what the raw data on disk is for)."""
+    """Appends one line per acknowledged frame (see the module doc for the fsync policy)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, fsync_s: float = 1.0) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(directory / JOURNAL_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | _CLOEXEC
+        self._fd = os.open(directory / JOURNAL_FILE, flags, 0o644)
+        self._size = os.fstat(self._fd).st_size
+        self.fsync_s = fsync_s
+        self.broken: str | None = None  # why no line can be appended any more
+        self._last = 0  # length of the line appended last
+        self._dirty = False
+        self._lock = threading.Lock()  # `sync` (another thread) against `close`
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
 
     def append(self, entry: JournalEntry) -> None:
-        os.write(self._fd, entry.model_dump_json(exclude_none=True).encode() + b"\n")
+        """Write the whole line, or raise OSError having left the journal as it was."""
+        if self.broken is not None:
+            raise OSError(errno.EIO, self.broken)
+        line = entry.model_dump_json(exclude_none=True).encode() + b"\n"
+        try:
+            write_all(self._fd, line)
+            if self.fsync_s == 0:
+                os.fsync(self._fd)
+        except OSError as exc:
+            try:  # a torn line must not glue itself to the next one
+                os.ftruncate(self._fd, self._size)
+            except OSError as again:
+                self.broken = f"the journal could not be repaired after a failed write ({again})"
+            raise exc from None
+        self._last = len(line)
+        self._size += len(line)
+        self._dirty = True
+
+    def retract(self) -> None:
+        """Take back the line just appended (its frame was refused after all)."""
+        if self._last:
+            try:
+                os.ftruncate(self._fd, self._size - self._last)
+                self._size -= self._last
+            except OSError as exc:
+                self.broken = f"a refused frame's line could not be taken back ({exc})"
+            self._last = 0
+
+    def sync(self) -> None:
+        """fsync what was appended since the last sync (from any thread)."""
+        with self._lock:
+            if self._fd < 0 or not self._dirty:
+                return
+            self._dirty = False
+            fd = os.dup(self._fd)  # fsync outside the lock: appends never wait for the disk
+        try:
+            os.fsync(fd)
+        except OSError:
+            self._dirty = True
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):  # the lines are in the OS at least
+                    os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
 
 
 def read_journal(directory: Path) -> list[JournalEntry]:

@@ -69,6 +69,7 @@ class Metrics:
                 "display_dropped",
                 "frames_spilled",
                 "display_only_dropped",
+                "write_failures",
                 "errors",
             ),
             0,

@@ -36,16 +36,21 @@ from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord
 log = logging.getLogger(__name__)
 
 
+MISSING_LISTED = 100  # planes named in an acquisition's status when some could not be written
+
+
 @dataclass
 class Acquisition:
-    """One acquisition's state, shared by the threads (each field has one writer)."""
+    """One acquisition's state, shared by the threads (each field has one writer, or a lock)."""
 
     record: AcquisitionRecord
     processor: Processor
     directory: Path
     journal: Journal | None
     last_frame_id: int = -1
-    shapes: dict[tuple, tuple[int, ...]] = field(default_factory=dict)
+    # per (position, channel): plane shape and dtype, fixed by its first acknowledged frame
+    streams: dict[tuple, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    file_names: dict[str, tuple] = field(default_factory=dict)  # casefolded name -> stream
     acknowledged: int = 0
     restored: int = 0
     written: int = 0
@@ -55,13 +60,47 @@ class Acquisition:
     ended: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
     adaptation: AcquisitionAdaptation | None = None  # owned by the worker thread
+    last_message_s: float = field(default_factory=time.monotonic)  # ingest thread
+    idle_closed: bool = False  # ingest thread: files closed for silence, reopened on demand
+    # Acknowledged planes that could not be written (worker and writer threads, under _lock);
+    # the ingest thread tells the client about the ones it has not yet reported.
+    failures: int = 0
+    failed: list[str] = field(default_factory=list)
+    last_failure: str = ""
+    reported_failures: int = 0
+    close_error: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def id(self) -> str:
         return self.record.acquisition_id
 
-    def status(self) -> dict[str, Any]:
+    def note_failure(self, what: str, error: BaseException | str) -> None:
+        """An acknowledged plane will not reach its file (it stays recoverable by reprocess)."""
+        with self._lock:
+            self.failures += 1
+            self.last_failure = f"{what}: {error}"
+            if len(self.failed) < MISSING_LISTED:
+                self.failed.append(what)
+
+    def unreported_failures(self) -> dict[str, Any] | None:
+        """What the client has not yet been told about failed writes (ingest thread)."""
+        failures = self.failures
+        if failures <= self.reported_failures:
+            return None
+        new = failures - self.reported_failures
+        self.reported_failures = failures
         return {
+            "count": new,
+            "total": failures,
+            "message": f"{new} acknowledged plane(s) of {self.id} could not be written"
+            f" (latest: {self.last_failure}); they stay recoverable with `livedecon reprocess"
+            f" {self.directory} --raw <raw data>`",
+        }
+
+    def status(self) -> dict[str, Any]:
+        finished = self.finished.is_set()
+        state = {
             "mode": self.record.plan.mode,
             "bundle_id": self.processor.bundle_id,
             "weights_version": self.processor.weights_version,
@@ -70,18 +109,39 @@ class Acquisition:
             "restored": self.restored,
             "written": self.written,
             "spilled": self.spilled,
+            "write_failures": self.failures,
             "incomplete_stacks": self.incomplete_stacks,
             "timepoints_done": self.timepoints_done,
             "ended": self.ended,
-            "finished": self.finished.is_set(),
+            "finished": finished,
+            "complete": finished and not self.failures and self.close_error is None,
             "adaptation": self.adaptation.status() if self.adaptation else {"mode": "off"},
         }
+        if self.failures or self.close_error:
+            state["missing"] = {
+                "planes": self.failures,
+                "listed": list(self.failed),
+                "latest_error": self.last_failure,
+                "not_finalised": self.close_error,
+                "recover": f"livedecon reprocess {self.directory} --raw <raw data>",
+            }
+        return state
+
+
+def describe_plane(record: PlaneRecord) -> str:
+    return (
+        f"frame {record.frame_id} (t={record.time}, z={record.z}, channel {record.channel!r},"
+        f" position {record.position!r})"
+    )
+
+
+IDLE_CLOSE = "idle_close"  # a daemon-internal job: the acquisition fell silent
 
 
 @dataclass
 class Job:
     acquisition: Acquisition
-    kind: Kind
+    kind: Kind | str
     header: Header
     pixels: np.ndarray | None = None
     received_s: float = 0.0  # perf_counter when the message arrived
@@ -207,10 +267,13 @@ class WriteItem:
     spill_paths: tuple[Path, ...] = ()
     queued_s: float = 0.0
     close: bool = False  # the acquisition's last item: finalise its files
+    suspend: bool = False  # the acquisition went idle: close its files, reopen on demand
 
 
 class WriterThread(threading.Thread):
-    """Writes restored planes; a spilled frame's file goes once its last plane is on disk."""
+    """Writes restored planes; a spilled frame's file goes once its last plane is on disk.
+    A plane that cannot be written is noted in its acquisition (the client hears of it on its
+    next call, and the acquisition ends incomplete, naming it); writing goes on."""
 
     def __init__(self, capacity: int, metrics: Metrics) -> None:
         super().__init__(name="writer", daemon=True)
@@ -220,32 +283,62 @@ class WriterThread(threading.Thread):
 
     def run(self) -> None:
         while (item := self.queue.get()) is not None:
-            acquisition = item.acquisition
             try:
                 if item.close:
-                    writer = self._writers.pop(acquisition.id, None)
+                    self._close(item.acquisition)
+                elif item.suspend:
+                    writer = self._writers.get(item.acquisition.id)
                     if writer is not None:
-                        writer.close()
-                    acquisition.finished.set()
-                    continue
-                writer = self._writers.get(acquisition.id)
-                if writer is None:
-                    writer = AcquisitionWriter(acquisition.directory, acquisition.record)
-                    self._writers[acquisition.id] = writer
-                assert item.plane is not None
-                assert item.record is not None
-                writer.write(item.plane, item.record)
-                acquisition.written += 1
-                self.metrics.count("planes_written")
-                self.metrics.observe("write", time.perf_counter() - item.queued_s)
-                for path in item.spill_paths:
-                    SpillStore.remove(path)
-            except Exception:
-                # The plane stays recoverable (journal + raw or spill) by `livedecon reprocess`.
+                        writer.suspend()
+                else:
+                    self._write(item)
+            except Exception:  # a bug: this thread must go on regardless
                 self.metrics.count("errors")
-                log.exception("writing %s of %s failed", item.record, acquisition.id)
+                log.exception("the writer failed on %s", item)
         for writer in self._writers.values():
-            writer.close()
+            try:
+                writer.close()
+            except Exception:
+                log.exception("finalising %s failed", writer.directory)
+
+    def _close(self, acquisition: Acquisition) -> None:
+        writer = self._writers.pop(acquisition.id, None)
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception as exc:
+            # The planes are on disk, readable; only the OME-XML is missing (reprocess adds it).
+            acquisition.close_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.count("errors")
+            log.error("finalising the files of %s failed: %s", acquisition.id, exc)
+        finally:
+            acquisition.finished.set()
+
+    def _write(self, item: WriteItem) -> None:
+        acquisition = item.acquisition
+        assert item.plane is not None
+        assert item.record is not None
+        try:
+            writer = self._writers.get(acquisition.id)
+            if writer is None:
+                writer = AcquisitionWriter(acquisition.directory, acquisition.record)
+                self._writers[acquisition.id] = writer
+            writer.write(item.plane, item.record)
+        except Exception as exc:
+            # The plane stays recoverable (journal + raw or spill) by `livedecon reprocess`.
+            self.metrics.count("errors")
+            self.metrics.count("write_failures")
+            acquisition.note_failure(describe_plane(item.record), exc)
+            if isinstance(exc, OSError | ValueError):  # the disk, not a bug: no traceback
+                log.error("writing %s failed: %s", describe_plane(item.record), exc)
+            else:
+                log.exception("writing %s of %s failed", item.record, acquisition.id)
+            return
+        acquisition.written += 1
+        self.metrics.count("planes_written")
+        self.metrics.observe("write", time.perf_counter() - item.queued_s)
+        for path in item.spill_paths:
+            SpillStore.remove(path)
 
 
 class Worker(threading.Thread):
@@ -296,8 +389,10 @@ class Worker(threading.Thread):
             self._note_training_delay(job)
             try:
                 self._handle(job)
-            except Exception:
+            except Exception as exc:
                 self.metrics.count("errors")
+                if job.kind is Kind.FRAME:
+                    job.acquisition.note_failure(f"frame {job.header.frame_id}", exc)
                 log.exception("processing %s of %s failed", job.header.frame_id, job.acquisition.id)
         for stack in self.stacks.flush():
             self._run_stack(stack)
@@ -417,6 +512,9 @@ class Worker(threading.Thread):
                 self._run_stack(stack)
             self.writer.queue.put(WriteItem(acquisition, close=True))
             return
+        if job.kind == IDLE_CLOSE:
+            self.writer.queue.put(WriteItem(acquisition, suspend=True))
+            return
         self.metrics.observe("queue", time.perf_counter() - job.received_s)
         if acquisition.record.plan.mode == "3d" and job.pixels is not None and job.pixels.ndim == 2:
             stack = self.stacks.add(job)
@@ -455,9 +553,19 @@ class Worker(threading.Thread):
         self.metrics.observe("inference", time.perf_counter() - start)
         return outputs
 
+    def _lost(self, acquisition: Acquisition, jobs: list[Job], exc: Exception) -> None:
+        self.metrics.count("errors")
+        for job in jobs:
+            acquisition.note_failure(f"frame {job.header.frame_id}", f"restoring failed: {exc}")
+        log.exception("restoring %d frame(s) of %s failed", len(jobs), acquisition.id)
+
     def _run_batch(self, batch: list[Job]) -> None:
         acquisition = batch[0].acquisition
-        outputs = self._infer(acquisition, [job.pixels for job in batch])  # type: ignore[misc]
+        try:
+            outputs = self._infer(acquisition, [job.pixels for job in batch])  # type: ignore[misc]
+        except Exception as exc:
+            self._lost(acquisition, batch, exc)
+            return
         for job, output in zip(batch, outputs, strict=True):
             axes = job.header.axes or Axes()
             if output.ndim == 3:  # a whole stack in one message
@@ -494,9 +602,13 @@ class Worker(threading.Thread):
         # A missing plane borrows its nearest acquired neighbour, so the 3D network sees a
         # continuous volume; only acquired planes are written.
         nearest = [min(present, key=lambda p, z=z: abs(p - z)) for z in range(depth)]
-        volume = np.stack([stack.planes[p].pixels for p in nearest])  # type: ignore[misc]
-        (output,) = self._infer(acquisition, [volume])
         jobs = [stack.planes[z] for z in present]
+        try:
+            volume = np.stack([stack.planes[p].pixels for p in nearest])  # type: ignore[misc]
+            (output,) = self._infer(acquisition, [volume])
+        except Exception as exc:
+            self._lost(acquisition, jobs, exc)
+            return
         self._deliver_stack(acquisition, jobs, output[present], present, incomplete=not complete)
         if complete:
             self._observe(acquisition, (jobs[0].header.axes or Axes()).time, volume)

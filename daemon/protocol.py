@@ -18,6 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 65_536  # the daemon's default; `Limits.max_header_bytes` sets its own
+MAX_JSON_DEPTH = 16  # nesting of objects and arrays in a header (a plan is 3 deep)
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
 
 
@@ -33,6 +35,7 @@ class Kind(StrEnum):
     SHUTDOWN = "shutdown"
 
 
+_KIND_VALUES = frozenset(kind.value for kind in Kind)
 IMAGE_KINDS = {Kind.FRAME}
 ACQUISITION_KINDS = {
     Kind.ACQUISITION_START,
@@ -57,6 +60,14 @@ class ErrorCode(StrEnum):
     DUPLICATE_ACQUISITION = "duplicate_acquisition"
     FRAME_ORDER = "frame_order"
     PLAN_MISMATCH = "plan_mismatch"
+    DTYPE_MISMATCH = "dtype_mismatch"
+    NAME_COLLISION = "name_collision"
+    OUTPUT_CONFLICT = "output_conflict"
+    OUTSIDE_ROOT = "outside_root"
+    DISK_FULL = "disk_full"
+    IO_ERROR = "io_error"
+    WRITE_FAILED = "write_failed"
+    TOO_MANY_ACQUISITIONS = "too_many_acquisitions"
     MODEL = "model"
     UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
@@ -206,30 +217,73 @@ def frame_header(
     )
 
 
-def parse_header(raw: bytes | memoryview) -> Header:
+def _json_depth(raw: bytes) -> int:
+    """The deepest nesting of objects and arrays in `raw`, brackets inside strings ignored."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def parse_header(raw: bytes | memoryview, max_bytes: int = MAX_HEADER_BYTES) -> Header:
+    """The header of a message; every way it can be malformed is a `ProtocolError`."""
+    raw = bytes(raw)
+    if len(raw) > max_bytes:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"the header is {len(raw)} bytes; this daemon accepts at most {max_bytes}",
+        )
+    # Counting brackets is cheap; only a header with many of them is scanned properly.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _json_depth(raw) > MAX_JSON_DEPTH:
+        raise ProtocolError(
+            ErrorCode.BAD_JSON, f"the header nests deeper than {MAX_JSON_DEPTH} levels"
+        )
     try:
-        data = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers of more digits than Python converts
         raise ProtocolError(ErrorCode.BAD_JSON, f"the header is not UTF-8 JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, "the header must be a JSON object")
-    if data.get("version") != PROTOCOL_VERSION:
+    version = data.get("version")
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {data.get('version')!r} is not spoken here (this daemon: "
+            f"protocol version {_short(version)} is not spoken here (this daemon: "
             f"{PROTOCOL_VERSION}); update the client or the daemon",
         )
-    if data.get("kind") not in set(Kind):
+    kind = data.get("kind")
+    if not isinstance(kind, str) or kind not in _KIND_VALUES:
         known = ", ".join(k.value for k in Kind)
         raise ProtocolError(
-            ErrorCode.UNKNOWN_KIND, f"unknown message kind {data.get('kind')!r}; known: {known}"
+            ErrorCode.UNKNOWN_KIND, f"unknown message kind {_short(kind)}; known: {known}"
         )
     try:
         return Header.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "header"
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"{where}: {first['msg']}") from None
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"{_short(where)}: {first['msg']}") from None
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """`value` for an error sentence: a hostile header must not make a huge reply."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def decode(
@@ -237,14 +291,18 @@ def decode(
     max_frame_pixels: int,
     max_z: int,
     shared_payload: memoryview | None = None,
+    header: Header | None = None,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> tuple[Header, np.ndarray | None]:
     """Check a received multipart and return its header and pixels (a zero-copy view).
 
-    `shared_payload` is the buffer a shared-memory slot resolved to, when the header names one.
+    `shared_payload` is the buffer a shared-memory slot resolved to, when the header names one;
+    `header`, when the caller already parsed frame 0.
     """
     if not frames:
         raise ProtocolError(ErrorCode.BAD_JSON, "empty message")
-    header = parse_header(frames[0])
+    if header is None:
+        header = parse_header(frames[0], max_header_bytes)
     extra = list(frames[1:])
     if header.kind not in IMAGE_KINDS:
         if extra:
@@ -255,7 +313,7 @@ def decode(
     if header.dtype not in DTYPES:
         raise ProtocolError(
             ErrorCode.BAD_DTYPE,
-            f"dtype {header.dtype!r} is not accepted; send one of {', '.join(DTYPES)}",
+            f"dtype {_short(header.dtype)} is not accepted; send one of {', '.join(DTYPES)}",
         )
     shape = header.shape
     if len(shape) not in (2, 3) or min(shape) < 1:

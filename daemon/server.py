@@ -8,7 +8,9 @@ changes nothing else.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import signal
 import threading
 import time
@@ -22,6 +24,7 @@ from pydantic import ValidationError
 from livedecon.calibration.ome_tiff import PIXEL_SIZE_TOLERANCE
 from livedecon.daemon.adaptation import adaptation_for
 from livedecon.daemon.config import DaemonConfig
+from livedecon.daemon.diskspace import FreeSpace, contained, sub_path
 from livedecon.daemon.journal import (
     ACQUISITION_FILE,
     AcquisitionRecord,
@@ -31,7 +34,14 @@ from livedecon.daemon.journal import (
     write_acquisition_record,
 )
 from livedecon.daemon.metrics import Metrics
-from livedecon.daemon.pipeline import Acquisition, Job, JobQueue, Worker, WriterThread
+from livedecon.daemon.pipeline import (
+    IDLE_CLOSE,
+    Acquisition,
+    Job,
+    JobQueue,
+    Worker,
+    WriterThread,
+)
 from livedecon.daemon.processing import PassThrough, Processor, open_processor
 from livedecon.daemon.protocol import (
     AdaptationPlan,
@@ -46,10 +56,22 @@ from livedecon.daemon.protocol import (
 from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.security import server_security
 from livedecon.daemon.spill import SpillStore
+from livedecon.daemon.writer import output_path
 
 log = logging.getLogger(__name__)
 PASS_THROUGH = "pass-through"
 FINISHED_KEPT = 100  # ended acquisitions still listed by `status`
+PLANE_OVERHEAD_BYTES = 4096  # a TIFF page's IFD and plane record, generously
+FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _io_refusal(exc: OSError, what: str) -> ProtocolError:
+    """A failed write before the ack, as the refusal the client gets."""
+    if exc.errno in FULL_ERRNOS:
+        return ProtocolError(
+            ErrorCode.DISK_FULL, f"{what}: the disk is full ({exc.strerror}); frame refused"
+        )
+    return ProtocolError(ErrorCode.IO_ERROR, f"{what}: {exc.strerror or exc}; frame refused")
 
 
 class Daemon:
@@ -57,7 +79,16 @@ class Daemon:
         self.config = config
         self.context = zmq.Context.instance()
         self.metrics = Metrics(config.telemetry.latency_window)
-        self.spill = SpillStore(config.spill_path)
+        # Everything the daemon writes lies under these two, resolved once; a symbolic link
+        # inside them that leads out is never followed.
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        self.root = config.output_dir.resolve()
+        config.spill_path.mkdir(parents=True, exist_ok=True)
+        self.spill_root = config.spill_path.resolve()
+        self._spill_elsewhere = not self.spill_root.is_relative_to(self.root)
+        storage = config.storage
+        self.free = FreeSpace(int(storage.reserve_mb * 2**20), storage.free_check_ms / 1e3)
+        self.spill = SpillStore(self.spill_root)
         self.jobs = JobQueue(int(config.queues.memory_queue_mb * 2**20), self.spill, self.metrics)
         self.active: dict[str, Acquisition] = {}
         self.ended: dict[str, Acquisition] = {}
@@ -103,11 +134,15 @@ class Daemon:
             )
         self.writer.start()
         self.worker.start()
+        threading.Thread(target=self._sync_journals, name="journal-sync", daemon=True).start()
         router = self.context.socket(zmq.ROUTER)
         try:
             router.setsockopt(zmq.LINGER, 1000)
             # ZMQ stops reading a client that outruns its window, instead of buffering it all.
             router.setsockopt(zmq.RCVHWM, 2 * self.config.limits.max_inflight_frames + 16)
+            # A part larger than any valid one (a header, a whole stack) closes its connection
+            # before the daemon reads it.
+            router.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_part_bytes)
             if self._secure:
                 self._secure(router)
             router.bind(self.config.endpoints.ingest)
@@ -127,6 +162,7 @@ class Daemon:
 
     def _loop(self, router: zmq.Socket) -> None:
         next_log = time.monotonic() + self.config.telemetry.log_interval_s
+        next_idle_check = time.monotonic() + 1.0
         last_logged: dict[str, int] = {}
         while not self._stopping.is_set():
             if router.poll(100):
@@ -136,11 +172,38 @@ class Daemon:
                     except zmq.Again:
                         break
                     self._on_message(router, frames)
+            if time.monotonic() >= next_idle_check:
+                next_idle_check = time.monotonic() + 1.0
+                self._close_idle()
             if time.monotonic() >= next_log:
                 next_log = time.monotonic() + self.config.telemetry.log_interval_s
                 if self.metrics.counters != last_logged:  # an idle daemon keeps quiet
                     last_logged = dict(self.metrics.counters)
                     log.info("%s", self.metrics.log_line())
+
+    def _sync_journals(self) -> None:
+        """The fsync policy (daemon/journal.py): what was acknowledged reaches the disk within
+        storage.journal_fsync_s."""
+        interval = self.config.storage.journal_fsync_s
+        if interval == 0:
+            return  # every line is fsynced before its ack
+        while not self._stopping.wait(interval):
+            for acquisition in tuple(self.active.values()):
+                if acquisition.journal is not None:
+                    acquisition.journal.sync()
+
+    def _close_idle(self) -> None:
+        """Acquisitions silent for limits.idle_close_s give back their file descriptors (the
+        journal here, the output files in the writer); their next message reopens them."""
+        limit = self.config.limits.idle_close_s
+        now = time.monotonic()
+        for acquisition in tuple(self.active.values()):
+            if not acquisition.idle_closed and now - acquisition.last_message_s > limit:
+                acquisition.idle_closed = True
+                if acquisition.journal is not None:
+                    acquisition.journal.close()
+                self.jobs.put(Job(acquisition, IDLE_CLOSE, Header(version=1, kind=Kind.STATUS)))
+                log.info("acquisition %s idle for %.0f s: files closed", acquisition.id, limit)
 
     def _drain(self) -> None:
         log.info("shutting down: finishing %s", self.jobs.depth())
@@ -171,6 +234,7 @@ class Daemon:
             header, pixels = self._decode(parts)
             frame_id = header.frame_id
             reply = self._dispatch(header, pixels, received)
+            reply = self._with_write_failures(header, reply)
         except ProtocolError as exc:
             self.metrics.count("errors")
             log.warning("refused a message: %s", exc)
@@ -184,14 +248,25 @@ class Daemon:
         router.send_multipart([*route, reply.to_bytes()])
         self.metrics.observe("ingest", time.perf_counter() - received)
 
+    def _with_write_failures(self, header: Header, reply: Reply) -> Reply:
+        """A reply about an acquisition also tells of its planes that failed to be written
+        since the client last heard (`data.write_failed`): acknowledged, then not written."""
+        name = header.acquisition_id
+        acquisition = self.active.get(name or "") or self.ended.get(name or "")
+        if acquisition is None or acquisition.failures <= acquisition.reported_failures:
+            return reply
+        failed = acquisition.unreported_failures()
+        return reply.model_copy(update={"data": {**reply.data, "write_failed": failed}})
+
     def _decode(self, parts: list[memoryview]) -> tuple[Header, Any]:
         limits = self.config.limits
+        if not parts:
+            raise ProtocolError(ErrorCode.BAD_JSON, "empty message")
+        header = parse_header(parts[0], limits.max_header_bytes)
         shared = None
-        if parts and len(parts) == 1:
-            header = parse_header(parts[0])
-            if header.shm is not None:
-                shared = self._shared_buffer(header)
-        return decode(parts, limits.max_frame_pixels, limits.max_z, shared)
+        if len(parts) == 1 and header.shm is not None:
+            shared = self._shared_buffer(header)
+        return decode(parts, limits.max_frame_pixels, limits.max_z, shared, header=header)
 
     def _shared_buffer(self, header: Header) -> memoryview:
         slot = header.shm
@@ -250,19 +325,50 @@ class Daemon:
                 ErrorCode.UNKNOWN_ACQUISITION,
                 f"acquisition {header.acquisition_id!r} {state}; send acquisition_start first",
             )
+        acquisition.last_message_s = time.monotonic()
+        if acquisition.idle_closed:  # it speaks again: reopen what the idle close closed
+            if acquisition.journal is not None:
+                try:
+                    acquisition.journal = Journal(
+                        acquisition.directory, self.config.storage.journal_fsync_s
+                    )
+                except OSError as exc:
+                    raise _io_refusal(exc, f"reopening the journal of {acquisition.id}") from None
+            acquisition.idle_closed = False
         return acquisition
+
+    def _output_directory(self, plan_output_dir: str | None, acquisition_id: str) -> Path:
+        """Where an acquisition writes: inside the output root, whatever the client asked."""
+        directory = self.root.joinpath(*sub_path(plan_output_dir), safe_name(acquisition_id))
+        contained(self.root, directory)  # a symbolic link on the way that leads out: refused
+        if directory == self.spill_root:
+            raise ProtocolError(
+                ErrorCode.OUTPUT_CONFLICT,
+                f"acquisition {acquisition_id!r} would write into the spill store; use another id",
+            )
+        return directory
 
     def _start(self, header: Header) -> Reply:
         plan, acquisition_id = header.plan, header.acquisition_id
         assert plan is not None
         assert acquisition_id is not None
-        directory = Path(plan.output_dir or self.config.output_dir) / safe_name(acquisition_id)
+        directory = self._output_directory(plan.output_dir, acquisition_id)
+        contained(self.spill_root, self.spill.directory(acquisition_id))
         if acquisition_id in self.active or (plan.save and (directory / ACQUISITION_FILE).exists()):
             raise ProtocolError(
                 ErrorCode.DUPLICATE_ACQUISITION,
                 f"acquisition {acquisition_id!r} already exists (output {directory}); "
                 "start it under a new id",
             )
+        limit = self.config.limits.max_active_acquisitions
+        if len(self.active) >= limit:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_ACQUISITIONS,
+                f"{len(self.active)} acquisitions are running, the most this daemon takes"
+                f" (limits.max_active_acquisitions = {limit}); end one first",
+            )
+        if plan.save:
+            self.free.promise(self.root, 0, f"acquisition {acquisition_id!r}")
         processor = self._processor(plan.model or self.default_model)
         if processor.is_3d is not None and processor.is_3d != (plan.mode == "3d"):
             raise ProtocolError(
@@ -292,7 +398,7 @@ class Daemon:
             input_pixel_um=plan.pixel_size_um,
             output_pixel_um=plan.pixel_size_um / processor.upscale,
             units=processor.units,
-            spill_dir=str(self.config.spill_path.resolve()),
+            spill_dir=str(self.spill_root),
         )
         if plan.adaptation.mode != "off":
             if isinstance(processor, PassThrough):
@@ -300,8 +406,16 @@ class Daemon:
             processor = processor.fork()  # type: ignore[attr-defined]  # its weights will change
         journal = None
         if plan.save:
-            write_acquisition_record(directory, record)
-            journal = Journal(directory)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                contained(self.root, directory)  # nothing swapped in while it was created
+                write_acquisition_record(directory, record)
+                journal = Journal(directory, self.config.storage.journal_fsync_s)
+            except OSError as exc:
+                refusal = _io_refusal(exc, f"creating {directory}")
+                raise ProtocolError(
+                    refusal.code, refusal.message.replace("frame refused", "not started")
+                ) from None
         acquisition = Acquisition(record, processor, directory, journal)
         if plan.adaptation.mode != "off":
             acquisition.adaptation = adaptation_for(processor, plan.adaptation, acquisition)
@@ -319,6 +433,8 @@ class Daemon:
         )
 
     def _frame(self, header: Header, pixels: Any, received: float) -> Reply:
+        """Acknowledge a frame only once everything its write needs was checked and its line
+        is in the journal (an ack is a promise); otherwise refuse it with the reason."""
         acquisition = self._acquisition(header)
         frame_id = header.frame_id
         assert frame_id is not None
@@ -329,29 +445,65 @@ class Daemon:
                 f"frame id {frame_id} is not after the last one ({acquisition.last_frame_id}):"
                 " a repeat would be restored twice",
             )
-        self._check_against_plan(acquisition, header, pixels)
+        new_stream = self._check_against_plan(acquisition, header, pixels)
+        saved = acquisition.record.plan.save
+        if saved:
+            self._check_space(acquisition, pixels)
         if header.shm is not None:
             pixels = pixels.copy()  # the client reuses the slot once we acknowledge
-        acquisition.last_frame_id = frame_id
-        if acquisition.journal is not None:
-            acquisition.journal.append(
-                JournalEntry(
-                    frame_id=frame_id,
-                    axes=header.axes,
-                    dtype=header.dtype or "",
-                    shape=header.shape or (),
-                    timestamp_s=header.timestamp_s,
+        journal = acquisition.journal
+        if journal is not None:
+            try:
+                journal.append(
+                    JournalEntry(
+                        frame_id=frame_id,
+                        axes=header.axes,
+                        dtype=header.dtype or "",
+                        shape=header.shape or (),
+                        timestamp_s=header.timestamp_s,
+                    )
                 )
-            )
-        where = self.jobs.put(Job(acquisition, Kind.FRAME, header, pixels, received))
+            except OSError as exc:
+                raise _io_refusal(exc, f"journal of {acquisition.id}") from None
+        try:
+            where = self.jobs.put(Job(acquisition, Kind.FRAME, header, pixels, received))
+        except OSError as exc:  # spilling it failed: take its journal line back, refuse it
+            if journal is not None:
+                journal.retract()
+            raise _io_refusal(exc, f"spilling a frame of {acquisition.id}") from None
+        if new_stream is not None:
+            stream, identity, name = new_stream
+            acquisition.streams[stream] = identity
+            if name is not None:
+                acquisition.file_names[name] = stream
+        acquisition.last_frame_id = frame_id
         acquisition.acknowledged += 1
         acquisition.spilled += where == "spilled"
         self.metrics.count("frames_received")
         self.metrics.received_rate.tick()
         return Reply(ok=True, frame_id=frame_id)
 
+    def _check_space(self, acquisition: Acquisition, pixels: Any) -> None:
+        """The frame's restored planes (and its raw pixels, should it spill) fit above the
+        reserve; checked against a cached free-space figure (daemon/diskspace.py)."""
+        planes = pixels.shape[0] if pixels.ndim == 3 else 1
+        upscale = acquisition.processor.upscale
+        plane_px = pixels.shape[-1] * pixels.shape[-2] * upscale * upscale
+        restored = planes * (plane_px * 4 + PLANE_OVERHEAD_BYTES)  # float32 at most
+        what = f"frame of {acquisition.id}"
+        if self._spill_elsewhere:
+            self.free.promise(self.root, restored, what)
+            self.free.promise(self.spill_root, pixels.nbytes, what)
+        else:
+            self.free.promise(self.root, restored + pixels.nbytes, what)
+
     @staticmethod
-    def _check_against_plan(acquisition: Acquisition, header: Header, pixels: Any) -> None:
+    def _check_against_plan(
+        acquisition: Acquisition, header: Header, pixels: Any
+    ) -> tuple[tuple, tuple, str | None] | None:
+        """Refuse what the plan or the output files cannot take. For the first frame of a
+        (position, channel): what to record once it is acknowledged (stream, its shape and
+        dtype, its output file's casefolded name)."""
         plan, axes = acquisition.record.plan, header.axes
         assert axes is not None
 
@@ -373,13 +525,40 @@ class Daemon:
                 f"{plan.pixel_size_um} µm"
             )
         stream = (axes.position, axes.channel)
-        plane = tuple(pixels.shape[-2:])
-        first = acquisition.shapes.setdefault(stream, plane)
-        if plane != first:
-            raise refuse(
-                f"frame {list(plane)} differs from earlier frames {list(first)} of position "
-                f"{axes.position!r}, channel {axes.channel!r}"
+        where = f"position {axes.position!r}, channel {axes.channel!r}"
+        identity = (tuple(pixels.shape[-2:]), pixels.dtype.name)
+        known = acquisition.streams.get(stream)
+        if known is not None:
+            if identity[0] != known[0]:
+                raise refuse(
+                    f"frame {list(identity[0])} differs from earlier frames {list(known[0])}"
+                    f" of {where}"
+                )
+            if identity[1] != known[1]:
+                raise ProtocolError(
+                    ErrorCode.DTYPE_MISMATCH,
+                    f"a {identity[1]} frame, but the earlier frames of {where} are {known[1]}:"
+                    " one output file holds one dtype",
+                )
+            return None
+        if not plan.save:
+            return stream, identity, None
+        path = output_path(acquisition.directory, axes.position, axes.channel)
+        name = path.name.casefold()
+        other = acquisition.file_names.get(name)
+        if other is not None:
+            raise ProtocolError(
+                ErrorCode.NAME_COLLISION,
+                f"{where} would share the file {path.name} with position {other[0]!r},"
+                f" channel {other[1]!r} (names that differ only in case); rename one",
             )
+        if os.path.lexists(path):
+            raise ProtocolError(
+                ErrorCode.OUTPUT_CONFLICT,
+                f"{path.name} already exists in {acquisition.directory} and was not written by"
+                " this acquisition; it is not overwritten",
+            )
+        return stream, identity, name
 
     def _adaptation(self, header: Header, received: float) -> Reply:
         """Per-acquisition adaptation: status, set (request.plan) or rollback

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from livedecon.daemon.journal import safe_name
+from livedecon.daemon.journal import safe_name, write_file
 from livedecon.daemon.protocol import DTYPES, Header
 
 
@@ -35,9 +35,13 @@ class SpillStore:
             (".json", header.model_dump_json(exclude={"shm"}).encode()),
         ):
             tmp = stem.with_suffix(suffix + ".tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, stem.with_suffix(suffix))
+            try:
+                write_file(tmp, data)  # whole, and never through a symbolic link
+                os.replace(tmp, stem.with_suffix(suffix))
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                stem.with_suffix(".raw").unlink(missing_ok=True)
+                raise
         return stem.with_suffix(".json")
 
     @staticmethod

@@ -434,6 +434,11 @@ def check_plane(plane: np.ndarray) -> None:
         raise ValueError(f"planes are written as uint8, uint16 or float32; got {plane.dtype}")
 
 
+def _create_nofollow(path: str, flags: int) -> int:
+    """An `open` opener: create the file if absent, never through a symbolic link."""
+    return os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
+
 class PlaneFile:
     """One output file open for appending planes; locked against other writers until closed.
 
@@ -443,8 +448,8 @@ class PlaneFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.touch(exist_ok=True)  # "r+b": open without truncating, then lock, then look
-        self._fh: BinaryIO = open(self.path, "r+b")  # noqa: SIM115 (closed by close())
+        # Open without truncating, then lock, then look; never through a symbolic link.
+        self._fh: BinaryIO = open(self.path, "r+b", opener=_create_nofollow)  # noqa: SIM115
         try:
             lock(self._fh, self.path)
             self.records: list[PlaneRecord | None] = []
@@ -499,6 +504,13 @@ class PlaneFile:
         self.records.append(record)
         self.shape, self.dtype = plane.shape, plane.dtype
 
+    def release(self) -> None:
+        """Close without finalising: the file stays as a kill would leave it, every whole page
+        readable, and can be continued by a new PlaneFile (after an idle close or a failed
+        write, whose torn page that one cuts off)."""
+        if not self._fh.closed:
+            self._fh.close()
+
     def timestamps(self) -> list[float]:
         return [r.timestamp_s for r in self.records if r is not None and r.timestamp_s is not None]
 
@@ -534,12 +546,17 @@ def _origin(files: Sequence[PlaneFile]) -> float | None:
 
 class AcquisitionWriter:
     """The restored planes of one acquisition: a file per (position, channel), appended to as
-    planes come, finalised as OME-TIFF by `close`. Safe to call from several threads."""
+    planes come, finalised as OME-TIFF by `close`. Safe to call from several threads.
+
+    A failed append closes that file unfinalised (its whole pages stay readable); the next
+    plane for it continues the file after cutting off the torn page. `suspend` closes every
+    file the same way (an idle acquisition holds no descriptors); they reopen on demand."""
 
     def __init__(self, directory: Path, record: AcquisitionRecord) -> None:
         self.directory = Path(directory)
         self.record = record
         self._files: dict[Path, PlaneFile] = {}
+        self._known: list[Path] = []  # every file this writer made, open or not
         self._owners: dict[Path, tuple[int | str, int | str]] = {}
         self._lock = threading.Lock()
         self._closed: list[Path] | None = None
@@ -555,30 +572,52 @@ class AcquisitionWriter:
                 raise ValueError(
                     f"position {info.position!r} channel {info.channel!r} would share"
                     f" {path.name} with position {self._owners[path][0]!r} channel"
-                    f" {self._owners[path][1]!r}; give them names that differ in"
-                    " letters, digits, '-', '_' or '.'"
+                    f" {self._owners[path][1]!r}"
                 )
             target = self._files.get(path)
             if target is None:
                 check_plane(plane)  # before a file exists for it
                 self.directory.mkdir(parents=True, exist_ok=True)
                 target = self._files[path] = PlaneFile(path)
-            target.append(plane, info)
+                if path not in self._known:
+                    self._known.append(path)
+            try:
+                target.append(plane, info)
+            except ValueError:
+                raise  # refused before a byte was written: the file is as it was
+            except BaseException:  # it may hold a torn page: the next plane reopens it
+                del self._files[path]
+                target.release()
+                raise
         return path
+
+    def suspend(self) -> None:
+        """Close every file without finalising it; `write` and `close` reopen them."""
+        with self._lock:
+            for target in self._files.values():
+                target.release()
+            self._files.clear()
 
     def close(self) -> list[Path]:
         """Finalise every file (idempotent); the paths written."""
         with self._lock:
             if self._closed is None:
+                errors = []
+                for path in self._known:
+                    if path not in self._files:
+                        try:  # closed for idleness or after a failed write: continue it
+                            self._files[path] = PlaneFile(path)
+                        except Exception as exc:
+                            errors.append(exc)
                 files = list(self._files.values())
                 origin = _origin(files)
-                errors = []
                 for target in files:
                     try:
                         target.close(self.record, origin)
                     except Exception as exc:  # finalise the others regardless
                         errors.append(exc)
-                self._closed = [f.path for f in files]
+                        target.release()
+                self._closed = list(self._known)
                 if errors:
                     raise errors[0]
             return list(self._closed)

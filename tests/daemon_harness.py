@@ -37,6 +37,8 @@ def start_daemon(
             },
             "model": {"bundle": bundle, "backend": "onnxruntime", **sections.pop("model", {})},
             "telemetry": {"log_interval_s": 2.0},
+            # a small reserve: test machines' disks may be nearly full
+            "storage": {"reserve_mb": 16, **sections.pop("storage", {})},
             **sections,
         }
     )
