@@ -1,19 +1,27 @@
 """The acquisition side of the daemon connection: it never harms the acquisition.
 
-`DaemonStream` wraps a `DaemonClient` for hooks that run inside an acquisition: no call
-raises, and none blocks longer than the client's timeout. When the daemon stops answering the
-stream goes offline: frames pass on untouched, each one is counted as missed (Micro-Manager
-still saves them raw), and a background watcher probes the daemon every `retry_s`. When it
-answers again the stream reconnects: into the same acquisition if the daemon still has it (it
-was only slow), else as a new part `<id>-part<N>` (the daemon restarted; the gap shows in the
-counters and in the parts' outputs).
+`DaemonStream` is what hooks call from the acquisition thread, and none of those calls waits
+on the daemon: `start`, `frame`, `timepoint_done` and `end` (without `wait_s`) only hand their
+item to a bounded queue, which a sender thread of the stream empties into a `DaemonClient`.
+Nothing raises. A frame that finds the queue full, or the sender stuck on the daemon for more
+than `stall_s`, is counted as missed at once (Micro-Manager still saves it raw); so is every
+frame while the daemon is unreachable. The hand-off costs the acquisition thread a lock and an
+append: its time per frame is recorded (`hand_off_stats`).
+
+When the daemon stops answering, the sender goes offline and a watcher probes the daemon every
+`retry_s`. When it answers again the sender reconnects: into the same acquisition if the daemon
+still has it (it was only slow), else as a new part `<id>-part<N>` (the daemon restarted; the
+gap shows in the counters and in the parts' outputs). Frames the daemon refused (`disk_full`,
+...) are counted by code, and acknowledged frames it could not write later are counted in
+`write_failed`; the acquisition goes on in every case.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,21 +37,35 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StreamCounters:
+    """Each field has one writer: the acquisition thread (frames, missed_at_hand_off) or the
+    sender thread (the rest)."""
+
     frames: int = 0  # seen by the hook
+    missed_at_hand_off: int = 0  # queue full or sender stalled: never queued
     sent: int = 0  # handed to the daemon
-    missed: int = 0  # not sent: the daemon was unreachable or too slow
+    missed_offline: int = 0  # queued, but the daemon was unreachable
     unacknowledged: int = 0  # in flight when the daemon went away
-    refused: int = 0  # the daemon answered with an error
+    refused: int = 0  # the daemon answered with an error (frames and control calls)
+    refusals: dict[str, int] = field(default_factory=dict)  # refused frames by error code
+    write_failed: int = 0  # acknowledged, then not written (recoverable by reprocess)
     parts: list[str] = field(default_factory=list)  # acquisition ids used, in order
     outages: int = 0
+
+    @property
+    def missed(self) -> int:
+        """Frames never handed to the daemon (Micro-Manager saved them raw all the same)."""
+        return self.missed_at_hand_off + self.missed_offline
 
     def summary(self) -> dict[str, Any]:
         return {
             "frames": self.frames,
             "sent": self.sent,
             "missed": self.missed,
+            "missed_at_hand_off": self.missed_at_hand_off,
             "unacknowledged": self.unacknowledged,
             "refused": self.refused,
+            "refusals": dict(self.refusals),
+            "write_failed": self.write_failed,
             "parts": list(self.parts),
             "outages": self.outages,
         }
@@ -83,67 +105,198 @@ class DaemonStream:
         shared_memory_min_bytes: int | None = None,
         secure: Callable[[zmq.Socket], None] | None = None,
         images_per_timepoint: dict[int, int] | None = None,
+        queue_frames: int = 32,
+        stall_s: float = 0.5,
     ) -> None:
         """`images_per_timepoint`: how many images complete each timepoint (else a timepoint
-        is complete when a later one begins, or at the end)."""
+        is complete when a later one begins, or at the end). `queue_frames`: frames waiting
+        for the sender at most; `stall_s`: a sender blocked this long on the daemon makes new
+        frames count as missed instead of queueing behind it."""
+        if queue_frames < 1 or stall_s <= 0:
+            raise ValueError("queue_frames must be >= 1 and stall_s > 0")
         self.base_id, self.plan = acquisition_id, plan
         self.tracker = TimepointTracker(images_per_timepoint)
         self.address, self.retry_s, self.secure = address, retry_s, secure
+        self.queue_frames, self.stall_s = queue_frames, stall_s
         self.counters = StreamCounters()
         self.client = DaemonClient(address, timeout_s, window, shared_memory_min_bytes, secure)
         self.online = False
         self.started_reply: dict[str, Any] = {}
+        self.final_state: dict[str, Any] = {}
+        self.daemon_status: dict[str, Any] = {}
         self._back = threading.Event()  # set by the watcher when the daemon answers again
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()
-        self.daemon_status: dict[str, Any] = {}
+        # the hand-off: items for the sender, frames among them bounded by queue_frames
+        self._items: deque[tuple] = deque()
+        self._queued_frames = 0
+        self._ready = threading.Condition()
+        self._busy_since: float | None = None  # when the sender's current daemon call began
+        self._sender = threading.Thread(target=self._run, name="livedecon-sender", daemon=True)
+        self._done = threading.Event()  # the sender has ended the acquisition and stopped
+        self._ended = False
+        self._other_refusals = 0  # refused control requests (starts, timepoints, end)
+        self.hand_off_s: deque[float] = deque(maxlen=100_000)  # per frame() call
 
     @property
     def acquisition_id(self) -> str | None:
         return self.counters.parts[-1] if self.counters.parts else None
 
-    # -- the acquisition's calls (never raise) --------------------------------------------
+    # -- the acquisition's calls: never raise, never wait on the daemon -------------------
 
     def start(self) -> None:
-        self._open_part(self.base_id)
+        if not self._sender.is_alive() and not self._done.is_set():
+            self._sender.start()
+        self._put(("start",))
 
     def frame(self, image: np.ndarray, axes: Axes, timestamp_s: float | None = None) -> None:
-        """Send one frame, and the timepoints it completes."""
-        self._send_frame(image, axes, timestamp_s)
-        for t in self.tracker.image(axes.time):
-            self.timepoint_done(Axes(time=t))
+        """Hand one frame to the sender (or count it missed), and the timepoints it completes.
+        The image is not copied: it must not change afterwards (camera images are new arrays)."""
+        began = time.perf_counter()
+        self.counters.frames += 1
+        busy = self._busy_since
+        with self._ready:
+            stalled = busy is not None and time.monotonic() - busy > self.stall_s
+            if stalled or self._queued_frames >= self.queue_frames or self._ended:
+                self.counters.missed_at_hand_off += 1
+            else:
+                self._items.append(("frame", image, axes, timestamp_s))
+                self._queued_frames += 1
+                self._ready.notify()
+            for t in self.tracker.image(axes.time):
+                if not self._ended:
+                    self._items.append(("timepoint", Axes(time=t)))
+        self.hand_off_s.append(time.perf_counter() - began)
+
+    def timepoint_done(self, axes: Axes) -> None:
+        self._put(("timepoint", axes))
+
+    def end(self, wait_s: float | None = None) -> dict[str, Any]:
+        """Close the open timepoints and end the acquisition on the daemon. Returns at once
+        with {} unless `wait_s` is given: then it waits up to `wait_s` (this call, not the
+        frames, is held) for every frame to be written, and returns the daemon's final state."""
+        with self._ready:
+            if self._ended:
+                return self.final_state
+            for t in self.tracker.remaining():
+                self._items.append(("timepoint", Axes(time=t)))
+            self._items.append(("end", wait_s))
+            self._ended = True
+            self._ready.notify()
+        if not self._sender.is_alive() and not self._done.is_set():
+            self._sender.start()  # ended without a start: the sender just finishes
+        if wait_s is None:
+            return {}
+        return self.join(wait_s + 2 * self.client.timeout_s + 1)
+
+    def join(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Wait for the sender to finish (after `end`); the daemon's final state, if known."""
+        self._done.wait(timeout_s)
+        return self.final_state
+
+    def close(self) -> None:
+        """Stop at once: what is still queued is dropped (counted as missed)."""
+        self._closed.set()
+        with self._ready:
+            if not self._ended:
+                self._items.append(("end", None))
+                self._ended = True
+            self._ready.notify()
+        if not self._sender.is_alive() and not self._done.is_set():
+            self.client.close()
+            self._done.set()
+
+    def hand_off_stats(self) -> dict[str, float]:
+        """Time `frame` took on the acquisition thread, in microseconds."""
+        samples = sorted(self.hand_off_s)
+        if not samples:
+            return {"n": 0}
+        return {
+            "n": len(samples),
+            "p50_us": samples[len(samples) // 2] * 1e6,
+            "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6,
+            "max_us": samples[-1] * 1e6,
+        }
+
+    def _put(self, item: tuple) -> None:
+        with self._ready:
+            if self._ended:
+                return
+            self._items.append(item)
+            self._ready.notify()
+
+    # -- the sender thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._ready:
+                    while not self._items:
+                        self._ready.wait()
+                    item = self._items.popleft()
+                    if item[0] == "frame":
+                        self._queued_frames -= 1
+                kind = item[0]
+                if self._closed.is_set() and kind != "end":
+                    self.counters.missed_offline += kind == "frame"
+                    continue
+                try:
+                    if kind == "start":
+                        self._open_part(self.base_id)
+                    elif kind == "frame":
+                        self._send_frame(*item[1:])
+                    elif kind == "timepoint":
+                        self._control(lambda axes=item[1]: self.client.timepoint_done(axes))
+                    elif kind == "end":
+                        if not self._closed.is_set():
+                            self.final_state = self._finish(item[1])
+                        return
+                except Exception:  # never let the sender die with frames queued behind it
+                    log.exception("livedecon sender failed on a %s", kind)
+                finally:
+                    self._busy_since = None
+                    self._note_client()
+        finally:
+            self._closed.set()
+            self.client.close()
+            self._done.set()
+            log.info("livedecon stream ended: %s", self.counters.summary())
+
+    def _note_client(self) -> None:
+        self.counters.write_failed = self.client.write_failures
+        self.counters.refusals = dict(self.client.refusals)
+        self.counters.refused = self._other_refusals + self.client.refused_frames
+
+    def _call(self, call: Callable[[], Any]) -> Any:
+        self._busy_since = time.monotonic()
+        try:
+            return call()
+        finally:
+            self._busy_since = None
 
     def _send_frame(self, image: np.ndarray, axes: Axes, timestamp_s: float | None) -> None:
-        self.counters.frames += 1
         if not self.online and self._back.is_set():
             self._resume()
         if not self.online:
-            self.counters.missed += 1
+            self.counters.missed_offline += 1
             return
         try:
-            self.client.send(image, axes, timestamp_s=timestamp_s)
+            self._call(lambda: self.client.send(image, axes, timestamp_s=timestamp_s))
             self.counters.sent += 1
         except DaemonUnavailable as exc:
-            self.counters.missed += 1
+            self.counters.missed_offline += 1
             self._go_offline(exc)
         except DaemonError as exc:  # an earlier frame refused; this one was sent
             self.counters.sent += 1
             self._refused(exc)
 
-    def timepoint_done(self, axes: Axes) -> None:
-        self._control(lambda: self.client.timepoint_done(axes))
-
-    def end(self, wait_s: float | None = None) -> dict[str, Any]:
-        """Close the open timepoints and end the acquisition on the daemon (waiting up to
-        `wait_s` for it to be written)."""
-        for t in self.tracker.remaining():
-            self.timepoint_done(Axes(time=t))
+    def _finish(self, wait_s: float | None) -> dict[str, Any]:
         state: dict[str, Any] = {}
         if not self.online and self._back.is_set():
             self._resume()
         if self.online:
             try:
-                self.client.flush()
+                self._call(self.client.flush)
             except DaemonError as exc:
                 if isinstance(exc, DaemonUnavailable):
                     self._go_offline(exc)
@@ -151,31 +304,25 @@ class DaemonStream:
                     self._refused(exc)
         if self.online:
             try:
-                state = self.client.end(wait_s)
+                state = self._call(lambda: self.client.end(wait_s))
             except DaemonUnavailable as exc:
                 self._go_offline(exc)
             except DaemonError as exc:
                 self._refused(exc)
-        self.close()
-        log.info("livedecon stream ended: %s", self.counters.summary())
         return state
 
-    def close(self) -> None:
-        self._closed.set()
-        self.client.close()
-
-    # -- connection state ------------------------------------------------------------------
+    # -- connection state (sender thread) ----------------------------------------------------
 
     def _open_part(self, acquisition_id: str) -> None:
         try:
-            self.started_reply = self.client.start(acquisition_id, self.plan)
+            self.started_reply = self._call(lambda: self.client.start(acquisition_id, self.plan))
         except DaemonUnavailable as exc:
             self._go_offline(exc)
             return
         except DaemonError as exc:
             # Refused (a plan the daemon cannot serve): processing is off, the acquisition goes on.
             log.error("livedecon daemon refused acquisition %s: %s", acquisition_id, exc.message)
-            self.counters.refused += 1
+            self._other_refusals += 1
             return
         self.counters.parts.append(acquisition_id)
         self.online = True
@@ -187,14 +334,15 @@ class DaemonStream:
         if not self.online:
             return
         try:
-            call()
+            self._call(call)
         except DaemonUnavailable as exc:
             self._go_offline(exc)
         except DaemonError as exc:
             self._refused(exc)
 
     def _refused(self, exc: DaemonError) -> None:
-        self.counters.refused += 1
+        if exc.frame_id is None:  # refused frames are counted by the client, every one
+            self._other_refusals += 1
         log.warning("livedecon daemon refused a request: %s", exc)
 
     def _go_offline(self, exc: Exception) -> None:
