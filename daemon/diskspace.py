@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
@@ -59,11 +60,15 @@ class _Look:
 
 class FreeSpace:
     """Free bytes above a reserve on the file systems the daemon writes to, cheaply: statvfs at
-    most every `interval_s` (or every REFRESH_BYTES promised) per directory, and in between
-    the bytes promised since are subtracted from what it said."""
+    most every `interval_s` (or every REFRESH_BYTES promised) per directory; in between, the
+    bytes promised since are subtracted from what it said. `pending()` is what was promised
+    and is not on disk yet (acknowledged planes still queued for the writer): statvfs cannot
+    see those, so each look subtracts them too."""
 
-    def __init__(self, reserve_bytes: int, interval_s: float) -> None:
-        self.reserve, self.interval_s = reserve_bytes, interval_s
+    def __init__(
+        self, reserve_bytes: int, interval_s: float, pending: Callable[[], int] = lambda: 0
+    ) -> None:
+        self.reserve, self.interval_s, self.pending = reserve_bytes, interval_s, pending
         self._looks: dict[Path, _Look] = {}
 
     def _look(self, directory: Path) -> _Look:
@@ -71,7 +76,7 @@ class FreeSpace:
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent  # not created yet: its file system is its parent's
         stat = os.statvfs(probe)
-        look = _Look(time.monotonic(), stat.f_bavail * stat.f_frsize)
+        look = _Look(time.monotonic(), stat.f_bavail * stat.f_frsize - self.pending())
         self._looks[directory] = look
         return look
 
@@ -93,8 +98,9 @@ class FreeSpace:
             if look.free - self.reserve < nbytes:
                 raise ProtocolError(
                     ErrorCode.DISK_FULL,
-                    f"{what} refused: {look.free / 2**20:.0f} MB free where the daemon writes"
-                    f" ({directory}), and {self.reserve / 2**20:.0f} MB are kept in reserve."
+                    f"{what} refused: {max(look.free, 0) / 2**20:.0f} MB free where the daemon"
+                    f" writes ({directory}; queued planes counted), and"
+                    f" {self.reserve / 2**20:.0f} MB are kept in reserve."
                     " Free some space: the daemon accepts frames again by itself (the raw data"
                     " is not affected)",
                 )

@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 
 MISSING_LISTED = 100  # planes named in an acquisition's status when some could not be written
+PLANE_OVERHEAD_BYTES = 4096  # a TIFF page's IFD and plane record, generously
+
+
+def planned_plane_bytes(pixels: int) -> int:
+    """Disk space promised for one restored plane of `pixels` pixels (float32 at most)."""
+    return pixels * 4 + PLANE_OVERHEAD_BYTES
 
 
 @dataclass
@@ -69,6 +75,8 @@ class Acquisition:
     last_failure: str = ""
     reported_failures: int = 0
     close_error: str | None = None
+    promised_bytes: int = 0  # ingest thread: disk space promised to acknowledged planes
+    written_bytes: int = 0  # writer thread: of which written (or given up on)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -318,6 +326,7 @@ class WriterThread(threading.Thread):
         acquisition = item.acquisition
         assert item.plane is not None
         assert item.record is not None
+        acquisition.written_bytes += planned_plane_bytes(item.plane.size)
         try:
             writer = self._writers.get(acquisition.id)
             if writer is None:

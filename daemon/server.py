@@ -41,6 +41,7 @@ from livedecon.daemon.pipeline import (
     JobQueue,
     Worker,
     WriterThread,
+    planned_plane_bytes,
 )
 from livedecon.daemon.processing import PassThrough, Processor, open_processor
 from livedecon.daemon.protocol import (
@@ -61,7 +62,6 @@ from livedecon.daemon.writer import output_path
 log = logging.getLogger(__name__)
 PASS_THROUGH = "pass-through"
 FINISHED_KEPT = 100  # ended acquisitions still listed by `status`
-PLANE_OVERHEAD_BYTES = 4096  # a TIFF page's IFD and plane record, generously
 FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -87,7 +87,9 @@ class Daemon:
         self.spill_root = config.spill_path.resolve()
         self._spill_elsewhere = not self.spill_root.is_relative_to(self.root)
         storage = config.storage
-        self.free = FreeSpace(int(storage.reserve_mb * 2**20), storage.free_check_ms / 1e3)
+        self.free = FreeSpace(
+            int(storage.reserve_mb * 2**20), storage.free_check_ms / 1e3, self._pending_bytes
+        )
         self.spill = SpillStore(self.spill_root)
         self.jobs = JobQueue(int(config.queues.memory_queue_mb * 2**20), self.spill, self.metrics)
         self.active: dict[str, Acquisition] = {}
@@ -446,9 +448,7 @@ class Daemon:
                 " a repeat would be restored twice",
             )
         new_stream = self._check_against_plan(acquisition, header, pixels)
-        saved = acquisition.record.plan.save
-        if saved:
-            self._check_space(acquisition, pixels)
+        promised = self._check_space(acquisition, pixels) if acquisition.record.plan.save else 0
         if header.shm is not None:
             pixels = pixels.copy()  # the client reuses the slot once we acknowledge
         journal = acquisition.journal
@@ -477,25 +477,35 @@ class Daemon:
             if name is not None:
                 acquisition.file_names[name] = stream
         acquisition.last_frame_id = frame_id
+        acquisition.promised_bytes += promised
         acquisition.acknowledged += 1
         acquisition.spilled += where == "spilled"
         self.metrics.count("frames_received")
         self.metrics.received_rate.tick()
         return Reply(ok=True, frame_id=frame_id)
 
-    def _check_space(self, acquisition: Acquisition, pixels: Any) -> None:
+    def _pending_bytes(self) -> int:
+        """Restored bytes acknowledged but not yet written (statvfs cannot see them yet)."""
+        unfinished = [a for a in self.ended.values() if not a.finished.is_set()]
+        return sum(
+            max(0, a.promised_bytes - a.written_bytes) for a in (*self.active.values(), *unfinished)
+        )
+
+    def _check_space(self, acquisition: Acquisition, pixels: Any) -> int:
         """The frame's restored planes (and its raw pixels, should it spill) fit above the
-        reserve; checked against a cached free-space figure (daemon/diskspace.py)."""
+        reserve; checked against a cached free-space figure (daemon/diskspace.py). Returns the
+        restored bytes promised."""
         planes = pixels.shape[0] if pixels.ndim == 3 else 1
         upscale = acquisition.processor.upscale
         plane_px = pixels.shape[-1] * pixels.shape[-2] * upscale * upscale
-        restored = planes * (plane_px * 4 + PLANE_OVERHEAD_BYTES)  # float32 at most
+        restored = planes * planned_plane_bytes(plane_px)
         what = f"frame of {acquisition.id}"
         if self._spill_elsewhere:
             self.free.promise(self.root, restored, what)
             self.free.promise(self.spill_root, pixels.nbytes, what)
         else:
             self.free.promise(self.root, restored + pixels.nbytes, what)
+        return restored
 
     @staticmethod
     def _check_against_plan(
