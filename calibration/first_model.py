@@ -13,9 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from livedecon.calibration.config import MicroscopeConfig
+from livedecon.calibration.config import Camera, MicroscopeConfig
 from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel, counts_to_electrons
 from livedecon.calibration.inputs import sha256
+from livedecon.calibration.noise_estimate import (
+    NoiseEstimate,
+    NoiseEstimateError,
+    camera_disagreement,
+    estimate_noise,
+)
 from livedecon.calibration.ome_tiff import read_ome_tiff, read_raw_tiff
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
@@ -25,20 +31,66 @@ from livedecon.engines.training import TrainingConfig, train
 PSF_PLANES_3D = 9  # theoretical 3D PSF planes at the acquisition z step
 
 
+CAMERA_SOURCES = ("auto", "config", "estimate")
+
+
 @dataclass
 class TrainingData:
-    """Frames (Y, X) or stacks (Z, Y, X) in photoelectrons, and where they came from."""
+    """Frames (Y, X) or stacks (Z, Y, X) in photoelectrons, where they came from, and the
+    camera values that turned their counts into photoelectrons (None: the microscope's)."""
 
     images_e: list[np.ndarray]
     descriptions: list[str] = field(default_factory=list)
+    camera: Camera | None = None
+    noise: NoiseEstimate | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def load_training_tiffs(
-    paths: Sequence[Path], scope: MicroscopeConfig, is_3d: bool
+    paths: Sequence[Path],
+    scope: MicroscopeConfig,
+    is_3d: bool,
+    camera_source: str = "config",
 ) -> TrainingData:
     """Camera counts from TIFFs as photoelectrons: 2D takes every plane of every file as a
-    frame; 3D takes (Z, Y, X) stacks, any leading axes (time, channel) as separate stacks."""
-    data = TrainingData([])
+    frame; 3D takes (Z, Y, X) stacks, any leading axes (time, channel) as separate stacks.
+
+    `camera_source`: "config" converts with the microscope's camera values; "estimate" with
+    the noise the frames themselves show (calibration/noise_estimate.py); "auto" with the
+    microscope's, after checking them against the estimate (a disagreement is a warning)."""
+    if camera_source not in CAMERA_SOURCES:
+        raise ValueError(f"camera source must be one of {CAMERA_SOURCES}, got {camera_source!r}")
+    counts_list, data = _read_counts(paths, scope, is_3d)
+    camera = scope.camera
+    if camera_source != "config":
+        try:
+            data.noise = estimate_noise(counts_list)
+        except NoiseEstimateError as exc:
+            if camera_source == "estimate":
+                raise
+            data.warnings.append(f"could not check the camera values against the data: {exc}")
+    if data.noise is not None:
+        problem = camera_disagreement(data.noise, scope.camera)
+        if camera_source == "estimate":
+            camera = data.noise.as_camera(scope.camera)
+        elif problem:
+            data.warnings.append(
+                f"{problem}. Training with values that do not fit the noise fills the"
+                " background with texture. Use --camera estimate to train with the frames' own"
+                " noise, or calibrate the camera (livedecon calibrate)."
+            )
+    data.camera = camera
+    for counts in counts_list:
+        need = 3 if is_3d else 2
+        electrons = counts_to_electrons(counts, camera).astype(np.float32)
+        data.images_e.extend(electrons.reshape(-1, *electrons.shape[-need:]))
+    return data
+
+
+def _read_counts(
+    paths: Sequence[Path], scope: MicroscopeConfig, is_3d: bool
+) -> tuple[list[np.ndarray], TrainingData]:
+    counts_list, data = [], TrainingData([])
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
@@ -48,13 +100,11 @@ def load_training_tiffs(
         if counts.ndim < need:
             kind = "a z-stack (Z, Y, X)" if is_3d else "a 2D image"
             raise ValueError(f"{path}: axes {axes!r} with shape {counts.shape} is not {kind}")
-        electrons = counts_to_electrons(counts, scope.camera).astype(np.float32)
-        images = electrons.reshape(-1, *electrons.shape[-need:])
-        data.images_e.extend(images)
+        counts_list.append(counts)
         data.descriptions.append(f"{path.resolve()} sha256:{sha256(path)} shape {counts.shape}")
-    if not data.images_e:
+    if not counts_list:
         raise ValueError("no training files given")
-    return data
+    return counts_list, data
 
 
 def simulated_training_data(
@@ -137,7 +187,8 @@ def train_bundle(
     show_progress: bool = True,
 ) -> ModelBundle:
     """Train on `data` and bundle the result with its normalisation and provenance."""
-    result = train(data.images_e, psf, config, work_dir, scope.camera.read_noise_e, show_progress)
+    camera = data.camera or scope.camera
+    result = train(data.images_e, psf, config, work_dir, camera.read_noise_e, show_progress)
     history = result.history
     final = float(np.mean([h["total"] for h in history[-50:]])) if history else None
     training = TrainingRecord.now(
@@ -149,9 +200,9 @@ def train_bundle(
     )
     normalisation = Normalisation(
         scale_e=result.scale_e,
-        camera_offset_adu=scope.camera.offset_adu,
-        camera_gain_e_per_adu=scope.camera.gain_e_per_adu,
-        read_noise_e=scope.camera.read_noise_e,
+        camera_offset_adu=camera.offset_adu,
+        camera_gain_e_per_adu=camera.gain_e_per_adu,
+        read_noise_e=camera.read_noise_e,
     )
     return ModelBundle.from_model(
         result.model,
