@@ -76,6 +76,15 @@ def simulate(
 NETWORKS = ("fast", "full", "3d")
 
 
+def _has_camera_section(path: Path) -> bool:
+    import tomllib
+
+    try:
+        return "camera" in tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return True  # let the config loader report the problem
+
+
 def _network_spec(network: str):
     from livedecon.engines.networks import Network2DSpec, Network3DSpec, fast_2d_spec
 
@@ -92,10 +101,32 @@ def train(
     microscope: Annotated[
         Path | None, typer.Option(help="microscope TOML (optics, camera) [default: simulated]")
     ] = None,
-    network: Annotated[str, typer.Option(help=f"architecture: {', '.join(NETWORKS)}")] = "fast",
-    config: Annotated[
-        Path | None, typer.Option(help="TrainingConfig TOML; the options below override it")
+    network: Annotated[
+        str | None,
+        typer.Option(
+            help=f"architecture: {', '.join(NETWORKS)} [default: the recipe's: fast on a CPU,"
+            " full on a GPU]"
+        ),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="TrainingConfig TOML; the options below override it [default: the recipe for"
+            " this machine: about 10 minutes on a CPU, the reference schedule on a GPU]"
+        ),
+    ] = None,
+    budget_min: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="wall-time cap in minutes; the learning rate follows it"),
+    ] = None,
+    camera: Annotated[
+        str,
+        typer.Option(
+            help="camera values for TIFF inputs: 'auto' (the microscope's [camera] checked"
+            " against the frames' own noise; the estimate when the config has none), 'config',"
+            " or 'estimate'"
+        ),
+    ] = "auto",
     iterations: Annotated[int | None, typer.Option(min=1)] = None,
     patch_px: Annotated[int | None, typer.Option(min=16)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
@@ -119,6 +150,7 @@ def train(
 
     from livedecon.calibration.config import load_microscope, shipped_config_path
     from livedecon.calibration.first_model import (
+        CAMERA_SOURCES,
         load_training_tiffs,
         simulated_training_data,
         train_bundle,
@@ -127,19 +159,24 @@ def train(
     from livedecon.engines.bundle import BundleError
     from livedecon.engines.configfile import load_config
     from livedecon.engines.networks import count_parameters
-    from livedecon.engines.training import TrainingConfig
+    from livedecon.engines.training import TrainingConfig, default_recipe
 
-    if network not in NETWORKS:
+    if network is not None and network not in NETWORKS:
         raise _fail(f"--network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    if camera not in CAMERA_SOURCES:
+        raise _fail(f"--camera must be one of {', '.join(CAMERA_SOURCES)}, got {camera!r}")
     if out.exists() and not overwrite:
         raise _fail(f"{out}: already exists (--overwrite to replace it)")
     try:
         scope = load_microscope(microscope or shipped_config_path("microscope_sim.toml"))
-        base = load_config(config, TrainingConfig) if config else TrainingConfig()
+        base = load_config(config, TrainingConfig) if config else default_recipe(network)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    if camera == "auto" and microscope is not None and not _has_camera_section(microscope):
+        camera = "estimate"
     overrides = {
-        "network": _network_spec(network) if config is None else base.network,
+        "network": _network_spec(network) if network and config is None else base.network,
+        "budget_min": budget_min,
         "iterations": iterations,
         "patch_px": patch_px,
         "batch_size": batch_size,
@@ -151,7 +188,13 @@ def train(
             base.model_dump() | {k: v for k, v in overrides.items() if v is not None}
         )
         if inputs:
-            data = load_training_tiffs(inputs, scope, settings.is_3d)
+            data = load_training_tiffs(inputs, scope, settings.is_3d, camera)
+            if data.noise is not None:
+                console.print(f"noise of the frames themselves: {data.noise.describe()}")
+            for warning in data.warnings:
+                console.print(f"[bold red]WARNING[/]: {warning}")
+            if camera == "estimate":
+                console.print("training with the estimated camera values")
         else:
             console.print(f"simulating {simulated_frames} timepoints of {scope.name!r}")
             data = simulated_training_data(scope, simulated_frames, exposure_ms)
@@ -592,6 +635,95 @@ def _device() -> str:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"
+
+
+@bench_app.command("quality")
+def bench_quality_command(
+    budget: Annotated[
+        str, typer.Option(help="training budget: cpu (about 10 min per model), gpu (reference)")
+    ] = "cpu",
+    budget_min: Annotated[
+        float | None, typer.Option(min=0.1, help="override the per-model time cap (minutes)")
+    ] = None,
+    methods: Annotated[str, typer.Option(help="comma list of raw, rl, fast, full, 3d")] = (
+        "raw,rl,fast,full,3d"
+    ),
+    structures: Annotated[
+        str, typer.Option(help="comma list of sparse, dense, puncta, mixed, volume")
+    ] = "sparse,dense,puncta,mixed,volume",
+    optics: Annotated[str, typer.Option(help="comma list of tirf, widefield")] = "tirf,widefield",
+    peaks: Annotated[str, typer.Option(help="peak signals in photons")] = "5,15,50,200",
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench_quality.json"),
+) -> None:
+    """Restoration quality against ground truth on simulated scenes: fitted PSNR against a
+    2x-resolution reference, SSIM, resolution, ringing, dim-puncta recall, 3D alternation."""
+    import torch
+    from rich.table import Table
+
+    from livedecon.calibration.quality_bench import default_scenes, run_bench, summarise
+
+    if budget not in ("cpu", "gpu"):
+        raise _fail(f"--budget must be cpu or gpu, got {budget!r}")
+    if budget == "gpu" and not torch.cuda.is_available():
+        raise _fail("--budget gpu needs a CUDA GPU, and torch sees none")
+    try:
+        peak_values = tuple(float(p) for p in peaks.split(",") if p)
+    except ValueError:
+        raise _fail("--peaks takes numbers: 5,15,50") from None
+    wanted = {k: set(v.split(",")) for k, v in (("s", structures), ("o", optics))}
+    scenes = [
+        s
+        for s in default_scenes(peak_values)
+        if s.structure in wanted["s"] and (s.is_3d or s.optics in wanted["o"])
+    ]
+    chosen = tuple(m for m in methods.split(",") if m)
+    if not scenes or not chosen:
+        raise _fail("no scene or no method selected")
+    with console.status("bench quality") as status:
+        rows = run_bench(
+            scenes, chosen, budget, budget_min, lambda what: status.update(f"bench quality: {what}")
+        )
+    table = Table(title=f"livedecon bench quality (budget {budget})")
+    columns = ("scene", "method", "PSNR dB", "SSIM", "res nm", "ringing", "dim recall", "s")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("scene", "method") else "right")
+
+    def fmt(value: object, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in rows:
+        table.add_row(
+            str(r["scene"]),
+            str(r["method"]),
+            fmt(r["psnr"], ".2f"),
+            fmt(r["ssim"], ".3f"),
+            fmt(r["resolution_nm"], ".0f"),
+            fmt(r["ringing"], ".3f"),
+            fmt(r["dim_recall"], ".2f"),
+            fmt(r["seconds"], ".0f"),
+        )
+    (console if console.is_terminal else Console(width=140)).print(table)
+    summary = summarise(rows)
+    for method, figures in summary.items():
+        console.print(
+            f"{method}: {figures['mean_gain_db']:+.2f} dB over RL on average (worst"
+            f" {figures['worst_gain_db']:+.2f}) over {figures['scenes']} scenes at <= 50 photons;"
+            f" dim recall below RL's on {figures['scenes_recall_below_rl']} scenes"
+        )
+    for r in rows:
+        if r["alternation"] is not None:
+            console.print(
+                f"{r['scene']} {r['method']}: in-focus plane {r['psnr_focus']:.2f} dB,"
+                f" plane alternation {100 * r['alternation']:.1f}%"
+            )
+    out.write_text(
+        json.dumps(
+            {"device": _device(), "budget": budget, "rows": rows, "summary": summary},
+            indent=2,
+            default=float,
+        )
+    )
+    console.print(f"wrote {out}")
 
 
 @bench_app.command("daemon")

@@ -43,6 +43,14 @@ class Network3DSpec(StrictModel):
     blocks_per_group: int = Field(2, ge=1, le=16)
     attention_reduction: int = Field(16, ge=1, le=64)
     upsample: bool = Field(True, description="lateral-only 2x upsampling of the second stage")
+    plane_stride: int = Field(
+        2,
+        ge=1,
+        le=2,
+        description="planes apart the network sees, as in training (odd/even pairs are two"
+        " steps apart); a stack is restored as that many interleaved sub-stacks, so the"
+        " network never meets a plane spacing it was not trained on",
+    )
 
 
 def fast_2d_spec() -> Network2DSpec:
@@ -217,9 +225,31 @@ class ZSDeconvNet3D(nn.Module):
         self.denoiser = RCANStage3D(self.spec, upsample=False)
         self.deconvolver = RCANStage3D(self.spec, upsample=self.spec.upsample)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both stages on a stack at the training plane spacing."""
         denoised = self.denoiser(x)
         return denoised, self.deconvolver(denoised)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.plane_stride == 1:
+            return self.stages(x)
+        # Even and odd planes as two stacks of the trained spacing, in one batch. The odd
+        # stack gets the last plane repeated so both have ceil(Z / 2) planes (traced shapes
+        # only, so ONNX export keeps Z dynamic).
+        depth = x.shape[2]
+        even = x[:, :, 0::2]
+        odd = torch.cat([x[:, :, 1::2], x[:, :, -1:]], dim=2)[:, :, : even.shape[2]]
+        n = x.shape[0]
+        denoised, deconvolved = self.stages(torch.cat([even, odd], dim=0))
+        return _interleave(denoised, n, depth), _interleave(deconvolved, n, depth)
+
+
+def _interleave(both: torch.Tensor, n: int, depth: int) -> torch.Tensor:
+    """(2N, C, Z', Y, X) of even then odd sub-stacks -> (N, C, depth, Y, X), planes in order."""
+    even, odd = both[:n], both[n:]
+    stacked = torch.stack([even, odd], dim=3)  # (N, C, Z', 2, Y, X)
+    shape = stacked.shape
+    return stacked.reshape(shape[0], shape[1], shape[2] * 2, shape[4], shape[5])[:, :, :depth]
 
 
 NetworkSpec = Network2DSpec | Network3DSpec

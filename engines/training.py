@@ -11,11 +11,15 @@ optimiser step. `train` adds the schedule, checkpoints, resume and Ctrl-C around
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,6 +33,7 @@ from livedecon.engines.networks import (
     Network3DSpec,
     NetworkSpec,
     build_network,
+    fast_2d_spec,
 )
 from livedecon.engines.self_supervised import (
     LossConfig,
@@ -57,8 +62,26 @@ class TrainingConfig(StrictModel):
     batch_size: int = Field(4, ge=1)
     iterations: int = Field(5000, ge=1)
     learning_rate: float = Field(5e-5, gt=0, description="Adam start (reference: 5e-5)")
+    schedule: Literal["step", "cosine"] = Field(
+        "step",
+        description="step: the reference's decay by lr_decay_factor every lr_decay_every;"
+        " cosine: one smooth decay to 1% over the run (its iterations or its time budget)",
+    )
     lr_decay_factor: float = Field(0.5, gt=0, le=1)
     lr_decay_every: int = Field(10_000, ge=1, description="iterations between decays")
+    budget_min: float | None = Field(
+        None,
+        gt=0,
+        description="wall-time cap in minutes: training stops at `iterations` or when the"
+        " time is spent, whichever comes first; a cosine schedule then follows the time",
+    )
+    ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="keep an exponential moving average of the weights and bundle it"
+        " (smooths the last steps' noise); None: the last step's weights",
+    )
     checkpoint_every: int = Field(500, ge=1)
     scale_percentile: float = Field(99.9, gt=50, le=100)
     seed: int = 0
@@ -70,6 +93,52 @@ class TrainingConfig(StrictModel):
     def patch_shape(self) -> tuple[int, ...]:
         lateral = (self.patch_px, self.patch_px)
         return (self.patch_slices, *lateral) if self.is_3d else lateral
+
+
+CPU_BUDGET_MIN = 10.0  # what a first model may cost on a 2-core machine
+
+
+def default_recipe(network: str | None = None, device: str | None = None) -> TrainingConfig:
+    """The recipe `livedecon train` uses when given no config: on a CPU the fast network
+    under a 10-minute budget with a cosine schedule over it; on a GPU the full network with
+    the reference schedule (50,000 iterations on 128 x 128 patches, Adam 5e-5 halved every
+    10,000). `network` ("fast", "full", "3d") overrides the architecture, not the schedule."""
+    gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if gpu:
+        recipe = TrainingConfig(
+            network=Network2DSpec(),
+            patch_px=128,
+            batch_size=4,
+            iterations=50_000,
+            learning_rate=5e-5,
+            lr_decay_every=10_000,
+        )
+    else:
+        recipe = TrainingConfig(
+            network=fast_2d_spec(),
+            patch_px=64,
+            batch_size=4,
+            iterations=1_000_000,
+            learning_rate=1e-3,
+            schedule="cosine",
+            budget_min=CPU_BUDGET_MIN,
+        )
+    if network == "3d":
+        return recipe.model_copy(
+            update={
+                "network": Network3DSpec(
+                    width=16, residual_groups=1, blocks_per_group=2, attention_reduction=4
+                )
+                if not gpu
+                else Network3DSpec(),
+                "patch_px": 32 if not gpu else 64,
+                "patch_slices": 8 if not gpu else 26,
+            }
+        )
+    if network is not None:
+        spec = fast_2d_spec() if network == "fast" else Network2DSpec()
+        return recipe.model_copy(update={"network": spec})
+    return recipe
 
 
 @dataclass
@@ -176,7 +245,7 @@ class Objective:
         if self.is_3d:
             inputs, targets = odd_even_pairs(batch_e / self.scale_e)
             gap = gap_amending_term(model, inputs, targets)
-            denoised, deconvolved = model(inputs)
+            denoised, deconvolved = model.stages(inputs)  # the pairs are already 2 apart
             return zs_deconv_loss_3d(
                 denoised, deconvolved, targets, gap, self.psf, self.loss, upscale
             )
@@ -245,19 +314,24 @@ def train(
     trainer = Trainer(
         model, objective, sampler, config.batch_size, config.learning_rate, config.seed
     )
-    schedule = torch.optim.lr_scheduler.StepLR(
-        trainer.optimizer, step_size=config.lr_decay_every, gamma=config.lr_decay_factor
-    )
-    start, history = 0, []
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay is not None else None
+    start, history, elapsed_before = 0, [], 0.0
     checkpoint = work_dir / CHECKPOINT if work_dir else None
     if checkpoint and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True, map_location=device)
         model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        if average is not None and "average" in state:
+            average.model.load_state_dict(state["average"])
         start = int(state["iteration"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         history = json.loads((work_dir / "history.json").read_text())
         log.info("resuming training at iteration %d", start)
+    budget_s = config.budget_min * 60 if config.budget_min is not None else None
+    started = time.perf_counter() - elapsed_before
+
+    def elapsed() -> float:
+        return time.perf_counter() - started
 
     def reseed(iteration: int) -> None:
         # Random streams restart at every checkpoint, so a resumed run repeats exactly
@@ -272,9 +346,11 @@ def train(
         state = {
             "model": model.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
             "iteration": iteration,
+            "elapsed_s": elapsed(),
         }
+        if average is not None:
+            state["average"] = average.model.state_dict()
         torch.save(state, checkpoint.with_suffix(".tmp"))
         checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: never a half checkpoint
         (work_dir / "history.json").write_text(json.dumps(history))
@@ -284,8 +360,18 @@ def train(
     bar = tqdm(total=config.iterations, initial=start, disable=not show_progress, unit="it")
     try:
         for iteration in range(start, config.iterations):
+            if budget_s is not None and elapsed() >= budget_s:
+                log.info("time budget of %.1f min spent at iteration %d", config.budget_min, done)
+                break
+            progress = iteration / config.iterations
+            if budget_s is not None:
+                progress = max(progress, elapsed() / budget_s)
+            rate = config.learning_rate * learning_rate_factor(config, iteration, progress)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = rate
             history.append(trainer.step())
-            schedule.step()
+            if average is not None:
+                average.update(model)
             done = iteration + 1
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['total']:.4f}")
@@ -298,8 +384,34 @@ def train(
     finally:
         bar.close()
     save(done)
+    if average is not None:
+        model.load_state_dict(average.model.state_dict())
     model.eval()
     return TrainingResult(model, scale, done, history, interrupted)
+
+
+def learning_rate_factor(config: TrainingConfig, iteration: int, progress: float) -> float:
+    """Multiplier of the start learning rate: the reference's steps, or a cosine over the run's
+    progress (0..1, by iterations or by the time budget, whichever is further)."""
+    if config.schedule == "step":
+        return config.lr_decay_factor ** (iteration // config.lr_decay_every)
+    floor = 0.01
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights (no batch-norm statistics to track)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for averaged, current in zip(self.model.parameters(), model.parameters(), strict=True):
+            averaged.lerp_(current, 1 - self.decay)
 
 
 @torch.no_grad()

@@ -1,0 +1,77 @@
+"""The quality bench's scenes and measures (the networks' own scores are in test_quality.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from livedecon.calibration.quality_bench import (
+    Scene,
+    best_richardson_lucy,
+    best_view,
+    default_scenes,
+    dim_recall,
+    fit_to,
+    plane_alternation,
+    raw_estimate,
+    render,
+    score,
+)
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return render(Scene(structure="mixed", optics="tirf", peak_photons=15, size_px=96, seed=5))
+
+
+def test_a_scene_is_rendered_at_its_peak_signal_with_a_camera(rendered):
+    assert rendered.counts.shape == (96, 96)
+    assert rendered.reference.shape == (192, 192)
+    signal = rendered.electrons - rendered.scene.background_e
+    # the noise-free peak is 15 e-: the noisy frame's top stays within shot noise of it
+    assert 10 < np.percentile(signal, 99.95) < 40
+    assert len(rendered.dim_puncta) > 0
+    again = render(rendered.scene)
+    np.testing.assert_array_equal(again.counts, rendered.counts)  # seeded: the same frame
+
+
+def test_the_grid_has_every_structure_optics_and_peak_and_a_volume():
+    scenes = default_scenes()
+    assert {s.structure for s in scenes} == {"sparse", "dense", "puncta", "mixed", "volume"}
+    assert {s.peak_photons for s in scenes if not s.is_3d} == {5, 15, 50, 200}
+    assert len({s.name for s in scenes}) == len(scenes)
+
+
+def test_fitting_undoes_scale_and_offset():
+    reference = np.random.default_rng(0).random((32, 32))
+    np.testing.assert_allclose(fit_to(3 * reference + 7, reference), reference, atol=1e-9)
+
+
+def test_the_reference_recalls_its_own_dim_puncta_and_a_blur_does_not(rendered):
+    reference = rendered.reference
+    assert dim_recall(reference, reference, rendered.dim_puncta) == 1.0
+    flat = np.full_like(reference, reference.mean())
+    flat += np.random.default_rng(1).normal(0, 0.01, flat.shape)
+    assert dim_recall(flat, reference, rendered.dim_puncta) == 0.0
+
+
+def test_seeing_the_estimate_through_the_reference_psf_is_never_worse(rendered):
+    raw = raw_estimate(rendered)
+    value, _ = best_view(raw, rendered)
+    assert value >= score("raw", raw, rendered, 0.0).psnr - 1e-9
+
+
+def test_richardson_lucy_beats_raw(rendered):
+    estimate, iterations = best_richardson_lucy(rendered)
+    assert iterations >= 2
+    assert (
+        score("rl", estimate, rendered, 0).psnr
+        > score("raw", raw_estimate(rendered), rendered, 0).psnr + 0.5
+    )
+
+
+def test_plane_alternation_measures_an_odd_even_pattern():
+    smooth = np.ones((12, 4, 4)) * np.linspace(1, 2, 12)[:, None, None]
+    assert plane_alternation(smooth) == pytest.approx(0, abs=1e-9)
+    zigzag = smooth * (1 + 0.1 * (-1.0) ** np.arange(12))[:, None, None]
+    assert plane_alternation(zigzag) == pytest.approx(0.1, rel=0.15)

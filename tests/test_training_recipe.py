@@ -1,0 +1,81 @@
+"""Training recipes: the time budget, the cosine schedule, weight averaging, machine defaults."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from livedecon.engines.networks import Network2DSpec, UNetSpec
+from livedecon.engines.training import (
+    CPU_BUDGET_MIN,
+    TrainingConfig,
+    default_recipe,
+    learning_rate_factor,
+    train,
+)
+
+TINY = Network2DSpec(unet=UNetSpec(levels=2, convs_per_block=1, base_width=4), tail_width=8)
+
+
+@pytest.fixture(scope="module")
+def frame_and_psf():
+    rng = np.random.default_rng(0)
+    frame = rng.poisson(5 + 20 * (rng.random((64, 64)) > 0.97)).astype(np.float32)
+    yy, xx = np.mgrid[-3:4, -3:4]
+    psf = np.exp(-(yy**2 + xx**2) / 4.0)
+    return frame, (psf / psf.sum()).astype(np.float32)
+
+
+def test_a_time_budget_stops_training_and_keeps_the_weights(frame_and_psf):
+    torch.set_num_threads(2)
+    frame, psf = frame_and_psf
+    config = TrainingConfig(
+        network=TINY,
+        patch_px=32,
+        batch_size=2,
+        iterations=1_000_000,
+        budget_min=0.05,
+        schedule="cosine",
+    )
+    started = time.perf_counter()
+    result = train([frame], psf, config, show_progress=False)
+    assert time.perf_counter() - started < 3 * 60 * 0.05 + 10
+    assert 0 < result.iterations_done < 1_000_000
+    assert all(math.isfinite(h["total"]) for h in result.history)
+
+
+def test_the_cosine_schedule_follows_progress_and_the_step_schedule_the_reference():
+    cosine = TrainingConfig(schedule="cosine", learning_rate=1e-3)
+    assert learning_rate_factor(cosine, 0, 0.0) == pytest.approx(1.0)
+    assert learning_rate_factor(cosine, 0, 0.5) == pytest.approx(0.505)
+    assert learning_rate_factor(cosine, 0, 1.0) == pytest.approx(0.01)
+    step = TrainingConfig(lr_decay_every=100, lr_decay_factor=0.5)
+    assert learning_rate_factor(step, 99, 0.9) == 1.0
+    assert learning_rate_factor(step, 250, 0.0) == 0.25
+
+
+def test_weight_averaging_bundles_the_average_not_the_last_step(frame_and_psf):
+    torch.set_num_threads(2)
+    frame, psf = frame_and_psf
+    plain = TrainingConfig(network=TINY, patch_px=32, batch_size=2, iterations=30)
+    averaged = plain.model_copy(update={"ema_decay": 0.9})
+    last = train([frame], psf, plain, show_progress=False).model.state_dict()
+    mean = train([frame], psf, averaged, show_progress=False).model.state_dict()
+    # same seed, same steps: only the averaging differs
+    assert any(not torch.equal(last[k], mean[k]) for k in last)
+
+
+def test_the_default_recipe_fits_the_machine():
+    cpu = default_recipe(device="cpu")
+    assert cpu.network.kind == "zs-deconvnet-2d-fast"
+    assert cpu.budget_min == CPU_BUDGET_MIN
+    assert cpu.schedule == "cosine"
+    gpu = default_recipe(device="cuda")
+    assert gpu.network.kind == "zs-deconvnet-2d"
+    assert (gpu.iterations, gpu.patch_px, gpu.learning_rate) == (50_000, 128, 5e-5)
+    assert gpu.budget_min is None
+    assert default_recipe("3d", device="cpu").is_3d
