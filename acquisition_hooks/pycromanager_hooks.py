@@ -10,7 +10,9 @@ unchanged (same object, dtype and shape), so Micro-Manager saves the raw data as
 the Java backend as with the Python one. The plan (z count, channels, pixel size, z step,
 interval) comes from the core and the events; a timepoint is done when all its events' images
 were seen (or a later timepoint began); the acquisition ends when pycromanager's data sink
-finishes. A missing or slow daemon never stops the acquisition (see `DaemonStream`).
+finishes. A missing or slow daemon never stops the acquisition (see `DaemonStream`): no call
+on the acquisition thread waits on it. `end_wait_s` (None by default) makes `finish` wait until
+the daemon has written everything, which holds the thread that finishes, not the frames.
 """
 
 from __future__ import annotations
@@ -92,7 +94,14 @@ class PycromanagerHooks:
     def __init__(self, stream: DaemonStream, end_wait_s: float | None = None) -> None:
         self.stream, self.end_wait_s = stream, end_wait_s
         self._started = self._finished = False
-        self.final_state: dict[str, Any] = {}
+        self._final_state: dict[str, Any] = {}
+
+    @property
+    def final_state(self) -> dict[str, Any]:
+        """The daemon's state of the acquisition once the stream ended it ({} until then, or
+        when the daemon was unreachable); `end_wait_s` makes the end wait until it is written."""
+        stream_state = self.stream.final_state if self.stream is not None else {}
+        return self._final_state or stream_state
 
     @property
     def acquisition_kwargs(self) -> dict[str, Any]:
@@ -120,13 +129,13 @@ class PycromanagerHooks:
         """End the acquisition on the daemon (idempotent)."""
         if self._finished or not self._started:
             self._finished = True
-            return self.final_state
+            return self._final_state
         self._finished = True
         try:
-            self.final_state = self.stream.end(self.end_wait_s)
+            self._final_state = self.stream.end(self.end_wait_s)
         except Exception:
             log.exception("livedecon hook failed to end the acquisition")
-        return self.final_state
+        return self._final_state
 
     def __enter__(self) -> PycromanagerHooks:
         return self

@@ -7,7 +7,9 @@
 sequenceStarted sends the plan (from the sequence and the core's pixel size), frameReady sends
 each frame (the image itself is untouched: pymmcore-plus writers save it raw as usual), a
 timepoint is done when all its images arrived, sequenceFinished ends the acquisition. As with
-pycromanager, a missing or slow daemon never stops the acquisition.
+pycromanager, a missing or slow daemon never stops the acquisition: no call on the MDA thread
+waits on it. `end_wait_s` (None by default) makes sequenceFinished wait until the daemon has
+written everything (after the last frame, so it holds no frame).
 """
 
 from __future__ import annotations
@@ -81,7 +83,14 @@ class MDAHooks:
         self.end_wait_s = end_wait_s
         self._options = {"timeout_s": timeout_s, "retry_s": retry_s, **stream_options}
         self.stream: DaemonStream | None = None
-        self.final_state: dict[str, Any] = {}
+        self._final_state: dict[str, Any] = {}
+
+    @property
+    def final_state(self) -> dict[str, Any]:
+        """The daemon's state of the acquisition once the stream ended it ({} until then, or
+        when the daemon was unreachable); `end_wait_s` makes the end wait until it is written."""
+        stream_state = self.stream.final_state if self.stream is not None else {}
+        return self._final_state or stream_state
 
     def attach(self) -> MDAHooks:
         events = self.core.mda.events
@@ -125,7 +134,7 @@ class MDAHooks:
         if self.stream is None:
             return
         try:
-            self.final_state = self.stream.end(self.end_wait_s)
+            self._final_state = self.stream.end(self.end_wait_s)
         except Exception:
             log.exception("livedecon hook failed to end the acquisition")
 

@@ -62,6 +62,7 @@ from livedecon.daemon.writer import output_path
 log = logging.getLogger(__name__)
 PASS_THROUGH = "pass-through"
 FINISHED_KEPT = 100  # ended acquisitions still listed by `status`
+REFUSALS_LOGGED = 20  # per second
 FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -97,6 +98,7 @@ class Daemon:
         self._processors: dict[str, Processor] = {}
         self._segments: dict[str, shared_memory.SharedMemory] = {}
         self._stopping = threading.Event()
+        self._refusal_window: list = [0.0, 0, 0]  # window start, lines logged, not logged
         self._secure, self._authenticator = None, None
         if config.endpoints.curve_keys_dir is not None:
             self._secure, self._authenticator = server_security(
@@ -239,7 +241,7 @@ class Daemon:
             reply = self._with_write_failures(header, reply)
         except ProtocolError as exc:
             self.metrics.count("errors")
-            log.warning("refused a message: %s", exc)
+            self._log_refusal(exc)
             reply = Reply.error(exc, frame_id)
         except Exception as exc:
             self.metrics.count("errors")
@@ -249,6 +251,20 @@ class Daemon:
             )
         router.send_multipart([*route, reply.to_bytes()])
         self.metrics.observe("ingest", time.perf_counter() - received)
+
+    def _log_refusal(self, exc: ProtocolError) -> None:
+        """One warning line per refusal, at most REFUSALS_LOGGED a second (a flood of bad
+        input must not flood the log); the rest are counted in the next line."""
+        now = time.monotonic()
+        if now - self._refusal_window[0] >= 1.0:
+            self._refusal_window = [now, 0, self._refusal_window[2]]
+        if self._refusal_window[1] >= REFUSALS_LOGGED:
+            self._refusal_window[2] += 1
+            return
+        self._refusal_window[1] += 1
+        suppressed, self._refusal_window[2] = self._refusal_window[2], 0
+        more = f" ({suppressed} more refusals not logged)" if suppressed else ""
+        log.warning("refused a message: %s%s", exc, more)
 
     def _with_write_failures(self, header: Header, reply: Reply) -> Reply:
         """A reply about an acquisition also tells of its planes that failed to be written
