@@ -3,7 +3,7 @@ free-space reserve that an acknowledgement promises to respect."""
 
 from __future__ import annotations
 
-import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,8 +75,8 @@ class FreeSpace:
         probe = directory
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent  # not created yet: its file system is its parent's
-        stat = os.statvfs(probe)
-        look = _Look(time.monotonic(), stat.f_bavail * stat.f_frsize - self.pending())
+        free = shutil.disk_usage(probe).free  # statvfs f_bavail (what we may use) on POSIX
+        look = _Look(time.monotonic(), free - self.pending())
         self._looks[directory] = look
         return look
 

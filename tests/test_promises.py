@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_output_dir_outside_or_odd_is_refused(bad):
 
 
 def test_free_space_is_cached_and_refused_above_the_reserve(tmp_path):
-    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    free = shutil.disk_usage(tmp_path).free
     queued = [0]  # promised, not yet written: what the daemon's writer queue holds
     space = FreeSpace(free - 10 * 2**20, interval_s=60.0, pending=lambda: queued[0])
     space.promise(tmp_path, 6 * 2**20, "one")  # fits under what is left above the reserve
