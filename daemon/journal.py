@@ -43,6 +43,9 @@ JOURNAL_FILE = "acked.jsonl"
 
 _PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
 _INTEGER = re.compile(r"-?[0-9]+")
+_WINDOWS_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10)]
+)
 MAX_NAME = 100  # characters of a name; longer ones end in '~' and a hash of the whole name
 
 
@@ -50,12 +53,13 @@ def safe_name(name: int | str) -> str:
     """`name` (an acquisition id, a position or channel) as one file-name component.
 
     Injective, and never a path: letters, digits, '-', '_' and '.' stay as they are (a leading
-    '.' does not), every other character becomes '%XX' per UTF-8 byte, so the result is never
-    empty, '.', '..', hidden, or holds a separator. An integer is its digits; a string that
-    reads as an integer gets its first character escaped, so channel 0 and channel "0" differ;
-    the empty string is '%'. A result longer than MAX_NAME is cut and ends in '~' plus a hash
-    of the whole name ('~' appears nowhere else). Only case can make two names meet, on a
-    case-insensitive file system; the daemon refuses such pairs within an acquisition.
+    or trailing '.' does not), every other character becomes '%XX' per UTF-8 byte, so the
+    result is never empty, '.', '..', hidden, or holds a separator. An integer is its digits; a
+    string that reads as an integer, or as a Windows device name (CON, NUL, COM1, ...), gets its
+    first character escaped, so channel 0 and channel "0" differ; the empty string is '%'. A
+    result longer than MAX_NAME is cut and ends in '~' plus a hash of the whole name ('~'
+    appears nowhere else). Only case can make two names meet, on a case-insensitive file
+    system; the daemon refuses such pairs within an acquisition.
     """
     if isinstance(name, bool) or not isinstance(name, int | str):
         raise TypeError(f"a name is an int or a str, not {type(name).__name__}")
@@ -70,8 +74,10 @@ def safe_name(name: int | str) -> str:
         else:
             parts.extend(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass"))
     text = "".join(parts)
-    if _INTEGER.fullmatch(text):
+    if _INTEGER.fullmatch(text) or text.split(".")[0].upper() in _WINDOWS_DEVICES:
         text = f"%{ord(text[0]):02X}{text[1:]}"
+    if text.endswith("."):  # Windows drops a trailing dot: "a." would be "a"
+        text = text[:-1] + "%2E"
     if len(text) > MAX_NAME:
         digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:20]
         text = f"{text[: MAX_NAME - 21]}~{digest}"
@@ -81,7 +87,13 @@ def safe_name(name: int | str) -> str:
 def is_plain(name: str) -> bool:
     """`name` is a harmless file-name component as it stands (a directory a person named):
     letters, digits, '-', '_', '.', not hidden, not too long."""
-    return 0 < len(name) <= MAX_NAME and name[0] != "." and all(c in _PLAIN for c in name)
+    return (
+        0 < len(name) <= MAX_NAME
+        and name[0] != "."
+        and name[-1] != "."
+        and all(c in _PLAIN for c in name)
+        and name.split(".")[0].upper() not in _WINDOWS_DEVICES
+    )
 
 
 class _Record(BaseModel):

@@ -58,6 +58,11 @@ HOSTILE = [
     "\ud800",
     "GFP",
     "gfp",
+    "a.",
+    "a",
+    "CON",
+    "con.txt",
+    "%43ON",
 ]
 
 
@@ -75,6 +80,8 @@ def test_safe_names_are_injective_and_never_a_path():
     assert safe_name(0) == "0"
     assert safe_name("0") != "0"  # channel 0 and channel "0" differ
     assert safe_name("GFP-488_a.b") == "GFP-488_a.b"  # plain names read as they are
+    assert safe_name("NUL").upper() != "NUL"  # Windows device names are escaped
+    assert not safe_name("a.").endswith(".")  # Windows would drop the dot
     with pytest.raises(TypeError):
         safe_name(True)  # type: ignore[arg-type]
 
