@@ -86,6 +86,7 @@ class DaemonClient:
         self.refused_frames = 0
         self.refusals: Counter[str] = Counter()
         self.write_failures = 0
+        self._failures_told = 0  # of the current acquisition, as its replies said
         self.warnings: deque[str] = deque(maxlen=100)
         self.acquisition_id: str | None = None
         self._next_frame_id = 0
@@ -119,6 +120,7 @@ class DaemonClient:
         )
         reply = self._request(header)
         self.acquisition_id, self._next_frame_id = acquisition_id, 0
+        self._failures_told = 0
         return reply.data
 
     def send(
@@ -166,6 +168,7 @@ class DaemonClient:
         while True:
             state = self.status()["acquisitions"].get(acquisition_id, {})
             if state.get("finished"):
+                self._note_failures(state.get("write_failures", 0), state.get("missing", {}))
                 return state
             if time.monotonic() > deadline:
                 raise DaemonUnavailable(
@@ -280,9 +283,7 @@ class DaemonClient:
         kind, frame_id = request
         failed = reply.data.get("write_failed") if reply.ok else None
         if isinstance(failed, dict):
-            self.write_failures += int(failed.get("count", 0))
-            self.warnings.append(str(failed.get("message", "")))
-            log.warning("livedecon daemon: %s", failed.get("message"))
+            self._note_failures(int(failed.get("total", 0)), failed)
         if not reply.ok and kind is Kind.FRAME:
             self.refused_frames += 1
             self.refusals[str(reply.code)] += 1
@@ -290,6 +291,20 @@ class DaemonClient:
                 DaemonError(reply.code or ErrorCode.INTERNAL, reply.message or "", frame_id)
             )
         return reply, request
+
+    def _note_failures(self, total: int, about: dict[str, Any]) -> None:
+        """The daemon says `total` acknowledged planes of this acquisition failed to be
+        written: count the ones not heard of before, keep and log the sentence."""
+        if total <= self._failures_told:
+            return
+        self.write_failures += total - self._failures_told
+        self._failures_told = total
+        message = about.get("message") or (
+            f"{total} acknowledged plane(s) could not be written ({about.get('latest_error')});"
+            f" recover them with `{about.get('recover')}`"
+        )
+        self.warnings.append(str(message))
+        log.warning("livedecon daemon: %s", message)
 
     def _raise_pending(self) -> None:
         if self._errors:

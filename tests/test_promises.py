@@ -345,3 +345,37 @@ def test_an_idle_acquisition_closes_its_files_and_resumes(tmp_path):
     planes = read_planes(output_path(directory, 0, 0))
     assert [int(p[0, 0]) for _, p in planes] == [0, 1, 2, 3]
     assert [e.frame_id for e in read_journal(directory)] == [0, 1, 2, 3]
+
+
+def test_a_plane_that_cannot_be_written_keeps_its_raw_frame_for_reprocess(tmp_path):
+    from typer.testing import CliRunner
+
+    from livedecon.daemon.cli import app
+
+    daemon = start_daemon(tmp_path, model={"pass_through_delay_ms": 300.0})
+    directory = daemon.config.output_dir / "kept"
+    images = [np.full((16, 16), 10 + i, np.uint16) for i in range(4)]
+    blocker = output_path(directory, 0, 0)
+    try:
+        with daemon.client() as client:
+            client.start("kept", Plan(pixel_size_um=0.1))
+            client.send(images[0], Axes(time=0))
+            client.flush()  # acknowledged; the stand-in engine takes 300 ms
+            blocker.mkdir()  # the output file cannot be opened now (an I/O error stand-in)
+            for i in (1, 2, 3):
+                client.send(images[i], Axes(time=i))
+            client.flush()
+            state = client.end(wait_s=30)
+            assert client.write_failures == 4  # told in the reply to the end
+    finally:
+        daemon.stop()
+    assert state["finished"] is True
+    assert state["complete"] is False
+    assert state["write_failures"] == 4
+    assert len(state["missing"]["listed"]) == 4
+    blocker.rmdir()
+    result = CliRunner().invoke(app, ["reprocess", str(directory)])  # no raw dataset needed
+    assert result.exit_code == 0, result.output
+    planes = read_planes(output_path(directory, 0, 0))
+    assert [int(p[0, 0]) for _, p in planes] == [10, 11, 12, 13]
+    assert not any((daemon.config.output_dir / "spill").rglob("*.raw"))  # then cleaned up
