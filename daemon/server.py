@@ -359,10 +359,11 @@ class Daemon:
         """Where an acquisition writes: inside the output root, whatever the client asked."""
         directory = self.root.joinpath(*sub_path(plan_output_dir), safe_name(acquisition_id))
         contained(self.root, directory)  # a symbolic link on the way that leads out: refused
-        if directory == self.spill_root:
+        if directory.is_relative_to(self.spill_root) or self.spill_root.is_relative_to(directory):
             raise ProtocolError(
                 ErrorCode.OUTPUT_CONFLICT,
-                f"acquisition {acquisition_id!r} would write into the spill store; use another id",
+                f"acquisition {acquisition_id!r} would write into (or around) the spill store"
+                f" {self.spill_root}; use another id or output_dir",
             )
         return directory
 

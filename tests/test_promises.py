@@ -196,6 +196,10 @@ def test_hostile_ids_and_output_dirs_write_nothing_outside_the_root(tmp_path):
             with pytest.raises(DaemonError) as caught:
                 client.start("escape", Plan(pixel_size_um=0.1))  # its directory leads out
             assert caught.value.code == ErrorCode.OUTSIDE_ROOT
+            for name, output_dir in (("spill", None), ("x", "spill"), ("y", "spill/deeper")):
+                with pytest.raises(DaemonError) as caught:  # not into the spill store
+                    client.start(name, Plan(pixel_size_um=0.1, output_dir=output_dir))
+                assert caught.value.code == ErrorCode.OUTPUT_CONFLICT
             client.start("nested", Plan(pixel_size_um=0.1, output_dir="day-1/run.2"))
             client.send(image)
             assert client.end(wait_s=30)["written"] == 1
