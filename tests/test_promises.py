@@ -383,3 +383,30 @@ def test_a_plane_that_cannot_be_written_keeps_its_raw_frame_for_reprocess(tmp_pa
     planes = read_planes(output_path(directory, 0, 0))
     assert [int(p[0, 0]) for _, p in planes] == [10, 11, 12, 13]
     assert not any((daemon.config.output_dir / "spill").rglob("*.raw"))  # then cleaned up
+
+
+def test_an_acquisition_finishes_even_when_finalising_its_files_fails(tmp_path, monkeypatch):
+    from test_writer import acquisition, info, plane
+
+    from livedecon.daemon.metrics import Metrics
+    from livedecon.daemon.pipeline import Acquisition, WriteItem, WriterThread
+    from livedecon.daemon.processing import PassThrough
+    from livedecon.daemon.writer import AcquisitionWriter
+
+    def failing_close(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(AcquisitionWriter, "close", failing_close)
+    writer = WriterThread(4, Metrics())
+    writer.start()
+    state = Acquisition(acquisition(), PassThrough(), tmp_path, None)
+    writer.queue.put(WriteItem(state, plane(0), info(0, time=0)))
+    writer.queue.put(WriteItem(state, close=True))
+    assert state.finished.wait(5), "end() would wait out its timeout"
+    writer.queue.put(None)
+    writer.join(5)
+    status = state.status()
+    assert status["written"] == 1
+    assert status["complete"] is False
+    assert "Input/output error" in status["missing"]["not_finalised"]
+    assert len(read_planes(output_path(tmp_path, 0, "GFP"))) == 1  # the plane is readable
