@@ -30,9 +30,11 @@ import numpy as np
 import zmq
 
 from livedecon.daemon.client import DaemonClient, DaemonError, DaemonUnavailable
-from livedecon.daemon.protocol import Axes, Plan
+from livedecon.daemon.protocol import Axes, ErrorCode, Plan
 
 log = logging.getLogger(__name__)
+# refusals of an acquisition start that may pass later: the stream asks again every retry_s
+RETRIED_STARTS = {ErrorCode.DISK_FULL, ErrorCode.TOO_MANY_ACQUISITIONS, ErrorCode.IO_ERROR}
 
 
 @dataclass
@@ -320,9 +322,19 @@ class DaemonStream:
             self._go_offline(exc)
             return
         except DaemonError as exc:
+            self._other_refusals += 1
+            if exc.code in RETRIED_STARTS:  # it may take it later: ask again every retry_s
+                log.warning(
+                    "livedecon daemon cannot take acquisition %s now (%s); frames pass through"
+                    " unprocessed, asking again every %.0f s",
+                    acquisition_id,
+                    exc,
+                    self.retry_s,
+                )
+                self._watch_for_daemon()
+                return
             # Refused (a plan the daemon cannot serve): processing is off, the acquisition goes on.
             log.error("livedecon daemon refused acquisition %s: %s", acquisition_id, exc.message)
-            self._other_refusals += 1
             return
         self.counters.parts.append(acquisition_id)
         self.online = True
@@ -356,6 +368,10 @@ class DaemonStream:
             exc,
             self.retry_s,
         )
+        self._watch_for_daemon()
+
+    def _watch_for_daemon(self) -> None:
+        """Probe the daemon every retry_s; the next item after it answers resumes."""
         self._back.clear()
         if self._watcher is None or not self._watcher.is_alive():
             self._watcher = threading.Thread(

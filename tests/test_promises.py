@@ -410,3 +410,30 @@ def test_an_acquisition_finishes_even_when_finalising_its_files_fails(tmp_path, 
     assert status["complete"] is False
     assert "Input/output error" in status["missing"]["not_finalised"]
     assert len(read_planes(output_path(tmp_path, 0, "GFP"))) == 1  # the plane is readable
+
+
+def test_a_stream_whose_start_is_refused_for_now_asks_again(tmp_path):
+    from livedecon.acquisition_hooks.stream import DaemonStream
+
+    daemon = start_daemon(tmp_path, limits={"max_active_acquisitions": 1})
+    image = np.ones((8, 8), np.uint16)
+    try:
+        with daemon.client() as other:
+            other.start("other", Plan(pixel_size_um=0.1))  # the daemon is full
+            stream = DaemonStream("later", Plan(pixel_size_um=0.1), daemon.ingest, retry_s=0.2)
+            stream.start()
+            for i in range(3):
+                stream.frame(image, Axes(time=i))
+            time.sleep(0.5)
+            other.end()  # room again
+        time.sleep(0.5)
+        for i in range(3, 8):
+            stream.frame(image, Axes(time=i))
+            time.sleep(0.1)
+        state = stream.end(wait_s=30)
+    finally:
+        daemon.stop()
+    counters = stream.counters.summary()
+    assert counters["parts"] == ["later"]
+    assert counters["missed"] >= 3
+    assert state["written"] == counters["sent"] >= 4
