@@ -21,6 +21,7 @@ from livedecon.daemon.protocol import (
     decode,
     encode,
     frame_header,
+    parse_header,
 )
 
 LIMITS = {"max_frame_pixels": 64 * 64, "max_z": 8}
@@ -68,6 +69,16 @@ U16 = np.ones((16, 16), np.uint16)
         ([], ErrorCode.BAD_JSON),
         (_frame(U16, version=99), ErrorCode.UNSUPPORTED_VERSION),
         (_frame(U16, kind="teleport"), ErrorCode.UNKNOWN_KIND),
+        (_frame(U16, kind=["frame"]), ErrorCode.UNKNOWN_KIND),
+        (_frame(U16, kind={"frame": 1}), ErrorCode.UNKNOWN_KIND),
+        (_frame(U16, version=True), ErrorCode.UNSUPPORTED_VERSION),
+        (_frame(U16, version=[1]), ErrorCode.UNSUPPORTED_VERSION),
+        (_frame(U16, request={"x": "y" * 70_000}), ErrorCode.TOO_LARGE),
+        (
+            [b'{"version": 1, "kind": "status", "request": ' + b"[" * 40 + b"]" * 40 + b"}"],
+            ErrorCode.BAD_JSON,
+        ),
+        ([b'{"version": 1, "kind": "status", "x": 1' + b"0" * 5000 + b"}"], ErrorCode.BAD_JSON),
         (_frame(U16, dtype="float64"), ErrorCode.BAD_DTYPE),
         (_frame(U16, frame_id=-1), ErrorCode.BAD_HEADER),
         (_frame(U16, surprise=1), ErrorCode.BAD_HEADER),
@@ -122,3 +133,9 @@ def test_shared_memory_frames_take_their_pixels_from_the_slot():
 def test_a_3d_plan_needs_its_depth():
     with pytest.raises(ValueError, match="z_count and z_step_um"):
         Plan(mode="3d", pixel_size_um=0.1)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    raw = json.dumps({"version": 1, "kind": "status", "request": {"x": "[{" * 100 + '\\"'}})
+    header = parse_header(raw.encode())
+    assert header.request["x"].startswith("[{")
