@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 PASS_THROUGH = "pass-through"
 FINISHED_KEPT = 100  # ended acquisitions still listed by `status`
 REFUSALS_LOGGED = 20  # per second
+SEGMENTS_KEPT = 16  # shared-memory segments kept mapped (clients' rings), least recent closed
 FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -301,6 +302,16 @@ class Daemon:
             # The client owns the segment; the tracker would otherwise unlink it when we exit.
             resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
             self._segments[slot.segment] = segment
+            while len(self._segments) > SEGMENTS_KEPT:  # names from clients: bound what we map
+                oldest = next(iter(self._segments))
+                old = self._segments.pop(oldest)
+                try:
+                    old.close()
+                except BufferError:  # still viewed: keep it, try again later
+                    self._segments[oldest] = old
+                    break
+        else:
+            self._segments[slot.segment] = self._segments.pop(slot.segment)  # most recent last
         if slot.offset + slot.length > segment.size:
             raise ProtocolError(
                 ErrorCode.PAYLOAD_LENGTH,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -437,3 +438,23 @@ def test_a_stream_whose_start_is_refused_for_now_asks_again(tmp_path):
     assert counters["parts"] == ["later"]
     assert counters["missed"] >= 3
     assert state["written"] == counters["sent"] >= 4
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc to list mappings")
+def test_the_daemon_maps_a_bounded_number_of_client_segments(tmp_path):
+    from livedecon.daemon.server import SEGMENTS_KEPT
+
+    daemon = start_daemon(tmp_path)
+    image = np.ones((8, 8), np.uint16)
+    try:
+        for i in range(SEGMENTS_KEPT + 6):  # each client brings a ring of its own
+            with daemon.client(shared_memory_min_bytes=0, window=2) as client:
+                client.start(f"ring-{i}", Plan(pixel_size_um=0.1, save=False))
+                client.send(image)
+                client.flush()
+                client.end()
+        maps = Path(f"/proc/{daemon.process.pid}/maps").read_text()
+    finally:
+        daemon.stop()
+    mapped = set(re.findall(r"/dev/shm/\S+", maps))  # (unlinked ones included)
+    assert SEGMENTS_KEPT // 2 < len(mapped) <= SEGMENTS_KEPT
