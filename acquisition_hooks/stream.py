@@ -166,7 +166,7 @@ class DaemonStream:
                 self._queued_frames += 1
                 self._ready.notify()
             for t in self.tracker.image(axes.time):
-                # bounded too: a sender stuck for long sees the newest boundaries, not all
+                # bounded too: behind a sender stuck for long, later boundaries are dropped
                 if not self._ended and len(self._items) < 2 * self.queue_frames + 16:
                     self._items.append(("timepoint", Axes(time=t)))
         self.hand_off_s.append(time.perf_counter() - began)
