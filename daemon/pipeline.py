@@ -276,7 +276,6 @@ class WriteItem:
     queued_s: float = 0.0
     close: bool = False  # the acquisition's last item: finalise its files
     suspend: bool = False  # the acquisition went idle: close its files, reopen on demand
-    job: Job | None = None  # the frame it came from: its raw pixels are kept should this fail
 
 
 class WriterThread(threading.Thread):
@@ -284,11 +283,10 @@ class WriterThread(threading.Thread):
     A plane that cannot be written is noted in its acquisition (the client hears of it on its
     next call, and the acquisition ends incomplete, naming it); writing goes on."""
 
-    def __init__(self, capacity: int, metrics: Metrics, spill: SpillStore | None = None) -> None:
+    def __init__(self, capacity: int, metrics: Metrics) -> None:
         super().__init__(name="writer", daemon=True)
         self.queue: queue.Queue[WriteItem | None] = queue.Queue(maxsize=capacity)
         self.metrics = metrics
-        self.spill = spill  # where the raw pixels of a plane that failed to be written go
         self._writers: dict[str, AcquisitionWriter] = {}
 
     def run(self) -> None:
@@ -310,23 +308,6 @@ class WriterThread(threading.Thread):
                 writer.close()
             except Exception:
                 log.exception("finalising %s failed", writer.directory)
-
-    def _keep_raw(self, item: WriteItem) -> None:
-        """Put the raw frame of a plane that could not be written in the spill store (unless
-        it is there already), so `livedecon reprocess` recovers it without the raw dataset."""
-        job = item.job
-        if self.spill is None or job is None or job.pixels is None or job.spill_path is not None:
-            return
-        try:
-            job.spill_path = self.spill.put(job.header, job.pixels)
-        except OSError as exc:
-            log.error(
-                "could not keep frame %s of %s in the spill store either (%s); reprocess"
-                " needs the raw dataset for it",
-                job.header.frame_id,
-                item.acquisition.id,
-                exc,
-            )
 
     def _close(self, acquisition: Acquisition) -> None:
         writer = self._writers.pop(acquisition.id, None)
@@ -361,7 +342,6 @@ class WriterThread(threading.Thread):
                 log.error("writing %s failed: %s", describe_plane(item.record), exc)
             else:
                 log.exception("writing %s of %s failed", item.record, acquisition.id)
-            self._keep_raw(item)
             return
         acquisition.written += 1
         self.metrics.count("planes_written")
@@ -697,9 +677,9 @@ class Worker(threading.Thread):
             incomplete_stack=incomplete,
         )
         paths = tuple(p for p in spill_paths if p is not None)
-        self.writer.queue.put(
-            WriteItem(acquisition, plane, record, paths, time.perf_counter(), job=job)
-        )
+        # Not the job: its raw pixels (zero-copy ZMQ buffers) would stay referenced until the
+        # write, outside the memory budget. A failed plane is recovered from the raw data.
+        self.writer.queue.put(WriteItem(acquisition, plane, record, paths, time.perf_counter()))
 
     def _display(self, topic: Topic, job: Job, pixels: np.ndarray) -> None:
         record = job.acquisition.record

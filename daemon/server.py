@@ -107,7 +107,7 @@ class Daemon:
             )
         self.default_model = config.model.bundle
         self._processor(self.default_model)  # fail at start, not at the first acquisition
-        self.writer = WriterThread(config.queues.write_queue_planes, self.metrics, self.spill)
+        self.writer = WriterThread(config.queues.write_queue_planes, self.metrics)
         self.publisher = Publisher(
             self.context, config.endpoints.publish, self.metrics, self._secure
         )

@@ -352,14 +352,19 @@ def test_an_idle_acquisition_closes_its_files_and_resumes(tmp_path):
     assert [e.frame_id for e in read_journal(directory)] == [0, 1, 2, 3]
 
 
-def test_a_plane_that_cannot_be_written_keeps_its_raw_frame_for_reprocess(tmp_path):
+def test_a_plane_that_cannot_be_written_is_reported_and_recovered_by_reprocess(tmp_path):
+    from ndstorage import NDTiffDataset
     from typer.testing import CliRunner
 
     from livedecon.daemon.cli import app
 
+    images = [np.full((16, 16), 10 + i, np.uint16) for i in range(4)]
+    raw = NDTiffDataset(str(tmp_path / "raw"), name="raw", writable=True, summary_metadata={})
+    for i, image in enumerate(images):  # what Micro-Manager saved
+        raw.put_image({"time": i}, image, {})
+    raw.finish()
     daemon = start_daemon(tmp_path, model={"pass_through_delay_ms": 300.0})
     directory = daemon.config.output_dir / "kept"
-    images = [np.full((16, 16), 10 + i, np.uint16) for i in range(4)]
     blocker = output_path(directory, 0, 0)
     try:
         with daemon.client() as client:
@@ -371,7 +376,7 @@ def test_a_plane_that_cannot_be_written_keeps_its_raw_frame_for_reprocess(tmp_pa
                 client.send(images[i], Axes(time=i))
             client.flush()
             state = client.end(wait_s=30)
-            assert client.write_failures == 4  # told in the reply to the end
+            assert client.write_failures == 4  # the client hears of it
     finally:
         daemon.stop()
     assert state["finished"] is True
@@ -379,11 +384,10 @@ def test_a_plane_that_cannot_be_written_keeps_its_raw_frame_for_reprocess(tmp_pa
     assert state["write_failures"] == 4
     assert len(state["missing"]["listed"]) == 4
     blocker.rmdir()
-    result = CliRunner().invoke(app, ["reprocess", str(directory)])  # no raw dataset needed
+    result = CliRunner().invoke(app, ["reprocess", str(directory), "--raw", raw.path])
     assert result.exit_code == 0, result.output
     planes = read_planes(output_path(directory, 0, 0))
     assert [int(p[0, 0]) for _, p in planes] == [10, 11, 12, 13]
-    assert not any((daemon.config.output_dir / "spill").rglob("*.raw"))  # then cleaned up
 
 
 def test_an_acquisition_finishes_even_when_finalising_its_files_fails(tmp_path, monkeypatch):
