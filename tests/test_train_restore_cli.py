@@ -213,3 +213,29 @@ def test_restore_file_with_onnxruntime_and_tiles_matches_the_torch_reference(tmp
     error = np.abs(tiled - whole)
     assert error.max() < 0.02 * whole.max()
     assert error.mean() < 0.001 * whole.max()
+
+
+def test_train_without_camera_values_uses_and_records_the_frames_own_noise(tmp_path):
+    """A microscope config with optics only: `train` estimates the camera from the frames,
+    says so, and the bundle converts counts with the estimate (here: gain 0.5 e-/ADU scaled
+    by 1/4, as if the file had been rescaled)."""
+    from livedecon.calibration.quality_bench import Scene, render
+
+    scene = render(Scene(structure="mixed", peak_photons=50, size_px=128, seed=3))
+    frame = tmp_path / "scaled.tif"
+    counts = np.rint((scene.counts.astype(np.float64) - 100) * 4 + 200).astype(np.uint16)
+    write_ome_tiff(frame, counts, "YX", 0.0626)
+    scope = tmp_path / "optics_only.toml"
+    scope.write_text(
+        'name = "optics-only"\n[optics]\nna = 1.49\nemission_um = 0.58\n'
+        'immersion_ri = 1.518\npixel_size_um = 0.0626\nmodality = "tirf"\n'
+    )
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_CONFIG)
+    out = tmp_path / "model"
+    done = _livedecon("train", out, frame, "--microscope", scope, "--config", config)
+    assert done.returncode == 0, done.stderr
+    assert "noise of the frames themselves" in done.stdout
+    assert "estimated camera values" in done.stdout
+    normalisation = ModelBundle.load(out).manifest.normalisation
+    assert normalisation.camera_gain_e_per_adu == pytest.approx(0.5 / 4, rel=0.15)
