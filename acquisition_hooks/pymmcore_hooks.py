@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from livedecon.acquisition_hooks.pycromanager_hooks import camera_time, new_acquisition_id
-from livedecon.acquisition_hooks.stream import DaemonStream
+from livedecon.acquisition_hooks.stream import DaemonStream, ended_state
 from livedecon.daemon.protocol import Axes, Plan
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ class MDAHooks:
     def final_state(self) -> dict[str, Any]:
         """The daemon's state of the acquisition once the stream ended it ({} until then, or
         when the daemon was unreachable); `end_wait_s` makes the end wait until it is written."""
-        stream_state = self.stream.final_state if self.stream is not None else {}
-        return self._final_state or stream_state
+        return ended_state(self._final_state, self.stream)
 
     def attach(self) -> MDAHooks:
         events = self.core.mda.events

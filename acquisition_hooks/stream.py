@@ -405,3 +405,9 @@ class DaemonStream:
             return
         parts = self.counters.parts
         self._open_part(f"{self.base_id}-part{len(parts) + 1}" if parts else self.base_id)
+
+
+def ended_state(own: dict[str, Any], stream: DaemonStream | None) -> dict[str, Any]:
+    """A hook's view of the daemon's final state: what its own end call returned, else what
+    the stream's sender got when it ended the acquisition ({} until then)."""
+    return own or (stream.final_state if stream is not None else {})

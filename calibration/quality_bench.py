@@ -60,6 +60,7 @@ DENSITY: dict[str, tuple[float, float]] = {
 }
 BORDER_FINE_PX = 16  # left out of every score: no method sees beyond the frame
 RL_ITERATIONS = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96)
+PSF_PLANES_3D = 9  # the 3D PSFs' planes at the scene's z step
 DIM_FRACTION = 1 / 3  # the dimmest third of the puncta are the "dim puncta" to recall
 
 
@@ -158,12 +159,12 @@ def render(scene: Scene) -> RenderedScene:
 
     half = optics.model_copy(update={"emission_um": optics.emission_um / 2})
     if scene.is_3d:
-        offsets = (np.arange(9) - 4) * optics.z_step_um
+        offsets = (np.arange(PSF_PLANES_3D) - PSF_PLANES_3D // 2) * optics.z_step_um
         reference_psf = theoretical_psf(half, fine_um, 41, offsets)
         reference = signal.fftconvolve(truth, reference_psf / reference_psf.sum(), mode="same")
         psf3d = theoretical_psf(optics, fine_um, 63, offsets)
         psf = prepare_psf(psf3d, fine_um, fine_um)
-        plane = prepare_psf(psf3d[4], fine_um, fine_um)
+        plane = prepare_psf(psf3d[PSF_PLANES_3D // 2], fine_um, fine_um)
     else:
         reference_psf = theoretical_psf(half, fine_um, 41)[0]
         reference_psf /= reference_psf.sum()
@@ -392,14 +393,12 @@ def run_method(name: str, restorer: Restorer, rendered: RenderedScene) -> Score:
     return score(name, estimate, rendered, time.perf_counter() - started, **notes)
 
 
-def network_restorer(
-    config: TrainingConfig, read_noise_e: float | None = "camera", seed: int = 0
-) -> Restorer:
+def network_restorer(config: TrainingConfig, seed: int = 0) -> Restorer:
     """Zero-shot: train on the scene's own noisy frame (or stack), then restore it."""
 
     def restore_scene(rendered: RenderedScene) -> tuple[np.ndarray, dict[str, float | str]]:
         started = time.perf_counter()
-        noise = rendered.camera.read_noise_e if read_noise_e == "camera" else read_noise_e
+        noise = rendered.camera.read_noise_e
         settings = config.model_copy(update={"seed": seed})
         result = train([rendered.electrons], rendered.psf, settings, None, noise, False)
         trained = time.perf_counter() - started
