@@ -44,6 +44,12 @@ class LossConfig(StrictModel):
         None, ge=0, description="lambda; None: the reference's 0.02 in 2D, 0.1 in 3D"
     )
     norm: Literal["l1", "l2"] = "l1"
+    sparsity_weight: float = Field(
+        0.0,
+        ge=0,
+        description="L1 weight on the deconvolved image (model units): the sparsity prior of"
+        " DPS and sparse deconvolution; 0: off, as in the reference",
+    )
 
 
 def box_mean_5x5(y: torch.Tensor) -> torch.Tensor:
@@ -67,7 +73,13 @@ def estimate_beta2(y: torch.Tensor, background: float = 0.0) -> float:
 def recorrupt(
     y: torch.Tensor, config: RecorruptionConfig, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, target) from noisy frames y (N, 1, Y, X); beta1 and alpha drawn per frame."""
+    """(input, target) from noisy frames y (N, 1, Y, X); beta1 and alpha drawn per frame.
+    Stacks (N, 1, Z, Y, X) are recorrupted plane by plane (camera noise is independent from
+    pixel to pixel in z as in y and x)."""
+    if y.ndim == 5:
+        n, c, z, h, w = y.shape
+        noisier, cleaner = recorrupt(y.transpose(1, 2).reshape(n * z, c, h, w), config, generator)
+        return tuple(t.reshape(n, z, c, h, w).transpose(1, 2) for t in (noisier, cleaner))
     n = y.shape[0]
     shape = (n, 1, 1, 1)
     # Draw where the generator lives (a seeded CPU generator keeps runs repeatable on a GPU).
@@ -156,18 +168,27 @@ def zs_deconv_loss(
     psf: torch.Tensor,
     config: LossConfig,
     upscale: int = 2,
+    background: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Total loss and its parts. `psf` is (K, K) on the deconvolved grid, summing to 1."""
+    """Total loss and its parts. `psf` is (K, K) on the deconvolved grid, summing to 1.
+    `background` (model units per input pixel) is added to the re-blurred image, so the
+    deconvolved image holds the specimen alone."""
     denoise = _distance(denoised, target, config.norm)
     margin = exact_margin(psf.shape[-1] // 2, upscale)
-    deconv = _distance(
-        _inner(reblur(deconvolved, psf, upscale), margin), _inner(target, margin), config.norm
-    )
+    reblurred = reblur(deconvolved, psf, upscale) + background
+    deconv = _distance(_inner(reblurred, margin), _inner(target, margin), config.norm)
     hessian = hessian_penalty(deconvolved)
+    sparsity = deconvolved.abs().mean()
     mu = config.denoise_weight
     weight = HESSIAN_WEIGHT_2D if config.hessian_weight is None else config.hessian_weight
-    total = mu * denoise + (1 - mu) * deconv + weight * hessian
-    return {"total": total, "denoise": denoise, "deconv": deconv, "hessian": hessian}
+    total = mu * denoise + (1 - mu) * deconv + weight * hessian + config.sparsity_weight * sparsity
+    return {
+        "total": total,
+        "denoise": denoise,
+        "deconv": deconv,
+        "hessian": hessian,
+        "sparsity": sparsity,
+    }
 
 
 # -- 3D: odd/even slices with the gap-amending term ---------------------------------------
@@ -219,21 +240,21 @@ def zs_deconv_loss_3d(
     denoised: torch.Tensor,
     deconvolved: torch.Tensor,
     target: torch.Tensor,
-    gap: torch.Tensor,
+    gap: torch.Tensor | None,
     psf: torch.Tensor,
     config: LossConfig,
     upscale: int = 2,
 ) -> dict[str, torch.Tensor]:
-    """Both terms compare with the target as it is and as amended by the gap."""
+    """Odd/even pairs: both terms compare with the target as it is and as amended by the gap.
+    Recorrupted pairs (no gap): with the target alone."""
     margin = exact_margin(psf.shape[-1] // 2, upscale)
     reblurred = _inner(reblur_3d(deconvolved, psf, upscale), margin)
-    inner_target, inner_gap = _inner(target, margin), _inner(gap, margin)
-    denoise = _distance(denoised, target, config.norm) + _distance(
-        denoised, target + gap, config.norm
-    )
-    deconv = _distance(reblurred, inner_target, config.norm) + _distance(
-        reblurred, inner_target + inner_gap, config.norm
-    )
+    inner_target = _inner(target, margin)
+    denoise = _distance(denoised, target, config.norm)
+    deconv = _distance(reblurred, inner_target, config.norm)
+    if gap is not None:
+        denoise = denoise + _distance(denoised, target + gap, config.norm)
+        deconv = deconv + _distance(reblurred, inner_target + _inner(gap, margin), config.norm)
     hessian = hessian_penalty_3d(deconvolved)
     mu = config.denoise_weight
     weight = HESSIAN_WEIGHT_3D if config.hessian_weight is None else config.hessian_weight

@@ -86,3 +86,34 @@ def test_deconvolution_loss_is_exact_on_a_patch_cut_from_a_larger_scene():
         zs_deconv_loss(
             target[..., :4, :4], patch[..., :8, :8], target[..., :4, :4], psf, LossConfig()
         )
+
+
+def test_stacks_are_recorrupted_plane_by_plane_with_independent_noise():
+    g = torch.Generator().manual_seed(5)
+    clean = torch.full((2, 1, 6, 64, 64), 20.0)
+    noisy = torch.poisson(clean, generator=g) + 2.0 * torch.randn(clean.shape, generator=g)
+    config = RecorruptionConfig(beta1_range=(1.0, 1.0), alpha_range=(1.0, 1.0), beta2=4.0)
+    inputs, target = recorrupt(noisy, config, torch.Generator().manual_seed(1))
+    assert inputs.shape == target.shape == noisy.shape
+    n_in, n_tg = (inputs - clean).flatten(), (target - clean).flatten()
+    assert abs(torch.corrcoef(torch.stack([n_in, n_tg]))[0, 1]) < 0.03
+    assert n_in.var() == pytest.approx(2 * 24.0, rel=0.05)
+
+
+def test_a_known_background_and_the_sparsity_term_enter_the_loss():
+    """The background joins the forward model (a background-free specimen scores zero against
+    a frame with background), and the L1 sparsity term grows the total by weight x mean |x|."""
+    psf = torch.zeros(3, 3)
+    psf[1, 1] = 1.0
+    specimen = torch.rand(2, 1, 8, 8)
+    frame = specimen + 0.3
+    deconvolved = specimen.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    plain = LossConfig(norm="l2", hessian_weight=0.0)
+    with_background = zs_deconv_loss(frame, deconvolved, frame, psf, plain, background=0.3)
+    without = zs_deconv_loss(frame, deconvolved, frame, psf, plain)
+    assert with_background["deconv"] == pytest.approx(0.0, abs=1e-7)
+    assert without["deconv"] == pytest.approx(0.09, rel=1e-4)
+    sparse = LossConfig(norm="l2", hessian_weight=0.0, sparsity_weight=0.1)
+    penalised = zs_deconv_loss(frame, deconvolved, frame, psf, sparse, background=0.3)
+    expected = 0.1 * float(deconvolved.abs().mean())
+    assert float(penalised["total"] - with_background["total"]) == pytest.approx(expected)

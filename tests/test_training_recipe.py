@@ -14,6 +14,7 @@ from livedecon.engines.training import (
     CPU_BUDGET_MIN,
     TrainingConfig,
     default_recipe,
+    estimate_background,
     learning_rate_factor,
     train,
 )
@@ -79,3 +80,14 @@ def test_the_default_recipe_fits_the_machine():
     assert (gpu.iterations, gpu.patch_px, gpu.learning_rate) == (50_000, 128, 5e-5)
     assert gpu.budget_min is None
     assert default_recipe("3d", device="cpu").is_3d
+
+
+def test_the_background_estimate_finds_the_cell_free_level():
+    """Sparse puncta on 3 e- of background with shot and read noise: the estimate sits within
+    half a photoelectron of the truth, and never below zero on a dark frame."""
+    rng = np.random.default_rng(4)
+    expected = np.full((128, 128), 3.0)
+    expected[rng.random((128, 128)) > 0.98] += 40
+    frame = rng.poisson(expected) + rng.normal(0, 1.5, expected.shape)
+    assert estimate_background([frame]) == pytest.approx(3.0, abs=0.5)
+    assert estimate_background([rng.normal(0, 1.5, (64, 64))]) >= 0.0
