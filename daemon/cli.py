@@ -552,6 +552,60 @@ def reprocess_command(
     console.print("every acknowledged plane is on disk")
 
 
+@app.command()
+def batch(
+    bundle: Annotated[str, typer.Argument(help="bundle directory, or a shipped bundle's name")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="TIFF / OME-TIFF files, folders of them, OME-Zarr stores, globs"),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="OME-Zarr (one input, NAME.zarr) or folder of NAME.ome.zarr")
+    ],
+    scheduler: Annotated[
+        str | None, typer.Option(help="address of a running dask scheduler [default: local]")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="local cluster size [default: one per core]")
+    ] = None,
+    backend: Annotated[str, typer.Option(help="each worker's engine (auto: as restore)")] = "auto",
+    chunk_px: Annotated[int, typer.Option(min=8, help="lateral chunk, input pixels")] = 256,
+    halo_px: Annotated[int, typer.Option(min=0, help="tiles overlap by twice this")] = 24,
+    frames_per_chunk: Annotated[int, typer.Option(min=1, help="2D frames per chunk")] = 8,
+    engine_threads: Annotated[int, typer.Option(min=1, help="CPU threads per engine")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="replace outputs of another model")] = False,
+    dashboard_address: Annotated[str, typer.Option(help="local cluster's dashboard")] = ":8787",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the summary")] = None,
+) -> None:
+    """Restore many files or one large dataset chunk by chunk on a dask cluster, into OME-Zarr;
+    a rerun resumes where the last one stopped."""
+    from livedecon.daemon.batch import BatchOptions, connect, run_batch
+    from livedecon.daemon.batch_report import print_summary, progress_printer
+    from livedecon.engines.bundle import BundleError, find_bundle
+
+    try:
+        path = find_bundle(bundle)
+        options = BatchOptions(
+            backend=backend,
+            chunk_px=chunk_px,
+            halo_px=halo_px,
+            frames_per_chunk=frames_per_chunk,
+            engine_threads=engine_threads,
+            overwrite=overwrite,
+        )
+        with connect(scheduler, workers, dashboard_address) as client:
+            console.print(f"dask dashboard: {client.dashboard_link}")
+            with progress_printer(console) as progress:
+                summary = run_batch(client, path, inputs, out, options, progress)
+    except (BundleError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    print_summary(console, summary)
+    if json_out:
+        json_out.write_text(summary.model_dump_json(indent=2))
+    if summary.failures:
+        raise typer.Exit(1)
+
+
 app.command()(calibrate)
 
 

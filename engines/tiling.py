@@ -40,6 +40,13 @@ def _window(size: int, ramp: int) -> np.ndarray:
     return np.clip(edge / max(ramp, 1), 1e-3, 1.0)
 
 
+def blend_window(shape: tuple[int, int], ramp: int) -> np.ndarray:
+    """The weight of one output tile (Y, X): 1 inside, ramping over `ramp` pixels from each
+    edge. Tiles are summed weighted by it and divided by the summed weights; `infer_tiled` and
+    the distributed batch (daemon/batch.py) blend with this one window."""
+    return np.outer(_window(shape[0], ramp), _window(shape[1], ramp))
+
+
 def infer_tiled(
     infer: Infer,
     image: np.ndarray,
@@ -67,7 +74,7 @@ def infer_tiled(
     py, px = padded.shape[-2:]
     corners = [(y, x) for y in _starts(py, tile, overlap_px) for x in _starts(px, tile, overlap_px)]
     ramp = overlap_px * upscale
-    window = np.outer(_window(tile * upscale, ramp), _window(tile * upscale, ramp))
+    window = blend_window((tile * upscale, tile * upscale), ramp)
     out = np.zeros((*padded.shape[:-2], py * upscale, px * upscale), dtype=np.float64)
     weight = np.zeros((py * upscale, px * upscale), dtype=np.float64)
     for first in range(0, len(corners), batch_tiles):

@@ -1,0 +1,749 @@
+"""Batch restoration beyond one process (`livedecon batch`), on dask.distributed.
+
+Why it is built this way:
+
+- The unit of work is one chunk of the output OME-Zarr. Its input tile is the chunk grown by
+  the model's halo on each lateral side, inferred whole in one engine call; each tile is
+  weighted by `tiling.blend_window` and cut into pieces, one per output chunk it overlaps; a
+  chunk is the weighted sum of its pieces over the summed weights. That is `infer_tiled`'s
+  blend, so the result equals the single-process restore within the tiling tolerance.
+- Each output chunk is written whole by exactly one task (no two writers share a zarr chunk),
+  then its provenance record is written atomically: the record is the done-marker, so a rerun
+  skips exactly the chunks whose data are complete, and a chunk lost with its worker is simply
+  computed again (dask reschedules; writing a chunk twice writes the same bytes).
+- An unreadable input region fails its tile, which reports its coordinates; the chunks it
+  feeds are reported as failed and everything else runs.
+- Workers open the engine once per process (`_engine`), not once per chunk.
+- 3D chunks span every plane: the 3D network interleaves planes (`plane_stride`) and
+  `infer_tiled` tiles stacks laterally only, so depth is not split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import math
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from livedecon.calibration.ome_tiff import check_pixel_size, tiff_layout
+from livedecon.daemon.journal import write_file
+from livedecon.daemon.offline import output_axes
+from livedecon.engines.bundle import BundleError, ModelBundle
+from livedecon.engines.configfile import StrictModel
+from livedecon.engines.runtime import Runtime
+from livedecon.engines.tiling import blend_window, restore_batch_electrons
+
+RECORDS = "livedecon_chunks"  # zarr group beside the image array: one record per done chunk
+ZARR_SUFFIXES = (".ome.zarr", ".zarr")
+TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
+
+
+class BatchOptions(StrictModel):
+    backend: str = "auto"
+    chunk_px: int = Field(256, ge=8, description="output chunk, input pixels laterally")
+    halo_px: int = Field(24, ge=0, description="tiles overlap their neighbours by twice this")
+    frames_per_chunk: int = Field(8, ge=1, description="2D: frames per chunk (one engine call)")
+    engine_threads: int = Field(1, ge=1, description="CPU threads of each worker's engine")
+    in_flight: int | None = Field(None, ge=1, description="chunks submitted ahead of results")
+    overwrite: bool = False
+
+
+class Source(StrictModel):
+    """One input dataset, as every worker reads it."""
+
+    path: str
+    kind: Literal["zarr", "tiff"]
+    array: str = ""  # the array inside a zarr group ("" for a bare array)
+    shape: tuple[int, ...]
+    dtype: str
+    axes: str
+    pixel_size_um: float | None
+    z_step_um: float | None
+    output: str
+
+
+class Job(StrictModel):
+    """What a worker needs to open the engine (once) and to record provenance."""
+
+    bundle_dir: str
+    bundle_id: str
+    weights_sha256: str
+    weights_version: int
+    backend: str
+    threads: int
+    tile_shape: tuple[int, ...]
+    max_batch: int
+
+
+class ChunkRecord(StrictModel):
+    """Provenance of one output chunk, written after its data: the chunk's done-marker."""
+
+    chunk: tuple[int, ...]
+    input_region: tuple[tuple[int, int], ...]
+    bundle: str
+    weights_sha256: str
+    weights_version: int
+    backend: str
+    worker: str
+    seconds: float
+    finished_utc: str
+
+
+class ChunkFailure(StrictModel):
+    source: str
+    chunk: tuple[int, ...]
+    region: tuple[tuple[int, int], ...]  # input [start, stop) per axis
+    error: str
+
+
+class BatchSummary(StrictModel):
+    outputs: list[str]
+    chunks_total: int
+    chunks_done: int  # written by this run
+    chunks_skipped: int  # done by an earlier run
+    tiles_inferred: int
+    failures: list[ChunkFailure]
+    voxels: int  # input voxels restored by this run
+    seconds: float
+    worker_seconds: dict[str, float]
+    workers: int
+    dashboard: str | None
+
+    @property
+    def voxels_per_s(self) -> float:
+        return self.voxels / self.seconds if self.seconds else 0.0
+
+
+# --- the chunk grid -------------------------------------------------------------------------
+
+Index = tuple[int, ...]
+Region = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Chunks of an input array (..., Y, X); only the last two axes have a halo and upscale."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    halo: int
+    upscale: int
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(-(-n // c) for n, c in zip(self.shape, self.chunks, strict=True))
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (*self.shape[:-2], *(n * self.upscale for n in self.shape[-2:]))
+
+    @property
+    def out_chunks(self) -> tuple[int, ...]:
+        return (*self.chunks[:-2], *(c * self.upscale for c in self.chunks[-2:]))
+
+    def blocks(self) -> Iterator[Index]:
+        return itertools.product(*(range(k) for k in self.counts))
+
+    def block(self, index: Index) -> Region:
+        return tuple(
+            slice(i * c, min((i + 1) * c, n))
+            for i, c, n in zip(index, self.chunks, self.shape, strict=True)
+        )
+
+    def tile(self, index: Index) -> Region:
+        """The block grown by the halo laterally, clipped to the array."""
+        region = list(self.block(index))
+        for axis in (-2, -1):
+            s, n = region[axis], self.shape[axis]
+            region[axis] = slice(max(s.start - self.halo, 0), min(s.stop + self.halo, n))
+        return tuple(region)
+
+    def to_output(self, region: Region) -> Region:
+        u = self.upscale
+        return (*region[:-2], *(slice(s.start * u, s.stop * u) for s in region[-2:]))
+
+    def neighbours(self, index: Index) -> list[Index]:
+        """Blocks whose output a tile reaches (itself, and laterally adjacent ones)."""
+        reach = 1 if self.halo else 0
+        ny, nx = self.counts[-2:]
+        found = []
+        for dy, dx in itertools.product(range(-reach, reach + 1), repeat=2):
+            y, x = index[-2] + dy, index[-1] + dx
+            if 0 <= y < ny and 0 <= x < nx:
+                found.append((*index[:-2], y, x))
+        return found
+
+
+def make_grid(source: Source, bundle: ModelBundle, options: BatchOptions) -> Grid:
+    manifest = bundle.manifest
+    core = 3 if manifest.is_3d else 2
+    multiple = 2**manifest.network.unet.levels if not manifest.is_3d else 1
+    lateral = max(options.chunk_px // multiple, 1) * multiple
+    lead = len(source.shape) - core
+    frames = 1 if manifest.is_3d else options.frames_per_chunk
+    chunks = [1] * lead + ([source.shape[-3]] if manifest.is_3d else []) + [lateral, lateral]
+    if lead and not manifest.is_3d:
+        chunks[lead - 1] = frames
+    if options.halo_px > lateral:
+        raise ValueError(f"halo {options.halo_px} px must not exceed the chunk {lateral} px")
+    upscale = 2 if manifest.network.upsample else 1
+    return Grid(tuple(source.shape), tuple(chunks), options.halo_px, upscale)
+
+
+def _key(index: Index) -> str:
+    return ".".join(map(str, index))
+
+
+def _bounds(region: Region) -> tuple[tuple[int, int], ...]:
+    return tuple((s.start, s.stop) for s in region)
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (*ZARR_SUFFIXES, *TIFF_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in ("zarr.json", ".zattrs", ".zarray"))
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files, folders of TIFFs, zarr stores and glob patterns, as a sorted list of datasets."""
+    found: list[Path] = []
+    for item in map(str, inputs):
+        paths = [Path(p) for p in sorted(glob.glob(item))] if glob.has_magic(item) else [Path(item)]
+        for path in paths:
+            if _is_zarr(path) or path.is_file():
+                found.append(path)
+            elif path.is_dir():
+                found += sorted(p for p in path.iterdir() if p.name.lower().endswith(TIFF_SUFFIXES))
+            else:
+                raise FileNotFoundError(f"{path}: no such file, folder or zarr store")
+    if not found:
+        raise FileNotFoundError(f"no input datasets in {', '.join(map(str, inputs))}")
+    return found
+
+
+def _zarr_source(path: Path) -> dict[str, Any]:
+    """A zarr array, or the full-resolution level of an OME-Zarr (NGFF 0.4 or 0.5) image."""
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Array):
+        letters = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TCZYX"}.get(node.ndim, "")
+        return dict(array="", shape=node.shape, dtype=str(node.dtype), axes=letters,
+                    pixel_size_um=None, z_step_um=None)  # fmt: skip
+    attrs = dict(node.attrs)
+    multiscales = attrs.get("ome", attrs).get("multiscales")
+    if not multiscales:
+        raise ValueError(f"{path}: a zarr group without OME-Zarr multiscales metadata")
+    image = multiscales[0]
+    names = [a["name"] if isinstance(a, dict) else a for a in image["axes"]]
+    level = image["datasets"][0]
+    scale = next(
+        (t["scale"] for t in level.get("coordinateTransformations", []) if t["type"] == "scale"),
+        [1.0] * len(names),
+    )
+    sampling = dict(zip(names, scale, strict=True))
+    array = node[level["path"]]
+    return dict(
+        array=level["path"],
+        shape=array.shape,
+        dtype=str(array.dtype),
+        axes="".join(n.upper() for n in names),
+        pixel_size_um=sampling.get("x"),
+        z_step_um=sampling.get("z"),
+    )
+
+
+def open_source(path: Path, output: Path) -> Source:
+    if _is_zarr(path):
+        return Source(path=str(path), kind="zarr", output=str(output), **_zarr_source(path))
+    layout = tiff_layout(path)
+    return Source(
+        path=str(path),
+        kind="tiff",
+        shape=layout.shape,
+        dtype=layout.dtype,
+        axes=layout.axes,
+        pixel_size_um=layout.pixel_size_um,
+        z_step_um=layout.z_step_um,
+        output=str(output),
+    )
+
+
+def plan_sources(inputs: Sequence[str | Path], out: Path, bundle: ModelBundle) -> list[Source]:
+    """Each input with its output: `out` itself for one dataset and an `out` ending in .zarr,
+    else `out/<name>.ome.zarr`. Refuses inputs the bundle cannot restore."""
+    paths = expand_inputs(inputs)
+    single = len(paths) == 1 and str(out).endswith(".zarr")
+    outputs = [out if single else out / f"{_stem(p)}.ome.zarr" for p in paths]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError("two inputs have the same name: their outputs would collide")
+    manifest = bundle.manifest
+    need = 3 if manifest.is_3d else 2
+    sources = []
+    for path, output in zip(paths, outputs, strict=True):
+        if output.resolve() == path.resolve():
+            raise ValueError(f"{output}: would overwrite the raw input")
+        source = open_source(path, output)
+        if len(source.shape) < need:
+            raise ValueError(f"{path}: shape {source.shape} has no {'Z, ' * (need == 3)}Y, X")
+        if source.pixel_size_um is not None:
+            check_pixel_size(
+                path, source.pixel_size_um, manifest.input_pixel_um, f"bundle {bundle.bundle_id}"
+            )
+        sources.append(source)
+    return sources
+
+
+_READERS: dict[str, Any] = {}  # per worker process: open TIFF stores, kept for the next tile
+
+
+def read_region(source: Source, region: Region) -> np.ndarray:
+    import zarr
+
+    if source.kind == "zarr":
+        return np.asarray(zarr.open_array(source.path, path=source.array, mode="r")[region])
+    import tifffile
+
+    array = _READERS.get(source.path)
+    if array is None:
+        array = zarr.open_array(tifffile.imread(source.path, aszarr=True), mode="r")
+        _READERS[source.path] = array
+    return np.asarray(array[region])
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+NGFF_AXES = {
+    "T": {"name": "t", "type": "time", "unit": "second"},
+    "C": {"name": "c", "type": "channel"},
+    "Z": {"name": "z", "type": "space", "unit": "micrometer"},
+    "Y": {"name": "y", "type": "space", "unit": "micrometer"},
+    "X": {"name": "x", "type": "space", "unit": "micrometer"},
+}
+
+
+def ngff_attributes(source: Source, grid: Grid, bundle: ModelBundle) -> dict[str, Any]:
+    """NGFF 0.5 multiscales (one level) with the output's pixel sizes, and the run's model."""
+    manifest = bundle.manifest
+    axes = output_axes(source.axes, len(source.shape), manifest.is_3d)
+    z_step = source.z_step_um or manifest.z_step_um or 1.0
+    size = {"T": 1.0, "C": 1.0, "Z": z_step, "Y": manifest.output_pixel_um}
+    size["X"] = size["Y"]
+    image = {
+        "name": _stem(Path(source.path)),
+        "axes": [NGFF_AXES[a] for a in axes],
+        "datasets": [
+            {
+                "path": "0",
+                "coordinateTransformations": [{"type": "scale", "scale": [size[a] for a in axes]}],
+            }
+        ],
+    }
+    return {
+        "ome": {"version": "0.5", "multiscales": [image]},
+        "livedecon": {
+            "source": source.path,
+            "bundle": bundle.bundle_id,
+            "weights_sha256": manifest.weights_sha256,
+            "units": "photoelectrons per output pixel",
+            "chunks": grid.chunks,
+            "halo_px": grid.halo,
+            "chunk_records": RECORDS,
+        },
+    }
+
+
+def prepare_output(source: Source, grid: Grid, bundle: ModelBundle, overwrite: bool) -> set[str]:
+    """Create the output (or reopen it to resume); the keys of the chunks already done.
+    An output made with other weights or another chunking is refused (or replaced)."""
+    import zarr
+
+    out = Path(source.output)
+    attrs = ngff_attributes(source, grid, bundle)
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    if out.exists():
+        found = zarr.open_group(str(out), mode="r").attrs.get("livedecon", {})
+        expected = {k: attrs["livedecon"][k] for k in ("weights_sha256", "chunks", "halo_px")}
+        if {k: _jsonish(found.get(k)) for k in expected} != _jsonish(expected):
+            raise ValueError(
+                f"{out} exists from another model or chunking ({found.get('bundle')}):"
+                " use --overwrite to replace it"
+            )
+        return {p.name for p in (out / RECORDS).iterdir() if (p / "zarr.json").is_file()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(out), mode="w", zarr_format=3, attributes=attrs)
+    group.create_array(
+        "0", shape=grid.out_shape, chunks=grid.out_chunks, dtype="float32", fill_value=np.nan
+    )
+    group.create_group(RECORDS, attributes={"about": "one group per finished chunk"})
+    return set()
+
+
+def _jsonish(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonish(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonish(v) for k, v in value.items()}
+    return value
+
+
+def write_record(output: Path, record: ChunkRecord) -> None:
+    """The chunk's record as a zarr group's attributes, renamed into place (atomic)."""
+    import json
+
+    folder = output / RECORDS / _key(record.chunk)
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {"zarr_format": 3, "node_type": "group", "attributes": record.model_dump(mode="json")}
+    tmp = folder / f".zarr.json.{uuid.uuid4().hex}.tmp"
+    write_file(tmp, json.dumps(body, indent=1).encode())
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / "zarr.json")
+
+
+# --- worker side ----------------------------------------------------------------------------
+
+_ENGINES: dict[tuple, tuple[ModelBundle, Runtime]] = {}
+_ENGINE_LOCK = threading.Lock()
+ENGINE_OPENS = [0]  # per process: how often an engine was opened (tests: once per worker)
+
+
+def _engine(job: Job) -> tuple[ModelBundle, Runtime]:
+    """This process's engine for the job's bundle, opened on first use."""
+    from livedecon.engines.backends import open_runtime
+
+    key = (job.bundle_dir, job.weights_sha256, job.backend, job.threads)
+    with _ENGINE_LOCK:
+        if key not in _ENGINES:
+            bundle = ModelBundle.load(job.bundle_dir)
+            if bundle.manifest.weights_sha256 != job.weights_sha256:
+                raise BundleError(f"{job.bundle_dir}: the bundle changed since the run started")
+            with contextlib.suppress(Exception):
+                import torch
+
+                torch.set_num_threads(job.threads)
+            runtime, _ = open_runtime(
+                bundle,
+                Path(job.bundle_dir),
+                job.backend,
+                frame_shapes=[job.tile_shape],
+                max_batch=job.max_batch,
+                threads=job.threads,
+            )
+            _ENGINES[key] = (bundle, runtime)
+            ENGINE_OPENS[0] += 1
+        return _ENGINES[key]
+
+
+def warm_engine(job: Job) -> str:
+    """Open the engine on one worker first: the artifact cache is built once, not raced."""
+    _, runtime = _engine(job)
+    return str(runtime.describe().get("backend"))
+
+
+def engine_opens() -> int:
+    return ENGINE_OPENS[0]
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except ValueError:
+        return "local"
+
+
+Piece = tuple[tuple[slice, slice], np.ndarray, np.ndarray]  # block's Y, X slices; data; weight
+
+
+def infer_tile(
+    job: Job, source: Source, grid: Grid, index: Index
+) -> dict[Index, Piece] | ChunkFailure:
+    """Restore the tile of block `index`; its weighted pieces, keyed by the block each feeds."""
+    region = grid.tile(index)
+    try:
+        raw = read_region(source, region)
+    except Exception as exc:  # corrupt or unreadable input: reported, never fatal to the run
+        return ChunkFailure(
+            source=source.path, chunk=index, region=_bounds(region), error=f"{exc!r}"[:500]
+        )
+    bundle, runtime = _engine(job)
+    norm = bundle.manifest.normalisation
+    core = 3 if bundle.manifest.is_3d else 2
+    items = norm.electrons(raw.reshape(-1, *raw.shape[-core:]))
+    restored = restore_batch_electrons(
+        runtime.infer, items, norm.scale_e, runtime.multiple, grid.upscale
+    ).reshape(*raw.shape[:-2], *(n * grid.upscale for n in raw.shape[-2:]))
+    window = blend_window(restored.shape[-2:], 2 * grid.halo * grid.upscale)
+    weighted = restored * window
+    tile_out = grid.to_output(region)[-2:]
+    pieces: dict[Index, Piece] = {}
+    for neighbour in grid.neighbours(index):
+        block_out = grid.to_output(grid.block(neighbour))[-2:]
+        inside, in_block = [], []
+        for t, b in zip(tile_out, block_out, strict=True):
+            lo, hi = max(t.start, b.start), min(t.stop, b.stop)
+            inside.append(slice(lo - t.start, hi - t.start))
+            in_block.append(slice(lo - b.start, hi - b.start))
+        if all(s.stop > s.start for s in inside):
+            ys, xs = inside
+            pieces[neighbour] = (
+                (in_block[0], in_block[1]),
+                np.ascontiguousarray(weighted[..., ys, xs], dtype=np.float32),
+                window[ys, xs],
+            )
+    return pieces
+
+
+def piece_for(tile: dict[Index, Piece] | ChunkFailure, block: Index) -> Piece | ChunkFailure:
+    """One block's piece of a tile (runs where the tile is: only the piece travels)."""
+    return tile if isinstance(tile, ChunkFailure) else tile[block]
+
+
+def write_chunk(
+    job: Job, source: Source, grid: Grid, index: Index, pieces: list[Piece | ChunkFailure]
+) -> ChunkRecord | ChunkFailure:
+    """Blend the pieces of one output chunk, write it, then its record (the done-marker)."""
+    import zarr
+
+    started = time.perf_counter()
+    region = grid.block(index)
+    failed = [p for p in pieces if isinstance(p, ChunkFailure)]
+    if failed:
+        causes = "; ".join(
+            f"input region {[list(r) for r in f.region]} of {f.source}: {f.error}" for f in failed
+        )
+        return ChunkFailure(
+            source=source.path, chunk=index, region=_bounds(region), error=f"unreadable {causes}"
+        )
+    out_region = grid.to_output(region)
+    shape = tuple(s.stop - s.start for s in out_region)
+    total = np.zeros(shape, np.float64)
+    weight = np.zeros(shape[-2:], np.float64)
+    for (ys, xs), data, w in pieces:
+        total[..., ys, xs] += data
+        weight[ys, xs] += w
+    result = (total / weight).astype(np.float32)
+    zarr.open_array(source.output, path="0", mode="r+")[out_region] = result
+    record = ChunkRecord(
+        chunk=index,
+        input_region=_bounds(region),
+        bundle=job.bundle_id,
+        weights_sha256=job.weights_sha256,
+        weights_version=job.weights_version,
+        backend=job.backend,
+        worker=_worker_name(),
+        seconds=time.perf_counter() - started,
+        finished_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    write_record(Path(source.output), record)
+    return record
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler: str | None = None,
+    workers: int | None = None,
+    dashboard_address: str = ":8787",
+    processes: bool = True,
+) -> Iterator[Any]:
+    """A client of the cluster at `scheduler`, or of a local cluster sized to this machine
+    (one single-threaded worker process per core), closed on exit."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with (
+        LocalCluster(
+            n_workers=workers or cores or 1,
+            threads_per_worker=1,
+            processes=processes,
+            dashboard_address=dashboard_address,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+Progress = Callable[[int, int, ChunkRecord | ChunkFailure], None]
+
+
+def make_job(bundle: ModelBundle, bundle_dir: Path, grid: Grid, options: BatchOptions) -> Job:
+    manifest = bundle.manifest
+    tile = grid.chunks[-3:] if manifest.is_3d else grid.chunks[-2:]
+    tile = (*tile[:-2], *(c + 2 * grid.halo for c in tile[-2:]))
+    return Job(
+        bundle_dir=str(bundle_dir.resolve()),
+        bundle_id=bundle.bundle_id,
+        weights_sha256=manifest.weights_sha256,
+        weights_version=manifest.weights_version,
+        backend=options.backend,
+        threads=options.engine_threads,
+        tile_shape=tuple(tile),
+        max_batch=1 if manifest.is_3d else options.frames_per_chunk,
+    )
+
+
+def run_batch(
+    client: Any,
+    bundle_dir: Path,
+    inputs: Sequence[str | Path],
+    out: Path,
+    options: BatchOptions | None = None,
+    progress: Progress | None = None,
+) -> BatchSummary:
+    """Restore every input chunk by chunk on the cluster behind `client`."""
+    from distributed import get_task_stream
+
+    options = options or BatchOptions()
+    bundle = ModelBundle.load(bundle_dir)
+    sources = plan_sources(inputs, Path(out), bundle)
+    grids = [make_grid(s, bundle, options) for s in sources]
+    done = [
+        prepare_output(s, g, bundle, options.overwrite) for s, g in zip(sources, grids, strict=True)
+    ]
+    todo = [
+        (i, index)
+        for i, g in enumerate(grids)
+        for index in g.blocks()
+        if _key(index) not in done[i]
+    ]
+    total = sum(math.prod(g.counts) for g in grids)
+    job = make_job(bundle, Path(bundle_dir), grids[0], options)
+    started = time.perf_counter()
+    with get_task_stream(client) as stream:
+        client.submit(warm_engine, job, pure=False).result()
+        results = _submit_all(client, job, sources, grids, todo, options, progress)
+    seconds = time.perf_counter() - started
+    written = [r for r in results if isinstance(r, ChunkRecord)]
+    return BatchSummary(
+        outputs=[s.output for s in sources],
+        chunks_total=total,
+        chunks_done=len(written),
+        chunks_skipped=total - len(todo),
+        tiles_inferred=len({k for k in _tile_keys(grids, todo)}),
+        failures=[r for r in results if isinstance(r, ChunkFailure)],
+        voxels=sum(math.prod(b - a for a, b in r.input_region) for r in written),
+        seconds=seconds,
+        worker_seconds=_busy_per_worker(stream.data),
+        workers=len(client.scheduler_info().get("workers", {})),
+        dashboard=getattr(client, "dashboard_link", None),
+    )
+
+
+def _tile_keys(grids: list[Grid], todo: list[tuple[int, Index]]) -> set[tuple[int, Index]]:
+    return {(i, t) for i, index in todo for t in grids[i].neighbours(index)}
+
+
+def _submit_all(
+    client: Any,
+    job: Job,
+    sources: list[Source],
+    grids: list[Grid],
+    todo: list[tuple[int, Index]],
+    options: BatchOptions,
+    progress: Progress | None,
+) -> list[ChunkRecord | ChunkFailure]:
+    """Submit chunks in order, at most `in_flight` ahead of the results, so memory holds a
+    band of tiles rather than the dataset. A tile is dropped once its last chunk is queued."""
+    from distributed import as_completed
+
+    run = uuid.uuid4().hex[:8]
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+    in_flight = options.in_flight or 2 * max(threads, 1) + 2
+    users: dict[tuple[int, Index], int] = {}
+    for i, index in todo:
+        for t in grids[i].neighbours(index):
+            users[(i, t)] = users.get((i, t), 0) + 1
+    tiles: dict[tuple[int, Index], Any] = {}
+    pending = as_completed()
+    where: dict[str, tuple[int, Index]] = {}
+    results: list[ChunkRecord | ChunkFailure] = []
+    queue = iter(todo)
+
+    def submit_next() -> bool:
+        item = next(queue, None)
+        if item is None:
+            return False
+        i, index = item
+        source, grid = sources[i], grids[i]
+        pieces = []
+        for t in grid.neighbours(index):
+            if (i, t) not in tiles:
+                tiles[(i, t)] = client.submit(
+                    infer_tile, job, source, grid, t, key=f"tile-{run}-{i}-{_key(t)}"
+                )
+            pieces.append(
+                client.submit(
+                    piece_for, tiles[(i, t)], index, key=f"piece-{run}-{i}-{_key(t)}-{_key(index)}"
+                )
+            )
+            users[(i, t)] -= 1
+            if not users[(i, t)]:
+                del tiles[(i, t)]
+        future = client.submit(
+            write_chunk, job, source, grid, index, pieces, key=f"chunk-{run}-{i}-{_key(index)}"
+        )
+        where[future.key] = item
+        pending.add(future)
+        return True
+
+    for _ in range(in_flight):
+        if not submit_next():
+            break
+    for future in pending:
+        i, index = where.pop(future.key)
+        try:
+            result = future.result()
+        except Exception as exc:  # lost too often (KilledWorker), or a bug: report, go on
+            region = _bounds(grids[i].block(index))
+            result = ChunkFailure(
+                source=sources[i].path, chunk=index, region=region, error=repr(exc)
+            )
+        results.append(result)
+        future.release()
+        if progress:
+            progress(len(results), len(todo), result)
+        submit_next()
+    return results
+
+
+def _busy_per_worker(stream: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds each worker spent computing (from dask's task stream)."""
+    busy: dict[str, float] = {}
+    for task in stream:
+        for part in task.get("startstops", ()):
+            if part.get("action") == "compute":
+                worker = task.get("worker", "?")
+                busy[worker] = busy.get(worker, 0.0) + part["stop"] - part["start"]
+    return busy
