@@ -226,6 +226,14 @@ def _is_zarr(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("zarr.json", ".zattrs", ".zarray"))
 
 
+def _is_dataset(path: Path) -> bool:
+    """A TIFF file or a zarr store inside a folder given as input."""
+    name = path.name.lower()
+    return (path.is_file() and name.endswith(TIFF_SUFFIXES)) or (
+        name.endswith(ZARR_SUFFIXES) and _is_zarr(path)
+    )
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Files, folders of TIFFs, zarr stores and glob patterns, as a sorted list of datasets."""
     found: list[Path] = []
@@ -235,7 +243,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             if _is_zarr(path) or path.is_file():
                 found.append(path)
             elif path.is_dir():
-                found += sorted(p for p in path.iterdir() if p.name.lower().endswith(TIFF_SUFFIXES))
+                found += sorted(p for p in path.iterdir() if _is_dataset(p))
             else:
                 raise FileNotFoundError(f"{path}: no such file, folder or zarr store")
     if not found:
@@ -572,27 +580,40 @@ def connect(
     scheduler: str | None = None,
     workers: int | None = None,
     dashboard_address: str = ":8787",
-    processes: bool = True,
+    backend: str = "auto",
 ) -> Iterator[Any]:
-    """A client of the cluster at `scheduler`, or of a local cluster sized to this machine
-    (one single-threaded worker process per core), closed on exit."""
+    """A client of the cluster at `scheduler`, or of a local cluster sized to this machine,
+    closed on exit."""
     from distributed import Client, LocalCluster
 
     if scheduler:
         with Client(scheduler) as client:
             yield client
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     with (
         LocalCluster(
-            n_workers=workers or cores or 1,
+            n_workers=workers or local_workers(backend),
             threads_per_worker=1,
-            processes=processes,
+            processes=True,
             dashboard_address=dashboard_address,
         ) as cluster,
         Client(cluster) as client,
     ):
         yield client
+
+
+def local_workers(backend: str) -> int:
+    """One single-threaded worker per core for CPU engines; one per GPU for GPU engines (more
+    engines than GPUs would only share them). Pinning each worker to its own GPU on a
+    multi-GPU node is dask-cuda's job (README)."""
+    from livedecon.engines.backends import choose_backend
+
+    if choose_backend(backend).backend in ("tensorrt", "torch-cuda"):
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
 
 
 Progress = Callable[[int, int, ChunkRecord | ChunkFailure], None]
@@ -640,11 +661,12 @@ def run_batch(
     ]
     total = sum(math.prod(g.counts) for g in grids)
     job = make_job(bundle, Path(bundle_dir), grids[0], options)
-    started = time.perf_counter()
     with get_task_stream(client) as stream:
-        client.submit(warm_engine, job, pure=False).result()
+        client.submit(warm_engine, job, pure=False).result()  # builds the artifact once
+        client.run(warm_engine, job)  # then every worker present opens its engine
+        started = time.perf_counter()
         results = _submit_all(client, job, sources, grids, todo, options, progress)
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
     written = [r for r in results if isinstance(r, ChunkRecord)]
     return BatchSummary(
         outputs=[s.output for s in sources],
@@ -747,3 +769,53 @@ def _busy_per_worker(stream: list[dict[str, Any]]) -> dict[str, float]:
                 worker = task.get("worker", "?")
                 busy[worker] = busy.get(worker, 0.0) + part["stop"] - part["start"]
     return busy
+
+
+# --- benchmark ------------------------------------------------------------------------------
+
+
+def bench_batch(
+    workers: Sequence[int] = (1, 2),
+    model: str = "fast2d-sim",
+    frames: int = 16,
+    size: int = 512,
+    options: BatchOptions | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, Any]]:
+    """Voxels/s of `livedecon batch` on local clusters of each size in `workers` (one
+    single-threaded engine per worker), restoring the same synthetic time series."""
+    import tempfile
+
+    import zarr
+
+    from livedecon.engines.bundle import find_bundle
+
+    options = options or BatchOptions(frames_per_chunk=4)
+    bundle_dir = find_bundle(model)
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(150.0, (frames, size, size)).astype(np.uint16)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="livedecon-bench-batch-") as scratch:
+        raw = Path(scratch) / "raw.zarr"
+        zarr.create_array(str(raw), data=counts, chunks=(options.frames_per_chunk, 256, 256))
+        for n in workers:
+            progress(f"{n} worker{'s' * (n > 1)}")
+            with connect(workers=n, dashboard_address=":0") as client:
+                client.wait_for_workers(n)
+                out = Path(scratch) / f"out-{n}.ome.zarr"
+                summary = run_batch(client, bundle_dir, [raw], out, options)
+            rows.append(
+                {
+                    "scenario": f"batch {model}, {n} worker{'s' * (n > 1)}",
+                    "workers": n,
+                    "input": f"{frames}x{size}x{size}",
+                    "chunks": summary.chunks_done,
+                    "seconds": summary.seconds,
+                    "voxels_per_s": summary.voxels_per_s,
+                    "failures": len(summary.failures),
+                }
+            )
+    base = rows[0]["voxels_per_s"] if rows else 0.0
+    for row in rows:
+        row["speedup"] = row["voxels_per_s"] / base if base else float("nan")
+    return rows

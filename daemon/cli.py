@@ -593,7 +593,7 @@ def batch(
             engine_threads=engine_threads,
             overwrite=overwrite,
         )
-        with connect(scheduler, workers, dashboard_address) as client:
+        with connect(scheduler, workers, dashboard_address, backend) as client:
             console.print(f"dask dashboard: {client.dashboard_link}")
             with progress_printer(console) as progress:
                 summary = run_batch(client, path, inputs, out, options, progress)
@@ -831,5 +831,45 @@ def bench_daemon_command(
         "targets (display only, pass-through): >= 100 frames/s of 2048x2048, added p50 <= 2 ms, "
         "within 2x of bare pyzmq"
     )
+    out.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
+    console.print(f"wrote {out}")
+
+
+@bench_app.command("batch")
+def bench_batch_command(
+    workers: Annotated[str, typer.Option(help="comma list of local cluster sizes")] = "1,2",
+    model: Annotated[str, typer.Option(help="bundle to restore with")] = "fast2d-sim",
+    frames: Annotated[int, typer.Option(min=1, help="frames of the synthetic series")] = 16,
+    size: Annotated[int, typer.Option(min=64, help="square frames, input pixels")] = 512,
+    out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench_batch.json"),
+) -> None:
+    """`livedecon batch` throughput (input voxels/s) on local clusters of 1 and 2 workers."""
+    from rich.table import Table
+
+    from livedecon.daemon.batch import bench_batch
+
+    try:
+        sizes = [int(n) for n in workers.split(",") if n]
+    except ValueError:
+        raise _fail("--workers takes integers (1,2)") from None
+    with console.status("benchmarking") as status:
+        rows = bench_batch(
+            sizes, model, frames, size, progress=lambda what: status.update(f"batch: {what}")
+        )
+    table = Table(title=f"livedecon bench batch ({frames}x{size}x{size} uint16, {model})")
+    columns = {
+        "scenario": "scenario",
+        "chunks": "chunks",
+        "seconds": "s",
+        "voxels_per_s": "voxels/s",
+        "speedup": "x 1st",
+        "failures": "failed",
+    }
+    for label in columns.values():
+        table.add_column(label, justify="left" if label == "scenario" else "right", no_wrap=True)
+    for row in rows:
+        cells = [f"{row[k]:,.2f}" if isinstance(row[k], float) else str(row[k]) for k in columns]
+        table.add_row(*cells)
+    (console if console.is_terminal else Console(width=120)).print(table)
     out.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
     console.print(f"wrote {out}")
