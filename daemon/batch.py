@@ -21,7 +21,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
-import glob
 import itertools
 import math
 import os
@@ -33,12 +32,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import Field
 
-from livedecon.calibration.ome_tiff import check_pixel_size, tiff_layout
+from livedecon.daemon.batch_inputs import Source, plan_sources, read_region, stem
 from livedecon.daemon.journal import write_file
 from livedecon.daemon.offline import output_axes
 from livedecon.engines.bundle import BundleError, ModelBundle
@@ -47,8 +46,6 @@ from livedecon.engines.runtime import Runtime
 from livedecon.engines.tiling import blend_window, restore_batch_electrons
 
 RECORDS = "livedecon_chunks"  # zarr group beside the image array: one record per done chunk
-ZARR_SUFFIXES = (".ome.zarr", ".zarr")
-TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
 
 
 class BatchOptions(StrictModel):
@@ -59,20 +56,6 @@ class BatchOptions(StrictModel):
     engine_threads: int = Field(1, ge=1, description="CPU threads of each worker's engine")
     in_flight: int | None = Field(None, ge=1, description="chunks submitted ahead of results")
     overwrite: bool = False
-
-
-class Source(StrictModel):
-    """One input dataset, as every worker reads it."""
-
-    path: str
-    kind: Literal["zarr", "tiff"]
-    array: str = ""  # the array inside a zarr group ("" for a bare array)
-    shape: tuple[int, ...]
-    dtype: str
-    axes: str
-    pixel_size_um: float | None
-    z_step_um: float | None
-    output: str
 
 
 class Job(StrictModel):
@@ -211,136 +194,6 @@ def _bounds(region: Region) -> tuple[tuple[int, int], ...]:
     return tuple((s.start, s.stop) for s in region)
 
 
-# --- inputs ---------------------------------------------------------------------------------
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (*ZARR_SUFFIXES, *TIFF_SUFFIXES):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def _is_zarr(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in ("zarr.json", ".zattrs", ".zarray"))
-
-
-def _is_dataset(path: Path) -> bool:
-    """A TIFF file or a zarr store inside a folder given as input."""
-    name = path.name.lower()
-    return (path.is_file() and name.endswith(TIFF_SUFFIXES)) or (
-        name.endswith(ZARR_SUFFIXES) and _is_zarr(path)
-    )
-
-
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files, folders of TIFFs, zarr stores and glob patterns, as a sorted list of datasets."""
-    found: list[Path] = []
-    for item in map(str, inputs):
-        paths = [Path(p) for p in sorted(glob.glob(item))] if glob.has_magic(item) else [Path(item)]
-        for path in paths:
-            if _is_zarr(path) or path.is_file():
-                found.append(path)
-            elif path.is_dir():
-                found += sorted(p for p in path.iterdir() if _is_dataset(p))
-            else:
-                raise FileNotFoundError(f"{path}: no such file, folder or zarr store")
-    if not found:
-        raise FileNotFoundError(f"no input datasets in {', '.join(map(str, inputs))}")
-    return found
-
-
-def _zarr_source(path: Path) -> dict[str, Any]:
-    """A zarr array, or the full-resolution level of an OME-Zarr (NGFF 0.4 or 0.5) image."""
-    import zarr
-
-    node = zarr.open(str(path), mode="r")
-    if isinstance(node, zarr.Array):
-        letters = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TCZYX"}.get(node.ndim, "")
-        return dict(array="", shape=node.shape, dtype=str(node.dtype), axes=letters,
-                    pixel_size_um=None, z_step_um=None)  # fmt: skip
-    attrs = dict(node.attrs)
-    multiscales = attrs.get("ome", attrs).get("multiscales")
-    if not multiscales:
-        raise ValueError(f"{path}: a zarr group without OME-Zarr multiscales metadata")
-    image = multiscales[0]
-    names = [a["name"] if isinstance(a, dict) else a for a in image["axes"]]
-    level = image["datasets"][0]
-    scale = next(
-        (t["scale"] for t in level.get("coordinateTransformations", []) if t["type"] == "scale"),
-        [1.0] * len(names),
-    )
-    sampling = dict(zip(names, scale, strict=True))
-    array = node[level["path"]]
-    return dict(
-        array=level["path"],
-        shape=array.shape,
-        dtype=str(array.dtype),
-        axes="".join(n.upper() for n in names),
-        pixel_size_um=sampling.get("x"),
-        z_step_um=sampling.get("z"),
-    )
-
-
-def open_source(path: Path, output: Path) -> Source:
-    if _is_zarr(path):
-        return Source(path=str(path), kind="zarr", output=str(output), **_zarr_source(path))
-    layout = tiff_layout(path)
-    return Source(
-        path=str(path),
-        kind="tiff",
-        shape=layout.shape,
-        dtype=layout.dtype,
-        axes=layout.axes,
-        pixel_size_um=layout.pixel_size_um,
-        z_step_um=layout.z_step_um,
-        output=str(output),
-    )
-
-
-def plan_sources(inputs: Sequence[str | Path], out: Path, bundle: ModelBundle) -> list[Source]:
-    """Each input with its output: `out` itself for one dataset and an `out` ending in .zarr,
-    else `out/<name>.ome.zarr`. Refuses inputs the bundle cannot restore."""
-    paths = expand_inputs(inputs)
-    single = len(paths) == 1 and str(out).endswith(".zarr")
-    outputs = [out if single else out / f"{_stem(p)}.ome.zarr" for p in paths]
-    if len(set(outputs)) != len(outputs):
-        raise ValueError("two inputs have the same name: their outputs would collide")
-    manifest = bundle.manifest
-    need = 3 if manifest.is_3d else 2
-    sources = []
-    for path, output in zip(paths, outputs, strict=True):
-        if output.resolve() == path.resolve():
-            raise ValueError(f"{output}: would overwrite the raw input")
-        source = open_source(path, output)
-        if len(source.shape) < need:
-            raise ValueError(f"{path}: shape {source.shape} has no {'Z, ' * (need == 3)}Y, X")
-        if source.pixel_size_um is not None:
-            check_pixel_size(
-                path, source.pixel_size_um, manifest.input_pixel_um, f"bundle {bundle.bundle_id}"
-            )
-        sources.append(source)
-    return sources
-
-
-_READERS: dict[str, Any] = {}  # per worker process: open TIFF stores, kept for the next tile
-
-
-def read_region(source: Source, region: Region) -> np.ndarray:
-    import zarr
-
-    if source.kind == "zarr":
-        return np.asarray(zarr.open_array(source.path, path=source.array, mode="r")[region])
-    import tifffile
-
-    array = _READERS.get(source.path)
-    if array is None:
-        array = zarr.open_array(tifffile.imread(source.path, aszarr=True), mode="r")
-        _READERS[source.path] = array
-    return np.asarray(array[region])
-
-
 # --- outputs --------------------------------------------------------------------------------
 
 NGFF_AXES = {
@@ -360,7 +213,7 @@ def ngff_attributes(source: Source, grid: Grid, bundle: ModelBundle) -> dict[str
     size = {"T": 1.0, "C": 1.0, "Z": z_step, "Y": manifest.output_pixel_um}
     size["X"] = size["Y"]
     image = {
-        "name": _stem(Path(source.path)),
+        "name": stem(Path(source.path)),
         "axes": [NGFF_AXES[a] for a in axes],
         "datasets": [
             {
