@@ -42,6 +42,7 @@ from livedecon.daemon.journal import write_file
 from livedecon.daemon.offline import output_axes
 from livedecon.engines.bundle import BundleError, ModelBundle
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.networks import input_multiple
 from livedecon.engines.runtime import Runtime
 from livedecon.engines.tiling import blend_window, restore_batch_electrons
 
@@ -53,6 +54,8 @@ class BatchOptions(StrictModel):
     chunk_px: int = Field(256, ge=8, description="output chunk, input pixels laterally")
     halo_px: int = Field(24, ge=0, description="tiles overlap their neighbours by twice this")
     frames_per_chunk: int = Field(8, ge=1, description="2D: frames per chunk (one engine call)")
+    z_chunk: int | None = Field(None, ge=2, description="3D: planes per chunk (None: all)")
+    z_halo: int = Field(4, ge=0, description="3D: planes of overlap on each side of a z chunk")
     engine_threads: int = Field(1, ge=1, description="CPU threads of each worker's engine")
     in_flight: int | None = Field(None, ge=1, description="chunks submitted ahead of results")
     overwrite: bool = False
@@ -67,7 +70,7 @@ class Job(StrictModel):
     weights_version: int
     backend: str
     threads: int
-    tile_shape: tuple[int, ...]
+    tile_shapes: tuple[tuple[int, ...], ...]
     max_batch: int
 
 
@@ -118,12 +121,15 @@ Region = tuple[slice, ...]
 
 @dataclass(frozen=True)
 class Grid:
-    """Chunks of an input array (..., Y, X); only the last two axes have a halo and upscale."""
+    """Chunks of an input array (..., [Z,] Y, X). `halo` and `scale` are per axis: Y and X have
+    the lateral halo and the network's upsampling; Z a halo of planes when a volume is split
+    in depth; leading axes (time, channel) neither."""
 
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
-    halo: int
-    upscale: int
+    halo: tuple[int, ...]
+    scale: tuple[int, ...]
+    core: int  # trailing axes one engine call sees: 2 (Y, X) or 3 (Z, Y, X)
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -131,11 +137,15 @@ class Grid:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return (*self.shape[:-2], *(n * self.upscale for n in self.shape[-2:]))
+        return tuple(n * u for n, u in zip(self.shape, self.scale, strict=True))
 
     @property
     def out_chunks(self) -> tuple[int, ...]:
-        return (*self.chunks[:-2], *(c * self.upscale for c in self.chunks[-2:]))
+        return tuple(c * u for c, u in zip(self.chunks, self.scale, strict=True))
+
+    @property
+    def upscale(self) -> int:
+        return self.scale[-1]
 
     def blocks(self) -> Iterator[Index]:
         return itertools.product(*(range(k) for k in self.counts))
@@ -147,43 +157,62 @@ class Grid:
         )
 
     def tile(self, index: Index) -> Region:
-        """The block grown by the halo laterally, clipped to the array."""
-        region = list(self.block(index))
-        for axis in (-2, -1):
-            s, n = region[axis], self.shape[axis]
-            region[axis] = slice(max(s.start - self.halo, 0), min(s.stop + self.halo, n))
-        return tuple(region)
+        """The block grown by the halo, clipped to the array."""
+        return tuple(
+            slice(max(s.start - h, 0), min(s.stop + h, n))
+            for s, h, n in zip(self.block(index), self.halo, self.shape, strict=True)
+        )
 
     def to_output(self, region: Region) -> Region:
-        u = self.upscale
-        return (*region[:-2], *(slice(s.start * u, s.stop * u) for s in region[-2:]))
+        return tuple(
+            slice(s.start * u, s.stop * u) for s, u in zip(region, self.scale, strict=True)
+        )
+
+    def ramps(self) -> tuple[int | None, ...]:
+        """Blend ramps of the core axes on the output grid: tiles overlap by twice the halo."""
+        core = zip(self.halo[-self.core :], self.scale[-self.core :], strict=True)
+        return tuple(2 * h * u if h else None for h, u in core)
 
     def neighbours(self, index: Index) -> list[Index]:
-        """Blocks whose output a tile reaches (itself, and laterally adjacent ones)."""
-        reach = 1 if self.halo else 0
-        ny, nx = self.counts[-2:]
+        """Blocks whose output a tile reaches: itself and its neighbours along halo axes."""
+        steps = [(-1, 0, 1) if h else (0,) for h in self.halo]
         found = []
-        for dy, dx in itertools.product(range(-reach, reach + 1), repeat=2):
-            y, x = index[-2] + dy, index[-1] + dx
-            if 0 <= y < ny and 0 <= x < nx:
-                found.append((*index[:-2], y, x))
+        for offset in itertools.product(*steps):
+            moved = tuple(i + d for i, d in zip(index, offset, strict=True))
+            if all(0 <= i < k for i, k in zip(moved, self.counts, strict=True)):
+                found.append(moved)
         return found
 
 
 def make_grid(source: Source, bundle: ModelBundle, options: BatchOptions) -> Grid:
+    """Chunks of whole network multiples laterally; a volume whole in depth unless
+    `z_chunk` splits it (then chunk and halo are even: plane_stride 2 keeps its pairs)."""
     manifest = bundle.manifest
     core = 3 if manifest.is_3d else 2
-    multiple = 2**manifest.network.unet.levels if not manifest.is_3d else 1
+    multiple = input_multiple(manifest.network)
     lateral = max(options.chunk_px // multiple, 1) * multiple
-    lead = len(source.shape) - core
-    frames = 1 if manifest.is_3d else options.frames_per_chunk
-    chunks = [1] * lead + ([source.shape[-3]] if manifest.is_3d else []) + [lateral, lateral]
-    if lead and not manifest.is_3d:
-        chunks[lead - 1] = frames
     if options.halo_px > lateral:
         raise ValueError(f"halo {options.halo_px} px must not exceed the chunk {lateral} px")
+    lead = len(source.shape) - core
+    chunks = [1] * lead + [lateral, lateral]
+    halo = [0] * lead + [options.halo_px] * 2
+    if manifest.is_3d:
+        depth = source.shape[-3]
+        z_chunk = min(_even(options.z_chunk or depth), depth)
+        z_halo = _even(options.z_halo) if z_chunk < depth else 0
+        if z_halo > z_chunk:
+            raise ValueError(f"z halo {z_halo} must not exceed the z chunk {z_chunk}")
+        chunks.insert(lead, z_chunk)
+        halo.insert(lead, z_halo)
+    elif lead:
+        chunks[lead - 1] = options.frames_per_chunk
     upscale = 2 if manifest.network.upsample else 1
-    return Grid(tuple(source.shape), tuple(chunks), options.halo_px, upscale)
+    scale = (1,) * (len(source.shape) - 2) + (upscale, upscale)
+    return Grid(tuple(source.shape), tuple(chunks), tuple(halo), scale, core)
+
+
+def _even(n: int) -> int:
+    return n + n % 2
 
 
 def _key(index: Index) -> str:
@@ -197,7 +226,7 @@ def _bounds(region: Region) -> tuple[tuple[int, int], ...]:
 # --- outputs --------------------------------------------------------------------------------
 
 NGFF_AXES = {
-    "T": {"name": "t", "type": "time", "unit": "second"},
+    "T": {"name": "t", "type": "time"},  # the interval is not known here: index units
     "C": {"name": "c", "type": "channel"},
     "Z": {"name": "z", "type": "space", "unit": "micrometer"},
     "Y": {"name": "y", "type": "space", "unit": "micrometer"},
@@ -230,7 +259,7 @@ def ngff_attributes(source: Source, grid: Grid, bundle: ModelBundle) -> dict[str
             "weights_sha256": manifest.weights_sha256,
             "units": "photoelectrons per output pixel",
             "chunks": grid.chunks,
-            "halo_px": grid.halo,
+            "halo": grid.halo,
             "chunk_records": RECORDS,
         },
     }
@@ -247,7 +276,7 @@ def prepare_output(source: Source, grid: Grid, bundle: ModelBundle, overwrite: b
         shutil.rmtree(out)
     if out.exists():
         found = zarr.open_group(str(out), mode="r").attrs.get("livedecon", {})
-        expected = {k: attrs["livedecon"][k] for k in ("weights_sha256", "chunks", "halo_px")}
+        expected = {k: attrs["livedecon"][k] for k in ("weights_sha256", "chunks", "halo")}
         if {k: _jsonish(found.get(k)) for k in expected} != _jsonish(expected):
             raise ValueError(
                 f"{out} exists from another model or chunking ({found.get('bundle')}):"
@@ -269,6 +298,18 @@ def _jsonish(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonish(v) for k, v in value.items()}
     return value
+
+
+def _fsync_chunk(output: Path, index: Index) -> None:
+    """Flush the chunk's file (zarr v3 default key encoding: 0/c/i/j/k). A chunk that is all
+    fill value has no file, and nothing to flush."""
+    path = output / "0" / "c" / Path(*map(str, index))
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_record(output: Path, record: ChunkRecord) -> None:
@@ -310,7 +351,7 @@ def _engine(job: Job) -> tuple[ModelBundle, Runtime]:
                 bundle,
                 Path(job.bundle_dir),
                 job.backend,
-                frame_shapes=[job.tile_shape],
+                frame_shapes=list(job.tile_shapes),
                 max_batch=job.max_batch,
                 threads=job.threads,
             )
@@ -338,7 +379,7 @@ def _worker_name() -> str:
         return "local"
 
 
-Piece = tuple[tuple[slice, slice], np.ndarray, np.ndarray]  # block's Y, X slices; data; weight
+Piece = tuple[tuple[slice, ...], np.ndarray, np.ndarray]  # where in the block; data; weight
 
 
 def infer_tile(
@@ -354,29 +395,26 @@ def infer_tile(
         )
     bundle, runtime = _engine(job)
     norm = bundle.manifest.normalisation
-    core = 3 if bundle.manifest.is_3d else 2
-    items = norm.electrons(raw.reshape(-1, *raw.shape[-core:]))
+    items = norm.electrons(raw.reshape(-1, *raw.shape[-grid.core :]))
     restored = restore_batch_electrons(
         runtime.infer, items, norm.scale_e, runtime.multiple, grid.upscale
-    ).reshape(*raw.shape[:-2], *(n * grid.upscale for n in raw.shape[-2:]))
-    window = blend_window(restored.shape[-2:], 2 * grid.halo * grid.upscale)
+    )
+    restored = restored.reshape(*raw.shape[: -grid.core], *restored.shape[1:])
+    window = blend_window(restored.shape[-grid.core :], grid.ramps())
     weighted = restored * window
-    tile_out = grid.to_output(region)[-2:]
+    tile_out = grid.to_output(region)[-grid.core :]
     pieces: dict[Index, Piece] = {}
     for neighbour in grid.neighbours(index):
-        block_out = grid.to_output(grid.block(neighbour))[-2:]
+        block_out = grid.to_output(grid.block(neighbour))[-grid.core :]
         inside, in_block = [], []
         for t, b in zip(tile_out, block_out, strict=True):
             lo, hi = max(t.start, b.start), min(t.stop, b.stop)
             inside.append(slice(lo - t.start, hi - t.start))
             in_block.append(slice(lo - b.start, hi - b.start))
         if all(s.stop > s.start for s in inside):
-            ys, xs = inside
-            pieces[neighbour] = (
-                (in_block[0], in_block[1]),
-                np.ascontiguousarray(weighted[..., ys, xs], dtype=np.float32),
-                window[ys, xs],
-            )
+            part = tuple(inside)
+            data = np.ascontiguousarray(weighted[(..., *part)], dtype=np.float32)
+            pieces[neighbour] = (tuple(in_block), data, window[part])
     return pieces
 
 
@@ -404,12 +442,13 @@ def write_chunk(
     out_region = grid.to_output(region)
     shape = tuple(s.stop - s.start for s in out_region)
     total = np.zeros(shape, np.float64)
-    weight = np.zeros(shape[-2:], np.float64)
-    for (ys, xs), data, w in pieces:
-        total[..., ys, xs] += data
-        weight[ys, xs] += w
+    weight = np.zeros(shape[-grid.core :], np.float64)
+    for where, data, w in pieces:
+        total[(..., *where)] += data
+        weight[where] += w
     result = (total / weight).astype(np.float32)
     zarr.open_array(source.output, path="0", mode="r+")[out_region] = result
+    _fsync_chunk(Path(source.output), index)  # the data reach the disk before the record
     record = ChunkRecord(
         chunk=index,
         input_region=_bounds(region),
@@ -472,10 +511,20 @@ def local_workers(backend: str) -> int:
 Progress = Callable[[int, int, ChunkRecord | ChunkFailure], None]
 
 
-def make_job(bundle: ModelBundle, bundle_dir: Path, grid: Grid, options: BatchOptions) -> Job:
+def make_job(
+    bundle: ModelBundle, bundle_dir: Path, grids: list[Grid], options: BatchOptions
+) -> Job:
+    """The engine every worker opens, with the tile shapes it will see (TensorRT profiles)."""
     manifest = bundle.manifest
-    tile = grid.chunks[-3:] if manifest.is_3d else grid.chunks[-2:]
-    tile = (*tile[:-2], *(c + 2 * grid.halo for c in tile[-2:]))
+    shapes = {
+        tuple(
+            min(c + 2 * h, n)
+            for c, h, n in zip(
+                g.chunks[-g.core :], g.halo[-g.core :], g.shape[-g.core :], strict=True
+            )
+        )
+        for g in grids
+    }
     return Job(
         bundle_dir=str(bundle_dir.resolve()),
         bundle_id=bundle.bundle_id,
@@ -483,7 +532,7 @@ def make_job(bundle: ModelBundle, bundle_dir: Path, grid: Grid, options: BatchOp
         weights_version=manifest.weights_version,
         backend=options.backend,
         threads=options.engine_threads,
-        tile_shape=tuple(tile),
+        tile_shapes=tuple(sorted(shapes)),
         max_batch=1 if manifest.is_3d else options.frames_per_chunk,
     )
 
@@ -513,10 +562,11 @@ def run_batch(
         if _key(index) not in done[i]
     ]
     total = sum(math.prod(g.counts) for g in grids)
-    job = make_job(bundle, Path(bundle_dir), grids[0], options)
+    job = make_job(bundle, Path(bundle_dir), grids, options)
     with get_task_stream(client) as stream:
-        client.submit(warm_engine, job, pure=False).result()  # builds the artifact once
-        client.run(warm_engine, job)  # then every worker present opens its engine
+        if todo:
+            client.submit(warm_engine, job, pure=False).result()  # builds the artifact once
+            client.run(warm_engine, job)  # then every worker present opens its engine
         started = time.perf_counter()
         results = _submit_all(client, job, sources, grids, todo, options, progress)
         seconds = time.perf_counter() - started

@@ -222,7 +222,8 @@ def _reader(source: Source) -> Any:
             import tifffile
             import zarr
 
-            reader = zarr.open_array(tifffile.imread(source.path, aszarr=True), mode="r")
+            store = tifffile.imread(source.path, aszarr=True, series=0, level=0)
+            reader = zarr.open_array(store, mode="r")
         _READERS[source.path] = reader
     return reader
 

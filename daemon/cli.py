@@ -572,6 +572,10 @@ def batch(
     chunk_px: Annotated[int, typer.Option(min=8, help="lateral chunk, input pixels")] = 256,
     halo_px: Annotated[int, typer.Option(min=0, help="tiles overlap by twice this")] = 24,
     frames_per_chunk: Annotated[int, typer.Option(min=1, help="2D frames per chunk")] = 8,
+    z_chunk: Annotated[
+        int | None, typer.Option(min=2, help="3D planes per chunk [default: all]")
+    ] = None,
+    z_halo: Annotated[int, typer.Option(min=0, help="3D planes of overlap per side")] = 4,
     engine_threads: Annotated[int, typer.Option(min=1, help="CPU threads per engine")] = 1,
     overwrite: Annotated[bool, typer.Option(help="replace outputs of another model")] = False,
     dashboard_address: Annotated[str, typer.Option(help="local cluster's dashboard")] = ":8787",
@@ -590,6 +594,8 @@ def batch(
             chunk_px=chunk_px,
             halo_px=halo_px,
             frames_per_chunk=frames_per_chunk,
+            z_chunk=z_chunk,
+            z_halo=z_halo,
             engine_threads=engine_threads,
             overwrite=overwrite,
         )

@@ -8,6 +8,7 @@ weights, so no tile edge shows. Frames that fit are padded to the multiple and r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -40,11 +41,16 @@ def _window(size: int, ramp: int) -> np.ndarray:
     return np.clip(edge / max(ramp, 1), 1e-3, 1.0)
 
 
-def blend_window(shape: tuple[int, int], ramp: int) -> np.ndarray:
-    """The weight of one output tile (Y, X): 1 inside, ramping over `ramp` pixels from each
-    edge. Tiles are summed weighted by it and divided by the summed weights; `infer_tiled` and
-    the distributed batch (daemon/batch.py) blend with this one window."""
-    return np.outer(_window(shape[0], ramp), _window(shape[1], ramp))
+def blend_window(shape: tuple[int, ...], ramp: int | tuple[int | None, ...]) -> np.ndarray:
+    """The weight of one output tile: 1 inside, ramping over `ramp` samples from each edge
+    (per axis; None: flat along that axis). Tiles are summed weighted by it and divided by the
+    summed weights; `infer_tiled` and the distributed batch (daemon/batch.py) blend with this
+    one window."""
+    ramps = ramp if isinstance(ramp, tuple) else (ramp,) * len(shape)
+    weights = [
+        np.ones(n) if r is None else _window(n, r) for n, r in zip(shape, ramps, strict=True)
+    ]
+    return functools.reduce(np.multiply.outer, weights)
 
 
 def infer_tiled(
