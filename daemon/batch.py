@@ -14,8 +14,9 @@ Why it is built this way:
 - An unreadable input region fails its tile, which reports its coordinates; the chunks it
   feeds are reported as failed and everything else runs.
 - Workers open the engine once per process (`_engine`), not once per chunk.
-- 3D chunks span every plane: the 3D network interleaves planes (`plane_stride`) and
-  `infer_tiled` tiles stacks laterally only, so depth is not split.
+- Volumes are whole in depth unless `z_chunk` splits them; then chunks and halo are even, so
+  the 3D network's interleaved sub-stacks (`plane_stride` 2) keep their plane pairs, and the
+  blend runs along z with the same window.
 """
 
 from __future__ import annotations
@@ -275,21 +276,27 @@ def prepare_output(source: Source, grid: Grid, bundle: ModelBundle, overwrite: b
     if out.exists() and overwrite:
         shutil.rmtree(out)
     if out.exists():
-        found = zarr.open_group(str(out), mode="r").attrs.get("livedecon", {})
+        group = zarr.open_group(str(out), mode="r+")
+        found = group.attrs.get("livedecon", {})
         expected = {k: attrs["livedecon"][k] for k in ("weights_sha256", "chunks", "halo")}
-        if {k: _jsonish(found.get(k)) for k in expected} != _jsonish(expected):
+        if {k: _jsonish(found.get(k)) for k in expected} != _jsonish(expected) or (
+            "0" in group and group["0"].shape != grid.out_shape
+        ):
             raise ValueError(
-                f"{out} exists from another model or chunking ({found.get('bundle')}):"
+                f"{out} exists from another model, chunking or input ({found.get('bundle')}):"
                 " use --overwrite to replace it"
             )
-        return {p.name for p in (out / RECORDS).iterdir() if (p / "zarr.json").is_file()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(out), mode="w", zarr_format=3, attributes=attrs)
-    group.create_array(
-        "0", shape=grid.out_shape, chunks=grid.out_chunks, dtype="float32", fill_value=np.nan
-    )
-    group.create_group(RECORDS, attributes={"about": "one group per finished chunk"})
-    return set()
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(str(out), mode="w", zarr_format=3, attributes=attrs)
+    # a run stopped while creating the output resumes here too
+    if "0" not in group:
+        group.create_array(
+            "0", shape=grid.out_shape, chunks=grid.out_chunks, dtype="float32", fill_value=np.nan
+        )
+    if RECORDS not in group:
+        group.create_group(RECORDS, attributes={"about": "one group per finished chunk"})
+    return {p.name for p in (out / RECORDS).iterdir() if (p / "zarr.json").is_file()}
 
 
 def _jsonish(value: Any) -> Any:
@@ -576,7 +583,7 @@ def run_batch(
         chunks_total=total,
         chunks_done=len(written),
         chunks_skipped=total - len(todo),
-        tiles_inferred=len({k for k in _tile_keys(grids, todo)}),
+        tiles_inferred=len(_tile_keys(grids, todo)),
         failures=[r for r in results if isinstance(r, ChunkFailure)],
         voxels=sum(math.prod(b - a for a, b in r.input_region) for r in written),
         seconds=seconds,

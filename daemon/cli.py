@@ -603,7 +603,7 @@ def batch(
             console.print(f"dask dashboard: {client.dashboard_link}")
             with progress_printer(console) as progress:
                 summary = run_batch(client, path, inputs, out, options, progress)
-    except (BundleError, ValueError, OSError) as exc:
+    except (BundleError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: the gate
         raise _fail(str(exc)) from None
     print_summary(console, summary)
     if json_out:

@@ -245,6 +245,9 @@ def test_rerun_processes_only_the_missing_chunks(client, bundles, tmp_path):
     assert (again.chunks_done, again.chunks_skipped) == (3, 5)
     _assert_close(array[:], _reference(bundles["2d"], tif, tmp_path))
     assert run_batch(client, bundles["2d"], [tif], out, OPTIONS).chunks_done == 0
+    other = OPTIONS.model_copy(update={"chunk_px": 64})
+    with pytest.raises(ValueError, match="--overwrite"):  # another chunking: not mixed in
+        run_batch(client, bundles["2d"], [tif], out, other)
 
 
 def test_unreadable_input_chunk_is_reported_and_the_rest_is_restored(client, bundles, tmp_path):
