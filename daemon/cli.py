@@ -557,7 +557,7 @@ def batch(
     bundle: Annotated[str, typer.Argument(help="bundle directory, or a shipped bundle's name")],
     inputs: Annotated[
         list[str],
-        typer.Argument(help="TIFF / OME-TIFF files, folders of them, OME-Zarr stores, globs"),
+        typer.Argument(help="TIFF / OME-TIFF files, OME-Zarr, NDTiff, folders of them, globs"),
     ],
     out: Annotated[
         Path, typer.Option(help="OME-Zarr (one input, NAME.zarr) or folder of NAME.ome.zarr")
@@ -566,7 +566,7 @@ def batch(
         str | None, typer.Option(help="address of a running dask scheduler [default: local]")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="local cluster size [default: one per core]")
+        int | None, typer.Option(min=1, help="local cluster size [default: cores, or GPUs]")
     ] = None,
     backend: Annotated[str, typer.Option(help="each worker's engine (auto: as restore)")] = "auto",
     chunk_px: Annotated[int, typer.Option(min=8, help="lateral chunk, input pixels")] = 256,
