@@ -84,8 +84,10 @@ class ChunkRecord(StrictModel):
     weights_sha256: str
     weights_version: int
     backend: str
-    worker: str
+    worker: str  # the worker that blended and wrote it
     seconds: float
+    inference_worker: str | None  # the worker that inferred the chunk's own tile
+    inference_seconds: float | None
     finished_utc: str
 
 
@@ -386,13 +388,16 @@ def _worker_name() -> str:
         return "local"
 
 
-Piece = tuple[tuple[slice, ...], np.ndarray, np.ndarray]  # where in the block; data; weight
+# where in the block; weighted data; weight; (worker, seconds) of the inference, on the
+# piece for the tile's own block only
+Piece = tuple[tuple[slice, ...], np.ndarray, np.ndarray, tuple[str, float] | None]
 
 
 def infer_tile(
     job: Job, source: Source, grid: Grid, index: Index
 ) -> dict[Index, Piece] | ChunkFailure:
     """Restore the tile of block `index`; its weighted pieces, keyed by the block each feeds."""
+    started = time.perf_counter()
     region = grid.tile(index)
     try:
         raw = read_region(source, region)
@@ -410,6 +415,7 @@ def infer_tile(
     window = blend_window(restored.shape[-grid.core :], grid.ramps())
     weighted = restored * window
     tile_out = grid.to_output(region)[-grid.core :]
+    spent = (_worker_name(), time.perf_counter() - started)
     pieces: dict[Index, Piece] = {}
     for neighbour in grid.neighbours(index):
         block_out = grid.to_output(grid.block(neighbour))[-grid.core :]
@@ -421,7 +427,8 @@ def infer_tile(
         if all(s.stop > s.start for s in inside):
             part = tuple(inside)
             data = np.ascontiguousarray(weighted[(..., *part)], dtype=np.float32)
-            pieces[neighbour] = (tuple(in_block), data, window[part])
+            own = spent if neighbour == index else None
+            pieces[neighbour] = (tuple(in_block), data, window[part], own)
     return pieces
 
 
@@ -450,9 +457,11 @@ def write_chunk(
     shape = tuple(s.stop - s.start for s in out_region)
     total = np.zeros(shape, np.float64)
     weight = np.zeros(shape[-grid.core :], np.float64)
-    for where, data, w in pieces:
+    inference = None
+    for where, data, w, spent in pieces:
         total[(..., *where)] += data
         weight[where] += w
+        inference = spent or inference
     result = (total / weight).astype(np.float32)
     zarr.open_array(source.output, path="0", mode="r+")[out_region] = result
     _fsync_chunk(Path(source.output), index)  # the data reach the disk before the record
@@ -465,6 +474,8 @@ def write_chunk(
         backend=job.backend,
         worker=_worker_name(),
         seconds=time.perf_counter() - started,
+        inference_worker=inference[0] if inference else None,
+        inference_seconds=inference[1] if inference else None,
         finished_utc=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     write_record(Path(source.output), record)
@@ -553,8 +564,6 @@ def run_batch(
     progress: Progress | None = None,
 ) -> BatchSummary:
     """Restore every input chunk by chunk on the cluster behind `client`."""
-    from distributed import get_task_stream
-
     options = options or BatchOptions()
     bundle = ModelBundle.load(bundle_dir)
     sources = plan_sources(inputs, Path(out), bundle)
@@ -570,13 +579,12 @@ def run_batch(
     ]
     total = sum(math.prod(g.counts) for g in grids)
     job = make_job(bundle, Path(bundle_dir), grids, options)
-    with get_task_stream(client) as stream:
-        if todo:
-            client.submit(warm_engine, job, pure=False).result()  # builds the artifact once
-            client.run(warm_engine, job)  # then every worker present opens its engine
-        started = time.perf_counter()
-        results = _submit_all(client, job, sources, grids, todo, options, progress)
-        seconds = time.perf_counter() - started
+    if todo:
+        client.submit(warm_engine, job, pure=False).result()  # builds the artifact once
+        client.run(warm_engine, job)  # then every worker present opens its engine
+    started = time.perf_counter()
+    results = _submit_all(client, job, sources, grids, todo, options, progress)
+    seconds = time.perf_counter() - started
     written = [r for r in results if isinstance(r, ChunkRecord)]
     return BatchSummary(
         outputs=[s.output for s in sources],
@@ -587,7 +595,7 @@ def run_batch(
         failures=[r for r in results if isinstance(r, ChunkFailure)],
         voxels=sum(math.prod(b - a for a, b in r.input_region) for r in written),
         seconds=seconds,
-        worker_seconds=_busy_per_worker(stream.data),
+        worker_seconds=_busy_per_worker(written),
         workers=len(client.scheduler_info().get("workers", {})),
         dashboard=getattr(client, "dashboard_link", None),
     )
@@ -670,14 +678,14 @@ def _submit_all(
     return results
 
 
-def _busy_per_worker(stream: list[dict[str, Any]]) -> dict[str, float]:
-    """Seconds each worker spent computing (from dask's task stream)."""
+def _busy_per_worker(records: list[ChunkRecord]) -> dict[str, float]:
+    """Seconds each worker spent inferring tiles and writing chunks, from the chunks' records
+    (tiles inferred only for a finished neighbour's blend are not counted)."""
     busy: dict[str, float] = {}
-    for task in stream:
-        for part in task.get("startstops", ()):
-            if part.get("action") == "compute":
-                worker = task.get("worker", "?")
-                busy[worker] = busy.get(worker, 0.0) + part["stop"] - part["start"]
+    for r in records:
+        busy[r.worker] = busy.get(r.worker, 0.0) + r.seconds
+        if r.inference_worker is not None:
+            busy[r.inference_worker] = busy.get(r.inference_worker, 0.0) + r.inference_seconds
     return busy
 
 

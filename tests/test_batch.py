@@ -132,6 +132,9 @@ def test_folder_of_tiffs_equals_single_process_restores(client, bundles, tmp_pat
         record = out[f"{batch.RECORDS}/1.1.2"].attrs
         assert record["bundle"] == ModelBundle.load(bundles["2d"]).bundle_id
         assert record["input_region"] == [[2, 3], [32, 40], [64, 72]]
+        assert record["inference_worker"] in client.scheduler_info()["workers"]
+    assert set(summary.worker_seconds) <= set(client.scheduler_info()["workers"])
+    assert sum(summary.worker_seconds.values()) > 0
     # the engine opened once per worker process, not once per chunk
     assert set(client.run(batch.engine_opens).values()) == {1}
 
