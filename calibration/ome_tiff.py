@@ -48,6 +48,16 @@ def write_ome_tiff(
     return path
 
 
+def _ome_sampling(tif: tifffile.TiffFile, path: str | Path) -> tuple[float, float | None]:
+    """Pixel size and z step (um) recorded in an OME-TIFF's metadata."""
+    pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+    pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
+    if "PhysicalSizeX" not in pixels:
+        raise ValueError(f"{path}: OME metadata has no PhysicalSizeX")
+    z_step = float(pixels["PhysicalSizeZ"]) if "PhysicalSizeZ" in pixels else None
+    return float(pixels["PhysicalSizeX"]), z_step
+
+
 def read_ome_tiff(path: str | Path) -> OmeImage:
     """Pixels, axes and physical sizes of an OME-TIFF written by `write_ome_tiff` (or others)."""
     with tifffile.TiffFile(path) as tif:
@@ -55,16 +65,34 @@ def read_ome_tiff(path: str | Path) -> OmeImage:
             raise ValueError(f"{path}: not an OME-TIFF")
         series = tif.series[0]
         data = series.asarray()
-        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-        pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
-    if "PhysicalSizeX" not in pixels:
-        raise ValueError(f"{path}: OME metadata has no PhysicalSizeX")
-    return OmeImage(
-        data=data,
-        axes=series.axes,
-        pixel_size_um=float(pixels["PhysicalSizeX"]),
-        z_step_um=float(pixels["PhysicalSizeZ"]) if "PhysicalSizeZ" in pixels else None,
-    )
+        pixel_um, z_step = _ome_sampling(tif, path)
+    return OmeImage(data=data, axes=series.axes, pixel_size_um=pixel_um, z_step_um=z_step)
+
+
+@dataclass(frozen=True)
+class TiffLayout:
+    """What a TIFF holds, without reading its pixels (batch restoration reads them in parts)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    axes: str
+    pixel_size_um: float | None  # None: a plain TIFF records none
+    z_step_um: float | None
+
+
+def tiff_layout(path: str | Path) -> TiffLayout:
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        pixel_um, z_step = _ome_sampling(tif, path) if tif.is_ome else (None, None)
+        return TiffLayout(tuple(series.shape), str(series.dtype), series.axes, pixel_um, z_step)
+
+
+def check_pixel_size(path: str | Path, found_um: float, expected_um: float, for_: str) -> None:
+    """Refuse data whose pixel size is not the one `for_` (a bundle) was made for."""
+    if abs(found_um / expected_um - 1) > PIXEL_SIZE_TOLERANCE:
+        raise ValueError(
+            f"{path}: pixel size {found_um} um, but {for_} has {expected_um} um pixels"
+        )
 
 
 # Data whose recorded pixel size is this far off the expected one would be deconvolved with a
@@ -81,9 +109,5 @@ def read_raw_tiff(path: str | Path, expected_pixel_um: float, expected_for: str)
             series = tif.series[0]
             return OmeImage(series.asarray(), series.axes, expected_pixel_um, None)
     image = read_ome_tiff(path)
-    if abs(image.pixel_size_um / expected_pixel_um - 1) > PIXEL_SIZE_TOLERANCE:
-        raise ValueError(
-            f"{path}: pixel size {image.pixel_size_um} um, but {expected_for} has"
-            f" {expected_pixel_um} um pixels"
-        )
+    check_pixel_size(path, image.pixel_size_um, expected_pixel_um, expected_for)
     return image

@@ -13,7 +13,7 @@ from livedecon.engines.runtime import Runtime, TorchRuntime
 from livedecon.engines.tiling import restore_electrons
 
 
-def _output_axes(axes: str, ndim: int, is_3d: bool) -> str:
+def output_axes(axes: str, ndim: int, is_3d: bool) -> str:
     """The input's axes where they are OME axes, else time (then channel) for leading ones."""
     core = "ZYX" if is_3d else "YX"
     spare = "TC" if is_3d else "TCZ"
@@ -68,7 +68,7 @@ def restore_file(
     return write_ome_tiff(
         out_path,
         out.astype(np.float32),
-        _output_axes(axes, out.ndim, manifest.is_3d),
+        output_axes(axes, out.ndim, manifest.is_3d),
         manifest.output_pixel_um,
         z_step_um=z_step or manifest.z_step_um,
         description=(

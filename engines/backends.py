@@ -186,8 +186,11 @@ def open_runtime(
     precision: str | None = None,
     frame_shapes: Sequence[tuple[int, ...]] = ((1024, 1024),),
     max_batch: int = 4,
+    threads: int | None = None,
 ) -> tuple[Runtime, Choice]:
-    """A checked runtime for `bundle`, built from (or into) the artifact cache."""
+    """A checked runtime for `bundle`, built from (or into) the artifact cache. `threads`:
+    intra-op CPU threads of onnxruntime (default: all cores; several engines per machine, as
+    batch workers are, share the cores instead)."""
     choice = choose_backend(backend)
     name = choice.backend
     precision = precision or DEFAULT_PRECISION[name]
@@ -212,7 +215,7 @@ def open_runtime(
         elif name == "torch-cuda":
             runtime = TorchCudaRuntime(spec, weights, precision)
         else:
-            runtime = OnnxRuntime(spec, weights, onnx_path=onnx_path)
+            runtime = OnnxRuntime(spec, weights, onnx_path=onnx_path, threads=threads)
         psnr = accuracy_gate(runtime, bundle, precision, directory / "gate.json", reuse=cached)
     seal(directory, key)
     log.info("%s; accuracy gate %.1f dB; artifact %s", choice.reason, psnr, directory)

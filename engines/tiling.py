@@ -8,6 +8,7 @@ weights, so no tile edge shows. Frames that fit are padded to the multiple and r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -40,6 +41,18 @@ def _window(size: int, ramp: int) -> np.ndarray:
     return np.clip(edge / max(ramp, 1), 1e-3, 1.0)
 
 
+def blend_window(shape: tuple[int, ...], ramp: int | tuple[int | None, ...]) -> np.ndarray:
+    """The weight of one output tile: 1 inside, ramping over `ramp` samples from each edge
+    (per axis; None: flat along that axis). Tiles are summed weighted by it and divided by the
+    summed weights; `infer_tiled` and the distributed batch (daemon/batch.py) blend with this
+    one window."""
+    ramps = ramp if isinstance(ramp, tuple) else (ramp,) * len(shape)
+    weights = [
+        np.ones(n) if r is None else _window(n, r) for n, r in zip(shape, ramps, strict=True)
+    ]
+    return functools.reduce(np.multiply.outer, weights)
+
+
 def infer_tiled(
     infer: Infer,
     image: np.ndarray,
@@ -67,7 +80,7 @@ def infer_tiled(
     py, px = padded.shape[-2:]
     corners = [(y, x) for y in _starts(py, tile, overlap_px) for x in _starts(px, tile, overlap_px)]
     ramp = overlap_px * upscale
-    window = np.outer(_window(tile * upscale, ramp), _window(tile * upscale, ramp))
+    window = blend_window((tile * upscale, tile * upscale), ramp)
     out = np.zeros((*padded.shape[:-2], py * upscale, px * upscale), dtype=np.float64)
     weight = np.zeros((py * upscale, px * upscale), dtype=np.float64)
     for first in range(0, len(corners), batch_tiles):
