@@ -59,7 +59,7 @@ class AnisotropicScene(StrictModel):
 
     @property
     def z_step_um(self) -> float:
-        return self.pixel_um * self.ratio
+        return round(self.pixel_um * self.ratio, 9)  # 0.3, not 0.30000000000000004
 
     @property
     def fine_planes(self) -> int:

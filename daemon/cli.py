@@ -16,7 +16,9 @@ from livedecon.daemon.cli_output import fail as _fail
 from livedecon.daemon.selfnet_command import (
     SELFNET_NETWORKS,
     bench_selfnet_command,
+    open_selfnet_chain,
     restore_selfnet_command,
+    staging_path,
     train_selfnet_command,
 )
 from livedecon.engines.configfile import ConfigError
@@ -256,9 +258,14 @@ def restore(
         str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
     ] = "auto",
     tile_px: Annotated[int, typer.Option(min=16, help="larger frames go in blended tiles")] = 1024,
+    then: Annotated[
+        str | None,
+        typer.Option(help="a Self-Net bundle that makes the 3D bundle's output isotropic"),
+    ] = None,
 ) -> None:
     """Restore a TIFF of raw frames (or z-stacks, with a 3D bundle) with a model bundle; a
-    Self-Net bundle makes a volume isotropic (z step = lateral pixel)."""
+    Self-Net bundle makes a volume isotropic (z step = lateral pixel), alone or after a 3D
+    bundle (--then)."""
     import time
 
     from livedecon.daemon.offline import restore_file
@@ -276,6 +283,8 @@ def restore(
     console.print(f"engine: {choice.reason}")
     if loaded.manifest.is_selfnet:
         return restore_selfnet_command(loaded, runtime, input_tif, output_tif, tile_px)
+    chain = open_selfnet_chain(then, loaded, backend) if then else None
+    final, output_tif = output_tif, staging_path(output_tif) if chain else output_tif
     started = time.perf_counter()
     with Progress(console=console) as progress:
         task = progress.add_task("restoring", total=None)
@@ -288,6 +297,11 @@ def restore(
         f"wrote {written} with bundle {loaded.bundle_id} in {time.perf_counter() - started:.1f} s"
         f" ({loaded.manifest.output_pixel_um:.4g} um pixels, photoelectrons)"
     )
+    if chain:
+        try:
+            restore_selfnet_command(*chain, written, final, tile_px)
+        finally:
+            written.unlink(missing_ok=True)
 
 
 def _parse_shapes(text: str) -> list[tuple[int, ...]]:

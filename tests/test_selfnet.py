@@ -273,6 +273,43 @@ def test_cli_trains_and_restores_a_volume(tmp_path: Path):
     assert "a 2D frame has no axial slices" in " ".join(result.output.split())
 
 
+def test_cli_chain_3d_then_selfnet(tmp_path: Path):
+    """`livedecon restore fast3d-sim raw --then SELFNET`: ZS-DeconvNet 3D (2x lateral), then
+    Self-Net on its output grid; an isotropic volume at the 3D bundle's output pixel."""
+    from livedecon.daemon.cli import app
+    from livedecon.engines.bundle import find_bundle
+
+    first = ModelBundle.load(find_bundle("fast3d-sim")).manifest
+    pixel, z_step = first.output_pixel_um, first.z_step_um
+    raw = tmp_path / "stack.ome.tif"
+    counts = confocal_volume().counts[:8, :32, :32]
+    write_ome_tiff(raw, counts, "ZYX", first.input_pixel_um, z_step_um=z_step)
+    torch.manual_seed(5)
+    selfnet = selfnet_bundle(
+        SelfNetRestorer(TINY),
+        name="sn",
+        pixel_um=pixel,
+        z_step_um=z_step,
+        normalisation=volume_normalisation(confocal_volume().electrons),
+        training=TrainingRecord.now(data=["test"], config={}, iterations=0),
+    ).save(tmp_path / "sn")
+    out = tmp_path / "iso.ome.tif"
+    args = ["restore", "fast3d-sim", str(raw), str(out), "--then", str(selfnet)]
+    result = CliRunner().invoke(app, [*args, "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    image = read_ome_tiff(out)
+    assert image.data.shape == (round(7 * z_step / pixel) + 1, 64, 64)
+    assert image.z_step_um == pytest.approx(pixel)
+    assert not list(tmp_path.glob(".iso*"))  # the first stage's file is gone
+
+    wrong = tmp_path / "sn-wrong"
+    _bundle(SelfNetRestorer(TINY), counts.astype(np.float32)).save(wrong)
+    args = ["restore", "fast3d-sim", str(raw), str(tmp_path / "x.tif"), "--then", str(wrong)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert "train Self-Net on that bundle's output" in " ".join(result.output.split())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", ["widefield", "confocal"])
 def test_quality_fast_vs_full(modality: str):
