@@ -166,6 +166,14 @@ def test_open_runtime_gates_selfnet(tmp_path: Path):
     assert choice.gate_db > 60
 
 
+def test_daemon_refuses_selfnet_bundles_clearly(tmp_path: Path):
+    from livedecon.daemon.processing import open_processor
+
+    path = _bundle(SelfNetRestorer(TINY), confocal_volume().electrons).save(tmp_path / "sn")
+    with pytest.raises(BundleError, match="not served by the daemon yet"):
+        open_processor(path, backend="torch")
+
+
 def test_bundle_round_trip_and_corruption(tmp_path: Path):
     torch.manual_seed(3)
     bundle = _bundle(SelfNetRestorer(fast_selfnet_spec()), confocal_volume().electrons)
