@@ -606,7 +606,9 @@ bench_app.command("selfnet")(bench_selfnet_command)
 
 @bench_app.command("engines")
 def bench_engines_command(
-    models: Annotated[str, typer.Option(help="comma list of full, fast, 3d")] = "full,fast,3d",
+    models: Annotated[
+        str, typer.Option(help="comma list of full, fast, 3d, selfnet, selfnet-fast")
+    ] = "full,fast,3d",
     sizes: Annotated[str, typer.Option(help="square 2D input sizes")] = "256,512,1024",
     stack: Annotated[str, typer.Option(help="3D input ZxYxX")] = "16x256x256",
     backends: Annotated[str | None, typer.Option(help="comma list [default: all present]")] = None,
