@@ -100,10 +100,11 @@ def test_short_training_beats_cubic_axially():
     0.3 um, pixel 0.1 um, 300 photons peak) make its xz/yz slices closer to the isotropic
     truth than cubic interpolation, and the volume more isotropic.
 
-    Measured (2-core CPU, seed 0): fitted axial PSNR cubic 35.10 dB, Self-Net 36.84 dB
-    (+1.74 dB); isotropy ratio cubic 0.66, Self-Net 0.79. An untrained restorer starts as the
-    identity (global residual), i.e. exactly cubic: the margins asserted below are what
-    training added."""
+    Measured (2-core CPU): fitted axial PSNR cubic 35.10 dB, Self-Net +1.74 / +1.38 / +1.40 dB
+    (seeds 0 / 1 / 2); isotropy ratio cubic 0.66, Self-Net 0.79 / 0.81 / 0.74. An untrained
+    restorer is the identity (global residual, zero last layer), i.e. exactly cubic, and the
+    volume and cubic baseline are deterministic: the margins asserted (0.8 dB, 0.05) are what
+    training added, about half the smallest measured."""
     torch.manual_seed(0)
     rendered = confocal_volume()
     units = _units(rendered.electrons)
@@ -114,7 +115,7 @@ def test_short_training_beats_cubic_axially():
     gain_db = axial_psnr(restored, rendered.truth) - axial_psnr(cubic, rendered.truth)
     assert gain_db > 0.8, gain_db
     before, after = isotropy(cubic, PIXEL_UM).ratio, isotropy(restored, PIXEL_UM).ratio
-    assert after > before + 0.08, (before, after)
+    assert after > before + 0.05, (before, after)
 
 
 def test_no_structure_invented_in_noise():
