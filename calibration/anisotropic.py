@@ -55,6 +55,9 @@ class AnisotropicScene(StrictModel):
     offset_adu: float = 100.0
     noise: bool = True
     empty: bool = Field(False, description="no specimen: background and noise only")
+    occupied: float = Field(
+        1.0, gt=0, le=1, description="fraction of the depth, centred, that holds specimen"
+    )
     seed: int = 0
 
     @property
@@ -118,7 +121,9 @@ def _specimen(scene: AnisotropicScene) -> np.ndarray:
     )
     z = (np.arange(scene.fine_planes) - (scene.fine_planes - 1) / 2) * scene.pixel_um
     specimen = SyntheticSample(sample, (field_um, field_um))
-    return specimen.render(0.0, scene.pixel_um, (scene.size_px, scene.size_px), z)
+    planes = specimen.render(0.0, scene.pixel_um, (scene.size_px, scene.size_px), z)
+    planes[np.abs(z) > scene.occupied * depth_um / 2 + 1e-9] = 0.0
+    return planes
 
 
 def _psf(scene: AnisotropicScene) -> np.ndarray:
