@@ -13,6 +13,14 @@ from rich.progress import Progress
 from livedecon.daemon.calibrate_command import calibrate
 from livedecon.daemon.cli_output import console
 from livedecon.daemon.cli_output import fail as _fail
+from livedecon.daemon.selfnet_command import (
+    SELFNET_NETWORKS,
+    bench_selfnet_command,
+    open_selfnet_chain,
+    restore_selfnet_command,
+    staging_path,
+    train_selfnet_command,
+)
 from livedecon.engines.configfile import ConfigError
 
 app = typer.Typer(
@@ -73,7 +81,7 @@ def simulate(
     )
 
 
-NETWORKS = ("fast", "full", "3d")
+NETWORKS = ("fast", "full", "3d", "selfnet", "selfnet-fast")
 
 
 def _has_camera_section(path: Path) -> bool:
@@ -139,8 +147,17 @@ def train(
     exposure_ms: Annotated[float, typer.Option(min=0.01, help="simulated exposure")] = 20.0,
     name: Annotated[str | None, typer.Option(help="bundle name [default: OUT's name]")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+    pixel_um: Annotated[
+        float | None, typer.Option(min=0.0, help="Self-Net: lateral pixel [default: OME]")
+    ] = None,
+    z_step_um: Annotated[
+        float | None, typer.Option(min=0.0, help="Self-Net: z step [default: OME]")
+    ] = None,
 ) -> None:
     """Train a ZS-DeconvNet on a microscope's own noisy data and write a model bundle.
+
+    With --network selfnet (or selfnet-fast), train Self-Net on one volume TIFF instead: its
+    axial slices learn the lateral resolution (--config takes a SelfNetTrainingConfig TOML).
 
     Checkpoints go next to the bundle (.NAME.training/): run the same command again to resume;
     Ctrl-C stops with the last good weights bundled.
@@ -167,6 +184,18 @@ def train(
         raise _fail(f"--camera must be one of {', '.join(CAMERA_SOURCES)}, got {camera!r}")
     if out.exists() and not overwrite:
         raise _fail(f"{out}: already exists (--overwrite to replace it)")
+    if network in SELFNET_NETWORKS:
+        overrides = {
+            "iterations": iterations,
+            "patch_px": patch_px,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "budget_min": budget_min,
+        }
+        return train_selfnet_command(
+            out, inputs, network, config, overrides, pixel_um, z_step_um, name, overwrite
+        )
     try:
         scope = load_microscope(microscope or shipped_config_path("microscope_sim.toml"))
         base = load_config(config, TrainingConfig) if config else default_recipe(network)
@@ -229,8 +258,14 @@ def restore(
         str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
     ] = "auto",
     tile_px: Annotated[int, typer.Option(min=16, help="larger frames go in blended tiles")] = 1024,
+    then: Annotated[
+        str | None,
+        typer.Option(help="a Self-Net bundle that makes the 3D bundle's output isotropic"),
+    ] = None,
 ) -> None:
-    """Restore a TIFF of raw frames (or z-stacks, with a 3D bundle) with a model bundle."""
+    """Restore a TIFF of raw frames (or z-stacks, with a 3D bundle) with a model bundle; a
+    Self-Net bundle makes a volume isotropic (z step = lateral pixel), alone or after a 3D
+    bundle (--then)."""
     import time
 
     from livedecon.daemon.offline import restore_file
@@ -246,6 +281,10 @@ def restore(
     except (BundleError, AccuracyGateError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     console.print(f"engine: {choice.reason}")
+    if loaded.manifest.is_selfnet:
+        return restore_selfnet_command(loaded, runtime, input_tif, output_tif, tile_px)
+    chain = open_selfnet_chain(then, loaded, backend) if then else None
+    final, output_tif = output_tif, staging_path(output_tif) if chain else output_tif
     started = time.perf_counter()
     with Progress(console=console) as progress:
         task = progress.add_task("restoring", total=None)
@@ -258,6 +297,11 @@ def restore(
         f"wrote {written} with bundle {loaded.bundle_id} in {time.perf_counter() - started:.1f} s"
         f" ({loaded.manifest.output_pixel_um:.4g} um pixels, photoelectrons)"
     )
+    if chain:
+        try:
+            restore_selfnet_command(*chain, written, final, tile_px)
+        finally:
+            written.unlink(missing_ok=True)
 
 
 def _parse_shapes(text: str) -> list[tuple[int, ...]]:
@@ -617,11 +661,14 @@ app.command()(calibrate)
 
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+bench_app.command("selfnet")(bench_selfnet_command)
 
 
 @bench_app.command("engines")
 def bench_engines_command(
-    models: Annotated[str, typer.Option(help="comma list of full, fast, 3d")] = "full,fast,3d",
+    models: Annotated[
+        str, typer.Option(help="comma list of full, fast, 3d, selfnet, selfnet-fast")
+    ] = "full,fast,3d",
     sizes: Annotated[str, typer.Option(help="square 2D input sizes")] = "256,512,1024",
     stack: Annotated[str, typer.Option(help="3D input ZxYxX")] = "16x256x256",
     backends: Annotated[str | None, typer.Option(help="comma list [default: all present]")] = None,

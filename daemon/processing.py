@@ -21,7 +21,7 @@ from livedecon.calibration.calibration_bundle import CalibrationBundle, is_calib
 from livedecon.daemon.config import Correction
 from livedecon.daemon.correction import InputCorrection, input_correction
 from livedecon.engines.backends import open_runtime
-from livedecon.engines.bundle import ModelBundle, find_bundle
+from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
 from livedecon.engines.networks import input_multiple
 from livedecon.engines.runtime import Runtime
 from livedecon.engines.tiling import restore_batch_electrons, restore_electrons
@@ -155,5 +155,10 @@ def open_processor(
         bundle_dir = calibration.model_dir
     corrections = input_correction(correction or Correction(), calibration)
     loaded = ModelBundle.load(bundle_dir)
+    if loaded.manifest.is_selfnet:  # its chain after the 3D network is not composed yet
+        raise BundleError(
+            f"{bundle_dir}: Self-Net bundles are not served by the daemon yet; make volumes"
+            " isotropic offline with `livedecon restore`"
+        )
     runtime, choice = open_runtime(loaded, bundle_dir, backend, precision, frame_shapes, max_batch)
     return ModelProcessor(loaded, bundle_dir, runtime, choice.backend, tile_px, corrections)

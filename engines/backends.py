@@ -192,6 +192,11 @@ def open_runtime(
     intra-op CPU threads of onnxruntime (default: all cores; several engines per machine, as
     batch workers are, share the cores instead)."""
     choice = choose_backend(backend)
+    if bundle.manifest.is_selfnet and choice.backend == "tensorrt":
+        # The TensorRT runtime binds ZS-DeconvNet's two outputs; Self-Net has one.
+        if backend != "auto":
+            raise RuntimeError("backend tensorrt does not serve Self-Net bundles yet")
+        choice = Choice("torch-cuda", "auto: torch-cuda (tensorrt does not serve Self-Net yet)")
     name = choice.backend
     precision = precision or DEFAULT_PRECISION[name]
     spec, weights = bundle.manifest.network, bundle.state_dict

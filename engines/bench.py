@@ -23,16 +23,36 @@ from livedecon.engines.networks import (
     build_network,
     fast_2d_spec,
 )
+from livedecon.engines.selfnet import SelfNetSpec, fast_selfnet_spec
 
 MODELS: dict[str, Callable[[], NetworkSpec]] = {
     "full": Network2DSpec,
     "fast": fast_2d_spec,
     "3d": Network3DSpec,
+    # Self-Net restores axial slices: a row's input is one slice (an isotropic volume needs
+    # every output voxel restored twice, in its xz and in its yz slice)
+    "selfnet": SelfNetSpec,
+    "selfnet-fast": fast_selfnet_spec,
 }
 
 
 def _random_bundle(spec: NetworkSpec, directory: Path) -> ModelBundle:
     torch.manual_seed(0)
+    if isinstance(spec, SelfNetSpec):
+        from livedecon.engines.selfnet_bundle import selfnet_bundle
+
+        bundle = selfnet_bundle(
+            build_network(spec),
+            name=f"bench-{spec.kind}",
+            pixel_um=0.1,
+            z_step_um=0.3,
+            normalisation=Normalisation(
+                scale_e=1.0, camera_offset_adu=0.0, camera_gain_e_per_adu=1.0, read_noise_e=None
+            ),
+            training=TrainingRecord.now(data=["random weights"], config={}, iterations=0),
+        )
+        bundle.save(directory, overwrite=True)
+        return bundle
     is_3d = isinstance(spec, Network3DSpec)
     psf = np.zeros((3, 3, 3) if is_3d else (3, 3), np.float32)
     psf[(1,) * psf.ndim] = 1.0
@@ -108,6 +128,14 @@ def bench_engines(
                             "p50_ms": float(np.percentile(times, 50) * 1e3),
                             "p95_ms": float(np.percentile(times, 95) * 1e3),
                             "frames_per_s": float(1.0 / times.mean()),
+                            "output_voxels_per_s": float(
+                                np.prod(shape) * runtime_upscale(spec) ** 2 / times.mean()
+                            ),
                         }
                     )
     return rows
+
+
+def runtime_upscale(spec: NetworkSpec) -> int:
+    """Lateral upsampling of a network's output (2 for ZS-DeconvNet with its tail, else 1)."""
+    return 2 if spec.upsample else 1

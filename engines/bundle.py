@@ -36,6 +36,7 @@ from torch import nn
 
 from livedecon.engines.configfile import StrictModel, describe_validation_error
 from livedecon.engines.networks import Network2DSpec, Network3DSpec, NetworkSpec, build_network
+from livedecon.engines.selfnet import SelfNetSpec
 
 BUNDLE_FORMAT = 1
 MANIFEST = "model.json"
@@ -82,7 +83,10 @@ class Normalisation(_Manifest):
 
 
 class PSFRecord(_Manifest):
-    source: Literal["theoretical", "file"]
+    source: Literal["theoretical", "file", "none"] = Field(
+        description="'none': the model needs no PSF (Self-Net learns the axial blur from the"
+        " data); psf.tif then holds a single-voxel delta"
+    )
     description: str = Field(description="optics summary, or the path of the measured PSF")
     source_sha256: str | None = None
     pixel_size_um: PositiveFloat = Field(description="pixel size of psf.tif (the output grid)")
@@ -137,10 +141,13 @@ class TrainingRecord(_Manifest):
 class BundleManifest(_Manifest):
     format: int = BUNDLE_FORMAT
     name: str = Field(pattern=NAME_PATTERN, description="also the bundle's directory name")
-    network: Annotated[Network2DSpec | Network3DSpec, Field(discriminator="kind")]
+    network: Annotated[Network2DSpec | Network3DSpec | SelfNetSpec, Field(discriminator="kind")]
     input_pixel_um: PositiveFloat
     output_pixel_um: PositiveFloat
-    z_step_um: PositiveFloat | None = Field(description="3D models only")
+    z_step_um: PositiveFloat | None = Field(description="3D and volume models only")
+    output_z_step_um: PositiveFloat | None = Field(
+        None, description="volume models that resample z (Self-Net: the lateral pixel)"
+    )
     normalisation: Normalisation
     psf: PSFRecord
     training: TrainingRecord
@@ -153,7 +160,17 @@ class BundleManifest(_Manifest):
 
     @property
     def is_3d(self) -> bool:
+        """A network on (Z, Y, X) stacks (ZS-DeconvNet 3D)."""
         return isinstance(self.network, Network3DSpec)
+
+    @property
+    def is_selfnet(self) -> bool:
+        """A Self-Net restorer: a 2D network on the axial slices of a volume."""
+        return isinstance(self.network, SelfNetSpec)
+
+    @property
+    def takes_volumes(self) -> bool:
+        return self.is_3d or self.is_selfnet
 
     @model_validator(mode="after")
     def _grids_agree(self) -> Self:
@@ -169,7 +186,11 @@ class BundleManifest(_Manifest):
                 f"psf.pixel_size_um {self.psf.pixel_size_um} must equal output_pixel_um"
                 f" {self.output_pixel_um} (the PSF lives on the output grid)"
             )
-        if self.is_3d:
+        if self.is_selfnet:
+            self._selfnet_grids()
+        elif self.output_z_step_um is not None:
+            raise ValueError("only Self-Net models have output_z_step_um")
+        elif self.is_3d:
             if self.z_step_um is None or self.psf.z_step_um is None:
                 raise ValueError("a 3D model needs z_step_um and psf.z_step_um")
             if not math.isclose(self.psf.z_step_um, self.z_step_um, rel_tol=1e-6):
@@ -179,6 +200,20 @@ class BundleManifest(_Manifest):
         elif self.z_step_um is not None:
             raise ValueError("a 2D model has no z_step_um")
         return self
+
+    def _selfnet_grids(self) -> None:
+        if self.z_step_um is None or self.output_z_step_um is None:
+            raise ValueError("a Self-Net model needs z_step_um and output_z_step_um")
+        if not math.isclose(self.output_z_step_um, self.output_pixel_um, rel_tol=1e-9):
+            raise ValueError(
+                f"output_z_step_um {self.output_z_step_um} must equal output_pixel_um"
+                f" {self.output_pixel_um}: Self-Net's output is isotropic"
+            )
+        if self.z_step_um <= self.input_pixel_um:
+            raise ValueError(
+                f"z_step_um {self.z_step_um} must be coarser than input_pixel_um"
+                f" {self.input_pixel_um} for Self-Net"
+            )
 
 
 def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -223,7 +258,7 @@ def _architecture_problem(spec: NetworkSpec, state_dict: Mapping[str, torch.Tens
 
 
 def _psf_problem(psf: np.ndarray, manifest: BundleManifest) -> str | None:
-    ndim = 3 if manifest.is_3d else 2
+    ndim = 3 if manifest.takes_volumes else 2
     if psf.ndim != ndim:
         return f"PSF has {psf.ndim} dimensions, the {manifest.network.kind} model needs {ndim}"
     if any(n % 2 == 0 for n in psf.shape):
@@ -289,7 +324,8 @@ class ModelBundle:
         psf_record: PSFRecord,
         training: TrainingRecord,
     ) -> ModelBundle:
-        """Bundle a trained network; `network` defaults to the model's own `spec`."""
+        """Bundle a trained network; `network` defaults to the model's own `spec`. A Self-Net
+        model's output is isotropic: its output z step is the lateral pixel."""
         spec = network if network is not None else model.spec
         state = _stored(model.state_dict())
         manifest = _validated(
@@ -298,6 +334,7 @@ class ModelBundle:
             input_pixel_um=input_pixel_um,
             output_pixel_um=input_pixel_um / (2 if spec.upsample else 1),
             z_step_um=z_step_um,
+            output_z_step_um=input_pixel_um if isinstance(spec, SelfNetSpec) else None,
             normalisation=normalisation,
             psf=psf_record,
             training=training,
@@ -399,6 +436,8 @@ class ModelBundle:
             psf = tifffile.imread(directory / PSF)
         except Exception as exc:  # tifffile raises many types for damaged files
             raise BundleError(f"{directory}: cannot read {PSF}: {exc}") from None
+        if manifest.takes_volumes and 0 < psf.ndim < 3:  # TIFF readers drop singleton axes
+            psf = psf.reshape((1,) * (3 - psf.ndim) + psf.shape)
         try:
             return cls(manifest, state, psf)  # checks weights hash, architecture, PSF once
         except BundleError as exc:

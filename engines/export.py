@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 OPSET = 17
-INPUT, DENOISED, DECONVOLVED = "raw", "denoised", "deconvolved"
+INPUT, DENOISED, DECONVOLVED, RESTORED = "raw", "denoised", "deconvolved", "restored"
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    """The graph's outputs: (denoised, deconvolved) for ZS-DeconvNet; a network with one
+    output (Self-Net's restorer) names it in its `output_names`."""
+    return tuple(getattr(model, "output_names", (DENOISED, DECONVOLVED)))
 
 
 def export_onnx(model: nn.Module, path: str | Path, is_3d: bool = False) -> Path:
@@ -26,8 +32,14 @@ def export_onnx(model: nn.Module, path: str | Path, is_3d: bool = False) -> Path
     first = 3 if is_3d else 2  # first lateral axis
     axes_in = {0: "batch", first: "y", first + 1: "x", **({2: "z"} if is_3d else {})}
     axes_out = {**axes_in, first: "y_out", first + 1: "x_out"}
-    example = torch.rand((1, 1, *([4] if is_3d else []), 2 * model.multiple, 2 * model.multiple))
+    # Big enough for every padding in the graph (Self-Net's 7x7 reflection pads need > 3).
+    side = max(2 * model.multiple, 16)
+    example = torch.rand((1, 1, *([4] if is_3d else []), side, side))
     model = model.float().eval()
+    names = output_names(model)
+    dynamic = {INPUT: axes_in, **{name: axes_in for name in names}}
+    if DECONVOLVED in names:
+        dynamic[DECONVOLVED] = axes_out
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated in favour of the dynamo one, which needs
         # onnxscript; this one still exports these plain convolutional graphs exactly.
@@ -37,8 +49,8 @@ def export_onnx(model: nn.Module, path: str | Path, is_3d: bool = False) -> Path
             (example,),
             str(path),
             input_names=[INPUT],
-            output_names=[DENOISED, DECONVOLVED],
-            dynamic_axes={INPUT: axes_in, DENOISED: axes_in, DECONVOLVED: axes_out},
+            output_names=list(names),
+            dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,
         )

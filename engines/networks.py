@@ -14,6 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.selfnet import SelfNetRestorer, SelfNetSpec
 
 
 class UNetSpec(StrictModel):
@@ -252,7 +253,7 @@ def _interleave(both: torch.Tensor, n: int, depth: int) -> torch.Tensor:
     return stacked.reshape(shape[0], shape[1], shape[2] * 2, shape[4], shape[5])[:, :, :depth]
 
 
-NetworkSpec = Network2DSpec | Network3DSpec
+NetworkSpec = Network2DSpec | Network3DSpec | SelfNetSpec
 
 
 def input_multiple(spec: NetworkSpec) -> int:
@@ -261,6 +262,8 @@ def input_multiple(spec: NetworkSpec) -> int:
 
 
 def build_network(spec: NetworkSpec) -> nn.Module:
+    if isinstance(spec, SelfNetSpec):
+        return SelfNetRestorer(spec)
     if isinstance(spec, Network3DSpec):
         return ZSDeconvNet3D(spec)
     return ZSDeconvNet2D(spec)

@@ -22,8 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from livedecon.engines.export import DECONVOLVED, INPUT, export_onnx
+from livedecon.engines.export import DECONVOLVED, INPUT, RESTORED, export_onnx
 from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network, input_multiple
+from livedecon.engines.selfnet import SelfNetSpec
+
+
+def _served(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The output a runtime serves: ZS-DeconvNet's deconvolved image (the second of its pair),
+    or a single-output network's only one (Self-Net)."""
+    return output[-1] if isinstance(output, tuple) else output
 
 
 class Runtime(Protocol):
@@ -70,7 +77,7 @@ class TorchRuntime:
         model = self.model  # one reference for the whole call: a swap cannot split it
         batch = _check_batch(batch, self.multiple, self.is_3d)
         with torch.inference_mode():
-            _, deconvolved = model(torch.from_numpy(batch).to(self.device))
+            deconvolved = _served(model(torch.from_numpy(batch).to(self.device)))
         return deconvolved.float().cpu().numpy()
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -139,6 +146,7 @@ class OnnxRuntime:
         self.weights_updates = 0
         self._prepared = 0
         self.multiple = input_multiple(spec)
+        self.output = RESTORED if isinstance(spec, SelfNetSpec) else DECONVOLVED
         path = Path(onnx_path) if onnx_path else self.work_dir / "model.onnx"
         if not path.is_file():
             self._export(weights, path)
@@ -158,7 +166,7 @@ class OnnxRuntime:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         session = self.session
         batch = _check_batch(batch, self.multiple, self.is_3d)
-        return session.run([DECONVOLVED], {INPUT: batch})[0]
+        return session.run([self.output], {INPUT: batch})[0]
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Export and load a new session beside the serving one, then swap."""
@@ -221,7 +229,7 @@ class TorchCudaRuntime(TorchRuntime):
         batch = _check_batch(batch, self.multiple, self.is_3d)
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device, non_blocking=True).to(self.dtype)
-            _, deconvolved = model(x)
+            deconvolved = _served(model(x))
         return deconvolved.float().cpu().numpy()
 
     def describe(self) -> dict[str, Any]:

@@ -52,7 +52,8 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class TrainingConfig(StrictModel):
-    network: NetworkSpec = Field(Network2DSpec(), discriminator="kind")
+    # ZS-DeconvNet only: Self-Net trains through engines/selfnet_training.py
+    network: Network2DSpec | Network3DSpec = Field(Network2DSpec(), discriminator="kind")
     recorruption: RecorruptionConfig = RecorruptionConfig()
     loss: LossConfig = LossConfig()
     patch_px: int = Field(64, ge=16, description="input patch side; a multiple of the network's")
