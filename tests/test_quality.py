@@ -30,17 +30,23 @@ def two_threads():
 
 
 def test_3d_network_beats_raw_without_plane_alternation():
-    """A tiny 3D network, 150 iterations (about 40 s on 2 cores), on a widefield volume at 30
-    photons peak: above raw in 3D and in the focal plane, no odd/even alternation. Measured:
-    raw 31.92 dB (focal plane 23.36), network 33.10 (25.26); alternation raw 0.017, network
-    0.018. (Richardson-Lucy at its best, 96 iterations, 37.27 dB: see the README.)"""
+    """A tiny 3D network, 150 iterations (about 50 s on 2 cores), trained on pairs by
+    recorruption (every plane, the full 3D PSF), on a widefield volume at 30 photons peak:
+    above raw in 3D and in the focal plane, no odd/even alternation. Measured: raw 31.92 dB
+    (focal plane 23.36), network 35.28 (27.88); alternation raw 0.017, network 0.0014. With
+    odd/even pairs the same run gave 33.10 (25.26) and 0.018. (Richardson-Lucy at its best,
+    96 iterations, 37.27 dB: see the README.)"""
     rendered = render(
         Scene(structure="volume", optics="widefield", peak_photons=30, size_px=48, seed=2001)
     )
     recipe = default_recipe("3d", "cpu").model_copy(
         update={
             "network": Network3DSpec(
-                width=8, residual_groups=1, blocks_per_group=1, attention_reduction=4
+                width=8,
+                residual_groups=1,
+                blocks_per_group=1,
+                attention_reduction=4,
+                plane_stride=1,
             ),
             "iterations": 150,
             "learning_rate": 3e-3,
@@ -54,6 +60,6 @@ def test_3d_network_beats_raw_without_plane_alternation():
         f" (focus {net.psnr_focus:.2f}); alternation raw {raw.alternation:.4f}"
         f" network {net.alternation:.4f}"
     )
-    assert net.psnr > raw.psnr + 0.5
+    assert net.psnr > raw.psnr + 2.0
     assert net.psnr_focus > raw.psnr_focus
     assert net.alternation <= raw.alternation + ALTERNATION_BOUND
