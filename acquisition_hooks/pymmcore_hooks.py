@@ -1,31 +1,78 @@
-"""pymmcore-plus integration: stream `run_mda` acquisitions through the `mda.events` signals.
+"""pymmcore-plus integration: a handler with pymmcore-plus's signal names.
 
-    hooks = attach_livedecon(core)          # every later core.mda.run(sequence) streams
-    core.mda.run(MDASequence(...))
+    handler = LivedeconHandler(address="tcp://127.0.0.1:5555")
+    core.mda.run(sequence, output=["raw.ome.zarr", handler])   # on pymmcore-plus's relay thread
+    # or, for every later core.mda.run(...):
+    hooks = attach_livedecon(core)                             # connected to core.mda.events
+    ...
     hooks.detach()
 
-sequenceStarted sends the plan (from the sequence and the core's pixel size), frameReady sends
-each frame (the image itself is untouched: pymmcore-plus writers save it raw as usual), a
-timepoint is done when all its images arrived, sequenceFinished ends the acquisition. As with
-pycromanager, a missing or slow daemon never stops the acquisition: no call on the MDA thread
-waits on it. `end_wait_s` (None by default) makes sequenceFinished wait until the daemon has
-written everything (after the last frame, so it holds no frame).
+`sequenceStarted` sends the plan, `frameReady` each frame (the image itself is untouched:
+pymmcore-plus's own sinks save it raw as usual), a timepoint is done when all its images
+arrived, `sequenceFinished` ends the acquisition. The plan comes from the sequence (axes, z
+plan, channels, interval), its summary metadata (SummaryMetaV1: the pixel size of the
+camera's image) and options in `sequence.metadata["livedecon"]` (`SequenceOptions`: mode,
+model, acquisition id, output directory, save), which override the handler's own. Frame times
+come from the camera's metadata, else from FrameMetaV1's `runner_time_ms`.
+
+As with pycromanager, a missing, slow or frozen daemon never holds the acquisition: each call
+only hands its item to `DaemonStream`'s bounded queue, whichever thread calls it (the MDA
+thread when attached, the relay thread as an `output`). `end_wait_s` (None by default) makes
+sequenceFinished wait until the daemon has written everything (after the last frame, so it
+holds no frame).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, ValidationError
 
-from livedecon.acquisition_hooks.pycromanager_hooks import camera_time, new_acquisition_id
+from livedecon.acquisition_hooks.pycromanager_hooks import (
+    CAMERA_TIME_KEYS,
+    camera_time,
+    new_acquisition_id,
+)
 from livedecon.acquisition_hooks.stream import DaemonStream, ended_state
 from livedecon.daemon.protocol import Axes, Plan
+from livedecon.engines.configfile import StrictModel
 
 log = logging.getLogger(__name__)
+METADATA_KEY = "livedecon"  # the sequence.metadata entry a user fills with SequenceOptions
+Mode = Literal["auto", "2d", "3d"]
+
+
+class SequenceOptions(StrictModel):
+    """Per-sequence options, from `MDASequence(metadata={"livedecon": {...}})`."""
+
+    mode: Mode | None = Field(None, description="2d frames or 3d stacks; None: the handler's")
+    model: str | None = Field(None, description="bundle to use; None: the handler's/daemon's")
+    acquisition_id: str | None = Field(None, min_length=1, max_length=128)
+    output_dir: str | None = Field(None, description="relative to the daemon's output root")
+    save: bool | None = Field(None, description="False: display only")
+
+
+def sequence_options(sequence: Any) -> SequenceOptions:
+    """The sequence's livedecon options; a bad entry is an error naming the field."""
+    raw = (getattr(sequence, "metadata", None) or {}).get(METADATA_KEY, {})
+    try:
+        return SequenceOptions.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"sequence.metadata[{METADATA_KEY!r}] is not valid: {exc}") from exc
+
+
+def summary_pixel_size_um(summary: Mapping[str, Any] | None) -> float | None:
+    """The camera image's pixel size from SummaryMetaV1 (None when it does not say)."""
+    for info in (summary or {}).get("image_infos", ()):
+        size = info.get("pixel_size_um")
+        if size:
+            return float(size)
+    return None
 
 
 def plan_from_sequence(
@@ -65,12 +112,19 @@ def axes_from_event(event: Any) -> Axes:
     )
 
 
-class MDAHooks:
+class LivedeconHandler:
+    """A pymmcore-plus output handler streaming each sequence to the daemon.
+
+    Usable as `core.mda.run(sequence, output=[..., handler])`, through
+    `mda_listeners_connected(handler)`, or connected to a core's signals (`attach`). `core` is
+    needed only where the summary metadata carries no pixel size.
+    """
+
     def __init__(
         self,
-        core: Any,
         address: str = "tcp://127.0.0.1:5555",
-        mode: Literal["auto", "2d", "3d"] = "auto",
+        core: Any = None,
+        mode: Mode = "auto",
         model: str | None = None,
         acquisition_id: str | None = None,
         timeout_s: float = 1.0,
@@ -84,6 +138,7 @@ class MDAHooks:
         self._options = {"timeout_s": timeout_s, "retry_s": retry_s, **stream_options}
         self.stream: DaemonStream | None = None
         self._final_state: dict[str, Any] = {}
+        self._started_at = time.time()
 
     @property
     def final_state(self) -> dict[str, Any]:
@@ -91,26 +146,46 @@ class MDAHooks:
         when the daemon was unreachable); `end_wait_s` makes the end wait until it is written."""
         return ended_state(self._final_state, self.stream)
 
-    def attach(self) -> MDAHooks:
+    def attach(self, core: Any = None) -> LivedeconHandler:
+        """Connect to `core.mda.events` (the handler's own core by default)."""
+        self.core = core or self.core
         events = self.core.mda.events
-        events.sequenceStarted.connect(self._started)
-        events.frameReady.connect(self._frame)
-        events.sequenceFinished.connect(self._finished)
+        events.sequenceStarted.connect(self.sequenceStarted)
+        events.frameReady.connect(self.frameReady)
+        events.sequenceFinished.connect(self.sequenceFinished)
         return self
 
     def detach(self) -> None:
         events = self.core.mda.events
-        events.sequenceStarted.disconnect(self._started)
-        events.frameReady.disconnect(self._frame)
-        events.sequenceFinished.disconnect(self._finished)
+        events.sequenceStarted.disconnect(self.sequenceStarted)
+        events.frameReady.disconnect(self.frameReady)
+        events.sequenceFinished.disconnect(self.sequenceFinished)
 
-    def _started(self, sequence: Any, metadata: Mapping[str, Any] | None = None) -> None:
-        try:
-            plan, per_timepoint = plan_from_sequence(
-                sequence, float(self.core.getPixelSizeUm()), self.mode, self.model
+    def plan(self, sequence: Any, summary: Mapping[str, Any] | None = None) -> tuple[Plan, dict]:
+        """The plan of `sequence` with its options, and the images per timepoint."""
+        options = sequence_options(sequence)
+        pixel_size = summary_pixel_size_um(summary)
+        if pixel_size is None and self.core is not None:
+            pixel_size = float(self.core.getPixelSizeUm())
+        if not pixel_size:
+            raise ValueError(
+                "no pixel size: the summary metadata has none and no core was given (set a"
+                " pixel size configuration in Micro-Manager)"
             )
+        plan, per_timepoint = plan_from_sequence(
+            sequence, pixel_size, options.mode or self.mode, options.model or self.model
+        )
+        updates = {"output_dir": options.output_dir, "save": options.save}
+        plan = plan.model_copy(update={k: v for k, v in updates.items() if v is not None})
+        return plan, per_timepoint
+
+    def sequenceStarted(self, sequence: Any, metadata: Mapping[str, Any] | None = None) -> None:  # noqa: N802
+        self._started_at = time.time()
+        try:
+            plan, per_timepoint = self.plan(sequence, metadata)
+            chosen = sequence_options(sequence).acquisition_id or self.acquisition_id
             self.stream = DaemonStream(
-                self.acquisition_id or new_acquisition_id("mda"),
+                chosen or new_acquisition_id("mda"),
                 plan,
                 self.address,
                 images_per_timepoint=per_timepoint,
@@ -118,18 +193,20 @@ class MDAHooks:
             )
             self.stream.start()
         except Exception:
+            self.stream = None
             log.exception("livedecon could not start streaming this sequence")
 
-    def _frame(self, image: np.ndarray, event: Any, metadata: Mapping[str, Any]) -> None:
+    def frameReady(  # noqa: N802
+        self, image: np.ndarray, event: Any, metadata: Mapping[str, Any] | None = None
+    ) -> None:
         if self.stream is None:
             return
         try:
-            timestamp = camera_time({**metadata.get("camera_metadata", {}), **metadata})
-            self.stream.frame(image, axes_from_event(event), timestamp)
+            self.stream.frame(image, axes_from_event(event), self._frame_time(metadata or {}))
         except Exception:
             log.exception("livedecon hook failed on a frame; the frame passes through")
 
-    def _finished(self, sequence: Any) -> None:
+    def sequenceFinished(self, sequence: Any) -> None:  # noqa: N802
         if self.stream is None:
             return
         try:
@@ -137,7 +214,16 @@ class MDAHooks:
         except Exception:
             log.exception("livedecon hook failed to end the acquisition")
 
+    def _frame_time(self, metadata: Mapping[str, Any]) -> float:
+        camera = {**metadata.get("camera_metadata", {}), **metadata}
+        if "runner_time_ms" in metadata and not any(k in camera for k in CAMERA_TIME_KEYS):
+            return self._started_at + float(metadata["runner_time_ms"]) / 1000.0
+        return camera_time(camera)
 
-def attach_livedecon(core: Any, **options: Any) -> MDAHooks:
-    """Stream every `core.mda.run(...)` to the daemon from now on (see `MDAHooks`)."""
-    return MDAHooks(core, **options).attach()
+
+MDAHooks = LivedeconHandler  # the earlier name
+
+
+def attach_livedecon(core: Any, **options: Any) -> LivedeconHandler:
+    """Stream every `core.mda.run(...)` to the daemon from now on (see `LivedeconHandler`)."""
+    return LivedeconHandler(core=core, **options).attach()

@@ -14,7 +14,12 @@ from daemon_harness import start_daemon
 from ndstorage import Dataset
 
 from livedecon.acquisition_hooks.pycromanager_hooks import livedecon_hooks, plan_from_events
-from livedecon.acquisition_hooks.pymmcore_hooks import attach_livedecon, plan_from_sequence
+from livedecon.acquisition_hooks.pymmcore_hooks import (
+    LivedeconHandler,
+    attach_livedecon,
+    plan_from_sequence,
+    sequence_options,
+)
 from livedecon.acquisition_hooks.simulated_microscope import SimulatedMicroscope
 from livedecon.acquisition_hooks.stream import TimepointTracker
 from livedecon.daemon.journal import read_acquisition_record
@@ -53,6 +58,26 @@ def test_plans_come_from_the_events_and_the_sequence():
     assert (plan.mode, plan.z_count, plan.channels) == ("3d", 3, ["DAPI", "GFP"])
     assert plan.time_interval_s == 0.5
     assert per_t == {0: 6, 1: 6}
+
+
+def test_the_handler_plans_from_summary_metadata_and_sequence_options():
+    from useq import MDASequence
+
+    sequence = MDASequence(
+        z_plan={"range": 0.4, "step": 0.2},
+        metadata={"livedecon": {"mode": "2d", "model": "m", "output_dir": "a/b", "save": False}},
+    )
+    summary = {"image_infos": ({"pixel_size_um": 0.108},)}
+    plan, per_t = LivedeconHandler().plan(sequence, summary)
+    assert (plan.mode, plan.pixel_size_um, plan.model) == ("2d", 0.108, "m")
+    assert (plan.output_dir, plan.save, per_t) == ("a/b", False, {0: 3})
+    with pytest.raises(ValueError, match="no pixel size"):
+        LivedeconHandler().plan(sequence, {"image_infos": ()})
+    bad = MDASequence(metadata={"livedecon": {"mode": "4d"}})
+    with pytest.raises(ValueError, match=r"(?s)metadata\['livedecon'\].*mode"):
+        sequence_options(bad)
+    with pytest.raises(ValueError, match="livedecon"):
+        sequence_options(MDASequence(metadata={"livedecon": {"speed": 2}}))
 
 
 def test_timepoints_complete_on_count_or_when_a_later_one_begins():
@@ -111,24 +136,27 @@ def test_pycromanager_acquisition_streams_every_frame_and_keeps_raw_data(tmp_pat
 
 
 def test_pymmcore_plus_run_mda_streams_every_frame(tmp_path, scope):
+    """The handler as a pymmcore-plus output beside an ome-writers OME-Zarr raw sink, with
+    its options in the sequence's metadata: every frame restored from its own raw frame."""
     from useq import MDASequence
 
     daemon = start_daemon(tmp_path, bundle="fast2d-sim")
-    hooks = attach_livedecon(
-        scope.core, address=daemon.ingest, mode="2d", acquisition_id="mda", end_wait_s=60
-    )
+    hooks = LivedeconHandler(address=daemon.ingest, end_wait_s=60)
     raw = {}
     scope.core.mda.events.frameReady.connect(
         lambda image, event, _: raw.setdefault((event.index["t"], event.index["z"]), image.copy())
     )
     sequence = MDASequence(
-        time_plan={"interval": 0, "loops": 2}, z_plan={"range": 0.4, "step": 0.2}, axis_order="tz"
+        time_plan={"interval": 0, "loops": 2},
+        z_plan={"range": 0.4, "step": 0.2},
+        axis_order="tz",
+        metadata={"livedecon": {"mode": "2d", "acquisition_id": "mda"}},
     )
     try:
-        scope.core.mda.run(sequence)
+        scope.core.mda.run(sequence, output=[str(tmp_path / "raw.ome.zarr"), hooks])
     finally:
-        hooks.detach()
         daemon.stop()
+    assert (tmp_path / "raw.ome.zarr" / "zarr.json").is_file()  # the raw sink wrote too
     assert hooks.final_state["written"] == 6
     planes = _restored(daemon.config.output_dir / "mda")
     assert sorted((r.time, r.z) for r, _ in planes) == sorted(raw)
@@ -201,21 +229,20 @@ INTERVAL_S = 0.1  # 10 Hz
 SLACK_S = 0.15  # scheduling on a loaded 2-core CI machine
 
 
-def test_a_frozen_daemon_never_holds_the_acquisition(tmp_path, scope):
+@pytest.mark.parametrize("connection", ["attached", "output"])
+def test_a_frozen_daemon_never_holds_the_acquisition(tmp_path, scope, connection):
     """SIGSTOP the daemon for 3 s during a 10 Hz run_mda: the longest gap between frames grows
-    by at most one frame interval (plus SLACK_S), and every frame is sent or counted missed."""
+    by at most one frame interval (plus SLACK_S), and every frame is sent or counted missed;
+    attached to the core's signals (the MDA thread) or as a `run(..., output=[handler])`."""
     from useq import MDASequence
 
     daemon = start_daemon(tmp_path)
     pid = daemon.process.pid
-    hooks = attach_livedecon(
-        scope.core,
-        address=daemon.ingest,
-        mode="2d",
-        acquisition_id="frozen",
-        timeout_s=0.5,
-        retry_s=0.3,
-    )
+    options = {"mode": "2d", "acquisition_id": "frozen", "timeout_s": 0.5, "retry_s": 0.3}
+    if connection == "attached":  # the convenience: connected to the core's own signals
+        hooks = attach_livedecon(scope.core, address=daemon.ingest, **options)
+    else:
+        hooks = LivedeconHandler(address=daemon.ingest, **options)
     arrivals: list[float] = []
     thaw = threading.Timer(3.0, lambda: os.kill(pid, signal.SIGCONT))
 
@@ -229,7 +256,7 @@ def test_a_frozen_daemon_never_holds_the_acquisition(tmp_path, scope):
     n = 60
     sequence = MDASequence(time_plan={"interval": INTERVAL_S, "loops": n})
     try:
-        scope.core.mda.run(sequence)
+        scope.core.mda.run(sequence, output=[hooks] if connection == "output" else None)
         stream = hooks.stream
         assert stream is not None
         stream.join(30)
@@ -238,7 +265,8 @@ def test_a_frozen_daemon_never_holds_the_acquisition(tmp_path, scope):
     finally:
         thaw.join(10)
         os.kill(pid, signal.SIGCONT)
-        hooks.detach()
+        if connection == "attached":
+            hooks.detach()
         scope.core.mda.events.frameReady.disconnect(on_frame)
         daemon.stop()
     gaps = np.diff(arrivals)
