@@ -34,6 +34,7 @@ _KERNEL_GAIN = 36.0
 MEAN_WINDOW = 7
 BINS = 24
 MIN_PER_BIN = 200
+DITHER_VARIANCE = 1 / 12  # count^2 of the uniform dither integer frames get
 DISAGREEMENT = 1.5  # given camera values this many times off the estimate are flagged
 
 
@@ -72,9 +73,20 @@ class NoiseEstimateError(ValueError):
     """The frames do not show enough smooth area at enough levels to estimate their noise."""
 
 
+def _is_counts(frame: np.ndarray) -> bool:
+    return bool(np.array_equal(frame, np.round(frame)))
+
+
 def _level_statistics(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(local mean, squared high-pass residual / kernel gain) of the interior pixels."""
+    """(local mean, high-pass residual) of the interior pixels.
+
+    Integer counts are dithered first (uniform noise of one count's width, fixed seed): where
+    the noise spans only a few counts the residuals take few values and their median absolute
+    deviation moves in whole steps, blind to the shot noise. Dither adds 1/12 count^2 at every
+    level, which the fitted line's constant absorbs; it leaves the slope, the gain, alone."""
     frame = np.asarray(frame, dtype=np.float64)
+    if _is_counts(frame):
+        frame = frame + np.random.default_rng(0).uniform(-0.5, 0.5, frame.shape)
     mean = ndimage.uniform_filter(frame, MEAN_WINDOW, mode="reflect")
     residual = ndimage.correlate(frame, _KERNEL, mode="reflect")
     m = MEAN_WINDOW // 2 + 1
@@ -107,6 +119,7 @@ def estimate_noise(frames: Sequence[np.ndarray], black_percentile: float = 2.0) 
             " noise; give the camera's gain and offset (or calibrate it)"
         )
     a, b = _robust_line(np.array(levels), np.array(variances), np.array(counts, float))
+    b -= DITHER_VARIANCE * np.mean([_is_counts(p) for p in planes])  # the dither's own share
     floor = a * min(levels) + b
     # shot noise must show: the variance grows by a quarter at least over the levels seen
     if a <= 0 or a * np.ptp(levels) < 0.25 * max(floor, 1e-12):
