@@ -1,0 +1,492 @@
+"""2D structured illumination (SIM): pattern parameters from the data, then a generalised
+Wiener reconstruction on the 2x grid. Written here; no external SIM program.
+
+A raw frame of angle a and phase p sees the specimen S under I(r) = 1 + m cos(2 pi k.r + phi):
+    D_p(k) = OTF(k) [S(k) + (m/2) e^{i phi_p} S(k - k0) + (m/2) e^{-i phi_p} S(k + k0)]
+The P >= 3 phases of an angle separate the three bands (B0, B+, B-) by solving that mixing.
+Parameters, each from the data (as fairSIM and HiFi-SIM do):
+- k0: the peak of the cross-correlation of B0 with B+ (a spectral shift), searched in a ring of
+  the detection cut-off and refined below a pixel by evaluating the correlation off the grid;
+- phi_p: the argument of each raw frame's own autocorrelation at k0 (Wicker et al. 2013);
+- m: the least-squares ratio of the shifted B+ to B0 where both OTF copies overlap.
+Reconstruction: the bands are shifted back to their true place (a phase ramp in real space),
+combined by a generalised Wiener filter sum(H_j^* B_j) / (sum |H_j|^2 + w^2), apodised out to
+the extended support. Each band is attenuated near its own centre (a notch: the "OTF
+attenuation" of fairSIM, which HiFi-SIM refines), which suppresses the residual peaks at the
+pattern frequencies that otherwise print honeycomb artefacts.
+
+Frequencies are in cycles per output (2x) pixel inside this module; `SimParameters` states
+them in cycles per micrometre too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import Field
+from scipy import fft, ndimage
+
+from livedecon.engines.configfile import StrictModel
+
+UPSCALE = 2
+# phases this far from evenly spread make the band separation amplify noise (1: even)
+MAX_MIXING_CONDITION = 2.0
+
+
+class SimSettings(StrictModel):
+    angles: int = Field(3, ge=1, le=8)
+    phases: int = Field(3, ge=3, le=9)
+    wiener: float | None = Field(
+        None, gt=0, description="w, the Wiener constant (OTF peak = 1); None: from the noise"
+    )
+    apodization: float = Field(
+        1.0, gt=0, le=1.5, description="apodisation reach, a fraction of the extended support"
+    )
+    notch_strength: float = Field(
+        0.9, ge=0, lt=1, description="attenuation of each band at its own centre; 0: off"
+    )
+    notch_width: float = Field(
+        0.15, gt=0, description="notch width (Gaussian sigma), a fraction of the cut-off"
+    )
+    search_ring: tuple[float, float] = Field(
+        (0.5, 1.05), description="where to look for the pattern frequency, x the cut-off"
+    )
+    border_px: int = Field(8, ge=0, description="raw frame borders faded to the mean")
+    estimate_crop_px: int = Field(
+        256, ge=32, description="parameters come from the central crop this wide (camera px)"
+    )
+    min_modulation: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="a pattern estimated weaker than this is taken as not found (too few"
+        " photons to see it): its angle then adds widefield information only",
+    )
+
+
+class SimParameters(StrictModel):
+    """The illumination, per angle: pattern vector, phase of each frame, modulation depth."""
+
+    k: list[tuple[float, float]] = Field(description="(ky, kx) cycles per output pixel")
+    phases: list[list[float]] = Field(description="radians, per angle and phase")
+    modulation: list[float] = Field(description="per angle; 0: no pattern found there")
+    output_pixel_um: float = Field(gt=0)
+
+    def k_per_um(self) -> np.ndarray:
+        return np.asarray(self.k) / self.output_pixel_um
+
+    def angles_deg(self) -> np.ndarray:
+        k = np.asarray(self.k)
+        return np.degrees(np.arctan2(k[:, 0], k[:, 1]))
+
+    def periods_um(self) -> np.ndarray:
+        return 1.0 / np.linalg.norm(self.k_per_um(), axis=1)
+
+
+class SimResult(StrictModel, arbitrary_types_allowed=True):
+    image: np.ndarray  # SR image on the 2x grid, photoelectrons per output pixel
+    widefield: np.ndarray  # mean of the raw frames (camera grid), photoelectrons
+    parameters: SimParameters
+
+
+# -- spectra ---------------------------------------------------------------------------------
+
+
+def _frequencies(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    return fft.fftfreq(shape[0])[:, None], fft.fftfreq(shape[1])[None, :]
+
+
+def psf_at_origin(psf_2x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A centred PSF on the output grid, padded to `shape`, its centre moved to index 0 and
+    its sum to 1 (so its spectrum is the OTF with peak 1)."""
+    psf = np.asarray(psf_2x, dtype=np.float64)
+    if psf.ndim != 2 or psf.shape[0] > shape[0] or psf.shape[1] > shape[1]:
+        raise ValueError(f"need a 2D PSF no larger than the output {shape}, got {psf.shape}")
+    if not np.isfinite(psf).all() or psf.sum() <= 0:
+        raise ValueError("the PSF must be finite with a positive sum")
+    padded = np.zeros(shape)
+    padded[: psf.shape[0], : psf.shape[1]] = psf / psf.sum()
+    return np.roll(padded, (-(psf.shape[0] // 2), -(psf.shape[1] // 2)), (0, 1))
+
+
+def otf_2x(psf_2x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The OTF (its modulus, peak 1) on an output grid of `shape` from a centred PSF."""
+    return np.abs(fft.fft2(psf_at_origin(psf_2x, shape), workers=-1))
+
+
+def _fade_borders(frames: np.ndarray, width: int) -> np.ndarray:
+    """Blend each frame to its mean over `width` pixels at the edges, so the periodic
+    spectra see no jump at the frame's borders."""
+    if width == 0:
+        return frames
+    ny, nx = frames.shape[-2:]
+
+    def ramp(n: int) -> np.ndarray:
+        edge = np.minimum(np.arange(n), np.arange(n)[::-1])
+        return np.clip(edge / width, 0, 1) ** 2 * (3 - 2 * np.clip(edge / width, 0, 1))
+
+    weight = ramp(ny)[:, None] * ramp(nx)[None, :]
+    means = frames.mean(axis=(-2, -1), keepdims=True)
+    return means + (frames - means) * weight
+
+
+def _upsampled_spectra(frames: np.ndarray) -> np.ndarray:
+    """Spectra of the frames on the 2x grid (zero-padded): the same image, flux kept."""
+    n, ny, nx = frames.shape
+    spectra = fft.fftshift(fft.fft2(frames, workers=-1), axes=(-2, -1))
+    out = np.zeros((n, UPSCALE * ny, UPSCALE * nx), dtype=complex)
+    oy, ox = (UPSCALE * ny - ny) // 2, (UPSCALE * nx - nx) // 2
+    out[:, oy : oy + ny, ox : ox + nx] = spectra
+    out = fft.ifftshift(out, axes=(-2, -1))
+    # camera pixel i is centred on output coordinate 2i + 1/2 (it covers 2i and 2i + 1), the
+    # zero-padded image on 2i: move it half an output pixel so both grids agree
+    fy, fx = _frequencies(out.shape[-2:])
+    return out * np.exp(-1j * np.pi * (fy + fx))
+
+
+def _mixing(phases: np.ndarray) -> np.ndarray:
+    """Rows: raw frames; columns: bands 0, +1, -1."""
+    phases = np.asarray(phases, dtype=float)
+    return np.stack([np.ones_like(phases), np.exp(1j * phases), np.exp(-1j * phases)], axis=1)
+
+
+def separate_bands(spectra: np.ndarray, phases: np.ndarray) -> np.ndarray:
+    """Bands (B0, B+, B-) of one angle from its raw spectra (P, Y, X)."""
+    unmix = np.linalg.pinv(_mixing(phases))
+    return np.tensordot(unmix, spectra, axes=(1, 0))
+
+
+def _ramp(shape: tuple[int, int], k: np.ndarray, signed: bool = False) -> np.ndarray:
+    """exp(2 pi i k.r) for k in cycles per pixel; `signed`: r wraps to negative past the
+    middle, as for a kernel centred at index 0."""
+    y, x = np.arange(shape[0])[:, None], np.arange(shape[1])[None, :]
+    if signed:
+        y = (y + shape[0] // 2) % shape[0] - shape[0] // 2
+        x = (x + shape[1] // 2) % shape[1] - shape[1] // 2
+    return np.exp(2j * np.pi * (k[0] * y + k[1] * x))
+
+
+def _correlation_at(a: np.ndarray, b: np.ndarray, k: np.ndarray) -> complex:
+    """sum_q conj(A(q)) B(q + k) / N for real-space a, b, at any (sub-pixel) shift k."""
+    return complex(np.sum(np.conj(a) * b * np.conj(_ramp(a.shape, k))))
+
+
+def _shift_band(band: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """B(q + k) for a band B(q): a phase ramp on its real-space image (sub-pixel exact)."""
+    image = fft.ifft2(band, workers=-1)
+    return fft.fft2(image * np.conj(_ramp(band.shape, k)), workers=-1)
+
+
+def _shifted_otf(psf: np.ndarray, k: np.ndarray, cutoff: float) -> np.ndarray:
+    """|OTF(q + k)| from the PSF centred at index 0 (exact off the grid too), zero where
+    |q + k| is beyond the cut-off (a sampled PSF leaves a floor of ~0.2% there)."""
+    otf = np.abs(fft.fft2(psf * np.conj(_ramp(psf.shape, k, signed=True)), workers=-1))
+    fy, fx = _frequencies(psf.shape)
+    return np.where(np.hypot(fy + k[0], fx + k[1]) <= cutoff, otf, 0.0)
+
+
+# -- parameters ------------------------------------------------------------------------------
+
+
+def _refine_peak(a: np.ndarray, b: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Sub-pixel maximum of |correlation| around a grid peak: a shrinking grid search."""
+    best, step = start.astype(float), 0.5 / max(a.shape)
+    for _ in range(7):
+        grid = [best + step * np.array([dy, dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        values = [abs(_correlation_at(a, b, k)) for k in grid]
+        best = grid[int(np.argmax(values))]
+        step /= 2
+    return best
+
+
+def _turn(angle: np.ndarray | float) -> np.ndarray:
+    """Smallest angle between two directions of a line (k and -k are one pattern)."""
+    return np.abs(np.angle(np.exp(2j * np.asarray(angle)))) / 2
+
+
+def _peakiness(magnitude: np.ndarray) -> np.ndarray:
+    """How far each point of a spectrum's modulus stands above its 7 x 7 neighbourhood."""
+    return magnitude - ndimage.uniform_filter(magnitude, 7, mode="wrap")
+
+
+def _pattern_vector(bands: np.ndarray, otf: np.ndarray, ring: tuple[float, ...]) -> np.ndarray:
+    """k0 of one angle. Coarse: the sharpest peak of |B+(q)| and |B-(-q)| inside the ring
+    (the specimen's mean, moved to +-k0 by the pattern: a spike on a smooth spectrum, where
+    imperfect separation leaves only smooth leakage). Fine: where B+ correlates best with
+    B0 (OTF-weighted), off the grid."""
+    fy, fx = _frequencies(otf.shape)
+    radius = np.hypot(fy, fx)
+    mirrored = np.roll(np.flip(np.abs(bands[2]), (0, 1)), (1, 1), (0, 1))  # |B-(-q)|
+    score = _peakiness(np.abs(bands[1])) + _peakiness(mirrored)
+    allowed = (radius >= ring[0]) & (radius <= ring[1])
+    if len(ring) > 2:  # (inner, outer, *directions): within 10 degrees of one (or of -k)
+        direction = np.arctan2(fy, fx)
+        near = [_turn(direction - d) < np.radians(10) for d in ring[2:]]
+        allowed &= np.logical_or.reduce(near)
+    score = np.where(allowed, score, -np.inf)
+    peak = np.unravel_index(int(np.argmax(score)), score.shape)
+    b0 = fft.ifft2(bands[0] * otf, workers=-1)
+    b1 = fft.ifft2(bands[1] * otf, workers=-1)
+    k = _refine_peak(b0, b1, np.array([fy[peak[0], 0], fx[0, peak[1]]]))
+    return _refine_by_phase_slope(b0, b1, k)
+
+
+def _refine_by_phase_slope(
+    b0: np.ndarray, b1: np.ndarray, k: np.ndarray, tiles: int = 4, rounds: int = 3
+) -> np.ndarray:
+    """Remove what the correlation peak leaves of the error in k. The peak's position is
+    biased toward low frequencies (the OTF falls steeply there); the phase is not: with k off
+    by d, conj(b0) b1 exp(-2 pi i k.r) turns by 2 pi d.r across the field, so a weighted line
+    through the phases of tiles gives d."""
+    ny, nx = b0.shape
+    edges_y = np.linspace(0, ny, tiles + 1).astype(int)
+    edges_x = np.linspace(0, nx, tiles + 1).astype(int)
+    for _ in range(rounds):
+        product = np.conj(b0) * b1 * np.conj(_ramp(b0.shape, k))
+        sums, centres = [], []
+        for y0, y1 in itertools.pairwise(edges_y):
+            for x0, x1 in itertools.pairwise(edges_x):
+                sums.append(product[y0:y1, x0:x1].sum())
+                centres.append(((y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2))
+        sums_arr, r = np.array(sums), np.array(centres)
+        weights = np.abs(sums_arr)
+        reference = np.angle(np.sum(sums_arr))
+        phase = np.angle(sums_arr * np.exp(-1j * reference))  # about the mean, no wrapping
+        design = np.column_stack([np.ones(len(r)), 2 * np.pi * r]) * np.sqrt(weights)[:, None]
+        solution, *_ = np.linalg.lstsq(design, phase * np.sqrt(weights), rcond=None)
+        k = k + solution[1:]
+    return k
+
+
+def _frame_phase(spectrum: np.ndarray, otf: np.ndarray, k: np.ndarray) -> float:
+    """Phase of one raw frame's pattern: the argument of its autocorrelation at k0."""
+    image = fft.ifft2(spectrum * otf, workers=-1)
+    return float(np.angle(_correlation_at(image, image, k)))
+
+
+def _modulation(
+    b0: np.ndarray, b_plus_shifted: np.ndarray, otf: np.ndarray, otf_k: np.ndarray, cutoff: float
+) -> complex:
+    """m/2 e^{i delta}: B+(q + k0) OTF(q) against B0(q) OTF(q + k0) where both are strong."""
+    fy, fx = _frequencies(otf.shape)
+    radius = np.hypot(fy, fx)
+    overlap = (otf > 0.005) & (otf_k > 0.005) & (radius > 0.15 * cutoff)
+    x = (b0 * otf_k)[overlap]
+    y = (b_plus_shifted * otf)[overlap]
+    denominator = np.sum(np.abs(x) ** 2)
+    return complex(np.sum(np.conj(x) * y) / denominator) if denominator > 0 else 0j
+
+
+@dataclass
+class _Prepared:
+    """Raw spectra on the output grid, the PSF and OTF there, and the cut-off."""
+
+    spectra: np.ndarray
+    psf: np.ndarray
+    otf: np.ndarray
+    cutoff: float  # cycles per output pixel
+
+
+def _prepare(
+    frames: np.ndarray,
+    psf_2x: np.ndarray,
+    output_pixel_um: float,
+    cutoff_per_um: float,
+    settings: SimSettings,
+) -> _Prepared:
+    if output_pixel_um <= 0 or cutoff_per_um <= 0:
+        raise ValueError("output_pixel_um and cutoff_per_um (2 NA / wavelength) must be positive")
+    cutoff = cutoff_per_um * output_pixel_um
+    if cutoff >= 0.5:
+        raise ValueError(
+            f"the detection cut-off {cutoff_per_um:g}/um is beyond the output grid's Nyquist"
+            f" frequency at {output_pixel_um:g} um: the camera undersamples the raw frames"
+        )
+    spectra = _upsampled_spectra(_fade_borders(_checked(frames, settings), settings.border_px))
+    psf = psf_at_origin(psf_2x, spectra.shape[-2:])
+    fy, fx = _frequencies(psf.shape)
+    otf = np.where(np.hypot(fy, fx) <= cutoff, np.abs(fft.fft2(psf, workers=-1)), 0.0)
+    return _Prepared(spectra, psf, otf, cutoff)
+
+
+def estimate_parameters(
+    frames: np.ndarray,
+    psf_2x: np.ndarray,
+    output_pixel_um: float,
+    cutoff_per_um: float,
+    settings: SimSettings | None = None,
+) -> SimParameters:
+    """Pattern vector, phases and modulation of every angle from the raw frames alone
+    (their central `estimate_crop_px` square; phases are stated for the whole frame).
+
+    The angles of one setup share the pattern's period: an angle whose first search lands
+    more than 3% off the others' median frequency (noise outshone its peak) is searched
+    again in a narrow ring about that median."""
+    settings = settings or SimSettings()
+    frames = _checked(frames, settings)
+    crop, origin = _central_crop(frames, settings.estimate_crop_px)
+    prepared = _prepare(crop, psf_2x, output_pixel_um, cutoff_per_um, settings)
+    otf, cutoff = prepared.otf, prepared.cutoff
+    ring = (settings.search_ring[0] * cutoff, settings.search_ring[1] * cutoff)
+    nominal = 2 * np.pi * np.arange(settings.phases) / settings.phases
+    raws = [
+        prepared.spectra[a * settings.phases : (a + 1) * settings.phases]
+        for a in range(settings.angles)
+    ]
+    ks = [_pattern_vector(separate_bands(raw, nominal), otf, ring) for raw in raws]
+    magnitude = float(np.median([np.hypot(*k) for k in ks]))
+    good = [abs(np.hypot(*k) / magnitude - 1) <= 0.03 for k in ks]
+    if any(good) and not all(good):
+        # evenly spread angles, 180/A degrees apart: look where no good angle is
+        first = np.arctan2(*ks[good.index(True)])
+        taken = [np.arctan2(*k) for k, ok in zip(ks, good, strict=True) if ok]
+        free = [
+            first + j * np.pi / settings.angles
+            for j in range(settings.angles)
+            if all(_turn(first + j * np.pi / settings.angles - t) > np.radians(10) for t in taken)
+        ]
+        window = (0.98 * magnitude, 1.02 * magnitude, *free)
+        for a, raw in enumerate(raws):
+            if not good[a]:
+                ks[a] = _pattern_vector(separate_bands(raw, nominal), otf, window)
+    phases, modulations = [], []
+    for a, raw in enumerate(raws):
+        k = ks[a]
+        phi = np.array([_frame_phase(s, otf, k) for s in raw])
+        # once more with the bands separated by these phases (less of B0 leaks into B+)
+        bands = separate_bands(raw, phi)
+        b0, b1 = (fft.ifft2(b * otf, workers=-1) for b in bands[:2])
+        k = ks[a] = _refine_by_phase_slope(b0, b1, k)
+        phi = np.array([_frame_phase(s, otf, k) for s in raw])
+        bands = separate_bands(raw, phi)
+        otf_k = _shifted_otf(prepared.psf, k, cutoff)
+        m = 2 * abs(_modulation(bands[0], _shift_band(bands[1], k), otf, otf_k, cutoff))
+        if m < settings.min_modulation or np.linalg.cond(_mixing(phi)) > MAX_MIXING_CONDITION:
+            m, phi = 0.0, nominal  # no pattern found: this angle counts as widefield only
+        phases.append([float(p) for p in phi])
+        modulations.append(float(min(m, 1.5)))
+    # the crop's phases at the whole frame's origin: cos(2 pi k.(r - o) + phi)
+    phases = [
+        [float(np.angle(np.exp(1j * (p - 2 * np.pi * np.dot(k, origin))))) for p in row]
+        for row, k in zip(phases, ks, strict=True)
+    ]
+    return SimParameters(
+        k=[(float(k[0]), float(k[1])) for k in ks],
+        phases=phases,
+        modulation=modulations,
+        output_pixel_um=output_pixel_um,
+    )
+
+
+def _central_crop(frames: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The central size x size part of the frames, and its origin on the output grid."""
+    ny, nx = frames.shape[-2:]
+    y0, x0 = max((ny - size) // 2, 0), max((nx - size) // 2, 0)
+    crop = frames[:, y0 : y0 + min(size, ny), x0 : x0 + min(size, nx)]
+    return crop, UPSCALE * np.array([y0, x0], dtype=float)
+
+
+def wiener_constant(prepared: _Prepared) -> float:
+    """w from the data: the ratio of the noise's power (where the camera grid holds no light:
+    beyond the cut-off, below the camera's Nyquist frequency) to the specimen's power at half
+    the cut-off (the band-0 power there, less noise, through the OTF)."""
+    spectra, otf, cutoff = prepared.spectra, prepared.otf, prepared.cutoff
+    fy, fx = _frequencies(otf.shape)
+    radius = np.hypot(fy, fx)
+    camera_band = (np.abs(fy) < 0.24) & (np.abs(fx) < 0.24)
+    outside = camera_band & (radius > 1.1 * cutoff)
+    middle = (radius > 0.55 * cutoff) & (radius < 0.75 * cutoff)
+    if not outside.any():
+        raise ValueError("the camera grid has no frequencies beyond the cut-off to gauge noise")
+    power = np.mean(np.abs(spectra) ** 2, axis=0)  # per raw frame
+    noise = float(power[outside].mean())
+    signal_power = float(np.mean(np.clip(power[middle] - noise, 0, None) / otf[middle] ** 2))
+    return float(np.sqrt(noise / max(signal_power, 1e-12)))
+
+
+# -- reconstruction --------------------------------------------------------------------------
+
+
+def _checked(frames: np.ndarray, settings: SimSettings) -> np.ndarray:
+    frames = np.asarray(frames, dtype=np.float64)
+    expected = settings.angles * settings.phases
+    if frames.ndim != 3 or frames.shape[0] != expected:
+        raise ValueError(
+            f"SIM needs {expected} raw frames ({settings.angles} angles x {settings.phases}"
+            f" phases, angle by angle) as (N, Y, X); got shape {frames.shape}"
+        )
+    if min(frames.shape[-2:]) < 32:
+        raise ValueError(f"SIM frames must be at least 32 x 32 pixels, got {frames.shape[-2:]}")
+    if not np.all(np.isfinite(frames)):
+        raise ValueError("SIM frames hold NaN or infinite values")
+    return frames
+
+
+def _notch(shape: tuple[int, int], centre: np.ndarray, cutoff: float, s: SimSettings) -> np.ndarray:
+    fy, fx = _frequencies(shape)
+    distance2 = (fy - centre[0]) ** 2 + (fx - centre[1]) ** 2
+    return 1 - s.notch_strength * np.exp(-distance2 / (2 * (s.notch_width * cutoff) ** 2))
+
+
+def _wrapped(k: np.ndarray) -> np.ndarray:
+    return (k + 0.5) % 1.0 - 0.5
+
+
+def reconstruct(
+    frames: np.ndarray,
+    psf_2x: np.ndarray,
+    output_pixel_um: float,
+    cutoff_per_um: float,
+    settings: SimSettings | None = None,
+    parameters: SimParameters | None = None,
+) -> SimResult:
+    """The SR image of one set of raw frames (photoelectrons, angle by angle), estimating the
+    pattern from them unless `parameters` are given (a live run estimates once and reuses).
+    `psf_2x` is the detection PSF on the output grid, `cutoff_per_um` its cut-off 2 NA/lambda."""
+    settings = settings or SimSettings()
+    if parameters is None:
+        parameters = estimate_parameters(frames, psf_2x, output_pixel_um, cutoff_per_um, settings)
+    prepared = _prepare(frames, psf_2x, output_pixel_um, cutoff_per_um, settings)
+    spectra, psf, otf, cutoff = prepared.spectra, prepared.psf, prepared.otf, prepared.cutoff
+    shape = spectra.shape[-2:]
+    numerator = np.zeros(shape, dtype=complex)
+    denominator = np.zeros(shape)
+    reach = 0.0
+    for a in range(settings.angles):
+        raw = spectra[a * settings.phases : (a + 1) * settings.phases]
+        k = np.asarray(parameters.k[a])
+        reach = max(reach, float(np.hypot(*k)))
+        bands = separate_bands(raw, np.asarray(parameters.phases[a]))
+        half_m = parameters.modulation[a] / 2
+        # each band on the specimen's frequencies: data M_j = H_j S, with its transfer H_j
+        # (B+ moved by k0 sees (m/2) OTF(q + k0)); both notched at the band's own centre
+        if half_m == 0:  # no pattern found for this angle: its mean is a widefield image
+            numerator += _notch(shape, 0 * k, cutoff, settings) ** 2 * otf * bands[0]
+            denominator += (_notch(shape, 0 * k, cutoff, settings) * otf) ** 2
+            continue
+        for band, shift, weight in (
+            (bands[0], 0 * k, 1.0),
+            (bands[1], k, half_m),
+            (bands[2], -k, half_m),
+        ):
+            moved = _shift_band(band, shift) if shift.any() else band
+            transfer = weight * (_shifted_otf(psf, shift, cutoff) if shift.any() else otf)
+            notch = _notch(shape, _wrapped(-shift), cutoff, settings)
+            numerator += notch**2 * transfer * moved
+            denominator += (notch * transfer) ** 2
+    w = settings.wiener if settings.wiener is not None else wiener_constant(prepared)
+    estimate = numerator / (denominator + w**2)
+    fy, fx = _frequencies(shape)
+    support = settings.apodization * (cutoff + reach)
+    estimate *= np.clip(1 - np.hypot(fy, fx) / support, 0, None)
+    # photometry: the DC term is the raw frames' flux (before their borders were faded),
+    # unattenuated by notch or Wiener constant
+    estimate[0, 0] = float(np.mean(np.sum(frames, axis=(-2, -1))))
+    image = fft.ifft2(estimate, workers=-1).real
+    return SimResult(
+        image=image.astype(np.float32),
+        widefield=np.asarray(frames, dtype=np.float32).mean(axis=0),
+        parameters=parameters,
+    )
