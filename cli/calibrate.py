@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import Progress
 
-from livedecon.daemon.cli_output import console
-from livedecon.daemon.cli_output import fail as _fail
+from livedecon.cli.output import console
+from livedecon.cli.output import fail as _fail
 from livedecon.engines.configfile import ConfigError
 
 if TYPE_CHECKING:

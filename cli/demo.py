@@ -6,8 +6,9 @@ as NDTiff and streams every frame through the hooks; the daemon restores, publis
 writes; the demo listens to the display stream for latency (camera to publication) and then
 compares raw and restored frames with the simulator's ground truth.
 
-This module composes the parts (it starts a daemon, so it uses more of livedecon.daemon than
-the hooks themselves, which need only the client and protocol).
+This module composes the parts, so it sits in the command-line layer: it starts a daemon (its
+config, launcher and writer), drives the hooks and the simulated microscope, and may open the
+viewer; the hooks themselves need only the daemon's client and protocol.
 """
 
 from __future__ import annotations
