@@ -1,7 +1,7 @@
 """`livedecon bench ...`: the benchmarks' commands; each prints a table and writes JSON.
 
-The measuring lives with what it measures (engines/bench.py, calibration/quality_bench.py,
-daemon/bench.py, daemon/batch.py); these commands parse options, call it and print.
+The measuring lives with what it measures (engines/runtime_bench.py, calibration/quality_bench.py,
+daemon/transport_bench.py, daemon/batch.py); these commands parse options, call it and print.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def bench_engines_command(
 
     from rich.table import Table
 
-    from livedecon.engines.bench import MODELS, bench_engines
+    from livedecon.engines.runtime_bench import MODELS, bench_engines
 
     chosen = [m for m in models.split(",") if m]
     unknown = set(chosen) - set(MODELS)
@@ -203,7 +203,7 @@ def bench_daemon_command(
     (display only, shared memory, with writing) and the model, beside a bare pyzmq relay."""
     from rich.table import Table
 
-    from livedecon.daemon.bench import bench_daemon
+    from livedecon.daemon.transport_bench import bench_daemon
 
     with console.status("benchmarking") as status:
         rows = bench_daemon(

@@ -76,9 +76,10 @@ def calibrate(
 ) -> None:
     """Calibrate a microscope: camera (offset, gain, read noise, hot pixels), PSF (beads and
     theory), a first zero-shot model, a calibration bundle the daemon serves, and a report."""
-    from livedecon.calibration.config import load_microscope, shipped_config_path
+    from livedecon.calibration.config import load_microscope
     from livedecon.calibration.inputs import CalibrationInputs
     from livedecon.calibration.run import CalibrationError, CalibrationSettings, run_calibration
+    from livedecon.configs import shipped_config_path
     from livedecon.engines.configfile import load_config
 
     try:

@@ -49,13 +49,14 @@ def simulate(
     exposure_ms: Annotated[float, typer.Option(min=0.01, help="camera exposure")] = 20.0,
 ) -> None:
     """Write a synthetic 2D time series and a 3D stack, each with its ground truth (OME-TIFF)."""
-    from livedecon.calibration.config import load_microscope, shipped_config_path
+    from livedecon.calibration.config import load_microscope
     from livedecon.calibration.forward_model import sample_planes_um
     from livedecon.calibration.simulation import (
         simulate_stack,
         simulate_time_series,
         write_manifest,
     )
+    from livedecon.configs import shipped_config_path
 
     try:
         scope_2d = load_microscope(config or shipped_config_path("microscope_sim.toml"))
@@ -165,7 +166,7 @@ def train(
     import shutil
     import time
 
-    from livedecon.calibration.config import load_microscope, shipped_config_path
+    from livedecon.calibration.config import load_microscope
     from livedecon.calibration.first_model import (
         CAMERA_SOURCES,
         load_training_tiffs,
@@ -173,6 +174,7 @@ def train(
         train_bundle,
         training_psf,
     )
+    from livedecon.configs import shipped_config_path
     from livedecon.engines.bundle import BundleError
     from livedecon.engines.configfile import load_config
     from livedecon.engines.networks import count_parameters
@@ -268,9 +270,9 @@ def restore(
     bundle (--then)."""
     import time
 
-    from livedecon.daemon.offline import restore_file
     from livedecon.engines.backends import AccuracyGateError, open_runtime
     from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
+    from livedecon.engines.offline import restore_file
 
     try:
         path = find_bundle(bundle)
@@ -369,7 +371,7 @@ def demo(
     settings = DemoSettings(
         out, frames, interval_s, exposure_ms, three_d, z_planes, bundle, backend, microscope
     )
-    from livedecon.daemon.display_stream import viewer_unavailable
+    from livedecon.acquisition_hooks.display_stream import viewer_unavailable
 
     # default: the viewer where napari and a display are present; CI (no display) stays headless
     headless = "--headless" if viewer is False else viewer_unavailable()
@@ -452,8 +454,8 @@ def serve(
 
     from rich.logging import RichHandler
 
-    from livedecon.calibration.config import shipped_config_path
-    from livedecon.daemon.config import load_daemon_config
+    from livedecon.configs import shipped_config_path
+    from livedecon.daemon.daemon_config import load_daemon_config
     from livedecon.daemon.server import Daemon
 
     logging.basicConfig(
@@ -501,9 +503,9 @@ def view(
     most 60 Hz), maximum projections of 3D stacks, and a status panel (latency, frames/s,
     model and weights version, adaptation). Start it before or after the daemon and the
     acquisition; it reconnects when the daemon restarts. Needs the `viewer` extra."""
-    from livedecon.calibration.config import shipped_config_path
-    from livedecon.daemon.config import load_daemon_config
-    from livedecon.daemon.display_stream import viewer_unavailable
+    from livedecon.acquisition_hooks.display_stream import viewer_unavailable
+    from livedecon.configs import shipped_config_path
+    from livedecon.daemon.daemon_config import load_daemon_config
 
     reason = viewer_unavailable()
     if reason is not None:
@@ -522,7 +524,7 @@ def view(
         except (OSError, ValueError) as exc:
             raise _fail(f"CurveZMQ keys: {exc}") from None
     try:
-        from livedecon.daemon.viewer import run_viewer
+        from livedecon.acquisition_hooks.viewer import run_viewer
     except ImportError as exc:
         raise _fail(str(exc)) from None
     run_viewer(

@@ -40,10 +40,10 @@ from pydantic import Field
 
 from livedecon.daemon.batch_inputs import Source, plan_sources, read_region, stem
 from livedecon.daemon.journal import write_file
-from livedecon.daemon.offline import output_axes
 from livedecon.engines.bundle import BundleError, ModelBundle
 from livedecon.engines.configfile import StrictModel
 from livedecon.engines.networks import input_multiple
+from livedecon.engines.offline import output_axes
 from livedecon.engines.runtime import Runtime
 from livedecon.engines.tiling import blend_window, restore_batch_electrons
 

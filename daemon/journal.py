@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from livedecon.daemon.config import Correction
+from livedecon.daemon.daemon_config import Correction
 from livedecon.daemon.protocol import Axes, Plan
 
 ACQUISITION_FILE = "acquisition.json"

@@ -15,7 +15,7 @@ from typing import Any
 import zmq
 
 from livedecon.daemon.client import DaemonClient, DaemonUnavailable
-from livedecon.daemon.config import DaemonConfig
+from livedecon.daemon.daemon_config import DaemonConfig
 
 # The `livedecon` program as a child process (by module, so it needs no PATH entry): the
 # launcher runs its `serve` command, it imports nothing of the command-line layer.

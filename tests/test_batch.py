@@ -15,12 +15,12 @@ import pytest
 import torch
 import zarr
 
-from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.daemon import batch
 from livedecon.daemon.batch import BatchOptions, run_batch
-from livedecon.daemon.offline import restore_file
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
 from livedecon.engines.networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
+from livedecon.engines.offline import restore_file
+from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.engines.runtime import TorchRuntime
 from livedecon.engines.tiling import infer_tiled
 

@@ -10,7 +10,7 @@ import pytest
 import zmq
 from daemon_harness import start_daemon
 
-from livedecon.daemon.display_stream import (
+from livedecon.acquisition_hooks.display_stream import (
     DaemonState,
     DisplayStream,
     StatusPoller,

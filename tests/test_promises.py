@@ -393,9 +393,9 @@ def test_a_plane_that_cannot_be_written_is_reported_and_recovered_by_reprocess(t
 def test_an_acquisition_finishes_even_when_finalising_its_files_fails(tmp_path, monkeypatch):
     from test_writer import acquisition, info, plane
 
-    from livedecon.daemon.metrics import Metrics
     from livedecon.daemon.pipeline import Acquisition, WriteItem, WriterThread
     from livedecon.daemon.processing import PassThrough
+    from livedecon.daemon.telemetry import Metrics
     from livedecon.daemon.writer import AcquisitionWriter
 
     def failing_close(self):

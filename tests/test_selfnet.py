@@ -23,10 +23,10 @@ from livedecon.calibration.anisotropic import (
     isotropy,
     render_anisotropic,
 )
-from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.calibration.selfnet_run import read_volume
 from livedecon.engines.backends import open_runtime
 from livedecon.engines.bundle import BundleError, ModelBundle, TrainingRecord
+from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.engines.runtime import OnnxRuntime, TorchRuntime
 from livedecon.engines.selfnet import (
     SelfNetRestorer,

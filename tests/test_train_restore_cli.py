@@ -11,8 +11,8 @@ import pytest
 
 from livedecon.calibration.config import default_microscope
 from livedecon.calibration.forward_model import ForwardModel
-from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.engines.bundle import ModelBundle
+from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
 
 TINY_CONFIG = """
 iterations = 6
