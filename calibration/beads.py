@@ -39,8 +39,8 @@ from scipy.interpolate import CubicSpline
 from scipy.optimize import least_squares
 
 from livedecon.calibration.config import Optics
-from livedecon.calibration.ome_tiff import write_ome_tiff
 from livedecon.calibration.psf import fwhm_px, theoretical_psf
+from livedecon.engines.ome_tiff import write_ome_tiff
 
 # Box sizes in units of the lateral and axial FWHM, when not given in um: laterally the
 # in-focus PSF is below 1e-3 of its peak 5 FWHM out; axially +-3 FWHM holds the main lobe

@@ -5,12 +5,12 @@ Units: lengths in micrometres, intensities in photoelectrons, camera values in A
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from livedecon.configs import shipped_config_path
 from livedecon.engines.configfile import StrictModel, load_config
 
 
@@ -141,14 +141,6 @@ class MicroscopeConfig(StrictModel):
 
 def load_microscope(path: str | Path) -> MicroscopeConfig:
     return load_config(path, MicroscopeConfig)
-
-
-def shipped_config_path(name: str) -> Path:
-    """Path of one of the example configs installed with the package (configs/)."""
-    path = Path(str(resources.files("livedecon.configs") / name))
-    if not path.is_file():
-        raise FileNotFoundError(f"no shipped config named {name!r}")
-    return path
 
 
 def default_microscope() -> MicroscopeConfig:

@@ -22,9 +22,9 @@ from livedecon.calibration.noise_estimate import (
     camera_disagreement,
     estimate_noise,
 )
-from livedecon.calibration.ome_tiff import read_ome_tiff, read_raw_tiff
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
+from livedecon.engines.ome_tiff import read_ome_tiff, read_raw_tiff
 from livedecon.engines.psf_kernel import PSFError, prepare_psf
 from livedecon.engines.training import TrainingConfig, train
 

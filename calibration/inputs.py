@@ -16,8 +16,8 @@ import numpy as np
 import tifffile
 from pydantic import Field
 
-from livedecon.calibration.ome_tiff import read_raw_tiff, write_ome_tiff
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.ome_tiff import read_raw_tiff, write_ome_tiff
 
 MIN_DARKS = 8
 MIN_FLATS_PER_LEVEL = 2

@@ -35,15 +35,16 @@ from livedecon.calibration.calibration_bundle import (
     PSFSummary,
 )
 from livedecon.calibration.camera import CameraCalibration, calibrate_camera
-from livedecon.calibration.config import MicroscopeConfig, shipped_config_path
+from livedecon.calibration.config import MicroscopeConfig
 from livedecon.calibration.first_model import TrainingData, train_bundle, training_psf
 from livedecon.calibration.fixed_pattern import OffsetGainCorrection, StripeFilter
 from livedecon.calibration.forward_model import UPSAMPLING, counts_to_electrons
 from livedecon.calibration.inputs import CalibrationInputs, CaptureSettings
 from livedecon.calibration.metrics import decorrelation_resolution
-from livedecon.calibration.ome_tiff import write_ome_tiff
 from livedecon.calibration.report import PSFPlot, PTCPlot, ReportData, write_report
+from livedecon.configs import shipped_config_path
 from livedecon.engines.configfile import StrictModel, load_config
+from livedecon.engines.ome_tiff import write_ome_tiff
 from livedecon.engines.training import TrainingConfig
 
 log = logging.getLogger(__name__)

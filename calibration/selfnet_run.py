@@ -16,8 +16,8 @@ import tifffile
 
 from livedecon.calibration.anisotropic import AnisotropicScene, render_anisotropic
 from livedecon.calibration.inputs import sha256
-from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.engines.bundle import ModelBundle, TrainingRecord
+from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.engines.selfnet import axial_ratio, check_volume
 from livedecon.engines.selfnet_bundle import (
     restore_isotropic,

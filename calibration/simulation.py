@@ -10,7 +10,7 @@ import numpy as np
 
 from livedecon.calibration.config import MicroscopeConfig
 from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel
-from livedecon.calibration.ome_tiff import write_ome_tiff
+from livedecon.engines.ome_tiff import write_ome_tiff
 
 Progress = Callable[[int], None]  # called with the number of frames just rendered
 

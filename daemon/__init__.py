@@ -1,1 +1,6 @@
-"""The acquisition-side daemon: protocol, server, pipeline, writer, publisher, client, CLI."""
+"""The acquisition-side daemon: protocol, server, pipeline, writer, publisher, journal,
+adaptation scheduler, telemetry, client and launcher; batch restoration on dask.
+
+Clients of a running daemon (the acquisition hooks, the display stream, the viewer) live in
+livedecon.acquisition_hooks and need only `client` and `protocol` from here.
+"""

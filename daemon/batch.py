@@ -39,11 +39,11 @@ import numpy as np
 from pydantic import Field
 
 from livedecon.daemon.batch_inputs import Source, plan_sources, read_region, stem
-from livedecon.daemon.journal import write_file
-from livedecon.daemon.offline import output_axes
+from livedecon.engines.atomic_write import write_atomically
 from livedecon.engines.bundle import BundleError, ModelBundle
 from livedecon.engines.configfile import StrictModel
 from livedecon.engines.networks import input_multiple
+from livedecon.engines.offline import output_axes
 from livedecon.engines.runtime import Runtime
 from livedecon.engines.tiling import blend_window, restore_batch_electrons
 
@@ -328,11 +328,7 @@ def write_record(output: Path, record: ChunkRecord) -> None:
     folder = output / RECORDS / _key(record.chunk)
     folder.mkdir(parents=True, exist_ok=True)
     body = {"zarr_format": 3, "node_type": "group", "attributes": record.model_dump(mode="json")}
-    tmp = folder / f".zarr.json.{uuid.uuid4().hex}.tmp"
-    write_file(tmp, json.dumps(body, indent=1).encode())
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / "zarr.json")
+    write_atomically(folder / "zarr.json", json.dumps(body, indent=1))
 
 
 # --- worker side ----------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from livedecon.calibration.ome_tiff import check_pixel_size, tiff_layout
 from livedecon.engines.bundle import ModelBundle
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.ome_tiff import check_pixel_size, tiff_layout
 
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")

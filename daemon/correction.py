@@ -20,7 +20,7 @@ import numpy as np
 
 from livedecon.calibration.calibration_bundle import CalibrationBundle
 from livedecon.calibration.fixed_pattern import OffsetGainCorrection, StripeFilter
-from livedecon.daemon.config import Correction
+from livedecon.daemon.daemon_config import Correction
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from livedecon.daemon.config import Correction
+from livedecon.daemon.daemon_config import Correction
 from livedecon.daemon.protocol import Axes, Plan
+from livedecon.engines.atomic_write import SAFE_OPEN_FLAGS, write_all, write_atomically
 
 ACQUISITION_FILE = "acquisition.json"
 JOURNAL_FILE = "acked.jsonl"
@@ -128,36 +129,7 @@ def write_acquisition_record(directory: Path, record: AcquisitionRecord) -> Path
     """Write acquisition.json atomically (a reader sees the old file or the whole new one);
     a symbolic link in the way is replaced, never followed."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / ACQUISITION_FILE
-    tmp = path.with_suffix(".json.tmp")
-    write_file(tmp, record.model_dump_json(indent=2).encode())
-    os.replace(tmp, path)
-    return path
-
-
-def write_file(path: Path, data: bytes | memoryview) -> None:
-    """Create or truncate `path` (never through a symbolic link) and write all of `data`."""
-    if os.path.islink(path):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | _CLOEXEC, 0o644)
-    try:
-        write_all(fd, data)
-    finally:
-        os.close(fd)
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """`os.write` until every byte is written; OSError when the system takes none."""
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.ENOSPC, "the file system took no more bytes")
-        view = view[written:]
-
-
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+    return write_atomically(directory / ACQUISITION_FILE, record.model_dump_json(indent=2))
 
 
 def read_acquisition_record(directory: Path) -> AcquisitionRecord:
@@ -177,7 +149,7 @@ class Journal:
 
     def __init__(self, directory: Path, fsync_s: float = 1.0) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | _CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | SAFE_OPEN_FLAGS
         self._fd = os.open(directory / JOURNAL_FILE, flags, 0o644)
         self._size = os.fstat(self._fd).st_size
         self.fsync_s = fsync_s

@@ -15,9 +15,11 @@ from typing import Any
 import zmq
 
 from livedecon.daemon.client import DaemonClient, DaemonUnavailable
-from livedecon.daemon.config import DaemonConfig
+from livedecon.daemon.daemon_config import DaemonConfig
 
-SERVE = "from livedecon.daemon.cli import app; app()"
+# The `livedecon` program as a child process (by module, so it needs no PATH entry): the
+# launcher runs its `serve` command, it imports nothing of the command-line layer.
+LIVEDECON = (sys.executable, "-m", "livedecon.cli")
 
 
 @dataclass
@@ -73,9 +75,7 @@ def spawn_daemon(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
-                sys.executable,
-                "-c",
-                SERVE,
+                *LIVEDECON,
                 "serve",
                 "--config",
                 str(config_path),

@@ -24,13 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from livedecon.daemon.adaptation import AcquisitionAdaptation, TimepointReport, adaptation_for
+from livedecon.daemon.adaptation_scheduler import (
+    AcquisitionAdaptation,
+    TimepointReport,
+    adaptation_for,
+)
 from livedecon.daemon.journal import AcquisitionRecord, Journal
-from livedecon.daemon.metrics import Metrics
 from livedecon.daemon.processing import Processor
 from livedecon.daemon.protocol import AdaptationPlan, Axes, Header, Kind, Publication, Topic
 from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.spill import SpillStore
+from livedecon.daemon.telemetry import Metrics
 from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord
 
 log = logging.getLogger(__name__)

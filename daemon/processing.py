@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from livedecon.calibration.calibration_bundle import CalibrationBundle, is_calibration_bundle
-from livedecon.daemon.config import Correction
 from livedecon.daemon.correction import InputCorrection, input_correction
+from livedecon.daemon.daemon_config import Correction
 from livedecon.engines.backends import open_runtime
 from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
 from livedecon.engines.networks import input_multiple

@@ -19,8 +19,8 @@ from collections.abc import Callable
 import numpy as np
 import zmq
 
-from livedecon.daemon.metrics import Metrics
 from livedecon.daemon.protocol import Publication, Topic, encode_publication
+from livedecon.daemon.telemetry import Metrics
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import io
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from livedecon.daemon.writer import (
     read_page,
     scan_file,
 )
+from livedecon.engines.atomic_write import replace_atomically
 
 BATCH = 4  # 2D frames per processor call
 TEMP_SUFFIX = ".reprocess.tmp"
@@ -409,20 +409,12 @@ def _rewrite(
         if not wrote:
             temp.unlink()
             return False
-        with open(temp, "rb") as fh:
-            os.fsync(fh.fileno())  # the rename must not reach the disk before the data
-        os.replace(temp, path)
+        replace_atomically(temp, path)
     except BaseException:
         with contextlib.suppress(Exception):
             target.close(record, origin)
         temp.unlink(missing_ok=True)
         raise
-    with contextlib.suppress(OSError):  # directories cannot be opened on Windows
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # and the rename itself reaches the disk
-        finally:
-            os.close(directory)
     return True
 
 

@@ -21,9 +21,8 @@ from typing import Any
 import zmq
 from pydantic import ValidationError
 
-from livedecon.calibration.ome_tiff import PIXEL_SIZE_TOLERANCE
-from livedecon.daemon.adaptation import adaptation_for
-from livedecon.daemon.config import DaemonConfig
+from livedecon.daemon.adaptation_scheduler import adaptation_for
+from livedecon.daemon.daemon_config import DaemonConfig
 from livedecon.daemon.diskspace import FreeSpace, contained, sub_path
 from livedecon.daemon.journal import (
     ACQUISITION_FILE,
@@ -33,7 +32,6 @@ from livedecon.daemon.journal import (
     safe_name,
     write_acquisition_record,
 )
-from livedecon.daemon.metrics import Metrics
 from livedecon.daemon.pipeline import (
     IDLE_CLOSE,
     Acquisition,
@@ -57,7 +55,9 @@ from livedecon.daemon.protocol import (
 from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.security import server_security
 from livedecon.daemon.spill import SpillStore
+from livedecon.daemon.telemetry import Metrics
 from livedecon.daemon.writer import output_path
+from livedecon.engines.ome_tiff import PIXEL_SIZE_TOLERANCE
 
 log = logging.getLogger(__name__)
 PASS_THROUGH = "pass-through"

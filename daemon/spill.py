@@ -8,14 +8,14 @@ plane is written; `livedecon reprocess` restores the ones a crash left behind.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from livedecon.daemon.journal import safe_name, write_file
+from livedecon.daemon.journal import safe_name
 from livedecon.daemon.protocol import DTYPES, Header
+from livedecon.engines.atomic_write import write_atomically
 
 
 class SpillStore:
@@ -34,12 +34,9 @@ class SpillStore:
             (".raw", memoryview(np.ascontiguousarray(pixels)).cast("B")),
             (".json", header.model_dump_json(exclude={"shm"}).encode()),
         ):
-            tmp = stem.with_suffix(suffix + ".tmp")
-            try:
-                write_file(tmp, data)  # whole, and never through a symbolic link
-                os.replace(tmp, stem.with_suffix(suffix))
+            try:  # whole, never through a symbolic link; on disk by the journal's fsync policy
+                write_atomically(stem.with_suffix(suffix), data, fsync=False)
             except OSError:
-                tmp.unlink(missing_ok=True)
                 stem.with_suffix(".raw").unlink(missing_ok=True)
                 raise
         return stem.with_suffix(".json")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from livedecon.engines.atomic_write import write_atomically
 from livedecon.engines.bundle import CACHE, ModelBundle
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
@@ -97,6 +98,4 @@ def artifact_dir(root: Path, key: dict[str, Any]) -> tuple[Path, bool]:
 
 def seal(directory: Path, key: dict[str, Any]) -> None:
     """Mark an artifact complete: written last, so a crash mid-build leaves it invalid."""
-    tmp = directory / "key.json.tmp"
-    tmp.write_text(json.dumps(key, indent=2, sort_keys=True))
-    tmp.replace(directory / "key.json")
+    write_atomically(directory / "key.json", json.dumps(key, indent=2, sort_keys=True))

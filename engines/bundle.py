@@ -16,7 +16,6 @@ import hashlib
 import importlib.metadata
 import json
 import math
-import os
 import re
 import shutil
 import uuid
@@ -34,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from livedecon.engines.atomic_write import fsync_path
 from livedecon.engines.configfile import StrictModel, describe_validation_error
 from livedecon.engines.networks import Network2DSpec, Network3DSpec, NetworkSpec, build_network
 from livedecon.engines.selfnet import SelfNetSpec
@@ -393,7 +393,7 @@ class ModelBundle:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync(target.parent)
+        fsync_path(target.parent)
         return target
 
     def _write(self, directory: Path) -> None:
@@ -413,10 +413,10 @@ class ModelBundle:
         tifffile.imwrite(
             directory / PSF, self.psf, ome=True, photometric="minisblack", metadata=metadata
         )
-        for name in REQUIRED_FILES:
+        for name in REQUIRED_FILES:  # on disk before the rename that publishes the bundle
             (directory / name).chmod(0o644)  # safetensors writes owner-only; bundles are shared
-            _fsync(directory / name)
-        _fsync(directory)
+            fsync_path(directory / name)
+        fsync_path(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> ModelBundle:
@@ -472,21 +472,6 @@ def _read_manifest(directory: Path) -> BundleManifest:
         raise BundleError(
             f"{directory}: invalid {MANIFEST}: {describe_validation_error(exc)}"
         ) from None
-
-
-def _fsync(path: Path) -> None:
-    # Contents on disk before the rename that publishes them, or a crash could publish holes.
-    # Best effort: Windows cannot open or sync a directory, and the rename stays atomic anyway.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _shipped_root() -> Path:

@@ -22,7 +22,6 @@ started on it has finished, so both stay current and either can serve next.
 from __future__ import annotations
 
 import math
-import os
 import re
 import threading
 from collections import Counter, defaultdict
@@ -36,6 +35,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from livedecon.engines.atomic_write import write_atomically
 from livedecon.engines.export import DECONVOLVED, DENOISED, INPUT, export_onnx
 from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network, input_multiple
 from livedecon.engines.runtime import _check_batch
@@ -48,7 +48,6 @@ NOT_INSTALLED = (
     " (pip install 'livedecon[tensorrt]') on a machine with an NVIDIA GPU, or use the"
     " onnxruntime or torch backend"
 )
-
 
 # --------------------------------------------------------------------------- shape profiles
 
@@ -400,9 +399,7 @@ def _logger(trt: Any) -> Any:
 
 def _write_atomically(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(memoryview(data))
-    tmp.replace(path)
+    write_atomically(path, memoryview(data))
 
 
 def build_engine(

@@ -8,7 +8,7 @@ from typing import Any
 
 import zmq
 
-from livedecon.daemon.config import DaemonConfig
+from livedecon.daemon.daemon_config import DaemonConfig
 from livedecon.daemon.launcher import DaemonProcess, free_tcp_endpoint, spawn_daemon
 
 

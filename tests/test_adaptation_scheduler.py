@@ -11,7 +11,7 @@ import pytest
 import torch
 from daemon_harness import start_daemon
 
-from livedecon.daemon.adaptation import adaptation_for, check_candidate
+from livedecon.daemon.adaptation_scheduler import adaptation_for, check_candidate
 from livedecon.daemon.processing import open_processor
 from livedecon.daemon.protocol import AdaptationPlan, Axes, Plan
 from livedecon.daemon.writer import output_path, read_planes

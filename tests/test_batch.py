@@ -15,12 +15,12 @@ import pytest
 import torch
 import zarr
 
-from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.daemon import batch
 from livedecon.daemon.batch import BatchOptions, run_batch
-from livedecon.daemon.offline import restore_file
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
 from livedecon.engines.networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
+from livedecon.engines.offline import restore_file
+from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.engines.runtime import TorchRuntime
 from livedecon.engines.tiling import infer_tiled
 
@@ -273,7 +273,7 @@ def test_unreadable_input_chunk_is_reported_and_the_rest_is_restored(client, bun
 def test_cli_batch_on_an_existing_scheduler(client, bundles, tmp_path):
     from typer.testing import CliRunner
 
-    from livedecon.daemon.cli import app
+    from livedecon.cli.main import app
 
     write_ome_tiff(tmp_path / "raw" / "s.ome.tif", _counts((2, 32, 48), 9), "TYX", PIXEL)
     args = ["batch", str(bundles["2d"]), str(tmp_path / "raw" / "*.tif"),

@@ -31,12 +31,12 @@ from livedecon.calibration.config import (
     Sample,
     default_microscope,
     load_microscope,
-    shipped_config_path,
 )
 from livedecon.calibration.first_model import training_psf
 from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.calibration.sample import SyntheticSample
+from livedecon.configs import shipped_config_path
 
 LATERAL_TOLERANCE = 0.05
 AXIAL_TOLERANCE = 0.10

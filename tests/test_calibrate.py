@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import tomli_w
 from livedecon.calibration.calibration_bundle import CalibrationBundle
 from livedecon.calibration.config import default_microscope
 from livedecon.calibration.forward_model import ForwardModel
-from livedecon.daemon.launcher import SERVE
+from livedecon.daemon.launcher import LIVEDECON
 from livedecon.daemon.protocol import Axes, Plan
 from livedecon.daemon.writer import output_path, read_planes
 from tests.daemon_harness import start_daemon
@@ -73,7 +72,7 @@ def live_run(tmp_path_factory) -> tuple[Path, str]:
     settings_path.write_text(tomli_w.dumps(SETTINGS))
     out = work / "bundle"
     command = [
-        sys.executable, "-c", SERVE, "calibrate", str(out), "--live",
+        *LIVEDECON, "calibrate", str(out), "--live",
         "--simulated", "--microscope", str(scope_path), "--config", str(settings_path),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -144,7 +143,7 @@ def test_a_calibration_runs_again_from_its_saved_raw_files(live_run, tmp_path):
     out, _ = live_run
     raw = out / "raw"
     command = [
-        sys.executable, "-c", SERVE, "calibrate", str(tmp_path / "again"),
+        *LIVEDECON, "calibrate", str(tmp_path / "again"),
         "--microscope", str(out.parent / "scope.toml"), "--darks", str(raw / "darks.tif"),
         *[a for i in range(5) for a in ("--flat", str(raw / f"flat_{i:02d}.tif"))],
         "--beads", str(raw / "beads.ome.tif"), "--psf", "measured",
@@ -161,7 +160,7 @@ def test_a_calibration_runs_again_from_its_saved_raw_files(live_run, tmp_path):
 
 
 def test_calibrate_refuses_missing_inputs_with_a_sentence(tmp_path):
-    command = [sys.executable, "-c", SERVE, "calibrate", str(tmp_path / "x")]
+    command = [*LIVEDECON, "calibrate", str(tmp_path / "x")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "--darks" in result.stdout

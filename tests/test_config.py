@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from livedecon.calibration.config import MicroscopeConfig, default_microscope, load_microscope
-from livedecon.daemon.config import DaemonConfig, load_daemon_config
+from livedecon.daemon.daemon_config import DaemonConfig, load_daemon_config
 from livedecon.engines.configfile import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

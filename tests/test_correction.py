@@ -10,8 +10,8 @@ import pytest
 from livedecon.calibration.calibration_bundle import CalibrationBundle, CalibrationRecord
 from livedecon.calibration.camera import calibrate_camera
 from livedecon.calibration.forward_model import ForwardModel
-from livedecon.daemon.config import Correction
 from livedecon.daemon.correction import input_correction
+from livedecon.daemon.daemon_config import Correction
 
 
 @pytest.fixture(scope="module")

@@ -310,7 +310,7 @@ def test_after_kill_9_reprocess_completes_every_acknowledged_frame(tmp_path):
     from ndstorage import NDTiffDataset
     from typer.testing import CliRunner
 
-    from livedecon.daemon.cli import app
+    from livedecon.cli.main import app
 
     n = 60
     images = frames(n, (64, 64), seed=9)

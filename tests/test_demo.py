@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
-from livedecon.daemon.launcher import SERVE
+from livedecon.daemon.launcher import LIVEDECON
 
 
 def run_demo(out, *options: str) -> dict:
     """`livedecon demo` in a fresh process, headless; its summary."""
     result = subprocess.run(
-        [sys.executable, "-c", SERVE, "demo", "--out", str(out), "--headless", *options],
+        [*LIVEDECON, "demo", "--out", str(out), "--headless", *options],
         capture_output=True,
         text=True,
         timeout=600,

@@ -10,7 +10,7 @@ import pytest
 import zmq
 from daemon_harness import start_daemon
 
-from livedecon.daemon.display_stream import (
+from livedecon.acquisition_hooks.display_stream import (
     DaemonState,
     DisplayStream,
     StatusPoller,
@@ -284,7 +284,7 @@ def test_a_window_opens_only_where_there_is_a_display(monkeypatch):
 def test_livedecon_view_says_why_it_cannot_open_a_window(monkeypatch):
     from typer.testing import CliRunner
 
-    from livedecon.daemon.cli import app
+    from livedecon.cli.main import app
 
     monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
     result = CliRunner().invoke(app, ["view"])

@@ -6,8 +6,8 @@ import tifffile
 
 from livedecon.calibration.config import default_microscope
 from livedecon.calibration.first_model import load_training_tiffs, training_psf
-from livedecon.calibration.ome_tiff import write_ome_tiff
 from livedecon.calibration.psf import theoretical_psf
+from livedecon.engines.ome_tiff import write_ome_tiff
 from livedecon.engines.psf_kernel import PSFError
 
 

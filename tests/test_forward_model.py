@@ -10,6 +10,7 @@ from livedecon.calibration.forward_model import (
     counts_to_electrons,
 )
 from livedecon.calibration.psf import fwhm_px, theoretical_psf
+from livedecon.configs import shipped_config_path
 
 
 def _flat_field(small_microscope, photons_px_s: float):
@@ -111,7 +112,7 @@ def test_psf_width_matches_diffraction_limit(small_microscope):
 
 
 def test_thick_sample_focus_selects_planes():
-    from livedecon.calibration.config import load_microscope, shipped_config_path
+    from livedecon.calibration.config import load_microscope
 
     scope = load_microscope(shipped_config_path("microscope_widefield_3d.toml"))
     camera = scope.camera.model_copy(update={"width_px": 48, "height_px": 48})

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from livedecon.calibration.baseline import upsample_2x
-from livedecon.calibration.config import load_microscope, shipped_config_path
+from livedecon.calibration.config import load_microscope
 from livedecon.calibration.first_model import load_training_tiffs, training_psf
 from livedecon.calibration.metrics import decorrelation_resolution, find_puncta, ringing
+from livedecon.configs import shipped_config_path
 from livedecon.engines.networks import Network2DSpec, UNetSpec, fast_2d_spec
 from livedecon.engines.training import TrainingConfig, restore, train
 

@@ -356,7 +356,7 @@ def test_a_plane_that_cannot_be_written_is_reported_and_recovered_by_reprocess(t
     from ndstorage import NDTiffDataset
     from typer.testing import CliRunner
 
-    from livedecon.daemon.cli import app
+    from livedecon.cli.main import app
 
     images = [np.full((16, 16), 10 + i, np.uint16) for i in range(4)]
     raw = NDTiffDataset(str(tmp_path / "raw"), name="raw", writable=True, summary_metadata={})
@@ -393,9 +393,9 @@ def test_a_plane_that_cannot_be_written_is_reported_and_recovered_by_reprocess(t
 def test_an_acquisition_finishes_even_when_finalising_its_files_fails(tmp_path, monkeypatch):
     from test_writer import acquisition, info, plane
 
-    from livedecon.daemon.metrics import Metrics
     from livedecon.daemon.pipeline import Acquisition, WriteItem, WriterThread
     from livedecon.daemon.processing import PassThrough
+    from livedecon.daemon.telemetry import Metrics
     from livedecon.daemon.writer import AcquisitionWriter
 
     def failing_close(self):

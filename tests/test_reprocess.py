@@ -12,7 +12,7 @@ import tifffile
 from ndstorage import NDTiffDataset
 from typer.testing import CliRunner
 
-from livedecon.daemon.cli import app
+from livedecon.cli.main import app
 from livedecon.daemon.journal import (
     AcquisitionRecord,
     Journal,

@@ -23,10 +23,10 @@ from livedecon.calibration.anisotropic import (
     isotropy,
     render_anisotropic,
 )
-from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.calibration.selfnet_run import read_volume
 from livedecon.engines.backends import open_runtime
 from livedecon.engines.bundle import BundleError, ModelBundle, TrainingRecord
+from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.engines.runtime import OnnxRuntime, TorchRuntime
 from livedecon.engines.selfnet import (
     SelfNetRestorer,
@@ -253,7 +253,7 @@ def test_tiled_restoration_matches_whole():
 
 
 def test_cli_trains_and_restores_a_volume(tmp_path: Path):
-    from livedecon.daemon.cli import app
+    from livedecon.cli.main import app
 
     rendered = confocal_volume()
     raw = tmp_path / "vol.ome.tif"
@@ -285,7 +285,7 @@ def test_cli_trains_and_restores_a_volume(tmp_path: Path):
 def test_cli_chain_3d_then_selfnet(tmp_path: Path):
     """`livedecon restore fast3d-sim raw --then SELFNET`: ZS-DeconvNet 3D (2x lateral), then
     Self-Net on its output grid; an isotropic volume at the 3D bundle's output pixel."""
-    from livedecon.daemon.cli import app
+    from livedecon.cli.main import app
     from livedecon.engines.bundle import find_bundle
 
     first = ModelBundle.load(find_bundle("fast3d-sim")).manifest

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from livedecon.calibration.forward_model import counts_to_electrons
-from livedecon.calibration.ome_tiff import read_ome_tiff
+from livedecon.engines.ome_tiff import read_ome_tiff
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 
 from livedecon.calibration.config import default_microscope
 from livedecon.calibration.forward_model import ForwardModel
-from livedecon.calibration.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.engines.bundle import ModelBundle
+from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
 
 TINY_CONFIG = """
 iterations = 6
@@ -30,10 +31,20 @@ base_width = 4
 
 
 def _livedecon(*args: str | Path) -> subprocess.CompletedProcess:
+    """Run the installed command as a user does, on a 40-column terminal, so no assertion
+    depends on the width or on where the temporary directory is. rich folds prose at spaces, so
+    stdout comes back with its whitespace collapsed and assertions read words; a path folded
+    across lines would still not match (error lines must never wrap)."""
     script = Path(sys.executable).parent / "livedecon"
-    return subprocess.run(
-        [str(script), *map(str, args)], capture_output=True, text=True, timeout=300
+    result = subprocess.run(
+        [str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "40"},
     )
+    result.stdout = " ".join(result.stdout.split())
+    return result
 
 
 def _small_microscope(tmp: Path) -> Path:
@@ -87,7 +98,7 @@ def test_train_refuses_an_existing_bundle_and_bad_input(trained, tmp_path):
     assert "already exists" in again.stdout
     missing = _livedecon("train", tmp_path / "b", tmp_path / "nope.tif", "--microscope", scope)
     assert missing.returncode == 2
-    assert "no such file" in missing.stdout
+    assert f"{tmp_path / 'nope.tif'}: no such file" in missing.stdout  # one line, however long
     bad_net = _livedecon("train", tmp_path / "b", "--network", "huge")
     assert bad_net.returncode == 2
     assert "--network" in bad_net.stdout
@@ -195,8 +206,8 @@ def test_3d_train_and_restore_of_a_z_stack(tmp_path):
 
 def test_restore_file_with_onnxruntime_and_tiles_matches_the_torch_reference(tmp_path):
     from livedecon.calibration.config import default_microscope
-    from livedecon.daemon.offline import restore_file
     from livedecon.engines.bundle import shipped_bundle_path
+    from livedecon.engines.offline import restore_file
     from livedecon.engines.runtime import OnnxRuntime
     from livedecon.engines.training import restore
 

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from livedecon.calibration.config import load_microscope, shipped_config_path
+from livedecon.calibration.config import load_microscope
 from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
 from livedecon.calibration.psf import theoretical_psf
+from livedecon.configs import shipped_config_path
 from livedecon.engines.networks import Network3DSpec
 from livedecon.engines.psf_kernel import prepare_psf
 from livedecon.engines.training import TrainingConfig, restore, train

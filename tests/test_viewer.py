@@ -22,9 +22,9 @@ import pytest
 import zmq
 from daemon_harness import start_daemon
 
+from livedecon.acquisition_hooks.display_stream import lag_summary_ms, robust_limits
 from livedecon.calibration.config import default_microscope
 from livedecon.calibration.forward_model import ForwardModel
-from livedecon.daemon.display_stream import lag_summary_ms, robust_limits
 from livedecon.daemon.launcher import free_tcp_endpoint
 from livedecon.daemon.protocol import Axes, Plan, Publication, Topic, encode_publication
 from livedecon.daemon.writer import output_path, read_planes
@@ -48,7 +48,7 @@ with warnings.catch_warnings():  # napari's dependencies (npe2) still use pydant
     import napari
     from qtpy.QtCore import Qt
 
-    from livedecon.daemon.viewer import LivedeconWidget, grid_of
+    from livedecon.acquisition_hooks.viewer import LivedeconWidget, grid_of
 
 PIXEL_UM = 0.065  # the shipped fast2d-sim bundle's camera pixel
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.PydanticDeprecatedSince20")
@@ -405,7 +405,7 @@ def test_napari_users_add_the_dock_widget_from_the_plugins_menu(viewer):
 
 
 def test_livedecon_view_opens_a_window_with_the_widget_docked(qtbot):
-    from livedecon.daemon.viewer import open_viewer
+    from livedecon.acquisition_hooks.viewer import open_viewer
 
     endpoint = free_tcp_endpoint()
     viewer, widget = open_viewer(endpoint, control=None, max_hz=30)

@@ -1,6 +1,6 @@
 """`livedecon train --network selfnet` and `livedecon restore` with a Self-Net bundle.
 
-Kept out of daemon/cli.py: the commands there only parse options and call these.
+Kept out of cli/main.py: the commands there only parse options and call these.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Annotated
 import typer
 from rich.progress import Progress
 
-from livedecon.daemon.cli_output import console
-from livedecon.daemon.cli_output import fail as _fail
+from livedecon.cli.output import console
+from livedecon.cli.output import fail as _fail
 from livedecon.engines.configfile import ConfigError
 
 SELFNET_NETWORKS = ("selfnet", "selfnet-fast")

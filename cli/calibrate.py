@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import Progress
 
-from livedecon.daemon.cli_output import console
-from livedecon.daemon.cli_output import fail as _fail
+from livedecon.cli.output import console
+from livedecon.cli.output import fail as _fail
 from livedecon.engines.configfile import ConfigError
 
 if TYPE_CHECKING:
@@ -76,9 +76,10 @@ def calibrate(
 ) -> None:
     """Calibrate a microscope: camera (offset, gain, read noise, hot pixels), PSF (beads and
     theory), a first zero-shot model, a calibration bundle the daemon serves, and a report."""
-    from livedecon.calibration.config import load_microscope, shipped_config_path
+    from livedecon.calibration.config import load_microscope
     from livedecon.calibration.inputs import CalibrationInputs
     from livedecon.calibration.run import CalibrationError, CalibrationSettings, run_calibration
+    from livedecon.configs import shipped_config_path
     from livedecon.engines.configfile import load_config
 
     try:

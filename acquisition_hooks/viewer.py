@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from livedecon.daemon.display_stream import (
+from livedecon.acquisition_hooks.display_stream import (
     DEFAULT_TOPICS,
     VIEWER_EXTRA_HINT,
     DaemonState,

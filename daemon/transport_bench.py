@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from livedecon.daemon.client import DaemonClient
-from livedecon.daemon.config import DaemonConfig
+from livedecon.daemon.daemon_config import DaemonConfig
 from livedecon.daemon.launcher import free_tcp_endpoint, spawn_daemon
 from livedecon.daemon.protocol import Axes, Plan, Topic
 

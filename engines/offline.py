@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from livedecon.calibration.ome_tiff import read_raw_tiff, write_ome_tiff
 from livedecon.engines.bundle import ModelBundle
+from livedecon.engines.ome_tiff import read_raw_tiff, write_ome_tiff
 from livedecon.engines.runtime import Runtime, TorchRuntime
 from livedecon.engines.tiling import restore_electrons
 

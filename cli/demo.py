@@ -6,8 +6,9 @@ as NDTiff and streams every frame through the hooks; the daemon restores, publis
 writes; the demo listens to the display stream for latency (camera to publication) and then
 compares raw and restored frames with the simulator's ground truth.
 
-This module composes the parts (it starts a daemon, so it uses more of livedecon.daemon than
-the hooks themselves, which need only the client and protocol).
+This module composes the parts, so it sits in the command-line layer: it starts a daemon (its
+config, launcher and writer), drives the hooks and the simulated microscope, and may open the
+viewer; the hooks themselves need only the daemon's client and protocol.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from livedecon.acquisition_hooks.simulated_microscope import (
     SimulatedMicroscope,
 )
 from livedecon.calibration.baseline import upsample_2x
-from livedecon.calibration.config import MicroscopeConfig, load_microscope, shipped_config_path
+from livedecon.calibration.config import MicroscopeConfig, load_microscope
 from livedecon.calibration.forward_model import counts_to_electrons
 from livedecon.calibration.metrics import psnr
-from livedecon.daemon.config import Endpoints, load_daemon_config
+from livedecon.configs import shipped_config_path
+from livedecon.daemon.daemon_config import Endpoints, load_daemon_config
 from livedecon.daemon.launcher import free_tcp_endpoint, spawn_daemon
 from livedecon.daemon.protocol import Topic, decode_publication
 from livedecon.daemon.writer import output_files, read_planes
@@ -242,7 +244,7 @@ def run_demo_with_viewer(
     try:
         import napari
 
-        from livedecon.daemon.viewer import open_viewer
+        from livedecon.acquisition_hooks.viewer import open_viewer
     except ImportError as exc:
         raise RuntimeError(str(exc)) from None
     endpoints = settings.endpoints or Endpoints(
