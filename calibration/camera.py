@@ -30,8 +30,7 @@ import numpy as np
 import tifffile
 from pydantic import Field
 
-from livedecon.calibration.config import Camera
-from livedecon.calibration.forward_model import excess_noise_factor_sq
+from livedecon.calibration.config import Camera, excess_noise_factor_sq
 from livedecon.engines.configfile import StrictModel
 
 CameraKind = Literal["scmos", "ccd", "emccd"]

@@ -95,13 +95,6 @@ class CameraPattern:
         return self.dark_e_per_s > 0
 
 
-def excess_noise_factor_sq(em_gain: float) -> float:
-    """F^2 of a multiplication register of mean gain `em_gain` in the many-stage limit:
-    2 - 1/em_gain (1 without multiplication, 2 at high gain). Real registers of ~500 stages
-    give slightly less (1.97 at gain 100)."""
-    return 2.0 - 1.0 / em_gain
-
-
 def camera_counts(
     electrons_expected: np.ndarray,
     camera: Camera,

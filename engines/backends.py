@@ -21,7 +21,6 @@ import torch
 
 from livedecon.engines.artifacts import artifact_dir, artifact_key, cache_root, seal
 from livedecon.engines.bundle import ModelBundle
-from livedecon.engines.export import export_onnx
 from livedecon.engines.networks import input_multiple
 from livedecon.engines.runtime import OnnxRuntime, Runtime, TorchCudaRuntime, TorchRuntime
 
@@ -211,6 +210,8 @@ def open_runtime(
     directory, cached = artifact_dir(cache_root(bundle_dir, bundle), key)
     onnx_path = directory / "model.onnx"
     if name in ("onnxruntime", "tensorrt") and not cached:
+        from livedecon.engines.export import export_onnx  # onnx takes ~1 s to import
+
         export_onnx(bundle.build_model(), onnx_path, bundle.manifest.is_3d)
     if name == "tensorrt":
         runtime, psnr = _checked_tensorrt(bundle, directory, profile, precision, cached)

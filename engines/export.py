@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 
@@ -54,10 +53,14 @@ def export_onnx(model: nn.Module, path: str | Path, is_3d: bool = False) -> Path
             opset_version=OPSET,
             dynamo=False,
         )
+    import onnx  # ~1 s to import (ml_dtypes): only where a graph is written or read
+
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
 
 
 def initializer_names(path: str | Path) -> list[str]:
     """Names of the weights stored in an exported graph."""
+    import onnx
+
     return [init.name for init in onnx.load(str(path)).graph.initializer]
