@@ -30,7 +30,7 @@ from livedecon.daemon.adaptation_scheduler import (
     adaptation_for,
 )
 from livedecon.daemon.journal import AcquisitionRecord, Journal
-from livedecon.daemon.processing import Processor
+from livedecon.daemon.processing import Processor, stack_volume
 from livedecon.daemon.protocol import AdaptationPlan, Axes, Header, Kind, Publication, Topic
 from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.spill import SpillStore
@@ -601,7 +601,13 @@ class Worker(threading.Thread):
         acquisition = stack.acquisition
         z_count = acquisition.record.plan.z_count or 1
         present = sorted(stack.planes)
-        complete = len(present) >= z_count and present == list(range(z_count))
+        jobs = [stack.planes[z] for z in present]
+        try:
+            volume, complete = stack_volume({z: j.pixels for z, j in stack.planes.items()}, z_count)
+            (output,) = self._infer(acquisition, [volume])
+        except Exception as exc:
+            self._lost(acquisition, jobs, exc)
+            return
         if not complete:
             acquisition.incomplete_stacks += 1
             log.warning(
@@ -611,17 +617,6 @@ class Worker(threading.Thread):
                 len(present),
                 z_count,
             )
-        depth = max(z_count, present[-1] + 1)
-        # A missing plane borrows its nearest acquired neighbour, so the 3D network sees a
-        # continuous volume; only acquired planes are written.
-        nearest = [min(present, key=lambda p, z=z: abs(p - z)) for z in range(depth)]
-        jobs = [stack.planes[z] for z in present]
-        try:
-            volume = np.stack([stack.planes[p].pixels for p in nearest])  # type: ignore[misc]
-            (output,) = self._infer(acquisition, [volume])
-        except Exception as exc:
-            self._lost(acquisition, jobs, exc)
-            return
         self._deliver_stack(acquisition, jobs, output[present], present, incomplete=not complete)
         if complete:
             self._observe(acquisition, (jobs[0].header.axes or Axes()).time, volume)

@@ -30,6 +30,20 @@ PHOTOELECTRONS = "photoelectrons per output pixel (float32)"
 CAMERA_COUNTS = "camera counts, unprocessed (pass-through)"
 
 
+def stack_volume(planes: Mapping[int, np.ndarray], z_count: int) -> tuple[np.ndarray, bool]:
+    """The volume a 3D network restores from the planes of one stack that arrived (by z):
+    at least `z_count` deep, a plane that never arrived borrowing the pixels of its nearest
+    arrived neighbour, so the network sees a continuous volume (only arrived planes are
+    written). Also whether the stack was complete. The daemon and `reprocess` both use this
+    rule, so a recovered plane equals the one the daemon would have written."""
+    present = sorted(planes)
+    if not present:
+        raise ValueError("a stack needs at least one plane")
+    depth = max(z_count, present[-1] + 1)
+    nearest = [min(present, key=lambda p, z=z: abs(p - z)) for z in range(depth)]
+    return np.stack([planes[p] for p in nearest]), present == list(range(z_count))
+
+
 class Processor(Protocol):
     name: str
     bundle_id: str

@@ -31,7 +31,7 @@ from livedecon.daemon.journal import (
     read_acquisition_record,
     read_journal,
 )
-from livedecon.daemon.processing import PassThrough, Processor, open_processor
+from livedecon.daemon.processing import PassThrough, Processor, open_processor, stack_volume
 from livedecon.daemon.protocol import DTYPES, Header
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.writer import (
@@ -330,9 +330,8 @@ class _Rebuild:
             yield from self._flush(batch)
 
     def stack(self, missing: list[PlaneKey]) -> Iterator[tuple[PlaneRecord, np.ndarray]]:
-        """The missing planes of one stack, restored from the whole stack as the daemon
-        restores it: the planes it acknowledged, a plane never sent borrowing the pixels of
-        its nearest sent neighbour, depth at least the plan's z_count."""
+        """The missing planes of one stack, restored from the planes the daemon acknowledged
+        by the daemon's own rule (`processing.stack_volume`)."""
         time, _, channel, position = missing[0]
         present = sorted(
             k[1] for k in self.acked if (k[0], k[2], k[3]) == (time, channel, position)
@@ -349,13 +348,10 @@ class _Rebuild:
         if len({plane.shape for plane in raw.values()}) != 1:
             self.lost(missing, "the raw planes of its stack differ in shape")
             return
-        z_count = self.record.plan.z_count or 1
-        depth = max(z_count, present[-1] + 1)
-        nearest = [min(present, key=lambda p, z=z: abs(p - z)) for z in range(depth)]
-        volume = np.stack([raw[p] for p in nearest])
+        volume, complete = stack_volume(raw, self.record.plan.z_count or 1)
         out = self.processor.process([volume])[0]
         self._check(out, volume.shape)
-        incomplete = present != list(range(z_count))
+        incomplete = not complete
         for key in missing:
             self._made(key, sources[key[1]])
             yield self._plane_record(key, incomplete), out[key[1]]
