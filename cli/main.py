@@ -556,7 +556,8 @@ def reprocess_command(
         Path, typer.Argument(metavar="ACQ_DIR", help="an acquisition's output directory")
     ],
     raw: Annotated[
-        Path | None, typer.Option(help="the raw NDTiff dataset (Micro-Manager, pycro-manager)")
+        Path | None,
+        typer.Option(help="the raw dataset: NDTiff (Micro-Manager, pycro-manager) or OME-Zarr"),
     ] = None,
     spill_dir: Annotated[
         Path | None,

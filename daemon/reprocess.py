@@ -2,8 +2,9 @@
 
 After a kill, the journal (acked.jsonl) lists what the daemon promised and the output files
 hold what it wrote; the difference is restored again from the raw pixels, taken from the spill
-store (frames the daemon had parked on disk) or else from the raw NDTiff dataset that
-Micro-Manager / pycro-manager wrote. A 3D stack with a plane missing is restored whole, as the
+store (frames the daemon had parked on disk) or else from the raw dataset the acquisition
+software wrote: NDTiff (Micro-Manager / pycro-manager) or OME-Zarr (pymmcore-plus through
+ome-writers), read by `raw_datasets`. A 3D stack with a plane missing is restored whole, as the
 daemon would have, and only its missing planes are added.
 
 Each affected output file is rewritten next to itself and renamed over the old one, sorted by
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import io
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from livedecon.daemon.journal import (
 )
 from livedecon.daemon.processing import PassThrough, Processor, open_processor, stack_volume
 from livedecon.daemon.protocol import DTYPES, Header
+from livedecon.daemon.raw_datasets import RawDataset, RawDatasetError, open_raw_dataset
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.writer import (
     FileScan,
@@ -97,64 +98,12 @@ def _acknowledged(entries: list[JournalEntry]) -> dict[PlaneKey, _Acked]:
     return planes
 
 
-class _RawDataset:
-    """Single planes of an NDTiff dataset, addressed by our axes."""
-
-    def __init__(self, path: Path, channels: list[str]) -> None:
-        from ndstorage import Dataset
-
-        self.path, self._channels = path, channels
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress to stdout
-                self._data = Dataset(str(path))
-        except Exception as exc:  # ndstorage raises bare Exceptions for foreign directories
-            raise ReprocessError(
-                f"{path}: not a readable NDTiff dataset (Micro-Manager / pycro-manager): {exc}"
-            ) from None
-        self.axes: dict[str, Any] = dict(self._data.axes)
-
-    def _value(self, name: str, value: int | str) -> int | str | None:
-        values = self.axes[name]
-        if value in values:
-            return value
-        if name == "channel" and isinstance(value, int):  # an index: the plan names it
-            named = self._channels[value] if value < len(self._channels) else None
-            if named in values:
-                return named
-            if value == 0 and len(values) == 1:
-                return next(iter(values))
-        return None
-
-    def _coordinates(self, key: PlaneKey) -> dict[str, int | str] | None:
-        time, z, channel, position = key
-        wanted = {"time": time, "z": z, "channel": channel, "position": position}
-        # Axes the dataset does not have were not varied (e.g. no "position" for one field).
-        coordinates = {}
-        for name, value in wanted.items():
-            if name in self.axes:
-                found = self._value(name, value)
-                if found is None:
-                    return None
-                coordinates[name] = found
-        return coordinates
-
-    def has(self, key: PlaneKey) -> bool:
-        coordinates = self._coordinates(key)
-        return coordinates is not None and bool(self._data.has_image(**coordinates))
-
-    def read(self, key: PlaneKey) -> np.ndarray:
-        return np.array(self._data.read_image(**self._coordinates(key)))
-
-    def close(self) -> None:
-        self._data.close()
-
-
 class _Sources:
     """Where the raw pixels of a plane are: the spill store first, then the raw dataset."""
 
     def __init__(self, store: SpillStore, acquisition: AcquisitionRecord, raw: Path | None) -> None:
         self.store, self._raw_path, self._channels = store, raw, acquisition.plan.channels
-        self._raw: _RawDataset | None = None
+        self._raw: RawDataset | None = None
         self.spilled: dict[PlaneKey, tuple[Path, int | None]] = {}
         self.spill_frames: dict[Path, list[PlaneKey]] = {}
         self._cached: tuple[Path, np.ndarray] | None = None
@@ -179,9 +128,12 @@ class _Sources:
         return self._raw_path is not None
 
     @property
-    def raw(self) -> _RawDataset | None:
+    def raw(self) -> RawDataset | None:
         if self._raw is None and self._raw_path is not None:
-            self._raw = _RawDataset(self._raw_path, self._channels)
+            try:
+                self._raw = open_raw_dataset(self._raw_path, self._channels)
+            except RawDatasetError as exc:
+                raise ReprocessError(str(exc)) from None
         return self._raw
 
     def where(self, key: PlaneKey) -> str | None:

@@ -3,13 +3,16 @@ pycromanager Python backend and pymmcore-plus `run_mda`, and a daemon that dies 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import threading
 import time
 
 import numpy as np
 import pytest
+import zarr
 from daemon_harness import start_daemon
 from ndstorage import Dataset
 
@@ -24,6 +27,7 @@ from livedecon.acquisition_hooks.simulated_microscope import SimulatedMicroscope
 from livedecon.acquisition_hooks.stream import TimepointTracker
 from livedecon.daemon.journal import read_acquisition_record
 from livedecon.daemon.launcher import spawn_daemon
+from livedecon.daemon.reprocess import reprocess
 from livedecon.daemon.writer import output_path, read_planes
 from livedecon.engines.bundle import ModelBundle, find_bundle
 from livedecon.engines.runtime import TorchRuntime
@@ -223,6 +227,48 @@ def test_a_daemon_that_dies_mid_acquisition_leaves_it_unharmed_and_resumes(tmp_p
     before = _restored(daemon.config.output_dir / "outage")
     assert len(before) + len(resumed) == counters["sent"] - counters["unacknowledged"]
     assert elapsed < N_OUTAGE * 0.15 + 8  # never held up for long
+
+
+def test_a_killed_daemon_recovers_every_acked_frame_from_the_ome_zarr_raw_sink(tmp_path, scope):
+    """kill -9 the daemon during a pymmcore-plus acquisition whose raw frames go to an
+    ome-writers OME-Zarr sink; with the output file lost too, `reprocess` rebuilds every
+    acknowledged plane from the zarr, equal to the camera's frame."""
+    from useq import MDASequence
+
+    daemon = start_daemon(tmp_path)  # pass-through: the output is the raw counts
+    handler = LivedeconHandler(address=daemon.ingest, timeout_s=0.5, retry_s=60)
+    raw_path = tmp_path / "raw.ome.zarr"
+
+    def kill_at_the_eighth(image, event, metadata):
+        if event.index["t"] == 7:
+            daemon.kill()
+
+    scope.core.mda.events.frameReady.connect(kill_at_the_eighth)
+    sequence = MDASequence(
+        time_plan={"interval": 0.05, "loops": 20},
+        metadata={"livedecon": {"mode": "2d", "acquisition_id": "killed"}},
+    )
+    try:
+        scope.core.mda.run(sequence, output=[str(raw_path), handler])
+    finally:
+        scope.core.mda.events.frameReady.disconnect(kill_at_the_eighth)
+        daemon.stop()
+    directory = daemon.config.output_dir / "killed"
+    acked = [json.loads(line) for line in (directory / "acked.jsonl").read_text().splitlines()]
+    assert 0 < len(acked) < 20  # the daemon promised some frames, then died
+    written = output_path(directory, 0, 0)
+    written.unlink()  # and the disk lost what it had written: only the raw sink has them
+    shutil.rmtree(daemon.config.spill_path, ignore_errors=True)
+
+    report = reprocess(directory, raw=raw_path)
+
+    assert report.complete, report.unrecoverable
+    assert report.recreated_from_raw == report.acknowledged == len(acked)
+    planes = read_planes(written)
+    assert sorted(r.frame_id for r, _ in planes) == sorted(a["frame_id"] for a in acked)
+    raw = zarr.open_group(str(raw_path), mode="r")["0"]
+    for record, plane in planes:
+        np.testing.assert_array_equal(plane, raw[record.time])
 
 
 INTERVAL_S = 0.1  # 10 Hz
