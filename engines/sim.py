@@ -21,7 +21,6 @@ them in cycles per micrometre too.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,6 +186,16 @@ def _shifted_otf(psf: np.ndarray, k: np.ndarray, cutoff: float) -> np.ndarray:
     return np.where(np.hypot(fy + k[0], fx + k[1]) <= cutoff, otf, 0.0)
 
 
+@dataclass
+class _Prepared:
+    """Raw spectra on the output grid, the PSF and OTF there, and the cut-off."""
+
+    spectra: np.ndarray
+    psf: np.ndarray
+    otf: np.ndarray
+    cutoff: float  # cycles per output pixel
+
+
 # -- parameters ------------------------------------------------------------------------------
 
 
@@ -211,53 +220,47 @@ def _peakiness(magnitude: np.ndarray) -> np.ndarray:
     return magnitude - ndimage.uniform_filter(magnitude, 7, mode="wrap")
 
 
-def _pattern_vector(bands: np.ndarray, otf: np.ndarray, ring: tuple[float, ...]) -> np.ndarray:
-    """k0 of one angle. Coarse: the sharpest peak of |B+(q)| and |B-(-q)| inside the ring
-    (the specimen's mean, moved to +-k0 by the pattern: a spike on a smooth spectrum, where
-    imperfect separation leaves only smooth leakage). Fine: where B+ correlates best with
-    B0 (OTF-weighted), off the grid."""
+def _pattern_vector(bands: np.ndarray, prepared: _Prepared, ring: tuple[float, ...]) -> np.ndarray:
+    """k0 of one angle, in three steps:
+    1. the sharpest peak of |B+(q)| and |B-(-q)| inside the ring (the specimen's mean, moved
+       to +-k0 by the pattern: a spike on a smooth spectrum, where imperfect separation
+       leaves only smooth leakage);
+    2. where B+ correlates best with B0 (OTF-weighted), off the grid;
+    3. where the modulation ratio |c(k)| (B+ moved by k against B0, where both OTF copies
+       overlap) is largest. The ratio is normalised by band 0's power there, so unlike the
+       correlation peak it is not pulled toward low frequencies by the falling OTF: measured
+       0.01-0.05 px from the true k on the output grid, against 0.1-0.3 px for step 2."""
+    otf = prepared.otf
     fy, fx = _frequencies(otf.shape)
     radius = np.hypot(fy, fx)
-    mirrored = np.roll(np.flip(np.abs(bands[2]), (0, 1)), (1, 1), (0, 1))  # |B-(-q)|
-    score = _peakiness(np.abs(bands[1])) + _peakiness(mirrored)
     allowed = (radius >= ring[0]) & (radius <= ring[1])
     if len(ring) > 2:  # (inner, outer, *directions): within 10 degrees of one (or of -k)
         direction = np.arctan2(fy, fx)
         near = [_turn(direction - d) < np.radians(10) for d in ring[2:]]
         allowed &= np.logical_or.reduce(near)
-    score = np.where(allowed, score, -np.inf)
-    peak = np.unravel_index(int(np.argmax(score)), score.shape)
+    mirrored = np.roll(np.flip(np.abs(bands[2]), (0, 1)), (1, 1), (0, 1))  # |B-(-q)|
+    score = _peakiness(np.abs(bands[1])) + _peakiness(mirrored)
+    peak = np.unravel_index(int(np.argmax(np.where(allowed, score, -np.inf))), score.shape)
     b0 = fft.ifft2(bands[0] * otf, workers=-1)
     b1 = fft.ifft2(bands[1] * otf, workers=-1)
     k = _refine_peak(b0, b1, np.array([fy[peak[0], 0], fx[0, peak[1]]]))
-    return _refine_by_phase_slope(b0, b1, k)
+    return _refine_by_modulation(bands, prepared, k)
 
 
-def _refine_by_phase_slope(
-    b0: np.ndarray, b1: np.ndarray, k: np.ndarray, tiles: int = 4, rounds: int = 3
-) -> np.ndarray:
-    """Remove what the correlation peak leaves of the error in k. The peak's position is
-    biased toward low frequencies (the OTF falls steeply there); the phase is not: with k off
-    by d, conj(b0) b1 exp(-2 pi i k.r) turns by 2 pi d.r across the field, so a weighted line
-    through the phases of tiles gives d."""
-    ny, nx = b0.shape
-    edges_y = np.linspace(0, ny, tiles + 1).astype(int)
-    edges_x = np.linspace(0, nx, tiles + 1).astype(int)
-    for _ in range(rounds):
-        product = np.conj(b0) * b1 * np.conj(_ramp(b0.shape, k))
-        sums, centres = [], []
-        for y0, y1 in itertools.pairwise(edges_y):
-            for x0, x1 in itertools.pairwise(edges_x):
-                sums.append(product[y0:y1, x0:x1].sum())
-                centres.append(((y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2))
-        sums_arr, r = np.array(sums), np.array(centres)
-        weights = np.abs(sums_arr)
-        reference = np.angle(np.sum(sums_arr))
-        phase = np.angle(sums_arr * np.exp(-1j * reference))  # about the mean, no wrapping
-        design = np.column_stack([np.ones(len(r)), 2 * np.pi * r]) * np.sqrt(weights)[:, None]
-        solution, *_ = np.linalg.lstsq(design, phase * np.sqrt(weights), rcond=None)
-        k = k + solution[1:]
-    return k
+def _refine_by_modulation(bands: np.ndarray, prepared: _Prepared, k: np.ndarray) -> np.ndarray:
+    """The k near `k` where |c(k)| is largest: a shrinking 3 x 3 grid search from 1/4 pixel."""
+
+    def strength(candidate: np.ndarray) -> float:
+        otf_k = _shifted_otf(prepared.psf, candidate, prepared.cutoff)
+        moved = _shift_band(bands[1], candidate)
+        return abs(_modulation(bands[0], moved, prepared.otf, otf_k, prepared.cutoff))
+
+    best, step = k, 0.25 / max(prepared.otf.shape)
+    for _ in range(6):
+        grid = [best + step * np.array([dy, dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        best = grid[int(np.argmax([strength(candidate) for candidate in grid]))]
+        step /= 2
+    return best
 
 
 def _frame_phase(spectrum: np.ndarray, otf: np.ndarray, k: np.ndarray) -> float:
@@ -277,16 +280,6 @@ def _modulation(
     y = (b_plus_shifted * otf)[overlap]
     denominator = np.sum(np.abs(x) ** 2)
     return complex(np.sum(np.conj(x) * y) / denominator) if denominator > 0 else 0j
-
-
-@dataclass
-class _Prepared:
-    """Raw spectra on the output grid, the PSF and OTF there, and the cut-off."""
-
-    spectra: np.ndarray
-    psf: np.ndarray
-    otf: np.ndarray
-    cutoff: float  # cycles per output pixel
 
 
 def _prepare(
@@ -335,7 +328,7 @@ def estimate_parameters(
         prepared.spectra[a * settings.phases : (a + 1) * settings.phases]
         for a in range(settings.angles)
     ]
-    ks = [_pattern_vector(separate_bands(raw, nominal), otf, ring) for raw in raws]
+    ks = [_pattern_vector(separate_bands(raw, nominal), prepared, ring) for raw in raws]
     magnitude = float(np.median([np.hypot(*k) for k in ks]))
     good = [abs(np.hypot(*k) / magnitude - 1) <= 0.03 for k in ks]
     if any(good) and not all(good):
@@ -350,15 +343,10 @@ def estimate_parameters(
         window = (0.98 * magnitude, 1.02 * magnitude, *free)
         for a, raw in enumerate(raws):
             if not good[a]:
-                ks[a] = _pattern_vector(separate_bands(raw, nominal), otf, window)
+                ks[a] = _pattern_vector(separate_bands(raw, nominal), prepared, window)
     phases, modulations = [], []
     for a, raw in enumerate(raws):
         k = ks[a]
-        phi = np.array([_frame_phase(s, otf, k) for s in raw])
-        # once more with the bands separated by these phases (less of B0 leaks into B+)
-        bands = separate_bands(raw, phi)
-        b0, b1 = (fft.ifft2(b * otf, workers=-1) for b in bands[:2])
-        k = ks[a] = _refine_by_phase_slope(b0, b1, k)
         phi = np.array([_frame_phase(s, otf, k) for s in raw])
         bands = separate_bands(raw, phi)
         otf_k = _shifted_otf(prepared.psf, k, cutoff)

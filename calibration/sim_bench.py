@@ -1,0 +1,108 @@
+"""`livedecon bench sim`: the SIM reconstruction against the simulator's truth.
+
+Per scene: how well the pattern is found (angle, period and phase errors against the true
+pattern; the modulation found), and the widefield image (mean of the raw frames) against the
+SIM reconstruction: fitted PSNR against the specimen at SIM resolution, decorrelation
+resolution. Then the reconstruction's speed with known parameters (the live case: estimate
+once, reuse) on 9 frames of `speed_px` squared.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from livedecon.calibration.baseline import upsample_2x
+from livedecon.calibration.metrics import decorrelation_resolution, psnr
+from livedecon.calibration.quality_bench import Scene, _inner, fit_to
+from livedecon.calibration.sim_simulator import SimAcquisition, render_sim
+from livedecon.engines.sim import SimParameters, estimate_parameters, reconstruct
+
+
+def sim_scenes(structures: tuple[str, ...], peaks: tuple[float, ...], size_px: int) -> list[Scene]:
+    return [
+        Scene(structure=s, optics="tirf", peak_photons=p, size_px=size_px, seed=3000 + 10 * i)
+        for i, s in enumerate(structures)
+        for p in peaks
+    ]
+
+
+def parameter_errors(found: SimParameters, truth: SimParameters) -> dict[str, float]:
+    """Worst angle (degrees), period (relative) and phase (radians) errors over the angles
+    where a pattern was found, and how many angles that is."""
+    found_here = np.asarray(found.modulation) > 0
+    if not found_here.any():
+        return {"angles_found": 0}
+    angle = np.abs(found.angles_deg() - truth.angles_deg())
+    angle = np.minimum(angle, 180 - angle)  # k and -k are one pattern
+    period = np.abs(found.periods_um() / truth.periods_um() - 1)
+    phase = np.abs(np.angle(np.exp(1j * (np.asarray(found.phases) - truth.phases))))
+    return {
+        "angles_found": int(found_here.sum()),
+        "angle_error_deg": float(angle[found_here].max()),
+        "period_error": float(period[found_here].max()),
+        "phase_error_rad": float(phase[found_here].max()),
+        "modulation": float(np.mean(np.asarray(found.modulation)[found_here])),
+    }
+
+
+def _scores(image: np.ndarray, acquisition: SimAcquisition, pixel_um: float) -> dict[str, float]:
+    """Fitted PSNR against the truth at SIM resolution (a camera-grid image is interpolated
+    onto the 2x grid first) and decorrelation resolution on the image's own grid."""
+    reference = _inner(acquisition.reference)
+    on_fine_grid = upsample_2x(image) if pixel_um > acquisition.fine_pixel_um else image
+    return {
+        "psnr": psnr(fit_to(_inner(on_fine_grid), reference), reference),
+        "resolution_nm": 1000 * decorrelation_resolution(image, pixel_um),
+    }
+
+
+def run_scene(scene: Scene) -> dict[str, object]:
+    acquisition = render_sim(scene)
+    electrons = acquisition.electrons - scene.background_e
+    args = (acquisition.psf_2x, acquisition.fine_pixel_um, acquisition.cutoff_per_um)
+    started = time.perf_counter()
+    found = estimate_parameters(electrons, *args)
+    estimate_s = time.perf_counter() - started
+    result = reconstruct(electrons, *args, parameters=found)
+    widefield = _scores(electrons.mean(axis=0), acquisition, 2 * acquisition.fine_pixel_um)
+    sim = _scores(result.image, acquisition, acquisition.fine_pixel_um)
+    return {
+        "scene": scene.name,
+        "peak_photons": scene.peak_photons,
+        "widefield_psnr": widefield["psnr"],
+        "sim_psnr": sim["psnr"],
+        "widefield_resolution_nm": widefield["resolution_nm"],
+        "sim_resolution_nm": sim["resolution_nm"],
+        "estimate_s": estimate_s,
+        **parameter_errors(found, acquisition.truth_parameters),
+    }
+
+
+def reconstruction_speed(size_px: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds per reconstruction of 9 raw frames of size_px^2 with known parameters."""
+    acquisition = render_sim(Scene(structure="mixed", peak_photons=100, size_px=size_px))
+    electrons = acquisition.electrons - acquisition.scene.background_e
+    args = (acquisition.psf_2x, acquisition.fine_pixel_um, acquisition.cutoff_per_um)
+    parameters = acquisition.truth_parameters
+    reconstruct(electrons, *args, parameters=parameters)  # warm-up (FFT plans)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        reconstruct(electrons, *args, parameters=parameters)
+        times.append(time.perf_counter() - started)
+    median = float(np.median(times))
+    return {"size_px": size_px, "median_s": median, "sr_frames_per_s": 1 / median}
+
+
+def run_sim_bench(
+    scenes: list[Scene], speed_px: int, progress: Callable[[str], None] = lambda _: None
+) -> dict[str, object]:
+    rows = []
+    for scene in scenes:
+        progress(scene.name)
+        rows.append(run_scene(scene))
+    progress(f"speed at {speed_px} px")
+    return {"rows": rows, "speed": reconstruction_speed(speed_px)}
