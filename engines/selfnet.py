@@ -178,11 +178,18 @@ def check_volume(volume: np.ndarray, what: str = "volume") -> np.ndarray:
 
 
 def _restore_slices(infer: Infer, slices: np.ndarray, batch: int) -> np.ndarray:
-    """Restore (N, H, W) slices `batch` at a time (memory bounded by the batch)."""
+    """Restore (N, H, W) slices `batch` at a time (memory bounded by the batch). Each slice
+    keeps its input's mean: restoring resolution moves light, it adds none, and the trained
+    network otherwise lifted every slice by a level (~0.006 model units, 6% of a sparse
+    volume's mean)."""
     out = np.empty_like(slices)
     for start in range(0, len(slices), batch):
         chunk = np.ascontiguousarray(slices[start : start + batch, None])
-        out[start : start + batch] = infer(chunk)[:, 0]
+        restored = infer(chunk)[:, 0]
+        lift = restored.mean(axis=(-2, -1), keepdims=True) - chunk[:, 0].mean(
+            axis=(-2, -1), keepdims=True
+        )
+        out[start : start + batch] = restored - lift
     return out
 
 

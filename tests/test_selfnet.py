@@ -116,6 +116,8 @@ def test_short_training_beats_cubic_axially():
     assert gain_db > 0.8, gain_db
     before, after = isotropy(cubic, PIXEL_UM).ratio, isotropy(restored, PIXEL_UM).ratio
     assert after > before + 0.05, (before, after)
+    # photometry: the light of the volume stays (the network alone lifted it by a level)
+    assert restored.mean() == pytest.approx(cubic.mean(), rel=1e-4)
 
 
 def test_no_structure_invented_in_noise():
@@ -135,7 +137,7 @@ def test_no_structure_invented_in_noise():
     bright = float((restored > np.percentile(units, 99.9)).mean())
     assert bright <= 0.003, bright
     assert restored.std() <= units.std(), (restored.std(), units.std())
-    assert abs(restored.mean() / units.mean() - 1) < 0.10
+    assert abs(restored.mean() / units.mean() - 1) < 0.01  # +6% before slices kept their mean
 
 
 def test_onnxruntime_matches_torch_and_pads_by_reflection(tmp_path: Path):
