@@ -1,5 +1,8 @@
 """bioimage.io model packages (spec 0.5) from model bundles, and bundles back from them.
 
+bioimageio.spec (the `bioimageio` extra) is imported only to write a package; reading the
+bundle back out of one needs nothing beyond the standard library.
+
 A package written here is a zip that any bioimage.io consumer (bioimageio.core, deepImageJ,
 JDLL, ilastik) runs without livedecon:
 
