@@ -253,7 +253,13 @@ def train(
 
 @app.command()
 def restore(
-    bundle: Annotated[str, typer.Argument(help="bundle directory, or a shipped bundle's name")],
+    bundle: Annotated[
+        str,
+        typer.Argument(
+            help="bundle directory, a shipped bundle's name, or a bioimage.io package (.zip)"
+            " written by livedecon export --bioimageio"
+        ),
+    ],
     input_tif: Annotated[Path, typer.Argument(metavar="IN.tif", help="raw camera counts")],
     output_tif: Annotated[Path, typer.Argument(metavar="OUT.tif", help="OME-TIFF to write")],
     backend: Annotated[
@@ -265,17 +271,23 @@ def restore(
         typer.Option(help="a Self-Net bundle that makes the 3D bundle's output isotropic"),
     ] = None,
 ) -> None:
-    """Restore a TIFF of raw frames (or z-stacks, with a 3D bundle) with a model bundle; a
-    Self-Net bundle makes a volume isotropic (z step = lateral pixel), alone or after a 3D
-    bundle (--then)."""
+    """Restore a TIFF of raw frames (or z-stacks, with a 3D bundle) with a model bundle, or a
+    bioimage.io package written by `livedecon export --bioimageio`; a Self-Net bundle makes a
+    volume isotropic (z step = lateral pixel), alone or after a 3D bundle (--then)."""
+    import tempfile
     import time
 
     from livedecon.engines.backends import AccuracyGateError, open_runtime
+    from livedecon.engines.bioimageio_package import bundle_from_package, is_bioimageio_package
     from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
     from livedecon.engines.offline import restore_file
 
     try:
-        path = find_bundle(bundle)
+        if is_bioimageio_package(bundle):  # the livedecon bundle attached to the package
+            unpacked = tempfile.TemporaryDirectory(prefix="livedecon-package-")
+            path = bundle_from_package(bundle, unpacked.name)
+        else:
+            path = find_bundle(bundle)
         loaded = ModelBundle.load(path)
         # 3D stacks are tiled laterally only; 64 planes is the deepest a TensorRT profile takes
         shape = (64, tile_px, tile_px) if loaded.manifest.is_3d else (tile_px, tile_px)
@@ -329,14 +341,37 @@ def export(
     ] = None,
     shapes: Annotated[str, typer.Option(help="frame shapes the engine must take")] = "1024x1024",
     max_batch: Annotated[int, typer.Option(min=1, help="largest batch of frames")] = 4,
+    bioimageio: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="OUT.zip",
+            help="write a bioimage.io model package (spec 0.5: ONNX + TorchScript) instead",
+        ),
+    ] = None,
+    sample: Annotated[
+        Path | None,
+        typer.Option(
+            help="with --bioimageio: a raw TIFF (camera counts) for the test tensors and cover"
+            " [default: a synthetic specimen]"
+        ),
+    ] = None,
+    author: Annotated[
+        list[str] | None, typer.Option(help="with --bioimageio: an author (repeatable)")
+    ] = None,
+    license_id: Annotated[
+        str, typer.Option("--license", help="with --bioimageio: SPDX licence of the weights")
+    ] = "BSD-3-Clause",
 ) -> None:
-    """Build (or reuse) the bundle's compiled artifact for a backend and check its accuracy."""
+    """Build (or reuse) the bundle's compiled artifact for a backend and check its accuracy;
+    with --bioimageio, write the bundle as a bioimage.io model package instead."""
     from livedecon.engines.backends import AccuracyGateError, open_runtime
     from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
 
     try:
         path = find_bundle(bundle)
         loaded = ModelBundle.load(path)
+        if bioimageio is not None:
+            return _export_bioimageio(loaded, bioimageio, sample, author or [], license_id)
         runtime, choice = open_runtime(
             loaded, path, backend, precision, _parse_shapes(shapes), max_batch
         )
@@ -345,6 +380,43 @@ def export(
     console.print(f"{loaded.bundle_id}: {choice.reason}")
     console.print(f"accuracy gate: {choice.gate_db:.1f} dB against torch float32")
     console.print(runtime.describe())
+
+
+def _export_bioimageio(
+    loaded, out: Path, sample: Path | None, authors: list[str], license_id: str
+) -> None:
+    from livedecon.engines.bioimageio_package import export_bioimageio
+    from livedecon.engines.ome_tiff import read_raw_tiff
+
+    counts = None
+    m = loaded.manifest
+    if sample is not None:
+        if not sample.is_file():
+            raise _fail(f"{sample}: no such file")
+        image = read_raw_tiff(sample, m.input_pixel_um, f"bundle {loaded.bundle_id}")
+        need = 3 if m.is_3d else 2
+        if image.data.ndim < need:
+            raise _fail(
+                f"{sample}: shape {image.data.shape} has no {'Z, ' if need == 3 else ''}Y, X"
+            )
+        counts = image.data.reshape(-1, *image.data.shape[-need:])[0]
+    try:
+        with console.status("exporting (ONNX, TorchScript, test tensors)"):
+            report = export_bioimageio(
+                loaded, out, sample_counts=counts, authors=tuple(authors), license_id=license_id
+            )
+    except ImportError as exc:  # bioimageio.spec comes with the optional extra
+        if not (exc.name or "").startswith("bioimageio"):
+            raise
+        raise _fail(
+            f"--bioimageio needs the bioimageio extra ({exc.name} is missing):"
+            ' pip install "livedecon[bioimageio]"'
+        ) from None
+    console.print(
+        f"wrote bioimage.io package {report.path} from {loaded.bundle_id}:"
+        f" weights {', '.join(report.weights_formats)}; outputs {', '.join(report.outputs)};"
+        f" test input {report.test_input_shape}; check it with: bioimageio test {report.path}"
+    )
 
 
 @app.command()
