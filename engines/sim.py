@@ -331,7 +331,10 @@ def estimate_parameters(
     ks = [_pattern_vector(separate_bands(raw, nominal), prepared, ring) for raw in raws]
     magnitude = float(np.median([np.hypot(*k) for k in ks]))
     good = [abs(np.hypot(*k) / magnitude - 1) <= 0.03 for k in ks]
-    if any(good) and not all(good):
+    # one setup, one period: unless two angles agree on it, what was found is noise (sparse
+    # puncta, too few photons) and no angle counts as patterned
+    seen = sum(good) >= min(2, settings.angles)
+    if seen and not all(good):
         # evenly spread angles, 180/A degrees apart: look where no good angle is
         first = np.arctan2(*ks[good.index(True)])
         taken = [np.arctan2(*k) for k, ok in zip(ks, good, strict=True) if ok]
@@ -351,7 +354,8 @@ def estimate_parameters(
         bands = separate_bands(raw, phi)
         otf_k = _shifted_otf(prepared.psf, k, cutoff)
         m = 2 * abs(_modulation(bands[0], _shift_band(bands[1], k), otf, otf_k, cutoff))
-        if m < settings.min_modulation or np.linalg.cond(_mixing(phi)) > MAX_MIXING_CONDITION:
+        unusable = np.linalg.cond(_mixing(phi)) > MAX_MIXING_CONDITION
+        if not seen or m < settings.min_modulation or unusable:
             m, phi = 0.0, nominal  # no pattern found: this angle counts as widefield only
         phases.append([float(p) for p in phi])
         modulations.append(float(min(m, 1.5)))
@@ -445,9 +449,10 @@ def reconstruct(
     for a in range(settings.angles):
         raw = spectra[a * settings.phases : (a + 1) * settings.phases]
         k = np.asarray(parameters.k[a])
-        reach = max(reach, float(np.hypot(*k)))
         bands = separate_bands(raw, np.asarray(parameters.phases[a]))
         half_m = parameters.modulation[a] / 2
+        if half_m > 0:  # the support extends only where a pattern was found
+            reach = max(reach, float(np.hypot(*k)))
         # each band on the specimen's frequencies: data M_j = H_j S, with its transfer H_j
         # (B+ moved by k0 sees (m/2) OTF(q + k0)); both notched at the band's own centre
         if half_m == 0:  # no pattern found for this angle: its mean is a widefield image
