@@ -12,6 +12,7 @@ Micro-Manager SIM acquisition would (angle and phase index).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydantic import Field
@@ -22,6 +23,7 @@ from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel, camera
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.calibration.quality_bench import Scene, _microscope
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.ome_tiff import write_ome_tiff
 from livedecon.engines.sim import SimParameters
 
 PSF_PX = 63  # detection PSF on the 2x grid
@@ -145,3 +147,34 @@ def detection_cutoff_per_um(optics: Optics) -> float:
 def _binned(fine: np.ndarray) -> np.ndarray:
     ny, nx = (n // UPSAMPLING for n in fine.shape)
     return fine.reshape(ny, UPSAMPLING, nx, UPSAMPLING).sum(axis=(1, 3))
+
+
+def write_sim_acquisition(acquisition: SimAcquisition, out_dir: Path) -> dict[str, object]:
+    """The raw frames (camera counts, one plane per angle and phase, angle by angle) and the
+    truth at SIM resolution as OME-TIFF, with what a reconstruction needs to know."""
+    frames = acquisition.counts
+    camera_um = UPSAMPLING * acquisition.fine_pixel_um
+    order = ", ".join(f"{m['sim_angle']}/{m['sim_phase']}" for m in acquisition.frame_metadata)
+    raw = write_ome_tiff(
+        Path(out_dir) / "sim_raw.ome.tif",
+        frames,
+        "TYX",
+        camera_um,
+        description=f"SIM raw frames, camera counts; plane = angle/phase: {order}",
+    )
+    truth = write_ome_tiff(
+        Path(out_dir) / "sim_truth.ome.tif",
+        acquisition.reference.astype(np.float32),
+        "YX",
+        acquisition.fine_pixel_um,
+        description="the specimen at SIM resolution, photoelectrons per pixel, no background",
+    )
+    return {
+        "raw": raw.name,
+        "truth": truth.name,
+        "frames": acquisition.frame_metadata,
+        "pattern": acquisition.truth_parameters.model_dump(mode="json"),
+        "detection_cutoff_per_um": acquisition.cutoff_per_um,
+        "scene": acquisition.scene.model_dump(mode="json"),
+        "camera": acquisition.camera.model_dump(mode="json"),
+    }

@@ -47,8 +47,15 @@ def simulate(
     frames: Annotated[int, typer.Option(min=1, help="timepoints in the 2D series")] = 20,
     interval_s: Annotated[float, typer.Option(min=0.0, help="time between frames")] = 5.0,
     exposure_ms: Annotated[float, typer.Option(min=0.01, help="camera exposure")] = 20.0,
+    sim: Annotated[
+        bool, typer.Option("--sim", help="also a 2D SIM acquisition (3 angles x 3 phases)")
+    ] = False,
+    sim_photons: Annotated[
+        float, typer.Option(min=0.1, help="SIM: peak photons per raw frame")
+    ] = 100.0,
 ) -> None:
-    """Write a synthetic 2D time series and a 3D stack, each with its ground truth (OME-TIFF)."""
+    """Write a synthetic 2D time series and a 3D stack, each with its ground truth (OME-TIFF);
+    with --sim also a SIM acquisition (TIRF, 256 x 256) with its truth and true pattern."""
     from livedecon.calibration.config import load_microscope
     from livedecon.calibration.forward_model import sample_planes_um
     from livedecon.calibration.simulation import (
@@ -74,7 +81,16 @@ def simulate(
         step = lambda n: progress.advance(task, n)  # noqa: E731
         series = simulate_time_series(scope_2d, out, frames, interval_s, exposure_ms, step)
         stack = simulate_stack(scope_3d, out, exposure_ms, step)
-    manifest = write_manifest(out, {"series_2d": series, "stack_3d": stack})
+    entries = {"series_2d": series, "stack_3d": stack}
+    if sim:
+        from livedecon.calibration.quality_bench import Scene
+        from livedecon.calibration.sim_simulator import render_sim, write_sim_acquisition
+
+        with console.status("rendering the SIM acquisition"):
+            scene = Scene(structure="mixed", peak_photons=sim_photons, size_px=256, seed=4000)
+            entries["sim_2d"] = write_sim_acquisition(render_sim(scene), out)
+        console.print(f"wrote {out / 'sim_raw.ome.tif'} (9 x 256 x 256) and its truth")
+    manifest = write_manifest(out, entries)
     console.print(
         f"wrote {out / series['raw']} ({frames} x {scope_2d.camera.height_px} x "
         f"{scope_2d.camera.width_px}), {out / stack['raw']} ({n_planes} planes), their ground "

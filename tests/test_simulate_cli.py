@@ -48,6 +48,7 @@ def simulated(tmp_path_factory) -> Path:
         str(_small_config(tmp, "microscope_sim.toml", 64)),
         "--config-3d",
         str(_small_config(tmp, "microscope_widefield_3d.toml", 48)),
+        "--sim",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return out
@@ -96,6 +97,33 @@ def test_truth_and_noisy_data_align(simulated):
         assert np.unravel_index(np.argmax(xcorr), xcorr.shape) == (0, 0)
     # consecutive timepoints differ: the sample moves
     assert not np.allclose(truth[0], truth[-1])
+
+
+def test_the_sim_acquisition_holds_its_frames_truth_and_pattern(simulated):
+    from livedecon.calibration.psf import theoretical_psf
+    from livedecon.calibration.quality_bench import OPTICS
+    from livedecon.engines.sim import SimParameters, estimate_parameters
+
+    manifest = json.loads((simulated / "simulation.json").read_text())["sim_2d"]
+    raw = read_ome_tiff(simulated / manifest["raw"])
+    truth = read_ome_tiff(simulated / manifest["truth"])
+    assert raw.data.shape == (9, 256, 256)
+    assert truth.data.shape == (512, 512)
+    assert truth.pixel_size_um == pytest.approx(raw.pixel_size_um / 2)
+    assert [(f["sim_angle"], f["sim_phase"]) for f in manifest["frames"]][:4] == [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (1, 0),
+    ]
+    # what the files say is enough to find the pattern again
+    camera = manifest["camera"]
+    electrons = (raw.data - camera["offset_adu"]) * camera["gain_e_per_adu"]
+    fine_um = truth.pixel_size_um
+    psf = theoretical_psf(OPTICS["tirf"], fine_um, 63)[0]
+    found = estimate_parameters(electrons, psf, fine_um, manifest["detection_cutoff_per_um"])
+    true = SimParameters.model_validate(manifest["pattern"])
+    assert np.allclose(found.periods_um(), true.periods_um(), rtol=0.005)
 
 
 def test_config_error_is_one_clear_message(tmp_path):
