@@ -11,6 +11,12 @@ from livedecon.calibration.metrics import decorrelation_resolution, psnr
 from livedecon.calibration.quality_bench import Scene, _inner, fit_to
 from livedecon.calibration.sim_simulator import SimIllumination, render_sim
 from livedecon.engines.sim import SimSettings, estimate_parameters, reconstruct
+from livedecon.engines.sim_training import (
+    SimRecorruption,
+    SimTrainingConfig,
+    restore_sim,
+    train_zs_sim,
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +127,59 @@ def test_bad_inputs_are_refused_with_what_is_wrong(bright):
         render_sim(Scene(structure="volume", size_px=64))
     with pytest.raises(ValueError, match="frequency"):
         SimIllumination(frequency=1.2)
+
+
+# -- ZS-DeconvNet-SIM ---------------------------------------------------------------------
+
+
+def _zs_sim_config(iterations: int, width: int = 8) -> SimTrainingConfig:
+    base = SimTrainingConfig(iterations=iterations)
+    network = base.network.model_copy(
+        update={
+            "unet": base.network.unet.model_copy(update={"base_width": width}),
+            "tail_width": 2 * width,
+        }
+    )
+    return base.model_copy(update={"network": network})
+
+
+def test_zs_sim_pairs_psf_and_a_short_run(bright):
+    electrons = _electrons(bright)[:, :64, :64]
+    truth = bright.truth_parameters
+    config = _zs_sim_config(30).model_copy(
+        update={"recorruption": SimRecorruption(pairs=3), "patch_px": 32}
+    )
+    result = train_zs_sim(electrons, bright.psf_2x, truth, bright.cutoff_per_um, 1.5, config)
+    # the SIM PSF: the reconstruction of a point, normalised, narrower than the detection PSF
+    assert result.sim_psf.sum() == pytest.approx(1.0)
+    assert result.sim_psf.max() > 2 * (bright.psf_2x.max() / bright.psf_2x.sum())
+    assert result.losses[-1] < result.losses[0]  # it learns
+    restored = restore_sim(result, np.ones((128, 128), np.float32))
+    assert restored.shape == (128, 128)
+    bad = config.model_copy(
+        update={"network": config.network.model_copy(update={"upsample": True})}
+    )
+    with pytest.raises(ValueError, match="upsample"):
+        train_zs_sim(electrons, bright.psf_2x, truth, bright.cutoff_per_um, 1.5, bad)
+
+
+@pytest.mark.slow
+def test_zs_sim_beats_wiener_at_low_light():
+    """30 photons peak per raw frame (a tenth of a comfortable SIM acquisition), calibrated
+    pattern: 300 iterations of the fast network on 24 recorrupted pairs. Measured: Wiener
+    33.91 dB, ZS-DeconvNet-SIM 35.81 dB (600 iterations in the prototype: 36.76)."""
+    acquisition = render_sim(Scene(structure="mixed", peak_photons=30, size_px=128, seed=1070))
+    electrons = _electrons(acquisition)
+    args = (acquisition.psf_2x, acquisition.fine_pixel_um, acquisition.cutoff_per_um)
+    truth = acquisition.truth_parameters
+    result = train_zs_sim(
+        electrons,
+        acquisition.psf_2x,
+        truth,
+        acquisition.cutoff_per_um,
+        1.5,
+        _zs_sim_config(300, width=16),
+    )
+    wiener = reconstruct(electrons, *args, result.settings, truth).image
+    through = lambda img: _fitted_psnr(img, acquisition)  # noqa: E731
+    assert through(restore_sim(result, wiener)) > through(wiener) + 1.0
