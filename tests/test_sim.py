@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import signal
 
 from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.metrics import decorrelation_resolution, psnr
-from livedecon.calibration.quality_bench import Scene, _inner, fit_to
+from livedecon.calibration.psf import theoretical_psf
+from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
 from livedecon.calibration.sim_simulator import SimIllumination, render_sim
 from livedecon.engines.sim import SimSettings, estimate_parameters, reconstruct
 from livedecon.engines.sim_training import (
@@ -181,5 +183,14 @@ def test_zs_sim_beats_wiener_at_low_light():
         _zs_sim_config(300, width=16),
     )
     wiener = reconstruct(electrons, *args, result.settings, truth).image
-    through = lambda img: _fitted_psnr(img, acquisition)  # noqa: E731
-    assert through(restore_sim(result, wiener)) > through(wiener) + 1.0
+    # scored as the quality bench scores: the better of as-is and seen through the reference
+    # PSF (half the wavelength), so an estimate sharper than the reference is not penalised
+    half = OPTICS["tirf"].model_copy(update={"emission_um": OPTICS["tirf"].emission_um / 2})
+    reference_psf = theoretical_psf(half, acquisition.fine_pixel_um, 41)[0]
+    reference_psf /= reference_psf.sum()
+
+    def best(image: np.ndarray) -> float:
+        seen = signal.fftconvolve(image, reference_psf, mode="same")
+        return max(_fitted_psnr(image, acquisition), _fitted_psnr(seen, acquisition))
+
+    assert best(restore_sim(result, wiener)) > best(wiener) + 1.0
