@@ -5,9 +5,6 @@ passes bioimageio.core's own test, describes the normalisation and the 2x grid, 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -15,30 +12,20 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
+from cli_harness import run_livedecon
 
 from livedecon.engines.bundle import ModelBundle, TrainingRecord, shipped_bundle_path
 
 pytest.importorskip("bioimageio.core", reason="needs the bioimageio extra")
 
 
-def _livedecon(*args: str | Path) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).parent / "livedecon"
-    result = subprocess.run(
-        [str(script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    result.stdout = " ".join(result.stdout.split())
-    return result
-
-
 @pytest.fixture(scope="module")
 def package_2d(tmp_path_factory) -> Path:
     """The shipped 2D bundle exported as a user does."""
     out = tmp_path_factory.mktemp("bioimageio") / "fast2d-sim.zip"
-    result = _livedecon("export", "fast2d-sim", "--bioimageio", out, "--author", "Test Author")
+    result = run_livedecon(
+        "export", "fast2d-sim", "--bioimageio", out, "--author", "Test Author", columns=200
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "wrote bioimage.io package" in result.stdout
     return out

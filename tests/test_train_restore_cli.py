@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_harness import run_livedecon
 
 from livedecon.calibration.config import default_microscope
 from livedecon.calibration.forward_model import ForwardModel
@@ -30,23 +28,6 @@ base_width = 4
 """
 
 
-def _livedecon(*args: str | Path) -> subprocess.CompletedProcess:
-    """Run the installed command as a user does, on a 40-column terminal, so no assertion
-    depends on the width or on where the temporary directory is. rich folds prose at spaces, so
-    stdout comes back with its whitespace collapsed and assertions read words; a path folded
-    across lines would still not match (error lines must never wrap)."""
-    script = Path(sys.executable).parent / "livedecon"
-    result = subprocess.run(
-        [str(script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "40"},
-    )
-    result.stdout = " ".join(result.stdout.split())
-    return result
-
-
 def _small_microscope(tmp: Path) -> Path:
     text = (Path(__file__).resolve().parents[1] / "configs" / "microscope_sim.toml").read_text()
     path = tmp / "scope.toml"
@@ -60,7 +41,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     (tmp / "tiny.toml").write_text(TINY_CONFIG)
     scope = _small_microscope(tmp)
     bundle = tmp / "tiny-bundle"
-    result = _livedecon(
+    result = run_livedecon(
         "train",
         bundle,
         "--microscope",
@@ -93,13 +74,13 @@ def test_train_writes_a_loadable_bundle_with_provenance(trained):
 
 def test_train_refuses_an_existing_bundle_and_bad_input(trained, tmp_path):
     bundle_dir, scope = trained
-    again = _livedecon("train", bundle_dir, "--microscope", scope)
+    again = run_livedecon("train", bundle_dir, "--microscope", scope)
     assert again.returncode == 2
     assert "already exists" in again.stdout
-    missing = _livedecon("train", tmp_path / "b", tmp_path / "nope.tif", "--microscope", scope)
+    missing = run_livedecon("train", tmp_path / "b", tmp_path / "nope.tif", "--microscope", scope)
     assert missing.returncode == 2
     assert f"{tmp_path / 'nope.tif'}: no such file" in missing.stdout  # one line, however long
-    bad_net = _livedecon("train", tmp_path / "b", "--network", "huge")
+    bad_net = run_livedecon("train", tmp_path / "b", "--network", "huge")
     assert bad_net.returncode == 2
     assert "--network" in bad_net.stdout
 
@@ -112,7 +93,7 @@ def test_restore_writes_upsampled_photoelectrons_with_metadata(trained, tmp_path
     counts = np.stack([model.acquire(t, 0.0, 20.0).counts for t in (0.0, 5.0)])
     raw = write_ome_tiff(tmp_path / "raw.ome.tif", counts, "TYX", scope.optics.pixel_size_um)
     out = tmp_path / "restored.ome.tif"
-    result = _livedecon("restore", bundle_dir, raw, out)
+    result = run_livedecon("restore", bundle_dir, raw, out)
     assert result.returncode == 0, result.stdout + result.stderr
     image = read_ome_tiff(out)
     assert image.axes == "TYX"
@@ -130,14 +111,14 @@ def test_restore_refuses_bad_input(trained, tmp_path):
     bundle_dir, _ = trained
     counts = np.full((32, 32), 120, np.uint16)
     wrong_pixel = write_ome_tiff(tmp_path / "wrong.ome.tif", counts, "YX", 0.2)
-    result = _livedecon("restore", bundle_dir, wrong_pixel, tmp_path / "o.tif")
+    result = run_livedecon("restore", bundle_dir, wrong_pixel, tmp_path / "o.tif")
     assert result.returncode == 2
     assert "pixel size 0.2 um" in result.stdout
-    same = _livedecon("restore", bundle_dir, wrong_pixel, wrong_pixel)
+    same = run_livedecon("restore", bundle_dir, wrong_pixel, wrong_pixel)
     assert "overwrite the raw input" in same.stdout
-    missing = _livedecon("restore", bundle_dir, tmp_path / "nope.tif", tmp_path / "o.tif")
+    missing = run_livedecon("restore", bundle_dir, tmp_path / "nope.tif", tmp_path / "o.tif")
     assert "no such file" in missing.stdout
-    unknown = _livedecon("restore", "no-such-bundle", wrong_pixel, tmp_path / "o.tif")
+    unknown = run_livedecon("restore", "no-such-bundle", wrong_pixel, tmp_path / "o.tif")
     assert unknown.returncode == 2
     assert "no-such-bundle" in unknown.stdout
 
@@ -157,7 +138,7 @@ attention_reduction = 2
 
 
 def test_3d_train_and_restore_of_a_z_stack(tmp_path):
-    too_small = _livedecon(
+    too_small = run_livedecon(
         "train",
         tmp_path / "x",
         "--network",
@@ -176,7 +157,7 @@ def test_3d_train_and_restore_of_a_z_stack(tmp_path):
     scope.write_text(text.read_text().replace("= 128", "= 32"))
     (tmp_path / "tiny3d.toml").write_text(TINY_3D_CONFIG)
     bundle = tmp_path / "tiny3d"
-    trained = _livedecon(
+    trained = run_livedecon(
         "train",
         bundle,
         "--microscope",
@@ -192,14 +173,14 @@ def test_3d_train_and_restore_of_a_z_stack(tmp_path):
     assert manifest.z_step_um == pytest.approx(0.2)
     stack = np.full((9, 24, 24), 105, np.uint16)  # restoring needs no particular size
     raw = write_ome_tiff(tmp_path / "stack.ome.tif", stack, "ZYX", 0.0925, z_step_um=0.2)
-    result = _livedecon("restore", bundle, raw, tmp_path / "out.ome.tif")
+    result = run_livedecon("restore", bundle, raw, tmp_path / "out.ome.tif")
     assert result.returncode == 0, result.stdout + result.stderr
     image = read_ome_tiff(tmp_path / "out.ome.tif")
     assert image.axes == "ZYX"
     assert image.data.shape == (9, 48, 48)
     assert image.z_step_um == pytest.approx(0.2)
     flat = write_ome_tiff(tmp_path / "flat.ome.tif", stack[0], "YX", 0.0925)
-    refused = _livedecon("restore", bundle, flat, tmp_path / "o.tif")
+    refused = run_livedecon("restore", bundle, flat, tmp_path / "o.tif")
     assert refused.returncode == 2
     assert "has no Z, Y, X" in refused.stdout
 
@@ -244,7 +225,7 @@ def test_train_without_camera_values_uses_and_records_the_frames_own_noise(tmp_p
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_CONFIG)
     out = tmp_path / "model"
-    done = _livedecon("train", out, frame, "--microscope", scope, "--config", config)
+    done = run_livedecon("train", out, frame, "--microscope", scope, "--config", config)
     assert done.returncode == 0, done.stderr
     assert "noise of the frames themselves" in done.stdout
     assert "estimated camera values" in done.stdout
