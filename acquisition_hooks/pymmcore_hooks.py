@@ -161,9 +161,14 @@ class LivedeconHandler:
         events.frameReady.disconnect(self.frameReady)
         events.sequenceFinished.disconnect(self.sequenceFinished)
 
-    def plan(self, sequence: Any, summary: Mapping[str, Any] | None = None) -> tuple[Plan, dict]:
+    def plan(
+        self,
+        sequence: Any,
+        summary: Mapping[str, Any] | None = None,
+        options: SequenceOptions | None = None,
+    ) -> tuple[Plan, dict]:
         """The plan of `sequence` with its options, and the images per timepoint."""
-        options = sequence_options(sequence)
+        options = options or sequence_options(sequence)
         pixel_size = summary_pixel_size_um(summary)
         if pixel_size is None and self.core is not None:
             pixel_size = float(self.core.getPixelSizeUm())
@@ -182,8 +187,9 @@ class LivedeconHandler:
     def sequenceStarted(self, sequence: Any, metadata: Mapping[str, Any] | None = None) -> None:  # noqa: N802
         self._started_at = time.time()
         try:
-            plan, per_timepoint = self.plan(sequence, metadata)
-            chosen = sequence_options(sequence).acquisition_id or self.acquisition_id
+            options = sequence_options(sequence)
+            plan, per_timepoint = self.plan(sequence, metadata, options)
+            chosen = options.acquisition_id or self.acquisition_id
             self.stream = DaemonStream(
                 chosen or new_acquisition_id("mda"),
                 plan,
@@ -219,9 +225,6 @@ class LivedeconHandler:
         if "runner_time_ms" in metadata and not any(k in camera for k in CAMERA_TIME_KEYS):
             return self._started_at + float(metadata["runner_time_ms"]) / 1000.0
         return camera_time(camera)
-
-
-MDAHooks = LivedeconHandler  # the earlier name
 
 
 def attach_livedecon(core: Any, **options: Any) -> LivedeconHandler:

@@ -77,15 +77,15 @@ def _is_counts(frame: np.ndarray) -> bool:
     return bool(np.array_equal(frame, np.round(frame)))
 
 
-def _level_statistics(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _level_statistics(frame: np.ndarray, dither: bool) -> tuple[np.ndarray, np.ndarray]:
     """(local mean, high-pass residual) of the interior pixels.
 
-    Integer counts are dithered first (uniform noise of one count's width, fixed seed): where
+    With `dither` (integer counts) uniform noise of one count's width is added first: where
     the noise spans only a few counts the residuals take few values and their median absolute
     deviation moves in whole steps, blind to the shot noise. Dither adds 1/12 count^2 at every
     level, which the fitted line's constant absorbs; it leaves the slope, the gain, alone."""
     frame = np.asarray(frame, dtype=np.float64)
-    if _is_counts(frame):
+    if dither:
         frame = frame + np.random.default_rng(0).uniform(-0.5, 0.5, frame.shape)
     mean = ndimage.uniform_filter(frame, MEAN_WINDOW, mode="reflect")
     residual = ndimage.correlate(frame, _KERNEL, mode="reflect")
@@ -99,7 +99,8 @@ def estimate_noise(frames: Sequence[np.ndarray], black_percentile: float = 2.0) 
     planes = [p for f in frames for p in np.asarray(f).reshape(-1, *np.shape(f)[-2:])]
     if not planes or min(planes[0].shape) < 4 * MEAN_WINDOW:
         raise NoiseEstimateError("need frames of at least 28 x 28 pixels to estimate noise")
-    stats = [_level_statistics(p) for p in planes]
+    dithered = [_is_counts(p) for p in planes]
+    stats = [_level_statistics(p, d) for p, d in zip(planes, dithered, strict=True)]
     means = np.concatenate([s[0] for s in stats])
     residuals = np.concatenate([s[1] for s in stats])
     edges = np.unique(np.quantile(means, np.linspace(0.0, 0.995, BINS + 1)))
@@ -119,7 +120,7 @@ def estimate_noise(frames: Sequence[np.ndarray], black_percentile: float = 2.0) 
             " noise; give the camera's gain and offset (or calibrate it)"
         )
     a, b = _robust_line(np.array(levels), np.array(variances), np.array(counts, float))
-    b -= DITHER_VARIANCE * np.mean([_is_counts(p) for p in planes])  # the dither's own share
+    b -= DITHER_VARIANCE * np.mean(dithered)  # the dither's own share
     floor = a * min(levels) + b
     # shot noise must show: the variance grows by a quarter at least over the levels seen
     if a <= 0 or a * np.ptp(levels) < 0.25 * max(floor, 1e-12):

@@ -24,7 +24,7 @@ from livedecon.calibration.psf import theoretical_psf
 from livedecon.calibration.quality_bench import Scene, _microscope
 from livedecon.engines.configfile import StrictModel
 from livedecon.engines.ome_tiff import write_ome_tiff
-from livedecon.engines.sim import SimParameters
+from livedecon.engines.sim import SimParameters, bin_to_camera
 
 PSF_PX = 63  # detection PSF on the 2x grid
 
@@ -99,7 +99,7 @@ def render_sim(scene: Scene, illumination: SimIllumination | None = None) -> Sim
     k, phases = _true_pattern(scene, illumination, fine_um)
     y, x = np.mgrid[: truth.shape[0], : truth.shape[1]]
     widefield = signal.fftconvolve(truth, psf, mode="same")
-    scale = scene.peak_photons / float(_binned(widefield).max())
+    scale = scene.peak_photons / float(bin_to_camera(widefield).max())
     rng = np.random.default_rng(scene.seed + 17)
     frames, metadata = [], []
     for a in range(illumination.angles):
@@ -107,7 +107,7 @@ def render_sim(scene: Scene, illumination: SimIllumination | None = None) -> Sim
             lit = 1 + illumination.modulation * np.cos(
                 2 * np.pi * (k[a, 0] * y + k[a, 1] * x) + phases[a, p]
             )
-            expected = _binned(signal.fftconvolve(truth * lit, psf, mode="same")) * scale
+            expected = bin_to_camera(signal.fftconvolve(truth * lit, psf, mode="same")) * scale
             frames.append(
                 camera_counts(np.clip(expected, 0, None) + scene.background_e, scope.camera, rng)
             )
@@ -142,11 +142,6 @@ def detection_cutoff_per_um(optics: Optics) -> float:
     sample beyond its critical angle is evanescent, so a 1.49 NA objective collects an
     effective NA of ~1.33 (the PSF model's OTF is ~1% of its peak at 0.95 of that)."""
     return 2 * min(optics.na, optics.sample_ri) / optics.emission_um
-
-
-def _binned(fine: np.ndarray) -> np.ndarray:
-    ny, nx = (n // UPSAMPLING for n in fine.shape)
-    return fine.reshape(ny, UPSAMPLING, nx, UPSAMPLING).sum(axis=(1, 3))
 
 
 def write_sim_acquisition(acquisition: SimAcquisition, out_dir: Path) -> dict[str, object]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -186,16 +185,10 @@ class OmeZarrRaw:
     def _chunk_written(self, where: tuple[str, Any], index: tuple[int, ...]) -> bool:
         """Whether the chunk (or shard) holding this plane is on disk: a plane never written
         reads as the fill value, which must not pass for camera pixels."""
-        array_path = where[0]
-        meta = json.loads((self.path / array_path / "zarr.json").read_text())
-        grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
-        encoding = meta.get("chunk_key_encoding", {})
-        separator = encoding.get("configuration", {}).get("separator", "/")
-        coords = [i // c for i, c in zip((*index, 0, 0), grid, strict=True)]
-        name = separator.join(str(c) for c in coords)
-        if encoding.get("name", "default") == "default":
-            name = f"c{separator}{name}"
-        return (self.path / array_path / name).is_file()
+        array_path, array = where
+        grid = array.metadata.chunk_grid.chunk_shape  # the stored unit (a shard if sharded)
+        coords = tuple(i // c for i, c in zip((*index, 0, 0), grid, strict=True))
+        return (self.path / array_path / array.metadata.encode_chunk_key(coords)).is_file()
 
     def read(self, key: PlaneKey) -> np.ndarray:
         found = self._index(key)

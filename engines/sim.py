@@ -110,9 +110,11 @@ def psf_at_origin(psf_2x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.roll(padded, (-(psf.shape[0] // 2), -(psf.shape[1] // 2)), (0, 1))
 
 
-def otf_2x(psf_2x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The OTF (its modulus, peak 1) on an output grid of `shape` from a centred PSF."""
-    return np.abs(fft.fft2(psf_at_origin(psf_2x, shape), workers=-1))
+def bin_to_camera(fine: np.ndarray) -> np.ndarray:
+    """An image on the output (2x) grid summed onto the camera grid it came from."""
+    ny, nx = (n // UPSCALE for n in fine.shape[-2:])
+    shape = (*fine.shape[:-2], ny, UPSCALE, nx, UPSCALE)
+    return fine[..., : ny * UPSCALE, : nx * UPSCALE].reshape(shape).sum(axis=(-3, -1))
 
 
 def _fade_borders(frames: np.ndarray, width: int) -> np.ndarray:

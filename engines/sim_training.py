@@ -14,7 +14,6 @@ of the original frames.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,10 +30,12 @@ from livedecon.engines.sim import (
     SimParameters,
     SimSettings,
     _prepare,
+    bin_to_camera,
     reconstruct,
     wiener_constant,
 )
-from livedecon.engines.training import PatchSampler, Trainer
+from livedecon.engines.tiling import restore_electrons
+from livedecon.engines.training import PatchSampler, Trainer, cosine_factor
 
 SIM_PSF_PX = 31
 
@@ -87,9 +88,8 @@ def sim_psf(
     frames = []
     for k, phases, m in zip(parameters.k, parameters.phases, parameters.modulation, strict=True):
         for phase in phases:
-            lit = 1 + max(m, 0.5) * np.cos(2 * np.pi * (k[0] * y + k[1] * x) + phase)
-            blurred = signal.fftconvolve(point * lit, psf_2x, mode="same")
-            frames.append(blurred.reshape(ny // 2, 2, nx // 2, 2).sum(axis=(1, 3)))
+            lit = 1 + m * np.cos(2 * np.pi * (k[0] * y + k[1] * x) + phase)
+            frames.append(bin_to_camera(signal.fftconvolve(point * lit, psf_2x, mode="same")))
     image = reconstruct(
         np.array(frames) * 1e4,
         psf_2x,
@@ -182,9 +182,8 @@ def train_zs_sim(
     )
     losses = []
     for iteration in range(config.iterations):
-        factor = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * iteration / config.iterations))
         for group in trainer.optimizer.param_groups:
-            group["lr"] = config.learning_rate * factor
+            group["lr"] = config.learning_rate * cosine_factor(iteration / config.iterations)
         losses.append(trainer.step()["total"])
     model.eval()
     return SimTrainingResult(model, scale, psf, settings, losses)
@@ -193,10 +192,9 @@ def train_zs_sim(
 @torch.no_grad()
 def restore_sim(result: SimTrainingResult, sr_image_e: np.ndarray) -> np.ndarray:
     """The network's deconvolved image of an SR-SIM image (photoelectrons per output pixel)."""
-    units = torch.from_numpy(np.asarray(sr_image_e, dtype=np.float32) / result.scale_e)
-    multiple = result.model.multiple
-    ny, nx = units.shape
-    padded = torch.nn.functional.pad(
-        units[None, None], (0, -nx % multiple, 0, -ny % multiple), mode="reflect"
-    )
-    return result.model(padded)[1][0, 0, :ny, :nx].numpy() * result.scale_e
+    model = result.model
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(batch))[1].numpy()
+
+    return restore_electrons(infer, sr_image_e, result.scale_e, model.multiple, 1)

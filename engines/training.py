@@ -439,7 +439,11 @@ def learning_rate_factor(config: TrainingConfig, iteration: int, progress: float
     progress (0..1, by iterations or by the time budget, whichever is further)."""
     if config.schedule == "step":
         return config.lr_decay_factor ** (iteration // config.lr_decay_every)
-    floor = 0.01
+    return cosine_factor(progress)
+
+
+def cosine_factor(progress: float, floor: float = 0.01) -> float:
+    """A cosine from 1 at the start (progress 0) down to `floor` at the end (progress 1)."""
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
