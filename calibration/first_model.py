@@ -193,7 +193,7 @@ def train_bundle(
     final = float(np.mean([h["total"] for h in history[-50:]])) if history else None
     training = TrainingRecord.now(
         data=data.descriptions,
-        config=config,
+        config=result.config or config,
         iterations=result.iterations_done,
         final_loss=final,
         interrupted=result.interrupted,

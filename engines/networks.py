@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -30,6 +31,11 @@ class Network2DSpec(StrictModel):
     unet: UNetSpec = UNetSpec()
     tail_width: int = Field(128, ge=1, le=1024, description="convolutions after upsampling")
     upsample: bool = True
+    residual: bool = Field(
+        False,
+        description="the deconvolution stage adds its output to the (nearest-upsampled)"
+        " denoised image, so it learns only the sharpening; off in the reference",
+    )
     output_activation: Literal["softplus", "relu"] = Field(
         "softplus",
         description="keeps outputs non-negative; the reference's ReLU can die early in short"
@@ -139,7 +145,6 @@ class ZSDeconvNet2D(nn.Module):
                 *_conv_relu(c, w),
                 *_conv_relu(w, w),
                 nn.Conv2d(w, 1, 3, padding=1),
-                _output_activation(self.spec),
             )
         else:  # sub-pixel tail: the convolutions run on the coarse grid, PixelShuffle lifts
             r = self.upscale
@@ -147,13 +152,15 @@ class ZSDeconvNet2D(nn.Module):
                 *_conv_relu(c, w),
                 nn.Conv2d(w, r * r, 3, padding=1),
                 nn.PixelShuffle(r),
-                _output_activation(self.spec),
             )
+        self.activation = _output_activation(self.spec)  # after the tail (same weight keys)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         denoised = self.denoise_out(self.denoiser(x))
-        deconvolved = self.tail(self.deconvolver(denoised))
-        return denoised, deconvolved
+        sharpening = self.tail(self.deconvolver(denoised))
+        if self.spec.residual:
+            sharpening = sharpening + F.interpolate(denoised, scale_factor=self.upscale)
+        return denoised, self.activation(sharpening)
 
 
 class ChannelAttention3D(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.self_supervised import ssim_torch
 from livedecon.engines.selfnet import (
     PatchDiscriminator,
     SelfNetGenerator,
@@ -74,29 +75,6 @@ class SelfNetTrainingConfig(StrictModel):
 
 def charbonnier(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.sqrt((a - b) ** 2 + eps * eps).mean()
-
-
-def _gauss_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float32) - size // 2
-    g = torch.exp(-(x**2) / (2 * sigma * sigma))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
-
-
-_WINDOW = _gauss_window()
-
-
-def ssim_torch(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Mean SSIM (Gaussian window 11, sigma 1.5) of (N, 1, H, W) batches, differentiable."""
-    w = _WINDOW.to(a)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = F.conv2d(a, w), F.conv2d(b, w)
-    var_a = F.conv2d(a * a, w) - mu_a**2
-    var_b = F.conv2d(b * b, w) - mu_b**2
-    cov = F.conv2d(a * b, w) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
-    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    return (num / den).mean()
 
 
 def pixel_loss(a: torch.Tensor, b: torch.Tensor, cfg: SelfNetTrainingConfig) -> torch.Tensor:

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from livedecon.engines.self_supervised import (
     LossConfig,
     RecorruptionConfig,
+    auto_precondition,
     estimate_beta2,
     hessian_penalty,
     reblur,
     recorrupt,
+    whiten,
     zs_deconv_loss,
 )
 
@@ -117,3 +120,48 @@ def test_a_known_background_and_the_sparsity_term_enter_the_loss():
     penalised = zs_deconv_loss(frame, deconvolved, frame, psf, sparse, background=0.3)
     expected = 0.1 * float(deconvolved.abs().mean())
     assert float(penalised["total"] - with_background["total"]) == pytest.approx(expected)
+
+
+def _gaussian_psf(sigma: float, k: int = 15) -> torch.Tensor:
+    x = torch.arange(k, dtype=torch.float32) - k // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    psf = g[:, None] * g[None, :]
+    return psf / psf.sum()
+
+
+def test_whitening_lifts_what_the_psf_attenuates_and_keeps_what_it_passes():
+    psf = _gaussian_psf(2.0)
+    x = torch.arange(32.0).expand(32, 32)
+    slow = torch.cos(2 * torch.pi * x / 32)[None, None]  # one cycle per patch: passed
+    fast = torch.cos(2 * torch.pi * 10 * x / 32)[None, None]  # where the OTF is ~0.1
+    def lift(wave: torch.Tensor, eps: float) -> float:
+        return float(whiten(wave, psf, 2, eps).std() / wave.std())
+
+    assert lift(slow, 0.01) == pytest.approx(1.0, rel=0.05)
+    assert lift(fast, 0.01) > 3
+    # a larger eps lifts less: the setting is how far to trust the data's high frequencies
+    assert lift(fast, 1.0) < lift(fast, 0.01)
+
+
+def test_preconditioning_keeps_a_perfect_reconstruction_at_zero_loss():
+    psf = _gaussian_psf(1.5, 9)
+    sharp = torch.rand(2, 1, 48, 48)
+    target = reblur(sharp, psf, 2)
+    config = LossConfig(norm="l2", precondition=0.05)
+    parts = zs_deconv_loss(target, sharp, target, psf, config, 2)
+    assert float(parts["deconv"]) < 1e-10
+    with pytest.raises(ValueError, match="auto"):
+        zs_deconv_loss(target, sharp, target, psf, LossConfig(precondition="auto"), 2)
+
+
+def test_auto_precondition_trusts_high_frequencies_more_in_brighter_frames():
+    rng = np.random.default_rng(0)
+    specimen = np.zeros((128, 128))
+    specimen[::16, :] = 1.0
+    eps = []
+    for photons in (5.0, 50.0, 500.0):
+        frame = rng.poisson(photons * specimen + 2.0).astype(np.float32)
+        eps.append(auto_precondition([frame], read_noise_e=1.5))
+    assert eps[0] > eps[1] > eps[2]
+    assert all(0.005 <= e <= 1.0 for e in eps)
+    assert auto_precondition([np.zeros((32, 32))], 1.5) == 1.0  # no signal: trust nothing

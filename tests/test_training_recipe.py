@@ -75,6 +75,11 @@ def test_the_default_recipe_fits_the_machine():
     assert cpu.network.kind == "zs-deconvnet-2d-fast"
     assert cpu.budget_min == CPU_BUDGET_MIN
     assert cpu.schedule == "cosine"
+    # measured best (README, fourth round): residual deconvolution stage, OTF-preconditioned
+    # deconvolution residual with eps from the data
+    assert cpu.network.residual
+    assert cpu.loss.precondition == "auto"
+    assert default_recipe("full", device="cpu").network.residual
     gpu = default_recipe(device="cuda")
     assert gpu.network.kind == "zs-deconvnet-2d"
     assert (gpu.iterations, gpu.patch_px, gpu.learning_rate) == (50_000, 128, 5e-5)
