@@ -36,8 +36,16 @@ from livedecon.calibration.metrics import (
 )
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.dps import DpsConfig, DpsSpec, restore_dps, train_dps
+from livedecon.engines.networks import UNetSpec
 from livedecon.engines.psf_kernel import prepare_psf
-from livedecon.engines.training import TrainingConfig, default_recipe, restore, train
+from livedecon.engines.training import (
+    CPU_BUDGET_MIN,
+    TrainingConfig,
+    default_recipe,
+    restore,
+    train,
+)
 
 Structure = Literal["sparse", "dense", "puncta", "mixed", "volume"]
 OpticsName = Literal["tirf", "widefield"]
@@ -410,9 +418,22 @@ def network_restorer(config: TrainingConfig, seed: int = 0) -> Restorer:
     return restore_scene
 
 
+def dps_restorer(config: DpsConfig) -> Restorer:
+    """DPS, zero-shot on the scene's own frame; its estimate excludes the background."""
+
+    def restore_scene(rendered: RenderedScene) -> tuple[np.ndarray, dict[str, float | str]]:
+        started = time.perf_counter()
+        noise = rendered.camera.read_noise_e
+        result = train_dps([rendered.electrons], rendered.psf, noise, config)
+        notes = {"train_s": round(time.perf_counter() - started, 1)}
+        return restore_dps(result, rendered.electrons), {**notes, "iterations": len(result.losses)}
+
+    return restore_scene
+
+
 # -- the whole bench --------------------------------------------------------------------------
 
-METHODS_2D = ("raw", "rl", "fast", "full")
+METHODS_2D = ("raw", "rl", "fast", "full", "dps")
 METHODS_3D = ("raw", "rl", "3d")
 
 
@@ -424,6 +445,14 @@ def recipe_for(method: str, budget: str, budget_min: float | None) -> TrainingCo
     if budget_min is not None:
         recipe = recipe.model_copy(update={"budget_min": budget_min})
     return recipe
+
+
+def dps_recipe(budget: str, budget_min: float | None) -> DpsConfig:
+    """DPS under a budget: on the CPU the default network under the CPU cap; on a GPU the
+    full-width U-Nets for the reference's 50,000 iterations."""
+    if budget == "gpu":
+        return DpsConfig(network=DpsSpec(unet=UNetSpec()), iterations=50_000, patch_px=128)
+    return DpsConfig(iterations=1_000_000, budget_min=budget_min or CPU_BUDGET_MIN)
 
 
 def run_bench(
@@ -449,6 +478,8 @@ def run_bench(
                     return estimate, {"iterations": iterations}
 
                 result = run_method("rl", rl, rendered)
+            elif method == "dps":
+                result = run_method("dps", dps_restorer(dps_recipe(budget, budget_min)), rendered)
             else:
                 recipe = recipe_for(method, budget, budget_min)
                 result = run_method(method, network_restorer(recipe), rendered)

@@ -35,7 +35,7 @@ from livedecon.engines.sim import (
     wiener_constant,
 )
 from livedecon.engines.tiling import restore_electrons
-from livedecon.engines.training import PatchSampler, Trainer, cosine_factor
+from livedecon.engines.training import PatchSampler, Trainer, run_cosine
 
 SIM_PSF_PX = 31
 
@@ -139,6 +139,47 @@ class _PairObjective:
         return zs_deconv_loss(denoised, deconvolved, targets, self.psf, self.loss, upscale=1)
 
 
+@dataclass
+class SimPairs:
+    """What a network learns SIM restoration from: recorrupted SR pairs (model units), the
+    SIM PSF, and the reconstruction they came through."""
+
+    pairs: list[np.ndarray]  # (2, 2Y, 2X): noisier, cleaner
+    scale_e: float
+    psf: np.ndarray
+    settings: SimSettings
+
+
+def sim_training_pairs(
+    frames_e: np.ndarray,
+    psf_2x: np.ndarray,
+    parameters: SimParameters,
+    cutoff_per_um: float,
+    read_noise_e: float,
+    recorruption: SimRecorruption,
+    scale_percentile: float = 99.9,
+    seed: int = 0,
+) -> SimPairs:
+    """Recorrupt one acquisition's raw frames (photoelectrons, background removed) and
+    reconstruct each set with the pattern given and the Wiener constant of the frames."""
+    frames_e = np.asarray(frames_e, dtype=np.float64)
+    pixel = parameters.output_pixel_um
+    base = SimSettings()
+    w = wiener_constant(_prepare(frames_e, psf_2x, pixel, cutoff_per_um, base))
+    settings = base.model_copy(update={"wiener": w})
+
+    def reconstruct_frames(frames: np.ndarray) -> np.ndarray:
+        return reconstruct(frames, psf_2x, pixel, cutoff_per_um, settings, parameters).image
+
+    rng = np.random.default_rng(seed)
+    psf = sim_psf(parameters, psf_2x, frames_e.shape[-2:], cutoff_per_um, settings)
+    pairs = recorrupted_pairs(frames_e, reconstruct_frames, read_noise_e, recorruption, rng)
+    scale = float(np.percentile(np.stack([p[1] for p in pairs]), scale_percentile))
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError("the SIM reconstructions hold no signal above zero photoelectrons")
+    return SimPairs([p / scale for p in pairs], scale, psf, settings)
+
+
 def train_zs_sim(
     frames_e: np.ndarray,
     psf_2x: np.ndarray,
@@ -152,41 +193,25 @@ def train_zs_sim(
     config = config or SimTrainingConfig()
     if config.network.upsample:
         raise ValueError("the SIM network works on the SR grid already: upsample must be off")
-    frames_e = np.asarray(frames_e, dtype=np.float64)
-    pixel = parameters.output_pixel_um
-    base = SimSettings()
-    w = wiener_constant(_prepare(frames_e, psf_2x, pixel, cutoff_per_um, base))
-    settings = base.model_copy(update={"wiener": w})
-
-    def reconstruct_frames(frames: np.ndarray) -> np.ndarray:
-        return reconstruct(frames, psf_2x, pixel, cutoff_per_um, settings, parameters).image
-
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)
-    psf = sim_psf(parameters, psf_2x, frames_e.shape[-2:], cutoff_per_um, settings)
-    pairs = recorrupted_pairs(frames_e, reconstruct_frames, read_noise_e, config.recorruption, rng)
-    scale = float(np.percentile(np.stack([p[1] for p in pairs]), config.scale_percentile))
-    if not np.isfinite(scale) or scale <= 0:
-        raise ValueError("the SIM reconstructions hold no signal above zero photoelectrons")
-    model = build_network(config.network)
-    sampler = PatchSampler(
-        [p / scale for p in pairs], (2, config.patch_px, config.patch_px), config.seed
-    )
-    trainer = Trainer(
-        model,
-        _PairObjective(psf, config.loss),
-        sampler,
-        config.batch_size,
-        config.learning_rate,
+    data = sim_training_pairs(
+        frames_e,
+        psf_2x,
+        parameters,
+        cutoff_per_um,
+        read_noise_e,
+        config.recorruption,
+        config.scale_percentile,
         config.seed,
     )
-    losses = []
-    for iteration in range(config.iterations):
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = config.learning_rate * cosine_factor(iteration / config.iterations)
-        losses.append(trainer.step()["total"])
-    model.eval()
-    return SimTrainingResult(model, scale, psf, settings, losses)
+    torch.manual_seed(config.seed)
+    model = build_network(config.network)
+    sampler = PatchSampler(data.pairs, (2, config.patch_px, config.patch_px), config.seed)
+    objective = _PairObjective(data.psf, config.loss)
+    trainer = Trainer(
+        model, objective, sampler, config.batch_size, config.learning_rate, config.seed
+    )
+    losses = run_cosine(trainer, config.iterations, config.learning_rate)
+    return SimTrainingResult(model, data.scale_e, data.psf, data.settings, losses)
 
 
 @torch.no_grad()

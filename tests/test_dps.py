@@ -1,0 +1,95 @@
+"""DPS (deep physics-informed sparsity): the error-feedback network, its objective, and
+zero-shot training on widefield frames and behind the Wiener SIM reconstruction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from livedecon.engines.dps import (
+    DpsConfig,
+    DpsLoss,
+    DpsNet,
+    DpsSpec,
+    dps_loss,
+    restore_dps,
+    train_dps,
+    train_dps_sim,
+)
+from livedecon.engines.networks import UNetSpec
+
+TINY = DpsSpec(unet=UNetSpec(levels=2, convs_per_block=1, base_width=4), feedback_width=4)
+
+
+def _box_psf(k: int = 9) -> np.ndarray:
+    return np.full((k, k), 1.0 / k**2, dtype=np.float32)
+
+
+def test_the_network_maps_a_frame_to_a_denoised_frame_and_a_2x_estimate():
+    model = DpsNet(TINY, _box_psf(), background=0.25)
+    denoised, estimate = model(torch.rand(2, 1, 32, 48))
+    assert denoised.shape == (2, 1, 32, 48)
+    assert estimate.shape == (2, 1, 64, 96)
+    assert (estimate >= 0).all()
+    assert (denoised >= 0).all()
+    # the forward model is the physics: blur, binning, plus the background
+    flat = torch.ones(1, 1, 64, 64)
+    assert torch.allclose(model.forward_model(flat), torch.full((1, 1, 32, 32), 1.25))
+
+
+def test_the_error_feedback_corrects_the_first_estimate():
+    model = DpsNet(TINY, _box_psf())
+    x = torch.rand(1, 1, 32, 32)
+    _, with_feedback = model(x)
+    for p in model.feedback.parameters():
+        torch.nn.init.zeros_(p)
+    _, without = model(x)
+    assert not torch.allclose(with_feedback, without)  # the unit takes part
+    pre = model.first(model.deconvolver(model(x)[0]))
+    assert torch.allclose(without, torch.nn.functional.softplus(pre, beta=10))
+
+
+def test_each_term_of_the_objective_responds_to_its_weight():
+    model = DpsNet(TINY, _box_psf())
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        denoised, estimate = model(x)
+    args = (denoised, estimate, x, model.forward_model, 4)
+    base = dps_loss(*args, DpsLoss(), 2)
+    assert all(torch.isfinite(v) for v in base.values())
+    for weight, part in (("sparsity_weight", "sparsity"), ("hessian_weight", "hessian")):
+        more = dps_loss(*args, DpsLoss(**{weight: 1.0}), 2)
+        assert float(more["total"]) == pytest.approx(
+            float(base["total"]) + (1.0 - getattr(DpsLoss(), weight)) * float(base[part]),
+            rel=1e-5,
+        )
+    # fidelity to the noisy target instead of the (fixed) denoised image
+    to_target = dps_loss(*args, DpsLoss(fidelity_to="target"), 2)
+    assert float(to_target["fidelity"]) != pytest.approx(float(base["fidelity"]))
+
+
+def test_widefield_training_learns_and_restores_onto_the_2x_grid():
+    rng = np.random.default_rng(0)
+    frame = rng.poisson(np.full((64, 64), 20.0)).astype(np.float32)
+    frame[20:24, 10:50] += rng.poisson(80.0, (4, 40))
+    config = DpsConfig(network=TINY, iterations=40, patch_px=32, batch_size=2)
+    result = train_dps([frame], _box_psf(), 1.5, config)
+    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10])
+    restored = restore_dps(result, frame[:48, :40])
+    assert restored.shape == (96, 80)
+    # the background is in the forward model: the estimate holds the specimen, so the
+    # restored photons are those above the frame's background
+    assert restored.sum() < 0.6 * frame[:48, :40].sum()
+    with pytest.raises(ValueError, match="upsample"):
+        train_dps(
+            [frame],
+            _box_psf(),
+            1.5,
+            config.model_copy(update={"network": TINY.model_copy(update={"upsample": False})}),
+        )
+
+
+def test_sim_training_refuses_an_upsampling_network():
+    with pytest.raises(ValueError, match="upsample"):
+        train_dps_sim(np.zeros((9, 32, 32)), _box_psf(), None, 1.0, 1.5, DpsConfig(network=TINY))
