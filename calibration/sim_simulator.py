@@ -84,16 +84,25 @@ def _true_pattern(
     return k, phases
 
 
-def render_sim(scene: Scene, illumination: SimIllumination | None = None) -> SimAcquisition:
+def render_sim(
+    scene: Scene,
+    illumination: SimIllumination | None = None,
+    specimen: np.ndarray | None = None,
+) -> SimAcquisition:
     """A SIM acquisition of `scene` (2D): peak_photons is the widefield-equivalent peak per
-    raw frame, as the widefield simulator's."""
+    raw frame, as the widefield simulator's. `specimen` (on the 2x grid) replaces
+    the scene's own filaments and puncta, as the resolution targets do; the scene still gives
+    optics, camera, light and seeds."""
     if scene.is_3d:
         raise ValueError("the SIM simulator makes 2D acquisitions; the scene is a volume")
     illumination = illumination or SimIllumination()
     scope = _microscope(scene)
     model = ForwardModel(scope, noise_seed=scene.seed)
     fine_um = model.truth_pixel_um
-    truth = model.truth(0.0, 0.0).astype(np.float64)  # photons/s per fine pixel
+    fine_shape = (UPSAMPLING * scene.size_px,) * 2
+    if specimen is not None and specimen.shape != fine_shape:
+        raise ValueError(f"the specimen must be {fine_shape} for this scene, got {specimen.shape}")
+    truth = (model.truth(0.0, 0.0) if specimen is None else specimen).astype(np.float64)
     psf = theoretical_psf(scope.optics, fine_um, PSF_PX)[0]
     psf /= psf.sum()
     k, phases = _true_pattern(scene, illumination, fine_um)

@@ -109,7 +109,7 @@ def bench_quality_command(
     budget_min: Annotated[
         float | None, typer.Option(min=0.1, help="override the per-model time cap (minutes)")
     ] = None,
-    methods: Annotated[str, typer.Option(help="comma list of raw, rl, fast, full, 3d")] = (
+    methods: Annotated[str, typer.Option(help="comma list of raw, rl, fast, full, 3d, dps")] = (
         "raw,rl,fast,full,3d"
     ),
     structures: Annotated[
@@ -293,11 +293,19 @@ def bench_sim_command(
     peaks: Annotated[str, typer.Option(help="peak signals per raw frame, photons")] = "15,30,100",
     size: Annotated[int, typer.Option(min=64, help="raw frame size (camera pixels)")] = 128,
     speed_size: Annotated[int, typer.Option(min=64, help="frame size for the speed row")] = 512,
+    targets: Annotated[
+        bool, typer.Option(help="also the line and bead pairs: smallest separation resolved")
+    ] = False,
+    target_peak: Annotated[float, typer.Option(min=1.0, help="targets: photons per frame")] = 100,
+    iterations: Annotated[
+        int, typer.Option(min=1, help="targets: training iterations of each network")
+    ] = 300,
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench_sim.json"),
 ) -> None:
     """2D SIM (3 angles x 3 phases) on simulated TIRF scenes: pattern found against the true
     one, widefield against SIM reconstruction (fitted PSNR at SIM resolution, decorrelation
-    resolution), and reconstruction speed."""
+    resolution), and reconstruction speed. With --targets, the smallest separation of line
+    and bead pairs that widefield, Wiener SIM, ZS-DeconvNet-SIM and DPS each resolve."""
     from rich.table import Table
 
     from livedecon.calibration.sim_bench import run_sim_bench, sim_scenes
@@ -346,5 +354,29 @@ def bench_sim_command(
         f"reconstruction of 9 x {speed['size_px']}^2 with known parameters:"
         f" {speed['median_s']:.2f} s ({speed['sr_frames_per_s']:.2f} SR frames/s) on {_device()}"
     )
+    if targets:
+        results["targets"] = _pair_targets_table(target_peak, iterations)
     out.write_text(json.dumps({"device": _device(), **results}, indent=2, default=float))
     console.print(f"wrote {out}")
+
+
+def _pair_targets_table(peak: float, iterations: int) -> dict[str, dict[str, float | None]]:
+    from rich.table import Table
+
+    from livedecon.calibration.sim_bench import TARGET_METHODS, run_pair_targets
+
+    found = {}
+    with console.status("bench sim: pair targets") as status:
+        for kind in ("lines", "beads"):
+            found[kind] = run_pair_targets(
+                kind, peak, iterations, lambda w: status.update(f"bench sim: {w}")
+            )
+    table = Table(title=f"smallest separation resolved (nm), {peak:g} photons per raw frame")
+    table.add_column("pairs")
+    for method in TARGET_METHODS:
+        table.add_column(method, justify="right")
+    for kind, row in found.items():
+        cells = ("-" if row[m] is None else f"{row[m]:.0f}" for m in TARGET_METHODS)
+        table.add_row(kind, *cells)
+    console.print(table)
+    return found
