@@ -12,6 +12,7 @@ import torch
 
 from livedecon.calibration.quality_bench import (
     Scene,
+    best_richardson_lucy,
     network_restorer,
     raw_estimate,
     render,
@@ -63,3 +64,20 @@ def test_3d_network_beats_raw_without_plane_alternation():
     assert net.psnr > raw.psnr + 2.0
     assert net.psnr_focus > raw.psnr_focus
     assert net.alternation <= raw.alternation + ALTERNATION_BOUND
+
+
+def test_2d_fast_network_beats_richardson_lucy():
+    """The CPU recipe (fast network with a residual deconvolution stage, the deconvolution
+    residual preconditioned by the OTF) for 600 iterations on a mixed TIRF scene at 15
+    photons peak (a seed no setting was tuned on), against Richardson-Lucy at its best
+    iteration count (an oracle); 32 s on 2 cores. Measured: RL 28.07 dB (24 iterations),
+    network 28.56 dB; asserted: RL + 0.25 dB."""
+    rendered = render(Scene(structure="mixed", optics="tirf", peak_photons=15, seed=1090))
+    recipe = default_recipe("fast", "cpu").model_copy(
+        update={"iterations": 600, "budget_min": None}
+    )
+    estimate, iterations = best_richardson_lucy(rendered)
+    rl = score("rl", estimate, rendered, 0.0)
+    net = run_method("fast", network_restorer(recipe), rendered)
+    print(f"2D: RL {rl.psnr:.2f} dB ({iterations} iterations), network {net.psnr:.2f} dB")
+    assert net.psnr > rl.psnr + 0.25

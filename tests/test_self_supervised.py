@@ -134,6 +134,7 @@ def test_whitening_lifts_what_the_psf_attenuates_and_keeps_what_it_passes():
     x = torch.arange(32.0).expand(32, 32)
     slow = torch.cos(2 * torch.pi * x / 32)[None, None]  # one cycle per patch: passed
     fast = torch.cos(2 * torch.pi * 10 * x / 32)[None, None]  # where the OTF is ~0.1
+
     def lift(wave: torch.Tensor, eps: float) -> float:
         return float(whiten(wave, psf, 2, eps).std() / wave.std())
 
