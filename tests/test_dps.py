@@ -64,9 +64,9 @@ def test_each_term_of_the_objective_responds_to_its_weight():
             float(base["total"]) + (1.0 - getattr(DpsLoss(), weight)) * float(base[part]),
             rel=1e-5,
         )
-    # fidelity to the noisy target instead of the (fixed) denoised image
-    to_target = dps_loss(*args, DpsLoss(fidelity_to="target"), 2)
-    assert float(to_target["fidelity"]) != pytest.approx(float(base["fidelity"]))
+    # fidelity to the (fixed) denoised image instead of the noisy target
+    to_denoised = dps_loss(*args, DpsLoss(fidelity_to="denoised"), 2)
+    assert float(to_denoised["fidelity"]) != pytest.approx(float(base["fidelity"]))
 
 
 def test_widefield_training_learns_and_restores_onto_the_2x_grid():
@@ -93,3 +93,41 @@ def test_widefield_training_learns_and_restores_onto_the_2x_grid():
 def test_sim_training_refuses_an_upsampling_network():
     with pytest.raises(ValueError, match="upsample"):
         train_dps_sim(np.zeros((9, 32, 32)), _box_psf(), None, 1.0, 1.5, DpsConfig(network=TINY))
+
+
+def test_dps_beats_wiener_sim_at_low_light():
+    """30 photons peak per raw frame, calibrated pattern, 300 iterations of the default DPS
+    network behind the Wiener reconstruction (about 25 s on 2 cores). Measured: Wiener 33.91
+    dB, DPS 36.56 (ZS-DeconvNet-SIM at 300 iterations: 35.81); asserted: Wiener + 1.5 dB,
+    scored as the quality bench scores."""
+    from scipy import signal
+
+    from livedecon.calibration.metrics import psnr
+    from livedecon.calibration.psf import theoretical_psf
+    from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
+    from livedecon.calibration.sim_simulator import render_sim
+    from livedecon.engines.sim import reconstruct
+
+    acquisition = render_sim(Scene(structure="mixed", peak_photons=30, size_px=128, seed=1070))
+    electrons = acquisition.electrons - acquisition.scene.background_e
+    pattern = acquisition.truth_parameters
+    config = DpsConfig(network=DpsSpec(upsample=False), iterations=300)
+    args = (acquisition.psf_2x, pattern, acquisition.cutoff_per_um, 1.5, config)
+    result = train_dps_sim(electrons, *args)
+    wiener = reconstruct(
+        electrons,
+        acquisition.psf_2x,
+        acquisition.fine_pixel_um,
+        acquisition.cutoff_per_um,
+        result.sim_settings,
+        pattern,
+    ).image
+    half = OPTICS["tirf"].model_copy(update={"emission_um": OPTICS["tirf"].emission_um / 2})
+    reference_psf = theoretical_psf(half, acquisition.fine_pixel_um, 41)[0]
+    reference = _inner(acquisition.reference)
+
+    def best(image: np.ndarray) -> float:
+        seen = signal.fftconvolve(image, reference_psf / reference_psf.sum(), mode="same")
+        return max(psnr(fit_to(_inner(v), reference), reference) for v in (image, seen))
+
+    assert best(restore_dps(result, wiener)) > best(wiener) + 1.5
