@@ -87,10 +87,10 @@ def _noise(image: np.ndarray, target: PairTarget) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
-def resolved(image: np.ndarray, target: PairTarget, index: int) -> bool:
+def resolved(image: np.ndarray, target: PairTarget, index: int, noise: float | None = None) -> bool:
     """Whether `image` (on the target's fine grid) resolves pair `index`: besides the dip,
     both maxima stand out of the background by 5 noise sd and the dip is 3 sd deep, so noise
-    alone never passes for a pair."""
+    alone never passes for a pair. `noise`: the image's, when already measured."""
     _, left, right = target.centres[index]
     cols, values = _profile(image, target, index)
     quarter = (right - left) / 4
@@ -109,7 +109,7 @@ def resolved(image: np.ndarray, target: PairTarget, index: int) -> bool:
         between = (cols > left) & (cols < right)
     background = float(np.percentile(values, 5))
     dip = float(values[between].min())
-    noise = _noise(image, target)
+    noise = _noise(image, target) if noise is None else noise
     lower = min(peaks)
     return (
         dip - background <= DIP * (lower - background)
@@ -121,9 +121,9 @@ def resolved(image: np.ndarray, target: PairTarget, index: int) -> bool:
 def smallest_resolved(image: np.ndarray, target: PairTarget) -> float | None:
     """The smallest separation (nm) resolved such that every larger one is resolved too;
     None when the largest is not."""
-    best = None
+    best, noise = None, _noise(image, target)
     for index in np.argsort(target.separations_nm)[::-1]:
-        if not resolved(image, target, int(index)):
+        if not resolved(image, target, int(index), noise):
             break
         best = float(target.separations_nm[index])
     return best

@@ -42,7 +42,7 @@ from livedecon.engines.self_supervised import (
     ssim_torch,
 )
 from livedecon.engines.sim import SimParameters, SimSettings
-from livedecon.engines.sim_training import SimRecorruption, sim_training_pairs
+from livedecon.engines.sim_training import SimRecorruption, sim_training_pairs, split_sr_pairs
 from livedecon.engines.tiling import restore_electrons
 from livedecon.engines.training import (
     PatchSampler,
@@ -258,7 +258,7 @@ def train_dps_sim(
     )
 
     def make_pairs(batch: torch.Tensor, _generator: torch.Generator | None) -> tuple:
-        return batch[:, 0, 0:1], batch[:, 0, 1:2]  # (N, 1, 2, P, P): noisier, cleaner
+        return split_sr_pairs(batch)
 
     torch.manual_seed(config.seed)
     model = DpsNet(config.network, data.psf)

@@ -124,6 +124,11 @@ def recorrupted_pairs(
     return pairs
 
 
+def split_sr_pairs(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisier, cleaner) inputs and targets (N, 1, P, P) from sampled pairs (N, 1, 2, P, P)."""
+    return batch[:, 0, 0:1], batch[:, 0, 1:2]
+
+
 class _PairObjective:
     """The ZS-DeconvNet loss on (noisier, cleaner) SR patches, re-blurring with the SIM PSF."""
 
@@ -134,7 +139,7 @@ class _PairObjective:
     def __call__(
         self, model: torch.nn.Module, batch: torch.Tensor, generator: torch.Generator | None
     ) -> dict[str, torch.Tensor]:
-        inputs, targets = batch[:, 0, 0:1], batch[:, 0, 1:2]  # (N, 1, 2, P, P) -> two (N,1,P,P)
+        inputs, targets = split_sr_pairs(batch)
         denoised, deconvolved = model(inputs)
         return zs_deconv_loss(denoised, deconvolved, targets, self.psf, self.loss, upscale=1)
 
