@@ -201,7 +201,7 @@ class DisplayStream(threading.Thread):
                 return
             received = time.time()
             try:
-                publication, pixels = decode_publication(parts)
+                publication, pixels = decode_publication([part.buffer for part in parts])
             except (ProtocolError, ValueError, TypeError):
                 self.counters["malformed"] += 1
                 continue

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import pymmcore
@@ -183,10 +183,13 @@ class SimulatedCore(UniMMCore):
     so UniMMCore's Python-device overrides are the ones called.
     """
 
-    TaggedImage = TaggedImage
+    TaggedImage: TypeAlias = TaggedImage  # pycromanager's engine makes them as core.TaggedImage
 
     def __getattr__(self, name: str) -> Any:
-        camel = _snake_to_camel(type(self)).get(name)
+        # As a plain `type`: mypy checks a class object against Hashable (the cache's key) with
+        # the unbound __hash__ of its instances, and refuses it.
+        cls: type = type(self)
+        camel = _snake_to_camel(cls).get(name)
         if camel is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self, camel)
@@ -211,7 +214,9 @@ class SimulatedCore(UniMMCore):
     def pop_next_tagged_image(self) -> TaggedImage:
         metadata = pymmcore.Metadata()
         pix = self.popNextImageMD(metadata)
-        tags = {key: metadata.GetSingleTag(key).GetValue() for key in metadata.GetKeys()}
+        tags: dict[str, str | float] = {
+            key: metadata.GetSingleTag(key).GetValue() for key in metadata.GetKeys()
+        }
         for key in (SAMPLE_TIME_KEY, FOCUS_KEY, CAMERA_TIME_KEY):
             if key in tags:
                 tags[key] = float(tags[key])

@@ -249,7 +249,7 @@ class DaemonStream:
                     elif kind == "frame":
                         self._send_frame(*item[1:])
                     elif kind == "timepoint":
-                        self._control(lambda axes=item[1]: self.client.timepoint_done(axes))
+                        self._timepoint_done(item[1])
                     elif kind == "end":
                         if not self._closed.is_set():
                             self.final_state = self._finish(item[1])
@@ -340,6 +340,9 @@ class DaemonStream:
         self.counters.parts.append(acquisition_id)
         self.online = True
         log.info("livedecon: streaming %s to %s", acquisition_id, self.address)
+
+    def _timepoint_done(self, axes: Axes) -> None:
+        self._control(lambda: self.client.timepoint_done(axes))
 
     def _control(self, call: Callable[[], Any]) -> None:
         if not self.online and self._back.is_set():

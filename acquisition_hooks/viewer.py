@@ -286,14 +286,18 @@ class LivedeconWidget(QWidget):
 def grid_of(viewer: napari.components.ViewerModel) -> napari.components.grid.GridCanvas:
     """The viewer's grid settings (`viewer.canvas.grid` since napari 0.9, `viewer.grid` before)."""
     canvas = getattr(viewer, "canvas", None)
-    return canvas.grid if hasattr(canvas, "grid") else viewer.grid
+    if canvas is not None and hasattr(canvas, "grid"):
+        return canvas.grid
+    return viewer.grid
 
 
 def scale_bar_of(viewer: napari.components.ViewerModel) -> Any:
     """The scale bar overlay (`viewer.canvas.overlays` since napari 0.9, `viewer.scale_bar`)."""
     canvas = getattr(viewer, "canvas", None)
     overlays = getattr(canvas, "overlays", None)
-    return overlays.scale_bar if hasattr(overlays, "scale_bar") else viewer.scale_bar
+    if overlays is not None and hasattr(overlays, "scale_bar"):
+        return overlays.scale_bar
+    return viewer.scale_bar
 
 
 def _stop(stream: DisplayStream, poller: StatusPoller | None) -> None:

@@ -123,8 +123,8 @@ class MeasuredPSF:
             if value is None:
                 continue
             text = f"  FWHM {axis}: {value * 1000:.0f} nm"
-            if self.theory_fwhm_um and self.theory_fwhm_um[i]:
-                theory = self.theory_fwhm_um[i]
+            theory = self.theory_fwhm_um[i] if self.theory_fwhm_um else None
+            if theory:
                 text += f" (theory {theory * 1000:.0f} nm, {value / theory - 1:+.1%})"
             lines.append(text)
         return "\n".join(lines)
@@ -137,7 +137,7 @@ def pixel_integrated_psf(
     optics: Optics,
     pixel_size_um: float,
     size_px: int,
-    z_offsets_um: Sequence[float] = (0.0,),
+    z_offsets_um: Sequence[float] | np.ndarray = (0.0,),
     oversample: int | None = None,
 ) -> np.ndarray:
     """The theoretical PSF as a camera records it: (Z, N, N), N = size_px rounded up to odd,
@@ -177,6 +177,7 @@ def psf_fwhm_um(
     fy = _profile_fwhm(plane[:, x], "y") * pixel_size_um
     fz = None
     if psf.ndim == 3:
+        assert z_step_um is not None  # checked above for a (Z, Y, X) PSF
         fz = _profile_fwhm(psf[:, y, x], "z") * float(z_step_um)
     return fx, fy, fz
 
@@ -328,10 +329,11 @@ def measure_psf(
         y0, x0 = yc + dy, xc + dx
         z0 = float(zc)
         if is_3d:
-            z0 = _axial_centre(volume, zc, yc, xc, bg, fwhm_ax_px)
-            if z0 is None:
+            z_fit = _axial_centre(volume, zc, yc, xc, bg, fwhm_ax_px)
+            if z_fit is None:
                 rec["status"] = FIT
                 continue
+            z0 = z_fit
         peak = float(volume[zc, yc, xc] - bg)
         rec.update(
             centre=(z0, y0, x0),
@@ -359,6 +361,7 @@ def measure_psf(
     # -- axial extent: what the planes around the typical bead's focus hold --
     hz = 0
     if is_3d:
+        assert dz is not None  # set for every focus series above
         good = [r for r in records if r["status"] == "used"]
         z_typ = float(np.median([r["centre"][0] for r in good])) if good else (nz - 1) / 2
         room = int(np.floor(min(z_typ, nz - 1 - z_typ))) - 1
@@ -420,6 +423,7 @@ def measure_psf(
         fwhm = psf_fwhm_um(psf if is_3d else psf[0], pixel_size_um, dz)
     except ValueError as exc:
         if is_3d and "z profile" in str(exc):
+            assert dz is not None  # set for every focus series above
             raise _too_short(nz, dz, fwhm_ax_px) from None
         raise ValueError(f"the measured PSF has no clear peak: {exc}") from None
 
@@ -490,6 +494,7 @@ def _theory_fwhm_px(
         fz = psf_fwhm_um(stack, pixel_size_um, dz)[2]
     except ValueError:
         raise _too_short(planes, dz, None) from None
+    assert fz is not None  # hz >= 1 (a focus series has >= MIN_PLANES planes): a 3D stack
     return 0.5 * (fx + fy) / pixel_size_um, fz / dz
 
 

@@ -134,7 +134,8 @@ def training_psf(
 ) -> tuple[np.ndarray, PSFRecord]:
     """The PSF on the 2x output grid (3D: at the acquisition z step), with its provenance."""
     target = scope.optics.pixel_size_um / UPSAMPLING
-    dz = scope.optics.z_step_um if is_3d else None
+    z_step = scope.optics.z_step_um
+    dz = z_step if is_3d else None
     if psf_path is not None:
         try:
             image = read_ome_tiff(psf_path)
@@ -146,7 +147,7 @@ def training_psf(
         if is_3d and image.data.ndim != 3:
             raise PSFError(f"{psf_path}: a 3D model needs a (Z, Y, X) PSF")
         raw = image.data if is_3d else _in_focus(image.data)
-        if is_3d and (image.z_step_um is None or abs(image.z_step_um / dz - 1) > 0.02):
+        if is_3d and (image.z_step_um is None or abs(image.z_step_um / z_step - 1) > 0.02):
             raise PSFError(f"{psf_path}: PSF z step {image.z_step_um} um is not the data's {dz} um")
         psf = prepare_psf(raw, image.pixel_size_um, target)
         record = PSFRecord(
@@ -158,7 +159,7 @@ def training_psf(
         )
         return psf, record
     o = scope.optics
-    offsets = (np.arange(PSF_PLANES_3D) - PSF_PLANES_3D // 2) * dz if is_3d else [0.0]
+    offsets = (np.arange(PSF_PLANES_3D) - PSF_PLANES_3D // 2) * z_step if is_3d else [0.0]
     stack = theoretical_psf(o, target, 63, offsets)
     psf = prepare_psf(stack if is_3d else stack[0], target, target)
     description = (

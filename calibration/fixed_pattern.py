@@ -84,12 +84,13 @@ class OffsetGainCorrection:
         gain = calibration.relative_gain if flat_field else None
         offset = calibration.offset_adu.astype(np.float64) if per_pixel_offset else None
         # counts * scale + shift, with both folded once here
-        self._scale = None if gain is None else (1.0 / gain.astype(np.float64)).astype(np.float32)
+        scale = None if gain is None else (1.0 / gain.astype(np.float64)).astype(np.float32)
+        self._scale = scale
         if offset is None and gain is None:
             self._shift = None
         else:
             offset_map = offset if offset is not None else summary.offset_adu
-            shift = summary.offset_adu - offset_map * (1.0 if gain is None else self._scale)
+            shift = summary.offset_adu - offset_map * (1.0 if scale is None else scale)
             self._shift = np.broadcast_to(shift, self.shape).astype(np.float32)
         self._groups = _hot_neighbours(calibration.hot_pixels) if hot_pixels else []
 

@@ -249,7 +249,9 @@ class ForwardModel:
         fine = np.clip(self.blurred(t_s, z_um), 0, None) * exposure_s
         y, x = self.camera_shape
         binned = fine.reshape(y, UPSAMPLING, x, UPSAMPLING).sum(axis=(1, 3))
-        return binned + self.microscope.sample.background_photons_px_s * exposure_s
+        sample = self.microscope.sample
+        assert sample is not None  # __init__ refuses a microscope without a sample
+        return binned + sample.background_photons_px_s * exposure_s
 
     # -- acquisitions ----------------------------------------------------------------------
 

@@ -132,7 +132,7 @@ def find_puncta(
         near &= np.hypot(rows - r, cols - c) <= radius
         if np.any(near & (amplitude >= a / 2) & ~((rows == r) & (cols == c))):
             continue
-        chosen.append((r, c))
+        chosen.append((int(r), int(c)))
         if len(chosen) == count:
             break
     return np.array(chosen, dtype=int).reshape(-1, 2)

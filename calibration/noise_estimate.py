@@ -120,7 +120,7 @@ def estimate_noise(frames: Sequence[np.ndarray], black_percentile: float = 2.0) 
             " noise; give the camera's gain and offset (or calibrate it)"
         )
     a, b = _robust_line(np.array(levels), np.array(variances), np.array(counts, float))
-    b -= DITHER_VARIANCE * np.mean(dithered)  # the dither's own share
+    b -= DITHER_VARIANCE * float(np.mean(dithered))  # the dither's own share
     floor = a * min(levels) + b
     # shot noise must show: the variance grows by a quarter at least over the levels seen
     if a <= 0 or a * np.ptp(levels) < 0.25 * max(floor, 1e-12):

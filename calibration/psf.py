@@ -8,6 +8,7 @@ the emitter's light that lands inside the window.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, TypedDict
 
 import numpy as np
 import psfmodels
@@ -15,11 +16,24 @@ import psfmodels
 from livedecon.calibration.config import Optics
 
 
+class _PsfArgs(TypedDict):
+    """The keyword arguments shared by psfmodels.make_psf and psfmodels.confocal_psf."""
+
+    nx: int
+    dxy: float
+    NA: float
+    ns: float
+    ni: float
+    ni0: float
+    normalize: bool
+    model: Literal["vectorial", "scalar", "gaussian"]
+
+
 def theoretical_psf(
     optics: Optics,
     pixel_size_um: float,
     size_px: int,
-    z_offsets_um: Sequence[float] = (0.0,),
+    z_offsets_um: Sequence[float] | np.ndarray = (0.0,),
 ) -> np.ndarray:
     """PSF planes at the given focus offsets (focal plane minus emitter), in micrometres.
 
@@ -31,17 +45,19 @@ def theoretical_psf(
     size_px = int(size_px) | 1
     offsets = np.asarray(z_offsets_um, dtype=float).ravel()
     planes = np.concatenate([[0.0], offsets])  # in-focus plane first, for the normalisation
-    common = dict(
-        nx=size_px,
-        dxy=pixel_size_um,
-        NA=optics.na,
-        ns=optics.sample_ri,
-        ni=optics.immersion_ri,
-        ni0=optics.immersion_ri,
-        normalize=False,
-        model="vectorial",
-    )
+    common: _PsfArgs = {
+        "nx": size_px,
+        "dxy": pixel_size_um,
+        "NA": optics.na,
+        "ns": optics.sample_ri,
+        "ni": optics.immersion_ri,
+        "ni0": optics.immersion_ri,
+        "normalize": False,
+        "model": "vectorial",
+    }
     if optics.modality == "confocal":
+        if optics.excitation_um is None:
+            raise ValueError("modality 'confocal' needs optics.excitation_um")
         stack = psfmodels.confocal_psf(
             planes.tolist(),
             pinhole_au=optics.pinhole_au,

@@ -412,7 +412,10 @@ def network_restorer(config: TrainingConfig, seed: int = 0) -> Restorer:
         trained = time.perf_counter() - started
         estimate = restore(result.model, rendered.electrons, result.scale_e)
         background = rendered.scene.background_e / UPSAMPLING**2
-        notes = {"train_s": round(trained, 1), "iterations": result.iterations_done}
+        notes: dict[str, float | str] = {
+            "train_s": round(trained, 1),
+            "iterations": result.iterations_done,
+        }
         return estimate - background, notes
 
     return restore_scene

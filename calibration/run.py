@@ -192,7 +192,9 @@ def run_calibration(
     )
     progress("PSF", 1, 1)
 
-    model_summary, crops, metrics = None, [], {}
+    model_summary: ModelSummary | None = None
+    crops: list[tuple[str, np.ndarray]] = []
+    metrics: dict[str, float] = {}
     if inputs.samples:
         model_summary, crops, metrics = _model_step(
             inputs, measured_scope, offset_gain, psf_summary, out, settings, progress

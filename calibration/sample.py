@@ -52,6 +52,8 @@ class SyntheticSample:
         self._p_blink_phase = rng.uniform(0, 2 * np.pi, size=n_p)
 
         # its own generator, so adding beads leaves the cell specimen of a seed unchanged
+        self.bead_positions_um: np.ndarray
+        self.bead_photons_s: np.ndarray
         self.bead_positions_um, self.bead_photons_s = (
             _place_beads(sample, self.field_um, np.random.default_rng((sample.seed, 2)))
             if sample.kind == "beads"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypedDict
 
 import numpy as np
 
@@ -101,9 +102,14 @@ def reconstruction_speed(size_px: int, repeats: int = 3) -> dict[str, float]:
     return {"size_px": size_px, "median_s": median, "sr_frames_per_s": 1 / median}
 
 
+class SimBenchResults(TypedDict):
+    rows: list[dict[str, object]]  # one per scene (run_scene)
+    speed: dict[str, float]  # reconstruction_speed
+
+
 def run_sim_bench(
     scenes: list[Scene], speed_px: int, progress: Callable[[str], None] = lambda _: None
-) -> dict[str, object]:
+) -> SimBenchResults:
     rows = []
     for scene in scenes:
         progress(scene.name)

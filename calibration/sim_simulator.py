@@ -75,8 +75,8 @@ def _true_pattern(
         + 180.0 * np.arange(n_a) / n_a
         + rng.normal(0, illumination.angle_error_deg, n_a)
     )
-    magnitude = illumination.frequency * cutoff_per_um * fine_um
-    magnitude = magnitude * (1 + rng.normal(0, illumination.period_error, n_a))
+    nominal = illumination.frequency * cutoff_per_um * fine_um
+    magnitude = nominal * (1 + rng.normal(0, illumination.period_error, n_a))
     k = np.stack([magnitude * np.sin(angles), magnitude * np.cos(angles)], axis=1)
     phases = 2 * np.pi * np.arange(n_p) / n_p + rng.normal(
         0, illumination.phase_error_rad, (n_a, n_p)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,7 @@ def simulate_stack(
     }
 
 
-def write_manifest(out_dir: Path, entries: dict[str, object]) -> Path:
+def write_manifest(out_dir: Path, entries: Mapping[str, object]) -> Path:
     path = out_dir / "simulation.json"
     path.write_text(json.dumps(entries, indent=2))
     return path

@@ -77,10 +77,10 @@ def bench_engines_command(
         )
     for r in rows:
         table.add_row(
-            r["backend"],
-            r["precision"],
-            r["model"],
-            r["input"],
+            str(r["backend"]),
+            str(r["precision"]),
+            str(r["model"]),
+            str(r["input"]),
             str(r["runs"]),
             f"{r['p50_ms']:.1f}",
             f"{r['p95_ms']:.1f}",
@@ -178,7 +178,7 @@ def bench_quality_command(
         if r["alternation"] is not None:
             console.print(
                 f"{r['scene']} {r['method']}: in-focus plane {r['psnr_focus']:.2f} dB,"
-                f" plane alternation {100 * r['alternation']:.1f}%"
+                f" plane alternation {r['alternation']:.1%}"
             )
     out.write_text(
         json.dumps(
@@ -344,7 +344,7 @@ def bench_sim_command(
             f"{r['sim_resolution_nm']:.0f}",
             f"{found}/3",
             f"{r['angle_error_deg']:.2f} deg" if found else "-",
-            f"{100 * r['period_error']:.2f}%" if found else "-",
+            f"{r['period_error']:.2%}" if found else "-",
             f"{r['phase_error_rad']:.2f} rad" if found else "-",
             f"{r['modulation']:.2f}" if found else "-",
         )
@@ -354,9 +354,10 @@ def bench_sim_command(
         f"reconstruction of 9 x {speed['size_px']}^2 with known parameters:"
         f" {speed['median_s']:.2f} s ({speed['sr_frames_per_s']:.2f} SR frames/s) on {_device()}"
     )
+    report: dict[str, object] = dict(results)
     if targets:
-        results["targets"] = _pair_targets_table(target_peak, iterations)
-    out.write_text(json.dumps({"device": _device(), **results}, indent=2, default=float))
+        report["targets"] = _pair_targets_table(target_peak, iterations)
+    out.write_text(json.dumps({"device": _device(), **report}, indent=2, default=float))
     console.print(f"wrote {out}")
 
 

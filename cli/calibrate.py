@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
 from livedecon.cli.output import console
 from livedecon.cli.output import fail as _fail
@@ -32,7 +32,7 @@ def _progress(step: str, done: int, total: int) -> None:
 def _capture_progress() -> tuple[Progress, Callable[[str, int, int], None]]:
     """Progress bars for the capture, one per stage, and the callback that moves them."""
     bars = Progress(console=console)
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
 
     def step(label: str, done: int, total: int) -> None:
         if label not in tasks:

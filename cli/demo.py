@@ -82,7 +82,7 @@ class Latencies(threading.Thread):
     def __init__(self, endpoint: str, topic: Topic) -> None:
         super().__init__(name="demo-latency", daemon=True)
         self.samples_ms: list[float] = []
-        self._socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket: zmq.Socket = zmq.Context.instance().socket(zmq.SUB)
         self._socket.connect(endpoint)
         self._socket.subscribe(topic.value.encode())
         self._stopping = threading.Event()
@@ -117,7 +117,9 @@ def _quality(
     """Mean PSNR of raw (interpolated to 2x) and restored planes against the ground truth."""
     from ndstorage import Dataset
 
-    background = scope.config.sample.background_photons_px_s * exposure_ms / 1000
+    sample = scope.config.sample
+    assert sample is not None  # a SimulatedMicroscope refuses a config without a sample
+    background = sample.background_photons_px_s * exposure_ms / 1000
     with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its progress
         raw_data = Dataset(str(raw_path))
     raw_scores, restored_scores = [], []

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +23,9 @@ from livedecon.cli.selfnet import (
     train_selfnet_command,
 )
 from livedecon.engines.configfile import ConfigError
+
+if TYPE_CHECKING:
+    from livedecon.engines.networks import Network2DSpec, Network3DSpec
 
 app = typer.Typer(
     help="livedecon: real-time restoration of fluorescence microscopy during acquisition.",
@@ -73,9 +77,11 @@ def simulate(
     for path, scope in ((config, scope_2d), (config_3d, scope_3d)):
         if scope.sample is None:
             raise _fail(f"{path}: has no [sample] section, so there is nothing to simulate")
-    if scope_3d.sample.depth_um == 0:
+    sample_3d = scope_3d.sample
+    assert sample_3d is not None  # checked just above
+    if sample_3d.depth_um == 0:
         raise _fail(f"{config_3d}: [sample] depth_um is 0; a 3D stack needs a thick sample")
-    n_planes = sample_planes_um(scope_3d.sample.depth_um, scope_3d.optics.z_step_um).size
+    n_planes = sample_planes_um(sample_3d.depth_um, scope_3d.optics.z_step_um).size
     with Progress(console=console) as progress:
         task = progress.add_task("rendering", total=frames + n_planes)
         step = lambda n: progress.advance(task, n)  # noqa: E731
@@ -92,8 +98,8 @@ def simulate(
         console.print(f"wrote {out / 'sim_raw.ome.tif'} (9 x 256 x 256) and its truth")
     manifest = write_manifest(out, entries)
     console.print(
-        f"wrote {out / series['raw']} ({frames} x {scope_2d.camera.height_px} x "
-        f"{scope_2d.camera.width_px}), {out / stack['raw']} ({n_planes} planes), their ground "
+        f"wrote {out / str(series['raw'])} ({frames} x {scope_2d.camera.height_px} x "
+        f"{scope_2d.camera.width_px}), {out / str(stack['raw'])} ({n_planes} planes), their ground "
         f"truth at 2x sampling, and {manifest}"
     )
 
@@ -110,10 +116,15 @@ def _has_camera_section(path: Path) -> bool:
         return True  # let the config loader report the problem
 
 
-def _network_spec(network: str):
+def _network_spec(network: str) -> Network2DSpec | Network3DSpec:
     from livedecon.engines.networks import Network2DSpec, Network3DSpec, fast_2d_spec
 
-    return {"fast": fast_2d_spec, "full": Network2DSpec, "3d": Network3DSpec}[network]()
+    specs: dict[str, Callable[[], Network2DSpec | Network3DSpec]] = {
+        "fast": fast_2d_spec,
+        "full": Network2DSpec,
+        "3d": Network3DSpec,
+    }
+    return specs[network]()
 
 
 @app.command()
@@ -203,7 +214,7 @@ def train(
     if out.exists() and not overwrite:
         raise _fail(f"{out}: already exists (--overwrite to replace it)")
     if network in SELFNET_NETWORKS:
-        overrides = {
+        overrides: dict[str, object] = {
             "iterations": iterations,
             "patch_px": patch_px,
             "batch_size": batch_size,

@@ -6,8 +6,9 @@ Kept out of cli/main.py: the commands there only parse options and call these.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import Progress
@@ -16,12 +17,17 @@ from livedecon.cli.output import console
 from livedecon.cli.output import fail as _fail
 from livedecon.engines.configfile import ConfigError
 
+if TYPE_CHECKING:
+    from livedecon.engines.bundle import ModelBundle
+    from livedecon.engines.runtime import Runtime
+    from livedecon.engines.selfnet_training import SelfNetTrainingConfig
+
 SELFNET_NETWORKS = ("selfnet", "selfnet-fast")
 
 
 def selfnet_settings(
-    network: str, config: Path | None, overrides: dict[str, object]
-):  # -> SelfNetTrainingConfig
+    network: str, config: Path | None, overrides: Mapping[str, object]
+) -> SelfNetTrainingConfig:
     """The training config: `config` (TOML) or the defaults of `network`, with overrides."""
     from livedecon.engines.configfile import load_config
     from livedecon.engines.selfnet import SelfNetSpec, fast_selfnet_spec
@@ -46,7 +52,7 @@ def train_selfnet_command(
     inputs: list[Path] | None,
     network: str,
     config: Path | None,
-    overrides: dict[str, object],
+    overrides: Mapping[str, object],
     pixel_um: float | None,
     z_step_um: float | None,
     name: str | None,
@@ -60,7 +66,7 @@ def train_selfnet_command(
         train_selfnet_bundle,
     )
     from livedecon.engines.bundle import BundleError
-    from livedecon.engines.selfnet import parameter_count
+    from livedecon.engines.selfnet import SelfNetSpec, parameter_count
 
     settings = selfnet_settings(network, config, overrides)
     if inputs and len(inputs) != 1:
@@ -90,6 +96,7 @@ def train_selfnet_command(
         except (ValueError, BundleError) as exc:
             raise _fail(str(exc)) from None
     m = bundle.manifest
+    assert isinstance(m.network, SelfNetSpec)  # train_selfnet_bundle bundles a Self-Net
     console.print(
         f"wrote bundle {bundle.bundle_id} to {out}: {m.network.kind},"
         f" {parameter_count(m.network):,} parameters, {m.training.iterations} iterations in"
@@ -103,7 +110,7 @@ def staging_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.stage1.ome.tif")
 
 
-def open_selfnet_chain(then: str, first, backend: str):  # -> (ModelBundle, Runtime)
+def open_selfnet_chain(then: str, first: ModelBundle, backend: str) -> tuple[ModelBundle, Runtime]:
     """The Self-Net bundle and its checked runtime for the output of bundle `first` (a 3D
     bundle): refused before anything runs when the grids do not meet."""
     import math
@@ -131,7 +138,9 @@ def open_selfnet_chain(then: str, first, backend: str):  # -> (ModelBundle, Runt
     return selfnet, runtime
 
 
-def restore_selfnet_command(bundle, runtime, input_tif: Path, output_tif: Path, tile_px: int):
+def restore_selfnet_command(
+    bundle: ModelBundle, runtime: Runtime, input_tif: Path, output_tif: Path, tile_px: int
+) -> None:
     """Restore a volume TIFF with a loaded Self-Net bundle and a checked runtime."""
     from livedecon.calibration.selfnet_run import restore_volume_file
 

@@ -24,13 +24,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from livedecon.daemon.protocol import AdaptationPlan
 from livedecon.engines.adaptation import AdaptationConfig, Adapter
+
+if TYPE_CHECKING:
+    from livedecon.daemon.processing import AdaptableProcessor
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +295,10 @@ def save_weights(directory: Path, version: int, weights: Weights) -> Path:
     return path
 
 
-def adaptation_for(processor: Any, plan: AdaptationPlan, acquisition: Any) -> AcquisitionAdaptation:
-    """The adaptation state of an acquisition served by `processor` (a ModelProcessor)."""
+def adaptation_for(
+    processor: AdaptableProcessor, plan: AdaptationPlan, acquisition: Any
+) -> AcquisitionAdaptation:
+    """The adaptation state of an acquisition served by `processor` (its own fork)."""
     from livedecon.engines.runtime import TorchRuntime
     from livedecon.engines.tiling import restore_electrons
 

@@ -29,10 +29,11 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import numpy as np
@@ -279,11 +280,14 @@ def prepare_output(source: Source, grid: Grid, bundle: ModelBundle, overwrite: b
         shutil.rmtree(out)
     if out.exists():
         group = zarr.open_group(str(out), mode="r+")
-        found = group.attrs.get("livedecon", {})
+        stored: Mapping[str, Any] = group.attrs  # JSON, as ngff_attributes wrote it
+        found = stored.get("livedecon", {})
         expected = {k: attrs["livedecon"][k] for k in ("weights_sha256", "chunks", "halo")}
-        if {k: _jsonish(found.get(k)) for k in expected} != _jsonish(expected) or (
-            "0" in group and group["0"].shape != grid.out_shape
-        ):
+        level = group.get("0")
+        other_level = level is not None and (
+            not isinstance(level, zarr.Array) or level.shape != grid.out_shape
+        )
+        if {k: _jsonish(found.get(k)) for k in expected} != _jsonish(expected) or other_level:
             raise ValueError(
                 f"{out} exists from another model, chunking or input ({found.get('bundle')}):"
                 " use --overwrite to replace it"
@@ -454,8 +458,9 @@ def write_chunk(
     total = np.zeros(shape, np.float64)
     weight = np.zeros(shape[-grid.core :], np.float64)
     inference = None
-    for where, data, w, spent in pieces:
-        total[(..., *where)] += data
+    for where, data, w, spent in [p for p in pieces if not isinstance(p, ChunkFailure)]:
+        key: tuple[EllipsisType | slice, ...] = (..., *where)  # leading axes whole
+        total[key] += data
         weight[where] += w
         inference = spent or inference
     result = (total / weight).astype(np.float32)
@@ -680,7 +685,7 @@ def _busy_per_worker(records: list[ChunkRecord]) -> dict[str, float]:
     busy: dict[str, float] = {}
     for r in records:
         busy[r.worker] = busy.get(r.worker, 0.0) + r.seconds
-        if r.inference_worker is not None:
+        if r.inference_worker is not None and r.inference_seconds is not None:
             busy[r.inference_worker] = busy.get(r.inference_worker, 0.0) + r.inference_seconds
     return busy
 

@@ -93,7 +93,7 @@ def _zarr_fields(path: Path) -> dict[str, Any]:
         letters = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TCZYX"}.get(node.ndim, "")
         return dict(array="", shape=node.shape, dtype=str(node.dtype), axes=letters,
                     pixel_size_um=None, z_step_um=None)  # fmt: skip
-    attrs = dict(node.attrs)
+    attrs: dict[str, Any] = dict(node.attrs)  # JSON, read as OME-Zarr lays it out
     multiscales = attrs.get("ome", attrs).get("multiscales")
     if not multiscales:
         raise ValueError(f"{path}: a zarr group without OME-Zarr multiscales metadata")
@@ -106,6 +106,8 @@ def _zarr_fields(path: Path) -> dict[str, Any]:
     )
     sampling = dict(zip(names, scale, strict=True))
     array = node[level["path"]]
+    if not isinstance(array, zarr.Array):
+        raise ValueError(f"{path}: {level['path']!r} of its multiscales is not an array")
     return dict(
         array=level["path"],
         shape=array.shape,

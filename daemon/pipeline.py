@@ -30,7 +30,7 @@ from livedecon.daemon.adaptation_scheduler import (
     adaptation_for,
 )
 from livedecon.daemon.journal import AcquisitionRecord, Journal
-from livedecon.daemon.processing import Processor, stack_volume
+from livedecon.daemon.processing import AdaptableProcessor, Processor, stack_volume
 from livedecon.daemon.protocol import AdaptationPlan, Axes, Header, Kind, Publication, Topic
 from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.spill import SpillStore
@@ -86,6 +86,14 @@ class Acquisition:
     @property
     def id(self) -> str:
         return self.record.acquisition_id
+
+    def adaptable(self) -> AdaptableProcessor:
+        """The processor, as one whose weights change: an acquisition that adapts has a fork of
+        its own (the daemon refuses adaptation where the processor cannot adapt)."""
+        processor = self.processor
+        if not isinstance(processor, AdaptableProcessor):
+            raise TypeError(f"acquisition {self.id}: {processor.name} has no weights to adapt")
+        return processor
 
     def note_failure(self, what: str, error: BaseException | str) -> None:
         """An acknowledged plane will not reach its file (it stays recoverable by reprocess)."""
@@ -162,6 +170,13 @@ class Job:
     @property
     def nbytes(self) -> int:
         return 0 if self.pixels is None else self.pixels.nbytes
+
+
+def frame_pixels(job: Job) -> np.ndarray:
+    """A frame job's pixels (those of a spilled frame are read back as it leaves the queue)."""
+    if job.pixels is None:
+        raise ValueError(f"frame {job.header.frame_id} has no pixels")
+    return job.pixels
 
 
 class JobQueue:
@@ -442,8 +457,8 @@ class Worker(threading.Thread):
         if weights is None:
             log.info("adaptation of %s: %s", acquisition.id, report)
             return
-        processor = acquisition.processor
-        future = self._preparer.submit(processor.prepare_weights, weights, report.version)  # type: ignore[attr-defined]
+        processor = acquisition.adaptable()
+        future = self._preparer.submit(processor.prepare_weights, weights, report.version)
         self._swaps.append((future, acquisition, report, time.perf_counter()))
 
     def _commit_ready_swaps(self) -> None:
@@ -466,7 +481,7 @@ class Worker(threading.Thread):
             log.info("adaptation of %s: %s", acquisition.id, report)
 
     def _serve(self, acquisition: Acquisition, weights: dict, version: int) -> None:
-        acquisition.processor.update_weights(weights, version)  # type: ignore[attr-defined]
+        acquisition.adaptable().update_weights(weights, version)
         assert acquisition.adaptation is not None
         acquisition.adaptation.serving_version = version
 
@@ -489,8 +504,9 @@ class Worker(threading.Thread):
         if acquisition.adaptation is None:
             if plan.mode == "off":
                 return
-            acquisition.processor = acquisition.processor.fork()  # type: ignore[attr-defined]
-            acquisition.adaptation = adaptation_for(acquisition.processor, plan, acquisition)
+            processor = acquisition.adaptable().fork()
+            acquisition.processor = processor
+            acquisition.adaptation = adaptation_for(processor, plan, acquisition)
         else:
             acquisition.adaptation.plan = plan
 
@@ -530,9 +546,9 @@ class Worker(threading.Thread):
             return
         self.metrics.observe("queue", time.perf_counter() - job.received_s)
         if acquisition.record.plan.mode == "3d" and job.pixels is not None and job.pixels.ndim == 2:
-            stack = self.stacks.add(job)
-            if stack is not None:
-                self._run_stack(stack)
+            completed = self.stacks.add(job)
+            if completed is not None:
+                self._run_stack(completed)
             return
         self._run_batch(self._batch(job))
 
@@ -575,7 +591,7 @@ class Worker(threading.Thread):
     def _run_batch(self, batch: list[Job]) -> None:
         acquisition = batch[0].acquisition
         try:
-            outputs = self._infer(acquisition, [job.pixels for job in batch])  # type: ignore[misc]
+            outputs = self._infer(acquisition, [frame_pixels(job) for job in batch])
         except Exception as exc:
             self._lost(acquisition, batch, exc)
             return
@@ -603,7 +619,8 @@ class Worker(threading.Thread):
         present = sorted(stack.planes)
         jobs = [stack.planes[z] for z in present]
         try:
-            volume, complete = stack_volume({z: j.pixels for z, j in stack.planes.items()}, z_count)
+            planes = {z: frame_pixels(j) for z, j in stack.planes.items()}
+            volume, complete = stack_volume(planes, z_count)
             (output,) = self._infer(acquisition, [volume])
         except Exception as exc:
             self._lost(acquisition, jobs, exc)
@@ -643,7 +660,7 @@ class Worker(threading.Thread):
     def _observe(acquisition: Acquisition, time_index: int, counts: np.ndarray | None) -> None:
         adaptation = acquisition.adaptation
         if adaptation is not None and counts is not None and adaptation.wants(time_index):
-            electrons = acquisition.processor.electrons(counts)  # type: ignore[attr-defined]
+            electrons = acquisition.adaptable().electrons(counts)
             adaptation.observe(time_index, electrons)
 
     def _finished_frames(self, acquisition: Acquisition, n: int, job: Job) -> None:

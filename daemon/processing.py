@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,6 +30,11 @@ PHOTOELECTRONS = "photoelectrons per output pixel (float32)"
 CAMERA_COUNTS = "camera counts, unprocessed (pass-through)"
 
 
+def _nearest(present: list[int], z: int) -> int:
+    """The arrived plane nearest to `z` (the lower one on a tie)."""
+    return min(present, key=lambda p: abs(p - z))
+
+
 def stack_volume(planes: Mapping[int, np.ndarray], z_count: int) -> tuple[np.ndarray, bool]:
     """The volume a 3D network restores from the planes of one stack that arrived (by z):
     at least `z_count` deep, a plane that never arrived borrowing the pixels of its nearest
@@ -40,23 +45,100 @@ def stack_volume(planes: Mapping[int, np.ndarray], z_count: int) -> tuple[np.nda
     if not present:
         raise ValueError("a stack needs at least one plane")
     depth = max(z_count, present[-1] + 1)
-    nearest = [min(present, key=lambda p, z=z: abs(p - z)) for z in range(depth)]
+    nearest = [_nearest(present, z) for z in range(depth)]
     return np.stack([planes[p] for p in nearest]), present == list(range(z_count))
 
 
 class Processor(Protocol):
-    name: str
-    bundle_id: str
-    weights_version: int
-    upscale: int
-    is_3d: bool | None  # None: takes both
-    units: str
+    """What the daemon and `reprocess` restore frames with (read-only, as far as callers go)."""
 
-    def process(self, items: list[np.ndarray]) -> list[np.ndarray]: ...
+    @property
+    def name(self) -> str:
+        """A short label for messages ("model", "pass-through")."""
+        ...
+
+    @property
+    def bundle_id(self) -> str:
+        """The identity recorded with every restored plane (the bundle's, or "pass-through")."""
+        ...
+
+    @property
+    def weights_version(self) -> int:
+        """The version of the weights serving now, recorded with every restored plane."""
+        ...
+
+    @property
+    def upscale(self) -> int:
+        """Output pixels per input pixel along Y and X (1 or 2)."""
+        ...
+
+    @property
+    def is_3d(self) -> bool | None:
+        """Whether it restores stacks (True) or frames (False); None: it takes both."""
+        ...
+
+    @property
+    def units(self) -> str:
+        """What the restored pixels hold (PHOTOELECTRONS or CAMERA_COUNTS)."""
+        ...
+
+    @property
+    def backend(self) -> str:
+        """The engine that runs it, as records and replies name it ("none": no engine)."""
+        ...
+
+    @property
+    def bundle_dir(self) -> Path | None:
+        """The model bundle's directory, recorded for `reprocess`; None without a model."""
+        ...
+
+    @property
+    def correction(self) -> InputCorrection | None:
+        """The input corrections applied before the model; None without a model."""
+        ...
+
+    @property
+    def trained_pixel_um(self) -> float | None:
+        """The input pixel size the model was trained at; None: it takes any pixel size."""
+        ...
+
+    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        """Same-shape raw items (Y, X) or (Z, Y, X) in, their restored planes out, in order."""
+        ...
+
+
+@runtime_checkable
+class AdaptableProcessor(Processor, Protocol):
+    """A processor whose weights can change while it serves (test-time adaptation)."""
+
+    @property
+    def bundle(self) -> ModelBundle:
+        """The bundle serving now: its manifest, PSF and current weights."""
+        ...
+
+    def electrons(self, counts: np.ndarray) -> np.ndarray:
+        """Camera counts as the model's input: corrected, then photoelectrons (float32)."""
+        ...
+
+    def fork(self) -> AdaptableProcessor:
+        """A processor of its own on a new engine (for an acquisition whose weights change)."""
+        ...
+
+    def prepare_weights(
+        self, weights: Mapping[str, torch.Tensor], version: int
+    ) -> Callable[[], None]:
+        """Get `weights` ready as `version` now (slow, any thread); the commit swaps them in."""
+        ...
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
+        """Serve `weights` as `version` from the next call of `process` on (prepare, commit)."""
+        ...
 
 
 @dataclass
 class PassThrough:
+    """Frames out as they came in: no model, no engine, no weights to adapt."""
+
     name: str = "pass-through"
     bundle_id: str = "pass-through"
     weights_version: int = 0
@@ -64,6 +146,22 @@ class PassThrough:
     is_3d: bool | None = None
     units: str = CAMERA_COUNTS
     delay_s: float = 0.0  # stands in for a slow engine in overload tests and benchmarks
+
+    @property
+    def backend(self) -> str:
+        return "none"
+
+    @property
+    def bundle_dir(self) -> Path | None:
+        return None
+
+    @property
+    def correction(self) -> InputCorrection | None:
+        return None
+
+    @property
+    def trained_pixel_um(self) -> float | None:
+        return None
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         if self.delay_s:
@@ -96,14 +194,17 @@ class ModelProcessor:
     def weights_version(self) -> int:
         return self.bundle.manifest.weights_version
 
+    @property
+    def trained_pixel_um(self) -> float:
+        return self.bundle.manifest.input_pixel_um
+
     def prepare_weights(
         self, weights: Mapping[str, torch.Tensor], version: int
     ) -> Callable[[], None]:
         """Get `weights` ready to serve as `version` (slow: any thread); the returned commit
-        makes them serve from the next batch on (fast: call it between batches, from the thread
-        that calls `process`). Runtimes without a two-phase update swap inside the commit."""
-        prepare = getattr(self.runtime, "prepare_weights", None)
-        swap = prepare(weights) if prepare else (lambda: self.runtime.update_weights(weights))
+        makes them serve from the next batch on (call it between batches, from the thread that
+        calls `process`). The commit of torch and onnxruntime only swaps; TensorRT's refits."""
+        swap = self.runtime.prepare_weights(weights)
         bundle = self.bundle.with_weights(weights)
         bundle = replace(
             bundle, manifest=bundle.manifest.model_copy(update={"weights_version": version})

@@ -191,7 +191,7 @@ def encode(header: Header, payload: np.ndarray | None = None) -> list[bytes | me
     """Multipart frames for `header` and its pixels (sent without a copy)."""
     frames: list[bytes | memoryview] = [header.model_dump_json(exclude_none=True).encode()]
     if payload is not None:
-        frames.append(memoryview(np.ascontiguousarray(payload)).cast("B"))
+        frames.append(np.ascontiguousarray(payload).data.cast("B"))
     return frames
 
 
@@ -316,6 +316,7 @@ def decode(
             f"dtype {_short(header.dtype)} is not accepted; send one of {', '.join(DTYPES)}",
         )
     shape = header.shape
+    assert shape is not None  # a frame header names its shape (Header checks it)
     if len(shape) not in (2, 3) or min(shape) < 1:
         raise ProtocolError(
             ErrorCode.BAD_HEADER, f"shape {list(shape)} must be (Y, X) or (Z, Y, X), all >= 1"
@@ -388,7 +389,7 @@ def encode_publication(publication: Publication, pixels: np.ndarray) -> list[byt
     return [
         publication.topic.value.encode(),
         publication.model_dump_json(exclude_none=True).encode(),
-        memoryview(np.ascontiguousarray(pixels)).cast("B"),
+        np.ascontiguousarray(pixels).data.cast("B"),
     ]
 
 

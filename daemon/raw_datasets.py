@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -124,7 +125,8 @@ class OmeZarrRaw:
         except Exception as exc:
             raise RawDatasetError(f"{path}: not a readable zarr store: {exc}") from None
         self._positions: list[tuple[str, Any]] = []  # (array path, array) per position
-        if "multiscales" in root.attrs.get("ome", root.attrs):
+        attrs: Mapping[str, Any] = root.attrs  # JSON, read as OME-Zarr lays it out
+        if "multiscales" in attrs.get("ome", attrs):
             self._positions.append(self._image(root, ""))
         else:
             names = sorted((n for n in root.group_keys() if n.isdigit()), key=int)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import io
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -331,7 +332,7 @@ def _existing(scan: FileScan | None) -> list[tuple[PlaneRecord, Any]]:
 def _rewrite(
     path: Path,
     scan: FileScan | None,
-    handle: BinaryIO | None,
+    handle: io.BufferedReader | None,
     recreated: Iterator[tuple[PlaneRecord, np.ndarray]],
     record: AcquisitionRecord,
     origin: float | None,
@@ -342,6 +343,7 @@ def _rewrite(
 
     def loaded() -> Iterator[tuple[PlaneRecord, np.ndarray]]:
         for r, page in old:
+            assert handle is not None  # these pages come from a scan of the open file
             yield r, read_page(handle, page)
 
     merged = heapq.merge(loaded(), recreated, key=lambda item: item[0].key[:2])
@@ -402,7 +404,7 @@ def reprocess(
         raise ReprocessError(str(exc)) from None
     if raw is not None and not Path(raw).is_dir():
         raise ReprocessError(f"{raw}: no such raw dataset directory")
-    handles: dict[Path, BinaryIO] = {}
+    handles: dict[Path, io.BufferedReader] = {}
     scans: dict[Path, FileScan] = {}
     untouchable: list[Path] = []
     report = ReprocessReport()
@@ -455,7 +457,7 @@ def _recover(
     journal: list[JournalEntry],
     scans: dict[Path, FileScan],
     untouchable: list[Path],
-    handles: dict[Path, BinaryIO],
+    handles: dict[Path, io.BufferedReader],
     sources: _Sources,
     processor: Processor | None,
     backend: str,
@@ -489,7 +491,9 @@ def _recover(
     todo = [k for k in missing if k not in skipped]
     if todo and processor is None:
         depth = record.plan.z_count if record.plan.mode == "3d" else None
-        shapes = {(depth, *acked[k].shape) if depth else acked[k].shape for k in todo}
+        shapes: set[tuple[int, ...]] = {
+            (depth, *acked[k].shape) if depth else acked[k].shape for k in todo
+        }
         rebuild.processor = processor = _open_processor(record, backend, shapes)
     whole_stacks = record.plan.mode == "3d"  # as the daemon restores them, whatever the model
     work: dict[Path, _Work] = defaultdict(_Work)

@@ -41,7 +41,12 @@ from livedecon.daemon.pipeline import (
     WriterThread,
     planned_plane_bytes,
 )
-from livedecon.daemon.processing import PassThrough, Processor, open_processor
+from livedecon.daemon.processing import (
+    AdaptableProcessor,
+    PassThrough,
+    Processor,
+    open_processor,
+)
 from livedecon.daemon.protocol import (
     AdaptationPlan,
     ErrorCode,
@@ -79,7 +84,7 @@ def _io_refusal(exc: OSError, what: str) -> ProtocolError:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.context = zmq.Context.instance()
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.metrics = Metrics(config.telemetry.latency_window)
         # Everything the daemon writes lies under these two, resolved once; a symbolic link
         # inside them that leads out is never followed.
@@ -317,7 +322,9 @@ class Daemon:
                 ErrorCode.PAYLOAD_LENGTH,
                 f"slot {slot.offset}+{slot.length} runs past the segment's {segment.size} bytes",
             )
-        return segment.buf[slot.offset : slot.offset + slot.length]
+        buffer = segment.buf
+        assert buffer is not None  # None only once closed, and _segments keeps open ones
+        return buffer[slot.offset : slot.offset + slot.length]
 
     def _dispatch(self, header: Header, pixels: Any, received: float) -> Reply:
         kind = header.kind
@@ -406,34 +413,38 @@ class Daemon:
                 f"a {plan.mode} acquisition needs a {plan.mode} model; "
                 f"{processor.bundle_id} is {'3d' if processor.is_3d else '2d'}",
             )
-        expected = getattr(getattr(processor, "bundle", None), "manifest", None)
-        if expected is not None:
-            off = abs(plan.pixel_size_um / expected.input_pixel_um - 1)
+        trained_um = processor.trained_pixel_um
+        if trained_um is not None:
+            off = abs(plan.pixel_size_um / trained_um - 1)
             if off > PIXEL_SIZE_TOLERANCE:
                 raise ProtocolError(
                     ErrorCode.PLAN_MISMATCH,
                     f"pixel size {plan.pixel_size_um} µm, but {processor.bundle_id} was trained"
-                    f" at {expected.input_pixel_um} µm: its PSF would be the wrong width",
+                    f" at {trained_um} µm: its PSF would be the wrong width",
                 )
-        correction = getattr(processor, "correction", None)  # models only
+        correction = processor.correction  # models only
+        bundle_dir = processor.bundle_dir
         record = AcquisitionRecord(
             acquisition_id=acquisition_id,
             plan=plan,
             processor="pass-through" if isinstance(processor, PassThrough) else "model",
-            bundle_path=str(getattr(processor, "bundle_dir", "")) or None,
-            correction=correction.settings() if correction else None,
+            bundle_path=str(bundle_dir) if bundle_dir is not None else None,
+            correction=correction.settings() if correction is not None else None,
             bundle_id=processor.bundle_id,
             weights_version=processor.weights_version,
-            backend=getattr(processor, "backend", "none"),
+            backend=processor.backend,
             input_pixel_um=plan.pixel_size_um,
             output_pixel_um=plan.pixel_size_um / processor.upscale,
             units=processor.units,
             spill_dir=str(self.spill_root),
         )
+        adaptable: AdaptableProcessor | None = None
         if plan.adaptation.mode != "off":
-            if isinstance(processor, PassThrough):
-                raise ProtocolError(ErrorCode.PLAN_MISMATCH, "pass-through has nothing to adapt")
-            processor = processor.fork()  # type: ignore[attr-defined]  # its weights will change
+            if not isinstance(processor, AdaptableProcessor):
+                raise ProtocolError(
+                    ErrorCode.PLAN_MISMATCH, f"{processor.name} has nothing to adapt"
+                )
+            processor = adaptable = processor.fork()  # its weights will change
         journal = None
         if plan.save:
             try:
@@ -447,8 +458,8 @@ class Daemon:
                     refusal.code, refusal.message.replace("frame refused", "not started")
                 ) from None
         acquisition = Acquisition(record, processor, directory, journal)
-        if plan.adaptation.mode != "off":
-            acquisition.adaptation = adaptation_for(processor, plan.adaptation, acquisition)
+        if adaptable is not None:
+            acquisition.adaptation = adaptation_for(adaptable, plan.adaptation, acquisition)
         self.active[acquisition_id] = acquisition
         log.info("acquisition %s started: %s, %s", acquisition_id, plan.mode, processor.bundle_id)
         return Reply(
@@ -616,8 +627,10 @@ class Daemon:
                     f"no weights version {version}; kept: {sorted(state.versions)}",
                 )
         elif action == "set":
-            if isinstance(acquisition.processor, PassThrough):
-                raise ProtocolError(ErrorCode.PLAN_MISMATCH, "pass-through has nothing to adapt")
+            if not isinstance(acquisition.processor, AdaptableProcessor):
+                raise ProtocolError(
+                    ErrorCode.PLAN_MISMATCH, f"{acquisition.processor.name} has nothing to adapt"
+                )
             try:
                 AdaptationPlan.model_validate(request.get("plan", {}))
             except ValidationError as exc:
@@ -677,12 +690,12 @@ class Daemon:
 
     @staticmethod
     def _describe(processor: Processor) -> dict[str, Any]:
-        correction = getattr(processor, "correction", None)
+        correction = processor.correction
         return {
             "bundle_id": processor.bundle_id,
             "weights_version": processor.weights_version,
-            "backend": getattr(processor, "backend", "none"),
-            "correction": correction.describe() if correction else "none",
+            "backend": processor.backend,
+            "correction": correction.describe() if correction is not None else "none",
         }
 
     def status(self) -> dict[str, Any]:

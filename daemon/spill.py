@@ -31,7 +31,7 @@ class SpillStore:
         folder.mkdir(parents=True, exist_ok=True)
         stem = folder / f"{header.frame_id:012d}"
         for suffix, data in (
-            (".raw", memoryview(np.ascontiguousarray(pixels)).cast("B")),
+            (".raw", np.ascontiguousarray(pixels).data.cast("B")),
             (".json", header.model_dump_json(exclude={"shm"}).encode()),
         ):
             try:  # whole, never through a symbolic link; on disk by the journal's fsync policy

@@ -51,7 +51,7 @@ class Display(threading.Thread):
         super().__init__(daemon=True)
         self.acquisition_id = ""
         self.arrived: dict[int, float] = {}
-        self._socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         self._socket.setsockopt(zmq.RCVHWM, 8)
         self._socket.connect(endpoint)
         self._socket.subscribe(Topic.RESTORED.value.encode())
@@ -219,7 +219,9 @@ def bench_daemon(
         root = Path(scratch)
         bare("bare pyzmq loopback (before)")
         shm = {"shared_memory_min_bytes": 1 << 20}
-        cases = [("pass-through, display only", plan_display, {}, frames, 2.0)]
+        cases: list[tuple[str, Plan, dict[str, Any], int, float]] = [
+            ("pass-through, display only", plan_display, {}, frames, 2.0)
+        ]
         if shared_memory:
             cases.append(("pass-through, display only, shm", plan_display, shm, frames, 2.0))
         cases.append(("pass-through, display + write", plan_saved, {}, frames, 2.0))

@@ -18,6 +18,7 @@ pointing at a page that was never written, and that must end the file quietly, n
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -92,7 +93,11 @@ def output_files(directory: Path) -> list[Path]:
 
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 7: 1, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
 _INT_FORMATS = {3: "H", 4: "I", 16: "Q"}
-_SAMPLE_DTYPES = {(1, 8): np.uint8, (1, 16): np.uint16, (3, 32): np.float32}
+_SAMPLE_DTYPES: dict[tuple[int, int], np.dtype] = {
+    (1, 8): np.dtype(np.uint8),
+    (1, 16): np.dtype(np.uint16),
+    (3, 32): np.dtype(np.float32),
+}
 _MAX_TAGS = 256
 
 
@@ -193,7 +198,6 @@ def _page(fh: BinaryIO, size: int, index: int, offset: int) -> tuple[Page, int, 
     dtype = _SAMPLE_DTYPES.get((sample_format, bits))
     if dtype is None or compression != 1 or samples != 1 or len(offsets) != len(counts):
         raise ValueError("not an uncompressed grey plane")
-    dtype = np.dtype(dtype)
     if sum(counts) != width * height * dtype.itemsize:
         raise ValueError("strip sizes do not add up to the plane")
     for strip_offset, strip_count in zip(offsets, counts, strict=True):
@@ -219,6 +223,8 @@ def _records_in_ome(description: bytes) -> list[PlaneRecord]:
     for note in root.iter(f"{{{OME_NS}}}CommentAnnotation"):
         if note.get("Namespace") == RECORDS_NAMESPACE:
             value = note.find(f"{{{OME_NS}}}Value")
+            if value is None:
+                raise ValueError("plane records without their Value element")
             return [PlaneRecord.model_validate(r) for r in json.loads(value.text or "[]")]
     return []
 
@@ -261,10 +267,10 @@ def scan_file(fh: BinaryIO, path: Path) -> FileScan:
     )
 
 
-def read_page(fh: BinaryIO, page: Page) -> np.ndarray:
+def read_page(fh: io.BufferedIOBase, page: Page) -> np.ndarray:
     """The pixels of one page, read straight into a new array."""
     pixels = np.empty(page.shape, page.dtype)
-    view = memoryview(pixels.reshape(-1).view(np.uint8))
+    view = pixels.reshape(-1).view(np.uint8).data
     position = 0
     for offset, count in page.strips:
         fh.seek(offset)

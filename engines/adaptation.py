@@ -16,8 +16,9 @@ import torch
 from pydantic import Field
 
 from livedecon.engines.configfile import StrictModel
-from livedecon.engines.networks import NetworkSpec, build_network
+from livedecon.engines.networks import NetworkSpec, ZSDeconvNetwork, build_network
 from livedecon.engines.self_supervised import LossConfig, RecorruptionConfig
+from livedecon.engines.selfnet import SelfNetSpec
 from livedecon.engines.training import Objective, PatchSampler, Trainer
 
 Weights = dict[str, torch.Tensor]
@@ -48,9 +49,14 @@ class Adapter:
         device: str | None = None,
     ) -> None:
         """`device`: where to train (default: the GPU when torch sees one, else the CPU)."""
+        if isinstance(spec, SelfNetSpec):
+            raise ValueError(
+                "Self-Net networks are not adapted: their training is adversarial"
+                " (engines/selfnet_training.py), not these self-supervised losses"
+            )
         self.config = config or AdaptationConfig()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = build_network(spec)
+        self.model: ZSDeconvNetwork = build_network(spec)
         self.model.load_state_dict(copy.deepcopy(dict(weights)))
         self.model.to(self.device)
         self.objective = Objective(
@@ -59,7 +65,7 @@ class Adapter:
         self.objective.check_patch(self.config.patch_px, self.model.upscale)
         lateral = (self.config.patch_px, self.config.patch_px)
         self.patch_shape = (self.config.patch_slices, *lateral) if self.objective.is_3d else lateral
-        self.trainer: Trainer | None = None
+        self.trainer: Trainer[ZSDeconvNetwork] | None = None
         self.steps_done = 0
 
     def set_data(self, data_e: Sequence[np.ndarray]) -> None:

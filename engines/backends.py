@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from livedecon.engines.artifacts import artifact_dir, artifact_key, cache_root, 
 from livedecon.engines.bundle import ModelBundle
 from livedecon.engines.networks import input_multiple
 from livedecon.engines.runtime import OnnxRuntime, Runtime, TorchCudaRuntime, TorchRuntime
+
+if TYPE_CHECKING:  # imported where used: it imports onnx (about a second)
+    from livedecon.engines.tensorrt_runtime import ShapeProfile
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ def choose_backend(requested: str = "auto") -> Choice:
         if availability[requested]:
             raise RuntimeError(f"backend {requested} is not available: {availability[requested]}")
         return Choice(requested, "requested")
-    skipped = []
+    skipped: list[str] = []
     for name in BACKENDS:
         if availability[name] is None:
             why = "; ".join(skipped) if skipped else "the fastest backend"
@@ -137,14 +141,15 @@ FP32_HEADS = {False: ("/denoise_out/", "/tail/"), True: ("/denoiser/tail/", "/de
 
 
 def _checked_tensorrt(
-    bundle: ModelBundle, directory: Path, profile: object, precision: str, cached: bool
+    bundle: ModelBundle, directory: Path, profile: ShapeProfile, precision: str, cached: bool
 ) -> tuple[Runtime, float]:
     """A TensorRT runtime that passes the gate: all-FP16 first, then (fp16 only) with the
     output heads in FP32. Each variant's plan and gate result are cached side by side."""
     from livedecon.engines import tensorrt_runtime as trt_rt
 
     spec, weights = bundle.manifest.network, bundle.state_dict
-    variants = [("engine", ())]
+    trt_precision = trt_rt.checked_precision(precision)
+    variants: list[tuple[str, tuple[str, ...]]] = [("engine", ())]
     if precision == "fp16":
         variants.append(("engine-fp32-heads", FP32_HEADS[bundle.manifest.is_3d]))
     failure: AccuracyGateError | None = None
@@ -155,7 +160,7 @@ def _checked_tensorrt(
                 directory / "model.onnx",
                 plan,
                 profile,
-                precision,
+                trt_precision,
                 directory.parent / "timing.cache",
                 fp32_layers,
             )
@@ -165,7 +170,7 @@ def _checked_tensorrt(
             directory / "model.onnx",
             plan,
             profile,
-            precision,
+            trt_precision,
             fp32_layers=fp32_layers,
         )
         try:
@@ -213,11 +218,13 @@ def open_runtime(
         from livedecon.engines.export import export_onnx  # onnx takes ~1 s to import
 
         export_onnx(bundle.build_model(), onnx_path, bundle.manifest.is_3d)
+    runtime: Runtime
     if name == "tensorrt":
+        assert profile is not None  # made above for tensorrt
         runtime, psnr = _checked_tensorrt(bundle, directory, profile, precision, cached)
     else:
         if name == "torch":
-            runtime: Runtime = TorchRuntime(spec, weights)
+            runtime = TorchRuntime(spec, weights)
         elif name == "torch-cuda":
             runtime = TorchCudaRuntime(spec, weights, precision)
         else:

@@ -318,8 +318,8 @@ def export_bioimageio(
     test_in = np.ascontiguousarray(_centre_crop(sample, _test_shape(bundle, sample)))
     denoised, deconvolved = _network_outputs(bundle, test_in)
     # sample tensors (for people, TIFF): the sample itself, up to 256 pixels a side
-    lateral = [min(n, 256) // multiple * multiple for n in sample.shape[-2:]]
-    sample_in = np.ascontiguousarray(_centre_crop(sample, (*sample.shape[:-2], *lateral)))
+    sample_lateral = [min(n, 256) // multiple * multiple for n in sample.shape[-2:]]
+    sample_in = np.ascontiguousarray(_centre_crop(sample, (*sample.shape[:-2], *sample_lateral)))
     sample_out = dict(
         zip((DENOISED, DECONVOLVED), _network_outputs(bundle, sample_in), strict=True)
     )
@@ -384,6 +384,7 @@ def export_bioimageio(
                 v0_5.ChannelAxis(channel_names=[v0_5.Identifier(channel)]),
             ]
             if m.is_3d:
+                assert m.z_step_um is not None  # the manifest guarantees it for 3D
                 z_nm = _nm(m.z_step_um)
                 z_size = (
                     v0_5.SizeReference(tensor_id=input_id, axis_id=v0_5.AxisId("z"))

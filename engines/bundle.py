@@ -31,11 +31,16 @@ import safetensors.torch
 import tifffile
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from torch import nn
 
 from livedecon.engines.atomic_write import fsync_path
 from livedecon.engines.configfile import StrictModel, describe_validation_error
-from livedecon.engines.networks import Network2DSpec, Network3DSpec, NetworkSpec, build_network
+from livedecon.engines.networks import (
+    Network,
+    Network2DSpec,
+    Network3DSpec,
+    NetworkSpec,
+    build_network,
+)
 from livedecon.engines.selfnet import SelfNetSpec
 
 BUNDLE_FORMAT = 1
@@ -304,7 +309,7 @@ class ModelBundle:
     def bundle_id(self) -> str:
         return self.manifest.bundle_id
 
-    def build_model(self, device: torch.device | str = "cpu") -> nn.Module:
+    def build_model(self, device: torch.device | str = "cpu") -> Network:
         """A fresh float32 network in eval mode holding these weights."""
         model = build_network(self.manifest.network)
         model.load_state_dict(self.state_dict, strict=True)
@@ -313,7 +318,7 @@ class ModelBundle:
     @classmethod
     def from_model(
         cls,
-        model: nn.Module,
+        model: Network,
         *,
         name: str,
         network: NetworkSpec | None = None,

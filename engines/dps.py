@@ -93,6 +93,9 @@ class DpsNet(nn.Module):
     """Denoising U-Net, then the deconvolution U-Net with the error-feedback unit. Returns
     (denoised, estimate) like the ZS-DeconvNet networks, so tiling and restore serve it."""
 
+    psf: torch.Tensor  # buffers, registered in __init__
+    background: torch.Tensor
+
     def __init__(self, spec: DpsSpec, psf: np.ndarray, background: float = 0.0) -> None:
         super().__init__()
         self.spec = spec

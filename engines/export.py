@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from livedecon.engines.networks import Network
+
 OPSET = 17
 INPUT, DENOISED, DECONVOLVED, RESTORED = "raw", "denoised", "deconvolved", "restored"
 
@@ -24,7 +26,7 @@ def output_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(getattr(model, "output_names", (DENOISED, DECONVOLVED)))
 
 
-def export_onnx(model: nn.Module, path: str | Path, is_3d: bool = False) -> Path:
+def export_onnx(model: Network, path: str | Path, is_3d: bool = False) -> Path:
     """Write `model` (float32, eval) to `path` and check the file with onnx.checker."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ Each network maps a raw frame (N, 1, Y, X) or stack (N, 1, Z, Y, X) in model uni
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,8 @@ class UNet2D(nn.Module):
 
 class ZSDeconvNet2D(nn.Module):
     """Denoising U-Net, then deconvolution U-Net with a 2x tail (nearest or sub-pixel)."""
+
+    multiple: int  # input Y and X must be multiples of it (2 ** U-Net levels)
 
     def __init__(self, spec: Network2DSpec | None = None) -> None:
         super().__init__()
@@ -261,6 +263,8 @@ def _interleave(both: torch.Tensor, n: int, depth: int) -> torch.Tensor:
 
 
 NetworkSpec = Network2DSpec | Network3DSpec | SelfNetSpec
+ZSDeconvNetwork = ZSDeconvNet2D | ZSDeconvNet3D
+Network = ZSDeconvNet2D | ZSDeconvNet3D | SelfNetRestorer  # what build_network makes
 
 
 def input_multiple(spec: NetworkSpec) -> int:
@@ -268,7 +272,15 @@ def input_multiple(spec: NetworkSpec) -> int:
     return 2**spec.unet.levels if isinstance(spec, Network2DSpec) else 1
 
 
-def build_network(spec: NetworkSpec) -> nn.Module:
+@overload
+def build_network(spec: Network2DSpec) -> ZSDeconvNet2D: ...
+@overload
+def build_network(spec: Network3DSpec) -> ZSDeconvNet3D: ...
+@overload
+def build_network(spec: SelfNetSpec) -> SelfNetRestorer: ...
+@overload
+def build_network(spec: NetworkSpec) -> Network: ...
+def build_network(spec: NetworkSpec) -> Network:
     if isinstance(spec, SelfNetSpec):
         return SelfNetRestorer(spec)
     if isinstance(spec, Network3DSpec):
@@ -286,6 +298,7 @@ def conv_flops(model: nn.Module, example: torch.Tensor) -> int:
 
     def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
+        assert isinstance(module, nn.Conv2d | nn.Conv3d)  # hooked on convolutions only
         kernel = module.weight[0].numel()  # c_in/groups * k...
         total += 2 * output.numel() * kernel
 

@@ -50,7 +50,10 @@ def write_ome_tiff(
 
 def _ome_sampling(tif: tifffile.TiffFile, path: str | Path) -> tuple[float, float | None]:
     """Pixel size and z step (um) recorded in an OME-TIFF's metadata."""
-    pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+    xml = tif.ome_metadata
+    if xml is None:
+        raise ValueError(f"{path}: not an OME-TIFF (no OME metadata)")
+    pixels = tifffile.xml2dict(xml)["OME"]["Image"]
     pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
     if "PhysicalSizeX" not in pixels:
         raise ValueError(f"{path}: OME metadata has no PhysicalSizeX")

@@ -1,4 +1,5 @@
-"""Runtime backends behind one interface: `infer`, `update_weights`, `describe`.
+"""Runtime backends behind one interface (`Runtime`): `infer`, `prepare_weights` and
+`update_weights` (weight swaps), `describe`.
 
 `infer` takes a float32 batch in model units, (N, 1, Y, X) or (N, 1, Z, Y, X) with Y and X
 multiples of the network's `multiple`, and returns the deconvolved batch on the 2x lateral
@@ -16,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -34,11 +35,28 @@ def _served(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
 
 
 class Runtime(Protocol):
-    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+    """One network on one engine, serving batches while its weights may be swapped."""
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
+    @property
+    def multiple(self) -> int:
+        """What Y and X of a batch must be multiples of (pad to it: engines.tiling)."""
+        ...
 
-    def describe(self) -> dict[str, Any]: ...
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """A float32 batch (N, 1, [Z,] Y, X) in model units, deconvolved (any thread)."""
+        ...
+
+    def prepare_weights(self, state_dict: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        """Do now (any thread) what serving `state_dict` needs; the returned commit swaps."""
+        ...
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Serve `state_dict` from the next `infer` on (prepare, then commit, at once)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, device, precision and the like, for status replies and logs."""
+        ...
 
 
 def _check_batch(batch: np.ndarray, multiple: int, is_3d: bool) -> np.ndarray:
@@ -140,8 +158,11 @@ class OnnxRuntime:
                 f"onnxruntime lacks {sorted(missing)}; it has {ort.get_available_providers()}"
             )
         self.threads = threads
-        self._tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="livedecon-onnx-")
-        self.work_dir = Path(work_dir or self._tmp.name)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if not work_dir:
+            self._tmp = tempfile.TemporaryDirectory(prefix="livedecon-onnx-")
+            work_dir = self._tmp.name
+        self.work_dir = Path(work_dir)
         self._lock = threading.Lock()  # one update at a time; inference never takes it
         self.weights_updates = 0
         self._prepared = 0
@@ -222,7 +243,11 @@ class TorchCudaRuntime(TorchRuntime):
 
     def _build(self, weights: Mapping[str, torch.Tensor]) -> nn.Module:
         model = super()._build(weights).to(self.dtype)
-        return torch.compile(model, dynamic=True) if self.compile_model else model
+        if not self.compile_model:
+            return model
+        # For a module torch.compile returns an OptimizedModule (an nn.Module); its annotation
+        # only says "a callable like the one given".
+        return cast(nn.Module, torch.compile(model, dynamic=True))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         model = self.model

@@ -18,6 +18,7 @@ computed without gradient on the interleaved stack, is added to the target in a 
 
 from __future__ import annotations
 
+from types import EllipsisType
 from typing import Annotated, Literal
 
 import numpy as np
@@ -85,9 +86,13 @@ def recorrupt(
     Stacks (N, 1, Z, Y, X) are recorrupted plane by plane (camera noise is independent from
     pixel to pixel in z as in y and x)."""
     if y.ndim == 5:
-        n, c, z, h, w = y.shape
-        noisier, cleaner = recorrupt(y.transpose(1, 2).reshape(n * z, c, h, w), config, generator)
-        return tuple(t.reshape(n, z, c, h, w).transpose(1, 2) for t in (noisier, cleaner))
+        n, c, depth, h, w = y.shape
+        planes = y.transpose(1, 2).reshape(n * depth, c, h, w)
+        noisier, cleaner = recorrupt(planes, config, generator)
+        return (
+            noisier.reshape(n, depth, c, h, w).transpose(1, 2),
+            cleaner.reshape(n, depth, c, h, w).transpose(1, 2),
+        )
     n = y.shape[0]
     shape = (n, 1, 1, 1)
     # Draw where the generator lives (a seeded CPU generator keeps runs repeatable on a GPU).
@@ -154,7 +159,7 @@ def _inner(x: torch.Tensor, margin: int, dims: int = 2) -> torch.Tensor:
             f"patch {tuple(x.shape[-dims:])} is too small for the PSF: the deconvolution loss"
             f" needs more than {2 * margin} pixels per side"
         )
-    index = (..., *[slice(margin, -margin)] * dims)
+    index: tuple[EllipsisType | slice, ...] = (..., *[slice(margin, -margin)] * dims)
     return x[index]
 
 
@@ -166,7 +171,10 @@ def hessian_penalty(x: torch.Tensor) -> torch.Tensor:
     dyy = dy[..., 1:, :] - dy[..., :-1, :]
     dxy = dy[..., :, 1:] - dy[..., :, :-1]
     dyx = dx[..., 1:, :] - dx[..., :-1, :]
-    return sum(0.5 * (d**2).mean() for d in (dxx, dyy, dxy, dyx))
+    total = 0.5 * (dxx**2).mean()
+    for d in (dyy, dxy, dyx):
+        total = total + 0.5 * (d**2).mean()
+    return total
 
 
 def _gauss_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

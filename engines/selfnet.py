@@ -93,8 +93,11 @@ class SelfNetGenerator(nn.Module):
             *_conv(w, 1, 7),
         )
         if self.spec.global_residual:  # start as the identity (see global_residual)
-            nn.init.zeros_(self.body[-1].weight)
-            nn.init.zeros_(self.body[-1].bias)
+            out = self.body[-1]
+            assert isinstance(out, nn.Conv2d)  # the convolution of the last _conv
+            assert out.bias is not None  # made with one
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)

@@ -12,10 +12,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from torch import nn
 
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
-from livedecon.engines.selfnet import Infer, axial_ratio, check_volume, restore_volume
+from livedecon.engines.selfnet import (
+    Infer,
+    SelfNetRestorer,
+    axial_ratio,
+    check_volume,
+    restore_volume,
+)
 
 Z_STEP_TOLERANCE = 0.05  # a volume's z step this far from the trained one is refused
 
@@ -39,7 +44,7 @@ def delta_psf() -> np.ndarray:
 
 
 def selfnet_bundle(
-    restorer: nn.Module,
+    restorer: SelfNetRestorer,
     *,
     name: str,
     pixel_um: float,

@@ -23,7 +23,7 @@ from pydantic import Field
 from scipy import ndimage, signal
 
 from livedecon.engines.configfile import StrictModel
-from livedecon.engines.networks import Network2DSpec, UNetSpec, build_network
+from livedecon.engines.networks import Network2DSpec, UNetSpec, ZSDeconvNet2D, build_network
 from livedecon.engines.self_supervised import LossConfig, zs_deconv_loss
 from livedecon.engines.sim import (
     UPSCALE,
@@ -65,7 +65,7 @@ class SimTrainingConfig(StrictModel):
 
 @dataclass
 class SimTrainingResult:
-    model: torch.nn.Module
+    model: ZSDeconvNet2D
     scale_e: float  # photoelectrons per model unit of the SR images
     sim_psf: np.ndarray
     settings: SimSettings  # the reconstruction the network was trained behind (Wiener fixed)

@@ -25,7 +25,7 @@ import math
 import re
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -402,6 +402,15 @@ def _write_atomically(path: Path, data: Any) -> None:
     write_atomically(path, memoryview(data))
 
 
+def checked_precision(precision: str) -> Precision:
+    """`precision` as one TensorRT builds here (fp16 or fp32), else a ValueError."""
+    if precision == "fp16":
+        return "fp16"
+    if precision == "fp32":
+        return "fp32"
+    raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
+
+
 def build_engine(
     onnx_path: str | Path,
     plan_path: str | Path,
@@ -655,8 +664,22 @@ class TensorRTRuntime:
         only once the inference that may still be running on it has finished; from then on both
         engines hold the new weights, so the next update again starts from a current standby.
         """
+        self.prepare_weights(state_dict)()
+
+    def prepare_weights(self, state_dict: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        """Check `state_dict` and convert it to the engines' arrays now (any thread); the
+        returned commit refits and swaps as `update_weights` says. The refits stay in the
+        commit: both engines are shared by every prepared update, so a standby refitted ahead
+        could be overwritten by a later preparation before this commit swaps it in."""
+        arrays = self._arrays(state_dict)  # checked before any engine changes
+
+        def commit() -> None:
+            self._refit_and_swap(arrays)
+
+        return commit
+
+    def _refit_and_swap(self, arrays: Mapping[str, np.ndarray]) -> None:
         with self._update_lock:
-            arrays = self._arrays(state_dict)  # checked before any engine changes
             active, standby = self._slots
             with torch.cuda.device(self.device):
                 self._refit(standby.engine, arrays)

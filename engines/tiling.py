@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 
@@ -22,7 +23,7 @@ def pad_to_multiple(image: np.ndarray, multiple: int, minimum: int = 0) -> np.nd
     target_y = max(-(-ny // multiple) * multiple, minimum)
     target_x = max(-(-nx // multiple) * multiple, minimum)
     pad = [(0, 0)] * (image.ndim - 2) + [(0, target_y - ny), (0, target_x - nx)]
-    mode = "reflect" if min(ny, nx) > 1 else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if min(ny, nx) > 1 else "edge"
     return np.pad(image, pad, mode=mode) if (target_y, target_x) != (ny, nx) else image
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from livedecon.engines.configfile import StrictModel
 from livedecon.engines.networks import (
     Network2DSpec,
     Network3DSpec,
-    NetworkSpec,
+    ZSDeconvNet3D,
+    ZSDeconvNetwork,
     build_network,
     fast_2d_spec,
 )
@@ -169,7 +170,7 @@ def default_recipe(network: str | None = None, device: str | None = None) -> Tra
 
 @dataclass
 class TrainingResult:
-    model: nn.Module
+    model: ZSDeconvNetwork
     scale_e: float  # photoelectrons per model unit
     iterations_done: int
     history: list[dict[str, float]] = field(default_factory=list)
@@ -228,11 +229,24 @@ class PatchSampler:
         for i in range(n):
             a, b = self._candidate(), self._candidate()
             patch = a if a.mean() >= b.mean() else b  # the brighter of two: foreground bias
-            patch = np.rot90(patch, self.rng.integers(4), axes=(-2, -1))
+            patch = np.rot90(patch, int(self.rng.integers(4)), axes=(-2, -1))
             if self.rng.random() < 0.5:
                 patch = patch[..., ::-1]
             out[i, 0] = patch
         return out
+
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+ModelT_contra = TypeVar("ModelT_contra", bound=nn.Module, contravariant=True)
+
+
+class TrainingObjective(Protocol[ModelT_contra]):
+    """What a `Trainer` minimises: the losses of one batch of patches, the sum as "total"
+    (ZS-DeconvNet's `Objective`, and the SIM and DPS objectives)."""
+
+    def __call__(
+        self, model: ModelT_contra, batch: torch.Tensor, generator: torch.Generator | None, /
+    ) -> dict[str, torch.Tensor]: ...
 
 
 class Objective:
@@ -247,7 +261,7 @@ class Objective:
 
     def __init__(
         self,
-        spec: NetworkSpec,
+        spec: Network2DSpec | Network3DSpec,
         psf: np.ndarray,
         scale_e: float,
         loss: LossConfig,
@@ -260,7 +274,7 @@ class Objective:
         psf = np.asarray(psf, dtype=np.float32)
         if psf.ndim != (3 if self.is_3d else 2):
             raise ValueError(f"a {'3D' if self.is_3d else '2D'} network needs a matching PSF")
-        self.odd_even = self.is_3d and spec.plane_stride == 2
+        self.odd_even = isinstance(spec, Network3DSpec) and spec.plane_stride == 2
         if self.odd_even:
             centre = psf.shape[0] // 2
             psf = psf[centre % 2 :: 2] / psf[centre % 2 :: 2].sum()
@@ -281,12 +295,16 @@ class Objective:
             )
 
     def __call__(
-        self, model: nn.Module, batch_e: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        model: ZSDeconvNetwork,
+        batch_e: torch.Tensor,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         upscale = model.upscale
         if self.psf.device != batch_e.device:
             self.psf = self.psf.to(batch_e.device)
         if self.odd_even:
+            assert isinstance(model, ZSDeconvNet3D)  # odd/even pairs: a 3D spec (__init__)
             inputs, targets = odd_even_pairs(batch_e / self.scale_e)
             gap = gap_amending_term(model, inputs, targets)
             denoised, deconvolved = model.stages(inputs)  # the pairs are already 2 apart
@@ -306,13 +324,13 @@ class Objective:
         )
 
 
-class Trainer:
+class Trainer(Generic[ModelT]):
     """One Adam step at a time on patches from a sampler: the unit of training and adaptation."""
 
     def __init__(
         self,
-        model: nn.Module,
-        objective: Objective,
+        model: ModelT,
+        objective: TrainingObjective[ModelT],
         sampler: PatchSampler,
         batch_size: int,
         learning_rate: float,
@@ -350,9 +368,9 @@ def train(
     resumes from the last one. Ctrl-C stops after the current step with its weights saved.
     `device`: where to train (default: the GPU when torch sees one, else the CPU).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
-    model = build_network(config.network).to(device)
+    model = build_network(config.network).to(torch_device)
     if config.patch_px % model.multiple:
         raise ValueError(f"patch_px {config.patch_px} must be a multiple of {model.multiple}")
     scale = normalisation_scale(data_e, config.scale_percentile)
@@ -374,8 +392,8 @@ def train(
     average = WeightAverage(model, config.ema_decay) if config.ema_decay is not None else None
     start, history, elapsed_before = 0, [], 0.0
     checkpoint = work_dir / CHECKPOINT if work_dir else None
-    if checkpoint and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True, map_location=device)
+    if work_dir is not None and checkpoint and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True, map_location=torch_device)
         model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         if average is not None and "average" in state:
@@ -397,7 +415,7 @@ def train(
         trainer.generator.manual_seed(config.seed * 1_000_003 + iteration)
 
     def save(iteration: int) -> None:
-        if checkpoint is None:
+        if work_dir is None or checkpoint is None:  # both or neither
             return
         work_dir.mkdir(parents=True, exist_ok=True)
         state = {
@@ -448,7 +466,7 @@ def train(
 
 
 def run_cosine(
-    trainer: Trainer, iterations: int, learning_rate: float, budget_s: float | None = None
+    trainer: Trainer[ModelT], iterations: int, learning_rate: float, budget_s: float | None = None
 ) -> list[float]:
     """Steps with a cosine learning-rate schedule over `iterations`, or over `budget_s`
     seconds when that ends first; the total loss of each step. The short runs (SIM, DPS) use
@@ -498,7 +516,7 @@ class WeightAverage:
 
 
 @torch.no_grad()
-def restore(model: nn.Module, image_e: np.ndarray, scale_e: float) -> np.ndarray:
+def restore(model: ZSDeconvNetwork, image_e: np.ndarray, scale_e: float) -> np.ndarray:
     """Deconvolved, laterally 2x frame (Y, X) or stack (Z, Y, X) in photoelectrons per output
     pixel, straight from a torch model (the runtimes do the same through engines.runtime)."""
     model.eval()
