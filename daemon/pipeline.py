@@ -471,7 +471,12 @@ class Worker(threading.Thread):
                 log.exception("preparing weights v%d of %s failed", report.version, acquisition.id)
                 continue
             start = time.perf_counter()
-            commit()
+            try:
+                commit()
+            except Exception:  # a failed refit must not stop the worker: acked frames wait
+                self.metrics.count("errors")
+                log.exception("swapping weights v%d of %s failed", report.version, acquisition.id)
+                continue
             assert acquisition.adaptation is not None
             acquisition.adaptation.serving_version = report.version
             report.swap_ms = (time.perf_counter() - start) * 1e3

@@ -4,6 +4,7 @@ keeps flowing across weight swaps."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,9 +12,15 @@ import pytest
 import torch
 from daemon_harness import start_daemon
 
-from livedecon.daemon.adaptation_scheduler import adaptation_for, check_candidate
+from livedecon.daemon.adaptation_scheduler import (
+    TimepointReport,
+    adaptation_for,
+    check_candidate,
+)
+from livedecon.daemon.pipeline import Worker
 from livedecon.daemon.processing import open_processor
 from livedecon.daemon.protocol import AdaptationPlan, Axes, Plan
+from livedecon.daemon.telemetry import Metrics
 from livedecon.daemon.writer import output_path, read_planes
 
 PLAN = AdaptationPlan(mode="adapt", steps_per_timepoint=3, patch_px=32, batch_size=2)
@@ -183,3 +190,23 @@ def test_retraining_runs_longer_on_the_frames_of_several_timepoints(processor, f
     assert (second.kind, second.steps) == ("retrain", 5)
     # trained on both timepoints' kept frames (2 each; one per timepoint held out)
     assert len(adaptation._adapter.trainer.sampler.images) == 4
+
+
+def test_a_weight_swap_that_fails_is_counted_and_the_worker_goes_on():
+    """A commit that raises (a TensorRT refit, say) must not end the worker thread, which
+    holds acknowledged frames: the old weights keep serving and the next swap lands."""
+    metrics = Metrics()
+    worker = Worker(None, None, None, metrics, 1, 0.01, 1.0)  # type: ignore[arg-type]
+    acquisition = SimpleNamespace(id="acq", adaptation=SimpleNamespace(serving_version=1))
+
+    def failing() -> None:
+        raise RuntimeError("refit failed")
+
+    for version, commit in ((2, failing), (3, lambda: None)):
+        ready: Future = Future()
+        ready.set_result(commit)
+        report = TimepointReport(timepoint=version, kind="adapt", version=version)
+        worker._swaps.append((ready, acquisition, report, time.perf_counter()))  # type: ignore[arg-type]
+    worker._commit_ready_swaps()
+    assert metrics.counters["errors"] == 1
+    assert acquisition.adaptation.serving_version == 3
