@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 from scipy.optimize import least_squares
+from skimage.feature import peak_local_max
 
 from livedecon.calibration.config import Optics
 from livedecon.calibration.psf import fwhm_px, theoretical_psf
@@ -541,19 +542,16 @@ def _detect(volume: np.ndarray, fwhm_lat_px: float, sep_px: float) -> list[tuple
     base = float(np.median(proj))
     spread = 1.4826 * float(np.median(np.abs(proj - base))) or float(proj.std()) or 1.0
     r = max(round(fwhm_lat_px), 1)
-    peaks = (proj == ndimage.maximum_filter(proj, size=2 * r + 1)) & (
-        proj > base + DETECT_SIGMA * spread
+    # brightest first; a plateau or saturated top gives one peak
+    yx = peak_local_max(
+        proj, min_distance=r, threshold_abs=base + DETECT_SIGMA * spread, exclude_border=False
     )
-    yx = np.argwhere(peaks)
-    amp = proj[peaks] - base
-    order = np.argsort(-amp, kind="stable")
+    amp = proj[tuple(yx.T)] - base
     kept: list[tuple[int, int]] = []
     kept_amp: list[float] = []
-    for (y, x), a in zip(yx[order], amp[order], strict=True):
+    for (y, x), a in zip(yx, amp, strict=True):
         if kept:
             d = np.hypot(*(np.asarray(kept) - (y, x)).T)
-            if d.min() <= r:  # the same peak (a plateau, a saturated top)
-                continue
             near = d < sep_px
             if near.any() and a < SATELLITE_FRACTION * max(np.asarray(kept_amp)[near]):
                 continue
