@@ -44,6 +44,7 @@ from livedecon.calibration.metrics import decorrelation_resolution
 from livedecon.calibration.report import PSFPlot, PTCPlot, ReportData, write_report
 from livedecon.configs import shipped_config_path
 from livedecon.engines.configfile import StrictModel, load_config
+from livedecon.engines.enums import Backend
 from livedecon.engines.ome_tiff import write_ome_tiff
 from livedecon.engines.training import TrainingConfig
 
@@ -63,7 +64,7 @@ class CalibrationSettings(StrictModel):
         ),
         description="first model's training; default: the fast 2D network, CPU-friendly",
     )
-    backend: str = Field("auto", description="engine to export the first model for")
+    backend: Backend = Field(Backend.AUTO, description="engine to export the first model for")
     stripes: bool = Field(False, description="turn on stripe suppression in the daemon")
     capture: CaptureSettings = CaptureSettings()
 

@@ -13,6 +13,7 @@ from rich.progress import Progress, TaskID
 from livedecon.cli.output import console
 from livedecon.cli.output import fail as _fail
 from livedecon.engines.configfile import ConfigError
+from livedecon.engines.enums import Backend
 
 if TYPE_CHECKING:
     from livedecon.calibration.calibration_bundle import CalibrationBundle
@@ -70,7 +71,7 @@ def calibrate(
     ] = None,
     iterations: Annotated[int | None, typer.Option(min=1, help="first model's training")] = None,
     psf: Annotated[str | None, typer.Option(help="auto, measured, theoretical")] = None,
-    backend: Annotated[str | None, typer.Option(help="engine for the first model")] = None,
+    backend: Annotated[Backend | None, typer.Option(help="engine for the first model")] = None,
     yes: Annotated[bool, typer.Option("--yes", help="live: do not wait for Enter")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
 ) -> None:

@@ -42,6 +42,8 @@ from livedecon.daemon.daemon_config import Endpoints, load_daemon_config
 from livedecon.daemon.launcher import free_tcp_endpoint, spawn_daemon
 from livedecon.daemon.protocol import Topic, decode_publication
 from livedecon.daemon.writer import output_files, read_planes
+from livedecon.engines.bundle import ModelBundle, find_bundle
+from livedecon.engines.enums import Backend
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class DemoSettings:
     three_d: bool = False
     z_planes: int = 9
     bundle: str | None = None  # None: the shipped model for the mode
-    backend: str = "auto"
+    backend: Backend = Backend.AUTO
     microscope: Path | None = None
     endpoints: Endpoints | None = None  # None: free loopback ports
 
@@ -112,9 +114,15 @@ def _scope_config(settings: DemoSettings) -> MicroscopeConfig:
 
 
 def _quality(
-    scope: SimulatedMicroscope, raw_path: Path, restored: list[Path], exposure_ms: float
+    scope: SimulatedMicroscope,
+    raw_path: Path,
+    restored: list[Path],
+    exposure_ms: float,
+    flux_share: float = 1.0,
 ) -> tuple[float, float]:
-    """Mean PSNR of raw (interpolated to 2x) and restored planes against the ground truth."""
+    """Mean PSNR of raw (interpolated to 2x) and restored planes against the ground truth.
+    The uniform background every raw plane records is, to a 3D model, light from the whole
+    volume: in its output each plane keeps the bundle's `flux_share` of it."""
     from ndstorage import Dataset
 
     sample = scope.config.sample
@@ -139,7 +147,7 @@ def _quality(
                 # both in photoelectrons per fine pixel, without the uniform background
                 raw_2x = np.clip(upsample_2x(electrons) - background / 4, 0, None)
                 raw_scores.append(psnr(raw_2x, truth))
-                restored_scores.append(psnr(plane - background / 4, truth))
+                restored_scores.append(psnr(plane - background / 4 * flux_share, truth))
     finally:
         raw_data.close()
     return float(np.mean(raw_scores)), float(np.mean(restored_scores))
@@ -161,7 +169,7 @@ def run_demo(
             "endpoints": settings.endpoints
             or Endpoints(ingest=free_tcp_endpoint(), publish=free_tcp_endpoint()),
             "model": shipped.model.model_copy(
-                update={"bundle": bundle, "backend": settings.backend}
+                update={"bundle": bundle, "backend": Backend(settings.backend)}
             ),
         }
     )
@@ -214,7 +222,10 @@ def run_demo(
                 metrics = client.metrics()
             progress("comparing with the ground truth", 0, 0)
             restored = output_files(daemon_config.output_dir / acquisition_id)
-            psnr_raw, psnr_restored = _quality(scope, raw_path, restored, settings.exposure_ms)
+            share = ModelBundle.load(find_bundle(bundle)).flux_share
+            psnr_raw, psnr_restored = _quality(
+                scope, raw_path, restored, settings.exposure_ms, share
+            )
     finally:
         if latencies.is_alive():
             latencies.stop()

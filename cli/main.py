@@ -23,6 +23,7 @@ from livedecon.cli.selfnet import (
     train_selfnet_command,
 )
 from livedecon.engines.configfile import ConfigError
+from livedecon.engines.enums import Backend, Precision
 
 if TYPE_CHECKING:
     from livedecon.engines.networks import Network2DSpec, Network3DSpec
@@ -290,8 +291,8 @@ def restore(
     input_tif: Annotated[Path, typer.Argument(metavar="IN.tif", help="raw camera counts")],
     output_tif: Annotated[Path, typer.Argument(metavar="OUT.tif", help="OME-TIFF to write")],
     backend: Annotated[
-        str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
-    ] = "auto",
+        Backend, typer.Option(help="engine; auto: the fastest one present")
+    ] = Backend.AUTO,
     tile_px: Annotated[int, typer.Option(min=16, help="larger frames go in blended tiles")] = 1024,
     then: Annotated[
         str | None,
@@ -361,10 +362,10 @@ def _parse_shapes(text: str) -> list[tuple[int, ...]]:
 def export(
     bundle: Annotated[str, typer.Argument(help="bundle directory, or a shipped bundle's name")],
     backend: Annotated[
-        str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
-    ] = "auto",
+        Backend, typer.Option(help="engine; auto: the fastest one present")
+    ] = Backend.AUTO,
     precision: Annotated[
-        str | None, typer.Option(help="fp32, fp16, bf16 [default: per backend]")
+        Precision | None, typer.Option(help="number format [default: per backend]")
     ] = None,
     shapes: Annotated[str, typer.Option(help="frame shapes the engine must take")] = "1024x1024",
     max_batch: Annotated[int, typer.Option(min=1, help="largest batch of frames")] = 4,
@@ -456,8 +457,8 @@ def demo(
     z_planes: Annotated[int, typer.Option(min=2, help="planes per stack with --3d")] = 9,
     bundle: Annotated[str | None, typer.Option(help="model (default: the shipped one)")] = None,
     backend: Annotated[
-        str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
-    ] = "auto",
+        Backend, typer.Option(help="engine; auto: the fastest one present")
+    ] = Backend.AUTO,
     microscope: Annotated[Path | None, typer.Option(help="microscope TOML")] = None,
     viewer: Annotated[
         bool | None, typer.Option("--viewer/--headless", help="default: a viewer if possible")
@@ -665,8 +666,8 @@ def reprocess_command(
         ),
     ] = None,
     backend: Annotated[
-        str, typer.Option(help="auto, tensorrt, torch-cuda, onnxruntime, torch")
-    ] = "auto",
+        Backend, typer.Option(help="engine; auto: the fastest one present")
+    ] = Backend.AUTO,
 ) -> None:
     """After a crash: recreate every acknowledged plane that is not on disk (from the spill
     store, else the raw dataset) and finalise the output files. Exit code 1: some planes could
@@ -714,7 +715,9 @@ def batch(
     workers: Annotated[
         int | None, typer.Option(min=1, help="local cluster size [default: cores, or GPUs]")
     ] = None,
-    backend: Annotated[str, typer.Option(help="each worker's engine (auto: as restore)")] = "auto",
+    backend: Annotated[
+        Backend, typer.Option(help="each worker's engine (auto: as restore)")
+    ] = Backend.AUTO,
     chunk_px: Annotated[int, typer.Option(min=8, help="lateral chunk, input pixels")] = 256,
     halo_px: Annotated[int, typer.Option(min=0, help="tiles overlap by twice this")] = 24,
     frames_per_chunk: Annotated[int, typer.Option(min=1, help="2D frames per chunk")] = 8,

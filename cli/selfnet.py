@@ -19,6 +19,7 @@ from livedecon.engines.configfile import ConfigError
 
 if TYPE_CHECKING:
     from livedecon.engines.bundle import ModelBundle
+    from livedecon.engines.enums import Backend
     from livedecon.engines.runtime import Runtime
     from livedecon.engines.selfnet_training import SelfNetTrainingConfig
 
@@ -110,7 +111,9 @@ def staging_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.stage1.ome.tif")
 
 
-def open_selfnet_chain(then: str, first: ModelBundle, backend: str) -> tuple[ModelBundle, Runtime]:
+def open_selfnet_chain(
+    then: str, first: ModelBundle, backend: Backend
+) -> tuple[ModelBundle, Runtime]:
     """The Self-Net bundle and its checked runtime for the output of bundle `first` (a 3D
     bundle): refused before anything runs when the grids do not meet."""
     import math

@@ -315,7 +315,12 @@ def adaptation_for(
     def infer(electrons: np.ndarray, weights: Weights | None) -> np.ndarray:
         runtime = TorchRuntime(manifest.network, weights or processor.bundle.state_dict)
         return restore_electrons(
-            runtime.infer, electrons, norm.scale_e, runtime.multiple, processor.upscale
+            runtime.infer,
+            electrons,
+            norm.scale_e,
+            runtime.multiple,
+            processor.upscale,
+            flux_share=bundle.flux_share,
         )
 
     def save(version: int, weights: Weights) -> None:

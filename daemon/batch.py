@@ -43,6 +43,7 @@ from livedecon.daemon.batch_inputs import Source, plan_sources, read_region, ste
 from livedecon.engines.atomic_write import write_atomically
 from livedecon.engines.bundle import BundleError, ModelBundle
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.enums import Backend
 from livedecon.engines.networks import input_multiple
 from livedecon.engines.offline import output_axes
 from livedecon.engines.runtime import Runtime
@@ -52,7 +53,7 @@ RECORDS = "livedecon_chunks"  # zarr group beside the image array: one record pe
 
 
 class BatchOptions(StrictModel):
-    backend: str = "auto"
+    backend: Backend = Backend.AUTO
     chunk_px: int = Field(256, ge=8, description="output chunk, input pixels laterally")
     halo_px: int = Field(24, ge=0, description="tiles overlap their neighbours by twice this")
     frames_per_chunk: int = Field(8, ge=1, description="2D: frames per chunk (one engine call)")
@@ -70,7 +71,7 @@ class Job(StrictModel):
     bundle_id: str
     weights_sha256: str
     weights_version: int
-    backend: str
+    backend: Backend
     threads: int
     tile_shapes: tuple[tuple[int, ...], ...]
     max_batch: int
@@ -409,7 +410,7 @@ def infer_tile(
     norm = bundle.manifest.normalisation
     items = norm.electrons(raw.reshape(-1, *raw.shape[-grid.core :]))
     restored = restore_batch_electrons(
-        runtime.infer, items, norm.scale_e, runtime.multiple, grid.upscale
+        runtime.infer, items, norm.scale_e, runtime.multiple, grid.upscale, bundle.flux_share
     )
     restored = restored.reshape(*raw.shape[: -grid.core], *restored.shape[1:])
     window = blend_window(restored.shape[-grid.core :], grid.ramps())
@@ -491,7 +492,7 @@ def connect(
     scheduler: str | None = None,
     workers: int | None = None,
     dashboard_address: str = ":8787",
-    backend: str = "auto",
+    backend: Backend = Backend.AUTO,
 ) -> Iterator[Any]:
     """A client of the cluster at `scheduler`, or of a local cluster sized to this machine,
     closed on exit."""
@@ -513,13 +514,13 @@ def connect(
         yield client
 
 
-def local_workers(backend: str) -> int:
+def local_workers(backend: Backend) -> int:
     """One single-threaded worker per core for CPU engines; one per GPU for GPU engines (more
     engines than GPUs would only share them). Pinning each worker to its own GPU on a
     multi-GPU node is dask-cuda's job (README)."""
     from livedecon.engines.backends import choose_backend
 
-    if choose_backend(backend).backend in ("tensorrt", "torch-cuda"):
+    if choose_backend(backend).backend in (Backend.TENSORRT, Backend.TORCH_CUDA):
         import torch
 
         return max(torch.cuda.device_count(), 1)

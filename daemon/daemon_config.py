@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from livedecon.engines.configfile import StrictModel, load_config
+from livedecon.engines.enums import Backend, Precision
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
@@ -130,8 +131,8 @@ class ModelSelection(StrictModel):
         "fast2d-sim",
         description="bundle directory, a shipped bundle name, or 'pass-through' (no processing)",
     )
-    backend: Literal["auto", "tensorrt", "torch-cuda", "onnxruntime", "torch"] = "auto"
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    backend: Backend = Backend.AUTO
+    precision: Precision = Precision.FP32
     tile_px: int = Field(1024, ge=64, description="larger frames are restored in tiles")
     pass_through_delay_ms: float = Field(
         0.0, ge=0, description="pass-through only: a stand-in engine this slow (overload tests)"

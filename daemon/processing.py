@@ -22,6 +22,7 @@ from livedecon.daemon.correction import InputCorrection, input_correction
 from livedecon.daemon.daemon_config import Correction
 from livedecon.engines.backends import open_runtime
 from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
+from livedecon.engines.enums import Backend, Precision
 from livedecon.engines.networks import input_multiple
 from livedecon.engines.runtime import Runtime
 from livedecon.engines.tiling import restore_batch_electrons, restore_electrons
@@ -174,7 +175,7 @@ class ModelProcessor:
     bundle: ModelBundle
     bundle_dir: Path
     runtime: Runtime
-    backend: str
+    backend: Backend
     tile_px: int = 1024
     correction: InputCorrection = field(default_factory=InputCorrection)
     name: str = "model"
@@ -231,11 +232,12 @@ class ModelProcessor:
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         norm = self.bundle.manifest.normalisation
         multiple = input_multiple(self.bundle.manifest.network)
+        share = self.bundle.flux_share
         fits = max(items[0].shape[-2:]) <= self.tile_px
         if fits and all(item.shape == items[0].shape for item in items):
             batch = np.stack([self.electrons(item) for item in items])
             out = restore_batch_electrons(
-                self.runtime.infer, batch, norm.scale_e, multiple, self.upscale
+                self.runtime.infer, batch, norm.scale_e, multiple, self.upscale, share
             )
             return list(out)
         return [
@@ -246,6 +248,7 @@ class ModelProcessor:
                 multiple,
                 self.upscale,
                 self.tile_px,
+                share,
             )
             for item in items
         ]
@@ -253,8 +256,8 @@ class ModelProcessor:
 
 def open_processor(
     bundle: str | Path,
-    backend: str = "auto",
-    precision: str | None = None,
+    backend: Backend = Backend.AUTO,
+    precision: Precision | None = None,
     frame_shapes: tuple[tuple[int, ...], ...] = ((1024, 1024),),
     max_batch: int = 4,
     tile_px: int = 1024,

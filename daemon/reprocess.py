@@ -49,6 +49,7 @@ from livedecon.daemon.writer import (
     scan_file,
 )
 from livedecon.engines.atomic_write import replace_atomically
+from livedecon.engines.enums import Backend
 
 BATCH = 4  # 2D frames per processor call
 TEMP_SUFFIX = ".reprocess.tmp"
@@ -180,7 +181,7 @@ class _Work:
 
 
 def _open_processor(
-    record: AcquisitionRecord, backend: str, shapes: set[tuple[int, ...]]
+    record: AcquisitionRecord, backend: Backend, shapes: set[tuple[int, ...]]
 ) -> Processor:
     if record.processor == "pass-through":
         return PassThrough()
@@ -388,7 +389,7 @@ def reprocess(
     processor: Processor | None = None,
     progress: Callable[[int, int], None] | None = None,
     *,
-    backend: str = "auto",
+    backend: Backend = Backend.AUTO,
 ) -> ReprocessReport:
     """Make every acknowledged plane of an acquisition readable on disk (see the module doc).
 
@@ -460,7 +461,7 @@ def _recover(
     handles: dict[Path, io.BufferedReader],
     sources: _Sources,
     processor: Processor | None,
-    backend: str,
+    backend: Backend,
     progress: Callable[[int, int], None] | None,
     report: ReprocessReport,
 ) -> None:

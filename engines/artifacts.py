@@ -23,6 +23,7 @@ import torch
 
 from livedecon.engines.atomic_write import write_atomically
 from livedecon.engines.bundle import CACHE, ModelBundle
+from livedecon.engines.enums import Backend
 
 LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
@@ -40,7 +41,7 @@ def library_versions() -> dict[str, str]:
 def device_description(backend: str) -> str:
     """The device an artifact is compiled for: the GPU model and compute capability for GPU
     backends (plans do not move between GPU models), the CPU otherwise."""
-    if backend in ("tensorrt", "torch-cuda") and torch.cuda.is_available():
+    if backend in (Backend.TENSORRT, Backend.TORCH_CUDA) and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"{torch.cuda.get_device_name()} sm_{major}{minor}"
     return "cpu"

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from skimage.metrics import peak_signal_noise_ratio
 
 from livedecon.engines.artifacts import artifact_dir, artifact_key, cache_root, seal
 from livedecon.engines.bundle import ModelBundle
+from livedecon.engines.enums import Backend, Precision
 from livedecon.engines.networks import input_multiple
 from livedecon.engines.runtime import OnnxRuntime, Runtime, TorchCudaRuntime, TorchRuntime
 
@@ -30,17 +32,18 @@ if TYPE_CHECKING:  # imported where used: it imports onnx (about a second)
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("tensorrt", "torch-cuda", "onnxruntime", "torch")
+# fastest first: auto takes the first one present
+BACKENDS = (Backend.TENSORRT, Backend.TORCH_CUDA, Backend.ONNXRUNTIME, Backend.TORCH)
 DEFAULT_PRECISION = {
-    "tensorrt": "fp16",
-    "torch-cuda": "fp16",
-    "onnxruntime": "fp32",
-    "torch": "fp32",
+    Backend.TENSORRT: Precision.FP16,
+    Backend.TORCH_CUDA: Precision.FP16,
+    Backend.ONNXRUNTIME: Precision.FP32,
+    Backend.TORCH: Precision.FP32,
 }
 # PSNR (dB, over the reference output's range) a backend must reach against torch float32.
 # Float32 backends differ only by summation order; half precision keeps about 3 decimal
 # digits, and 40 dB (1% of the range at worst-case RMS) is invisible in a restored frame.
-GATE_DB = {"fp32": 60.0, "fp16": 40.0, "bf16": 35.0}
+GATE_DB = {Precision.FP32: 60.0, Precision.FP16: 40.0, Precision.BF16: 35.0}
 
 
 class AccuracyGateError(RuntimeError):
@@ -49,33 +52,35 @@ class AccuracyGateError(RuntimeError):
 
 @dataclass(frozen=True)
 class Choice:
-    backend: str
+    backend: Backend
     reason: str
     gate_db: float | None = None  # PSNR against torch float32, once checked
 
 
-def available_backends() -> dict[str, str | None]:
+def available_backends() -> dict[Backend, str | None]:
     """Each backend and why it cannot run here (None: it can)."""
     cuda = torch.cuda.is_available()
     has = lambda module: importlib.util.find_spec(module) is not None  # noqa: E731
     return {
-        "tensorrt": None
+        Backend.TENSORRT: None
         if has("tensorrt") and cuda
         else "needs the tensorrt package and a CUDA GPU",
-        "torch-cuda": None if cuda else "torch sees no CUDA GPU",
-        "onnxruntime": None if has("onnxruntime") else "onnxruntime is not installed",
-        "torch": None,
+        Backend.TORCH_CUDA: None if cuda else "torch sees no CUDA GPU",
+        Backend.ONNXRUNTIME: None if has("onnxruntime") else "onnxruntime is not installed",
+        Backend.TORCH: None,
     }
 
 
-def choose_backend(requested: str = "auto") -> Choice:
+def choose_backend(requested: str = Backend.AUTO) -> Choice:
+    """The backend for `requested`: a Backend or its name (ValueError for any other name)."""
     availability = available_backends()
-    if requested != "auto":
+    if requested != Backend.AUTO:
         if requested not in availability:
             raise ValueError(f"unknown backend {requested!r}; one of auto, {', '.join(BACKENDS)}")
-        if availability[requested]:
-            raise RuntimeError(f"backend {requested} is not available: {availability[requested]}")
-        return Choice(requested, "requested")
+        backend = Backend(requested)
+        if availability[backend]:
+            raise RuntimeError(f"backend {backend} is not available: {availability[backend]}")
+        return Choice(backend, "requested")
     skipped: list[str] = []
     for name in BACKENDS:
         if availability[name] is None:
@@ -102,15 +107,18 @@ def gate_input(is_3d: bool, multiple: int, size: int = 64, seed: int = 7) -> np.
 
 
 def psnr_against(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """PSNR (dB) of `candidate` over the reference's range; infinite when they are equal."""
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+    if np.array_equal(reference, candidate):
+        return float("inf")
     span = float(reference.max() - reference.min()) or 1.0
-    mse = float(np.mean((reference.astype(np.float64) - candidate) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(span**2 / mse)
+    return float(peak_signal_noise_ratio(reference, candidate, data_range=span))
 
 
 def accuracy_gate(
     runtime: Runtime,
     bundle: ModelBundle,
-    precision: str,
+    precision: Precision,
     record: Path | None = None,
     reuse: bool = False,
 ) -> float:
@@ -141,7 +149,7 @@ FP32_HEADS = {False: ("/denoise_out/", "/tail/"), True: ("/denoiser/tail/", "/de
 
 
 def _checked_tensorrt(
-    bundle: ModelBundle, directory: Path, profile: ShapeProfile, precision: str, cached: bool
+    bundle: ModelBundle, directory: Path, profile: ShapeProfile, precision: Precision, cached: bool
 ) -> tuple[Runtime, float]:
     """A TensorRT runtime that passes the gate: all-FP16 first, then (fp16 only) with the
     output heads in FP32. Each variant's plan and gate result are cached side by side."""
@@ -150,7 +158,7 @@ def _checked_tensorrt(
     spec, weights = bundle.manifest.network, bundle.state_dict
     trt_precision = trt_rt.checked_precision(precision)
     variants: list[tuple[str, tuple[str, ...]]] = [("engine", ())]
-    if precision == "fp16":
+    if precision == Precision.FP16:
         variants.append(("engine-fp32-heads", FP32_HEADS[bundle.manifest.is_3d]))
     failure: AccuracyGateError | None = None
     for stem, fp32_layers in variants:
@@ -186,8 +194,8 @@ def _checked_tensorrt(
 def open_runtime(
     bundle: ModelBundle,
     bundle_dir: Path,
-    backend: str = "auto",
-    precision: str | None = None,
+    backend: Backend = Backend.AUTO,
+    precision: Precision | None = None,
     frame_shapes: Sequence[tuple[int, ...]] = ((1024, 1024),),
     max_batch: int = 4,
     threads: int | None = None,
@@ -196,16 +204,18 @@ def open_runtime(
     intra-op CPU threads of onnxruntime (default: all cores; several engines per machine, as
     batch workers are, share the cores instead)."""
     choice = choose_backend(backend)
-    if bundle.manifest.is_selfnet and choice.backend == "tensorrt":
+    if bundle.manifest.is_selfnet and choice.backend == Backend.TENSORRT:
         # The TensorRT runtime binds ZS-DeconvNet's two outputs; Self-Net has one.
-        if backend != "auto":
+        if backend != Backend.AUTO:
             raise RuntimeError("backend tensorrt does not serve Self-Net bundles yet")
-        choice = Choice("torch-cuda", "auto: torch-cuda (tensorrt does not serve Self-Net yet)")
+        choice = Choice(
+            Backend.TORCH_CUDA, "auto: torch-cuda (tensorrt does not serve Self-Net yet)"
+        )
     name = choice.backend
     precision = precision or DEFAULT_PRECISION[name]
     spec, weights = bundle.manifest.network, bundle.state_dict
     profile = None
-    if name == "tensorrt":
+    if name == Backend.TENSORRT:
         from livedecon.engines import tensorrt_runtime as trt_rt
 
         profile = trt_rt.profile_for(
@@ -214,18 +224,18 @@ def open_runtime(
     key = artifact_key(bundle, name, precision, None if profile is None else profile.as_dict())
     directory, cached = artifact_dir(cache_root(bundle_dir, bundle), key)
     onnx_path = directory / "model.onnx"
-    if name in ("onnxruntime", "tensorrt") and not cached:
+    if name in (Backend.ONNXRUNTIME, Backend.TENSORRT) and not cached:
         from livedecon.engines.export import export_onnx  # onnx takes ~1 s to import
 
         export_onnx(bundle.build_model(), onnx_path, bundle.manifest.is_3d)
     runtime: Runtime
-    if name == "tensorrt":
+    if name == Backend.TENSORRT:
         assert profile is not None  # made above for tensorrt
         runtime, psnr = _checked_tensorrt(bundle, directory, profile, precision, cached)
     else:
-        if name == "torch":
+        if name == Backend.TORCH:
             runtime = TorchRuntime(spec, weights)
-        elif name == "torch-cuda":
+        elif name == Backend.TORCH_CUDA:
             runtime = TorchCudaRuntime(spec, weights, precision)
         else:
             runtime = OnnxRuntime(spec, weights, onnx_path=onnx_path, threads=threads)

@@ -138,7 +138,7 @@ def _network_outputs(bundle: ModelBundle, counts: np.ndarray) -> tuple[np.ndarra
     upscale = 2 if m.network.upsample else 1
     return (
         denoised.numpy()[0, 0] * norm.scale_e,
-        deconvolved.numpy()[0, 0] * (norm.scale_e / (upscale * upscale)),
+        deconvolved.numpy()[0, 0] * (norm.scale_e * bundle.flux_share / (upscale * upscale)),
     )
 
 
@@ -202,6 +202,13 @@ def _readme(bundle: ModelBundle, outputs_doc: str, preprocessing: tuple[float, f
     z_psf = f", z step {p.z_step_um} um" if p.z_step_um else ""
     psf_sha = f"; source sha256 {p.source_sha256}" if p.source_sha256 else ""
     z_line = f"- z step: {m.z_step_um} um (input and output)\n" if m.is_3d else ""
+    share, share_why = "", ""
+    if m.is_3d:
+        share = f" x {bundle.flux_share:.6g}"
+        share_why = (
+            "; in 3D each plane holds its own slab's photons: the PSF, normalised over its"
+            " volume, holds that share of a point's light in its in-focus plane"
+        )
     return f"""# {m.name}: ZS-DeconvNet ({m.network.kind}), exported by livedecon
 
 Self-supervised denoising, deconvolution and {upscale}x lateral super-resolution of {dims}
@@ -228,8 +235,8 @@ a time-lapse and between images. Pre-processing (`scale_linear`):
 with camera offset {n.camera_offset_adu} ADU, gain {n.camera_gain_e_per_adu} e-/ADU
 (read noise {n.read_noise_e} e-), background {n.background_e} e- and {n.scale_e}
 photoelectrons per model unit. Post-processing (`scale_linear`) returns photoelectrons:
-`denoised` x {n.scale_e} (per input pixel), `deconvolved` x {n.scale_e}/{upscale * upscale}
-(per output pixel, so the restored image keeps the raw image's photons).
+`denoised` x {n.scale_e} (per input pixel), `deconvolved` x {n.scale_e}{share}/{upscale * upscale}
+(per output pixel, so the restored image keeps the raw image's photons{share_why}).
 **Data from another camera** (other offset or gain) must be converted to this camera's
 counts first, or the pre-processing edited with that camera's values.
 
@@ -436,7 +443,9 @@ def export_bioimageio(
                 data=photons,
                 postprocessing=[
                     v0_5.ScaleLinearDescr(
-                        kwargs=v0_5.ScaleLinearKwargs(gain=norm.scale_e / upscale**2)
+                        kwargs=v0_5.ScaleLinearKwargs(
+                            gain=norm.scale_e * bundle.flux_share / upscale**2
+                        )
                     )
                 ],
             ),

@@ -309,6 +309,16 @@ class ModelBundle:
     def bundle_id(self) -> str:
         return self.manifest.bundle_id
 
+    @property
+    def flux_share(self) -> float:
+        """The network's output times this is photons per output voxel of its own plane.
+
+        The training PSF sums to 1 over its volume, so in 3D its in-focus plane holds only a
+        share of a point's light (about 1/8 for 9 widefield planes), where a real focal plane
+        receives all of it; the network's estimate comes out larger by the inverse. In 2D the
+        share is 1."""
+        return float(self.psf[self.psf.shape[0] // 2].sum()) if self.psf.ndim == 3 else 1.0
+
     def build_model(self, device: torch.device | str = "cpu") -> Network:
         """A fresh float32 network in eval mode holding these weights."""
         model = build_network(self.manifest.network)

@@ -32,6 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.enums import NetworkKind
 from livedecon.engines.networks import UNet2D, UNetSpec
 from livedecon.engines.self_supervised import (
     RecorruptionConfig,
@@ -54,7 +55,7 @@ from livedecon.engines.training import (
 
 
 class DpsSpec(StrictModel):
-    kind: Literal["dps"] = "dps"
+    kind: Literal[NetworkKind.DPS] = NetworkKind.DPS
     unet: UNetSpec = UNetSpec(levels=3, convs_per_block=2, base_width=16)
     feedback_width: int = Field(16, ge=1, le=256, description="the back-projection's channels")
     upsample: bool = Field(True, description="2x output grid (widefield); off for SIM images")

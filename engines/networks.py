@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.enums import NetworkKind
 from livedecon.engines.selfnet import SelfNetRestorer, SelfNetSpec
 
 
@@ -27,7 +28,9 @@ class UNetSpec(StrictModel):
 
 
 class Network2DSpec(StrictModel):
-    kind: Literal["zs-deconvnet-2d", "zs-deconvnet-2d-fast"] = "zs-deconvnet-2d"
+    kind: Literal[NetworkKind.ZS_DECONVNET_2D, NetworkKind.ZS_DECONVNET_2D_FAST] = (
+        NetworkKind.ZS_DECONVNET_2D
+    )
     unet: UNetSpec = UNetSpec()
     tail_width: int = Field(128, ge=1, le=1024, description="convolutions after upsampling")
     upsample: bool = True
@@ -44,7 +47,7 @@ class Network2DSpec(StrictModel):
 
 
 class Network3DSpec(StrictModel):
-    kind: Literal["zs-deconvnet-3d"] = "zs-deconvnet-3d"
+    kind: Literal[NetworkKind.ZS_DECONVNET_3D] = NetworkKind.ZS_DECONVNET_3D
     width: int = Field(64, ge=4, le=512)
     residual_groups: int = Field(2, ge=1, le=16)
     blocks_per_group: int = Field(2, ge=1, le=16)
@@ -63,7 +66,7 @@ class Network3DSpec(StrictModel):
 def fast_2d_spec() -> Network2DSpec:
     """The real-time variant: narrower, shallower U-Nets and a sub-pixel tail."""
     return Network2DSpec(
-        kind="zs-deconvnet-2d-fast",
+        kind=NetworkKind.ZS_DECONVNET_2D_FAST,
         unet=UNetSpec(levels=3, convs_per_block=2, base_width=16),
         tail_width=32,
     )
@@ -140,7 +143,8 @@ class ZSDeconvNet2D(nn.Module):
         )
         self.deconvolver = UNet2D(1, self.spec.unet)
         c, w = self.deconvolver.out_channels, self.spec.tail_width
-        if self.spec.kind == "zs-deconvnet-2d":  # reference tail: nearest x2, conv, conv, conv
+        # reference tail: nearest x2, conv, conv, conv
+        if self.spec.kind == NetworkKind.ZS_DECONVNET_2D:
             up = [nn.Upsample(scale_factor=2, mode="nearest")] if self.spec.upsample else []
             self.tail = nn.Sequential(
                 *up,

@@ -59,7 +59,13 @@ def restore_file(
         electrons = norm.electrons(item)
         restored.append(
             restore_electrons(
-                runtime.infer, electrons, norm.scale_e, runtime.multiple, upscale, tile_px
+                runtime.infer,
+                electrons,
+                norm.scale_e,
+                runtime.multiple,
+                upscale,
+                tile_px,
+                bundle.flux_share,
             )
         )
         if progress:

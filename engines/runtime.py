@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from livedecon.engines.enums import Backend, Precision
 from livedecon.engines.export import DECONVOLVED, INPUT, RESTORED, export_onnx
 from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network, input_multiple
 from livedecon.engines.selfnet import SelfNetSpec
@@ -75,7 +76,7 @@ def _check_batch(batch: np.ndarray, multiple: int, is_3d: bool) -> np.ndarray:
 class TorchRuntime:
     """The float32 reference, on CPU or a GPU."""
 
-    name = "torch"
+    name = Backend.TORCH
 
     def __init__(
         self, spec: NetworkSpec, weights: Mapping[str, torch.Tensor], device: str = "cpu"
@@ -116,7 +117,7 @@ class TorchRuntime:
         return {
             "backend": self.name,
             "device": str(self.device),
-            "precision": "fp32",
+            "precision": Precision.FP32,
             "network": self.spec.kind,
             "weights_updates": self.weights_updates,
             "torch": torch.__version__,
@@ -127,7 +128,7 @@ class OnnxRuntime:
     """ONNX Runtime: the embedded default on machines without a GPU; uses the CUDA or
     TensorRT execution providers when the installed onnxruntime has them and asked for."""
 
-    name = "onnxruntime"
+    name = Backend.ONNXRUNTIME
 
     def __init__(
         self,
@@ -211,7 +212,7 @@ class OnnxRuntime:
         return {
             "backend": self.name,
             "providers": self.session.get_providers(),
-            "precision": "fp32",
+            "precision": Precision.FP32,
             "network": self.spec.kind,
             "weights_updates": self.weights_updates,
             "onnxruntime": self._ort.__version__,
@@ -221,23 +222,26 @@ class OnnxRuntime:
 class TorchCudaRuntime(TorchRuntime):
     """PyTorch on a CUDA GPU in half precision, optionally compiled (torch.compile)."""
 
-    name = "torch-cuda"
+    name = Backend.TORCH_CUDA
 
     def __init__(
         self,
         spec: NetworkSpec,
         weights: Mapping[str, torch.Tensor],
-        precision: str = "fp16",
+        precision: Precision = Precision.FP16,
         compile_model: bool = True,
     ) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("torch-cuda needs a CUDA GPU, and torch sees none")
-        if precision not in ("fp16", "bf16", "fp32"):
+        dtypes = {
+            Precision.FP16: torch.float16,
+            Precision.BF16: torch.bfloat16,
+            Precision.FP32: torch.float32,
+        }
+        if precision not in dtypes:
             raise ValueError(f"precision must be fp16, bf16 or fp32, got {precision!r}")
         self.precision = precision
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-            precision
-        ]
+        self.dtype = dtypes[precision]
         self.compile_model = compile_model
         super().__init__(spec, weights, device="cuda")
 

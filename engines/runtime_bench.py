@@ -16,6 +16,7 @@ import torch
 
 from livedecon.engines.backends import available_backends, open_runtime
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
+from livedecon.engines.enums import Backend
 from livedecon.engines.networks import (
     Network2DSpec,
     Network3DSpec,
@@ -101,7 +102,7 @@ def bench_engines(
 ) -> list[dict[str, object]]:
     """One row per (backend, model, input shape): latency p50/p95 (ms) and frames/s."""
     present = [b for b, why in available_backends().items() if why is None]
-    chosen = [b for b in (backends or present) if b in present]
+    chosen = [Backend(b) for b in (backends or present) if b in present]
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="livedecon-bench-") as tmp:
         for model in models:

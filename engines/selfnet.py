@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.enums import NetworkKind
 
 Infer = Callable[[np.ndarray], np.ndarray]  # (N, 1, H, W) -> (N, 1, H, W), model units
 
@@ -35,7 +36,7 @@ class SelfNetSpec(StrictModel):
     variant (`fast_selfnet_spec`) is narrower and shallower for live use.
     """
 
-    kind: Literal["selfnet", "selfnet-fast"] = "selfnet"
+    kind: Literal[NetworkKind.SELFNET, NetworkKind.SELFNET_FAST] = NetworkKind.SELFNET
     width: int = Field(64, ge=2, le=512, description="channels of every hidden convolution")
     blocks: int = Field(6, ge=0, le=32, description="residual blocks of two 3x3 convolutions")
     global_residual: bool = Field(
@@ -53,7 +54,7 @@ class SelfNetSpec(StrictModel):
 def fast_selfnet_spec() -> SelfNetSpec:
     """The live variant: a quarter of the width, a third of the blocks (about 25x fewer
     multiply-adds than the published network)."""
-    return SelfNetSpec(kind="selfnet-fast", width=16, blocks=2)
+    return SelfNetSpec(kind=NetworkKind.SELFNET_FAST, width=16, blocks=2)
 
 
 def _conv(c_in: int, c_out: int, k: int) -> list[nn.Module]:

@@ -23,6 +23,7 @@ from pydantic import Field
 from scipy import ndimage, signal
 
 from livedecon.engines.configfile import StrictModel
+from livedecon.engines.enums import NetworkKind
 from livedecon.engines.networks import Network2DSpec, UNetSpec, ZSDeconvNet2D, build_network
 from livedecon.engines.self_supervised import LossConfig, zs_deconv_loss
 from livedecon.engines.sim import (
@@ -48,7 +49,7 @@ class SimRecorruption(StrictModel):
 
 class SimTrainingConfig(StrictModel):
     network: Network2DSpec = Network2DSpec(
-        kind="zs-deconvnet-2d-fast",
+        kind=NetworkKind.ZS_DECONVNET_2D_FAST,
         unet=UNetSpec(levels=3, convs_per_block=2, base_width=16),
         tail_width=32,
         upsample=False,

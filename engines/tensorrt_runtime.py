@@ -36,11 +36,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from livedecon.engines.atomic_write import write_atomically
+from livedecon.engines.enums import Backend, Precision
 from livedecon.engines.export import DECONVOLVED, DENOISED, INPUT, export_onnx
 from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network, input_multiple
 from livedecon.engines.runtime import _check_batch
 
-Precision = Literal["fp16", "fp32"]
+TrtPrecision = Literal[Precision.FP16, Precision.FP32]  # what TensorRT builds here
 Shape = tuple[int, ...]
 
 NOT_INSTALLED = (
@@ -402,12 +403,12 @@ def _write_atomically(path: Path, data: Any) -> None:
     write_atomically(path, memoryview(data))
 
 
-def checked_precision(precision: str) -> Precision:
+def checked_precision(precision: str) -> TrtPrecision:
     """`precision` as one TensorRT builds here (fp16 or fp32), else a ValueError."""
-    if precision == "fp16":
-        return "fp16"
-    if precision == "fp32":
-        return "fp32"
+    if precision == Precision.FP16:
+        return Precision.FP16
+    if precision == Precision.FP32:
+        return Precision.FP32
     raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
 
 
@@ -415,7 +416,7 @@ def build_engine(
     onnx_path: str | Path,
     plan_path: str | Path,
     profile: ShapeProfile,
-    precision: Precision,
+    precision: TrtPrecision,
     timing_cache_path: str | Path | None,
     fp32_layers: Sequence[str] = (),
 ) -> Path:
@@ -429,14 +430,14 @@ def build_engine(
     is read before and written back after the build, so rebuilds after a refit-incompatible
     change (new profile, new architecture) skip most kernel timing.
     """
-    if precision not in ("fp16", "fp32"):
+    if precision not in (Precision.FP16, Precision.FP32):
         raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
     trt = _tensorrt()
     logger = _logger(trt)
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     weak_typing = hasattr(trt.BuilderFlag, "FP16")  # TensorRT <= 10
     parsed = onnx_path
-    if precision == "fp16" and not weak_typing:
+    if precision == Precision.FP16 and not weak_typing:
         parsed = mixed_precision_onnx(
             onnx_path, plan_path.with_name(plan_path.stem + ".fp16.onnx"), fp32_layers
         )
@@ -453,9 +454,9 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_flag(trt.BuilderFlag.REFIT)  # not REFIT_IDENTICAL: refits bring new weights
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+    if precision == Precision.FP32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
-    if precision == "fp16" and weak_typing:
+    if precision == Precision.FP16 and weak_typing:
         config.set_flag(trt.BuilderFlag.FP16)
         _force_fp32(trt, network, fp32_layers)
         if fp32_layers:
@@ -521,7 +522,7 @@ class TensorRTRuntime:
     and activation memory on the GPU, and every update refits twice.
     """
 
-    name = "tensorrt"
+    name = Backend.TENSORRT
 
     def __init__(
         self,
@@ -530,7 +531,7 @@ class TensorRTRuntime:
         onnx_path: str | Path,
         plan_path: str | Path,
         profile: ShapeProfile,
-        precision: Precision = "fp16",
+        precision: TrtPrecision = Precision.FP16,
         *,
         fp32_layers: Sequence[str] = (),
         timing_cache_path: str | Path | None = None,

@@ -106,22 +106,29 @@ def restore_electrons(
     multiple: int,
     upscale: int,
     tile_px: int | None = None,
+    flux_share: float = 1.0,
 ) -> np.ndarray:
     """A frame (Y, X) or stack (Z, Y, X) in photoelectrons, restored to photoelectrons per
     output pixel: divided by the bundle's fixed scale, inferred (in tiles beyond `tile_px`),
     scaled back. Flux is kept: the output is an intensity on the finer grid, so each output
-    pixel holds a 1/upscale^2 share of it."""
+    pixel holds a 1/upscale^2 share of it; a 3D estimate is scaled by the bundle's
+    `flux_share`, so each plane holds its own slab's photons."""
     units = np.asarray(image_e, dtype=np.float32) / scale_e
     output = infer_tiled(infer, units, multiple, upscale, tile_px)
-    return output * scale_e / (upscale * upscale)
+    return output * (scale_e * flux_share / (upscale * upscale))
 
 
 def restore_batch_electrons(
-    infer: Infer, images_e: np.ndarray, scale_e: float, multiple: int, upscale: int
+    infer: Infer,
+    images_e: np.ndarray,
+    scale_e: float,
+    multiple: int,
+    upscale: int,
+    flux_share: float = 1.0,
 ) -> np.ndarray:
     """`restore_electrons` for a batch of same-shape frames (N, Y, X) or stacks (N, Z, Y, X)
     small enough to run whole: one engine call for the batch (the daemon's micro-batches)."""
     ny, nx = images_e.shape[-2:]
     units = pad_to_multiple(np.asarray(images_e, dtype=np.float32) / scale_e, multiple)
     output = infer(np.ascontiguousarray(units[:, None]))[:, 0, ..., : ny * upscale, : nx * upscale]
-    return output * (scale_e / (upscale * upscale))
+    return output * (scale_e * flux_share / (upscale * upscale))

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from livedecon.calibration.baseline import best_richardson_lucy, upsample_2x
-from livedecon.calibration.config import default_microscope
+from livedecon.calibration.config import default_microscope, load_microscope
 from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
 from livedecon.calibration.metrics import psnr, ssim
+from livedecon.configs import shipped_config_path
+from livedecon.daemon.processing import open_processor
 from livedecon.engines.bundle import ModelBundle, shipped_bundle_path
 from livedecon.engines.training import restore
 
@@ -39,6 +41,29 @@ def test_shipped_bundle_restores_a_held_out_frame_better_than_raw_and_richardson
     assert psnr(restored, obs.truth) > rl_psnr + 0.2
     assert psnr(restored, obs.truth) > psnr(raw, obs.truth) + 0.5
     assert ssim(restored, obs.truth) > ssim(rl, obs.truth) + 0.05
+
+
+def test_shipped_3d_bundle_keeps_each_planes_photons_and_beats_raw():
+    """The daemon's 3D output holds each plane's own photons (the truth's slab), not the
+    whole stack's light that a widefield plane records. Measured at this commit: restored over
+    truth flux 0.6-1.5 in the middle planes (4.9-11.7 without the bundle's flux share); plain
+    PSNR against the truth planes raw 31.55, restored 34.86 dB (29.41 without)."""
+    torch.set_num_threads(2)
+    scope = load_microscope(shipped_config_path("microscope_widefield_3d.toml"))
+    assert scope.sample is not None
+    focus = (np.arange(9) - 4) * scope.optics.z_step_um
+    obs = ForwardModel(scope, noise_seed=99).acquire_stack(300.0, focus, EXPOSURE_MS)
+    background = scope.sample.background_photons_px_s * EXPOSURE_MS / 1000
+    processor = open_processor("fast3d-sim", backend="torch")
+    # a uniform background is, to the 3D model, light from the whole volume (cli/demo.py)
+    restored = processor.process([obs.counts])[0] - background / 4 * processor.bundle.flux_share
+    electrons = counts_to_electrons(obs.counts, scope.camera)
+    raw = np.clip(np.stack([upsample_2x(e) for e in electrons]) - background / 4, 0, None)
+    ratio = restored[2:7].sum(axis=(1, 2)) / obs.truth[2:7].sum(axis=(1, 2))
+    assert np.all((ratio > 0.5) & (ratio < 2)), ratio
+    restored_db = np.mean([psnr(r, t) for r, t in zip(restored, obs.truth, strict=True)])
+    raw_db = np.mean([psnr(r, t) for r, t in zip(raw, obs.truth, strict=True)])
+    assert restored_db > raw_db + 1.0, (restored_db, raw_db)
 
 
 def test_unknown_shipped_bundle_lists_the_known_ones():
