@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -309,7 +310,7 @@ class ModelBundle:
     def bundle_id(self) -> str:
         return self.manifest.bundle_id
 
-    @property
+    @cached_property  # the PSF is frozen; restoring reads this on every batch
     def flux_share(self) -> float:
         """The network's output times this is photons per output voxel of its own plane.
 
