@@ -221,21 +221,32 @@ def auto_precondition(frames_e: list[np.ndarray], read_noise_e: float | None) ->
     return float(np.clip(eps, 0.005, 1.0))
 
 
+def _fold(kernel: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`kernel` wrapped onto a periodic grid of `shape` (its last dimensions): the samples whose
+    DFT is the kernel's spectrum at that grid's frequencies, however large the kernel."""
+    for axis, n in zip(range(-len(shape), 0), shape, strict=True):
+        size = kernel.shape[axis]
+        pad = [0, 0] * (-axis - 1) + [0, -size % n]
+        kernel = F.pad(kernel, pad)
+        kernel = kernel.unflatten(axis, (-1, n)).sum(dim=axis - 1)
+    return kernel
+
+
 def whiten(residual: torch.Tensor, psf: torch.Tensor, upscale: int, eps: float) -> torch.Tensor:
-    """`residual` (N, 1, Y, X) on the input grid filtered by 1/sqrt(|OTF|^2 + eps), where the
-    OTF is the forward model's (PSF blur, then binning) at the residual's own frequencies,
-    scaled to 1 at zero frequency."""
-    k = psf.shape[-1]
-    fine = torch.zeros(1, 1, upscale * k, upscale * k, dtype=psf.dtype, device=psf.device)
-    fine[..., upscale * k // 2, upscale * k // 2] = 1.0
-    kernel = reblur(fine, psf, upscale)[0, 0] * upscale**2  # the point on the input grid
-    h, w = residual.shape[-2:]
-    padded = torch.zeros(h, w, dtype=psf.dtype, device=psf.device)
-    kh, kw = min(kernel.shape[0], h), min(kernel.shape[1], w)
-    padded[:kh, :kw] = kernel[:kh, :kw]
-    otf = torch.fft.rfft2(padded).abs()
-    weight = 1 / torch.sqrt((otf / otf[0, 0]) ** 2 + eps)
-    return torch.fft.irfft2(torch.fft.rfft2(residual) * weight, s=(h, w))
+    """`residual` (N, 1, [Z,] Y, X) on the input grid filtered by 1/sqrt(|OTF|^2 + eps), where
+    the OTF is the forward model's (PSF blur, then lateral binning; 3D for a (Kz, K, K) PSF) at
+    the residual's own frequencies, scaled to 1 at zero frequency."""
+    dims = psf.ndim
+    point_shape = (*psf.shape[:-2], upscale * psf.shape[-1], upscale * psf.shape[-1])
+    fine = torch.zeros(1, 1, *point_shape, dtype=psf.dtype, device=psf.device)
+    fine[(0, 0, *(n // 2 for n in point_shape))] = 1.0
+    forward = reblur_3d if dims == 3 else reblur
+    kernel = forward(fine, psf, upscale)[0, 0]
+    shape = tuple(residual.shape[-dims:])
+    axes = tuple(range(-dims, 0))
+    otf = torch.fft.rfftn(_fold(kernel * upscale**2, shape), dim=axes).abs()
+    weight = 1 / torch.sqrt((otf / otf.flatten()[0]) ** 2 + eps)
+    return torch.fft.irfftn(torch.fft.rfftn(residual, dim=axes) * weight, s=shape, dim=axes)
 
 
 def zs_deconv_loss(
@@ -332,11 +343,21 @@ def zs_deconv_loss_3d(
     margin = exact_margin(psf.shape[-1] // 2, upscale)
     reblurred = _inner(reblur_3d(deconvolved, psf, upscale), margin)
     inner_target = _inner(target, margin)
+    if config.precondition == "auto":
+        raise ValueError("precondition 'auto' is resolved from the data before training")
+    eps = config.precondition
+
+    def deconv_distance(goal: torch.Tensor) -> torch.Tensor:
+        residual = reblurred - goal
+        if eps is not None:
+            residual = whiten(residual, psf, upscale, eps)
+        return _distance(residual, torch.zeros_like(residual), config.norm)
+
     denoise = _distance(denoised, target, config.norm)
-    deconv = _distance(reblurred, inner_target, config.norm)
+    deconv = deconv_distance(inner_target)
     if gap is not None:
         denoise = denoise + _distance(denoised, target + gap, config.norm)
-        deconv = deconv + _distance(reblurred, inner_target + _inner(gap, margin), config.norm)
+        deconv = deconv + deconv_distance(inner_target + _inner(gap, margin))
     hessian = hessian_penalty_3d(deconvolved)
     mu = config.denoise_weight
     weight = HESSIAN_WEIGHT_3D if config.hessian_weight is None else config.hessian_weight

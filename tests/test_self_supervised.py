@@ -11,9 +11,11 @@ from livedecon.engines.self_supervised import (
     estimate_beta2,
     hessian_penalty,
     reblur,
+    reblur_3d,
     recorrupt,
     whiten,
     zs_deconv_loss,
+    zs_deconv_loss_3d,
 )
 
 
@@ -142,6 +144,39 @@ def test_whitening_lifts_what_the_psf_attenuates_and_keeps_what_it_passes():
     assert lift(fast, 0.01) > 3
     # a larger eps lifts less: the setting is how far to trust the data's high frequencies
     assert lift(fast, 1.0) < lift(fast, 0.01)
+
+
+def test_whitening_in_3d_lifts_the_axial_frequencies_a_psf_larger_than_the_patch_attenuates():
+    z = torch.arange(9.0) - 4
+    axial = torch.exp(-(z**2) / (2 * 1.5**2))
+    psf = axial[:, None, None] * _gaussian_psf(2.0)[None]
+    psf = psf / psf.sum()  # (9, 15, 15): deeper and wider (7 px on the input grid) than...
+    patch = (1, 1, 6, 8, 8)  # ...this residual, so the OTF comes from the wrapped kernel
+    flat = torch.ones(patch)
+    alternating = ((-1.0) ** torch.arange(6.0))[:, None, None].expand(patch).contiguous()
+
+    def lift(wave: torch.Tensor, eps: float) -> float:
+        return float(whiten(wave, psf, 2, eps).std() / wave.std())
+
+    # zero frequency passes as it is
+    assert float(whiten(flat, psf, 2, 0.01).mean()) == pytest.approx(1 / 1.01**0.5, rel=1e-4)
+    assert lift(alternating, 0.01) > 5  # the axial Nyquist, which the PSF all but removes
+    assert lift(alternating, 1.0) < lift(alternating, 0.01)
+
+
+def test_preconditioning_in_3d_keeps_a_perfect_reconstruction_at_zero_loss():
+    z = torch.arange(5.0) - 2
+    psf = torch.exp(-(z**2) / 2)[:, None, None] * _gaussian_psf(1.5, 9)[None]
+    psf = psf / psf.sum()
+    sharp = torch.rand(1, 1, 6, 32, 32)
+    target = reblur_3d(sharp, psf, 2)
+    config = LossConfig(norm="l2", precondition=0.05)
+    parts = zs_deconv_loss_3d(target, sharp, target, None, psf, config, 2)
+    assert float(parts["deconv"]) < 1e-10
+    noisy = zs_deconv_loss_3d(target, sharp, target + 0.1, None, psf, config, 2)
+    assert float(noisy["deconv"]) > 1e-4
+    with pytest.raises(ValueError, match="auto"):
+        zs_deconv_loss_3d(target, sharp, target, None, psf, LossConfig(precondition="auto"), 2)
 
 
 def test_preconditioning_keeps_a_perfect_reconstruction_at_zero_loss():
