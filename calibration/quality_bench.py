@@ -226,17 +226,15 @@ def _through(estimate: np.ndarray, psf: np.ndarray) -> np.ndarray:
     return signal.fftconvolve(estimate, psf / psf.sum(), mode="same")
 
 
-def best_view(estimate: np.ndarray, rendered: RenderedScene) -> tuple[float, np.ndarray]:
-    """(fitted PSNR, fitted image) of the better of as-is and through the reference PSF."""
+def best_view(estimate: np.ndarray, rendered: RenderedScene) -> tuple[float, np.ndarray, str]:
+    """(fitted PSNR, fitted image, view) of the better view of the estimate: "as-is" or
+    "through" the reference PSF."""
     reference = _inner(rendered.reference)
-    best: tuple[float, np.ndarray] | None = None
-    for view in (estimate, _through(estimate, rendered.reference_psf)):
-        fitted = fit_to(_inner(view), reference)
-        score = psnr(fitted, reference)
-        if best is None or score > best[0]:
-            best = (score, fitted)
-    assert best is not None
-    return best
+    views = {"as-is": estimate, "through": _through(estimate, rendered.reference_psf)}
+    fitted = {name: fit_to(_inner(v), reference) for name, v in views.items()}
+    scores = {name: psnr(f, reference) for name, f in fitted.items()}
+    best = max(scores, key=lambda name: scores[name])
+    return scores[best], fitted[best], best
 
 
 def dim_recall(estimate: np.ndarray, reference: np.ndarray, puncta: np.ndarray) -> float | None:
@@ -287,6 +285,7 @@ class Score:
     seconds: float
     psnr_focus: float | None = None  # 3D: the central plane alone
     alternation: float | None = None  # 3D: plane-to-plane brightness alternation
+    view: str = "as-is"  # which view scored: "as-is" or "through" the reference PSF
     notes: dict[str, float | str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
@@ -297,7 +296,7 @@ def score(
     method: str, estimate: np.ndarray, rendered: RenderedScene, seconds: float, **notes
 ) -> Score:
     """All figures of one method's estimate (2x grid, e- per fine pixel)."""
-    value, fitted = best_view(estimate, rendered)
+    value, fitted, view = best_view(estimate, rendered)
     reference = _inner(rendered.reference)
     focus = alternation = None
     plane = estimate
@@ -345,6 +344,7 @@ def score(
         seconds=seconds,
         psnr_focus=focus,
         alternation=alternation,
+        view=view,
         notes=dict(notes),
     )
 
@@ -383,7 +383,7 @@ def best_richardson_lucy(rendered: RenderedScene) -> tuple[np.ndarray, int]:
             ratio = observed / np.maximum(blurred, 1e-6)
             estimate = estimate * np.clip(signal.fftconvolve(ratio, mirror, mode="same"), 0, None)
         done = n
-        value, _ = best_view(estimate, rendered)
+        value, *_ = best_view(estimate, rendered)
         if best is None or value > best[0]:
             best = (value, estimate.copy(), n)
     assert best is not None
