@@ -148,9 +148,10 @@ def bench_quality_command(
             scenes, chosen, budget, budget_min, lambda what: status.update(f"bench quality: {what}")
         )
     table = Table(title=f"livedecon bench quality (budget {budget})")
-    columns = ("scene", "method", "PSNR dB", "SSIM", "res nm", "ringing", "dim recall", "s")
+    columns = ("scene", "method", "PSNR dB", "view", "SSIM", "res nm", "ringing", "dim recall", "s")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("scene", "method") else "right")
+        left = column in ("scene", "method", "view")
+        table.add_column(column, justify="left" if left else "right")
 
     def fmt(value: object, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -160,6 +161,7 @@ def bench_quality_command(
             str(r["scene"]),
             str(r["method"]),
             fmt(r["psnr"], ".2f"),
+            str(r["view"]),
             fmt(r["ssim"], ".3f"),
             fmt(r["resolution_nm"], ".0f"),
             fmt(r["ringing"], ".3f"),

@@ -64,3 +64,34 @@ def test_export_reports_its_choice_and_gate_and_refuses_bad_input(tmp_path):
         absent = _livedecon("export", "fast2d-sim", "--backend", "tensorrt")
         assert absent.returncode == 2
         assert why in absent.stdout.replace("\n", " ")
+
+
+def test_bench_quality_scores_raw_below_rl_and_says_which_view_won(tmp_path):
+    out = tmp_path / "quality.json"
+    result = _livedecon(
+        "bench",
+        "quality",
+        "--structures",
+        "puncta",
+        "--optics",
+        "tirf",
+        "--peaks",
+        "15",
+        "--methods",
+        "raw,rl",
+        "--out",
+        out,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "view" in result.stdout
+    assert "dim recall" in result.stdout
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"raw", "rl"}
+    assert rows["rl"]["psnr"] > rows["raw"]["psnr"]
+    assert {r["view"] for r in rows.values()} <= {"as-is", "through"}
+
+
+def test_bench_quality_refuses_an_unknown_budget(tmp_path):
+    result = _livedecon("bench", "quality", "--budget", "tpu", "--out", tmp_path / "q.json")
+    assert result.returncode != 0
+    assert "--budget must be cpu or gpu" in result.stdout + result.stderr
