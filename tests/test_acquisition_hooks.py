@@ -139,6 +139,52 @@ def test_pycromanager_acquisition_streams_every_frame_and_keeps_raw_data(tmp_pat
     raw.close()
 
 
+def test_pycromanager_saved_mode_reads_every_frame_back_from_disk(tmp_path, scope):
+    """`source="saved"`: no image processor (no pixels over a Java bridge); every frame is
+    read back from the NDTiff as it is saved, and the end waits until all were read."""
+    from pycromanager import Acquisition, multi_d_acquisition_events
+
+    daemon = start_daemon(tmp_path, bundle="fast2d-sim")
+    scope.attach_pycromanager()
+    events = multi_d_acquisition_events(num_time_points=2, z_start=-0.2, z_end=0.2, z_step=0.2)
+    hooks = livedecon_hooks(
+        scope.core, events, "saved", daemon.ingest, mode="2d", end_wait_s=60, source="saved"
+    )
+    assert "image_process_fn" not in hooks.acquisition_kwargs
+    try:
+        with Acquisition(
+            str(tmp_path / "raw"), "run", show_display=False, **hooks.acquisition_kwargs
+        ) as acq:
+            acq.acquire(events)
+        state = hooks.final_state
+    finally:
+        daemon.stop()
+    assert state["written"] == len(events)
+    planes = _restored(daemon.config.output_dir / "saved")
+    assert sorted((r.time, r.z) for r, _ in planes) == sorted(
+        (e["axes"]["time"], e["axes"]["z"]) for e in events
+    )
+    raw = Dataset(str(acq.get_dataset().path))
+    first = raw.read_image(time=0, z=0)
+    raw.close()
+    bundle = ModelBundle.load(find_bundle("fast2d-sim"))
+    reference = TorchRuntime(bundle.manifest.network, bundle.state_dict)
+    norm = bundle.manifest.normalisation
+    expected = restore_electrons(
+        reference.infer, norm.electrons(first), norm.scale_e, reference.multiple, 2
+    )
+    plane = next(p for r, p in planes if (r.time, r.z) == (0, 0))
+    assert np.abs(plane - expected).max() <= 1e-3 * expected.max()
+
+
+def test_hooks_refuse_an_unknown_frame_source(scope):
+    from pycromanager import multi_d_acquisition_events
+
+    events = multi_d_acquisition_events(num_time_points=1)
+    with pytest.raises(ValueError, match="source must be"):
+        livedecon_hooks(scope.core, events, "x", source="bridge")  # type: ignore[arg-type]
+
+
 def test_pymmcore_plus_run_mda_streams_every_frame(tmp_path, scope):
     """The handler as a pymmcore-plus output beside an ome-writers OME-Zarr raw sink, with
     its options in the sequence's metadata: every frame restored from its own raw frame."""
