@@ -24,8 +24,9 @@ from livedecon.calibration.noise_estimate import (
 )
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
-from livedecon.engines.ome_tiff import read_ome_tiff, read_raw_tiff
+from livedecon.engines.ome_tiff import read_ome_tiff
 from livedecon.engines.psf_kernel import PSFError, prepare_psf
+from livedecon.engines.raw_input import read_raw_image
 from livedecon.engines.training import TrainingConfig, train
 
 PSF_PLANES_3D = 9  # theoretical 3D PSF planes at the acquisition z step
@@ -52,8 +53,9 @@ def load_training_tiffs(
     is_3d: bool,
     camera_source: str = "config",
 ) -> TrainingData:
-    """Camera counts from TIFFs as photoelectrons: 2D takes every plane of every file as a
-    frame; 3D takes (Z, Y, X) stacks, any leading axes (time, channel) as separate stacks.
+    """Camera counts from raw data (TIFF, OME-TIFF, NDTiff, OME-Zarr: engines/raw_input.py) as
+    photoelectrons: 2D takes every plane of every dataset as a frame; 3D takes (Z, Y, X)
+    stacks, any leading axes (time, channel) as separate stacks.
 
     `camera_source`: "config" converts with the microscope's camera values; "estimate" with
     the noise the frames themselves show (calibration/noise_estimate.py); "auto" with the
@@ -92,9 +94,7 @@ def _read_counts(
 ) -> tuple[list[np.ndarray], TrainingData]:
     counts_list, data = [], TrainingData([])
     for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-        image = read_raw_tiff(path, scope.optics.pixel_size_um, f"microscope {scope.name!r}")
+        image = read_raw_image(path, scope.optics.pixel_size_um, f"microscope {scope.name!r}")
         counts, axes = image.data, image.axes
         need = 3 if is_3d else 2
         if counts.ndim < need:

@@ -42,10 +42,16 @@ class CaptureSettings(StrictModel):
 
 
 def sha256(path: Path) -> str:
+    """A file's SHA-256; for a dataset directory (NDTiff, OME-Zarr), over its files' relative
+    names and contents in name order."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode())
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

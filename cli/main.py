@@ -133,7 +133,10 @@ def train(
     out: Annotated[Path, typer.Argument(help="bundle directory to write")],
     inputs: Annotated[
         list[Path] | None,
-        typer.Argument(help="TIFFs of raw camera counts; none: simulate with the microscope"),
+        typer.Argument(
+            help="raw camera counts (TIFF, OME-TIFF, an NDTiff or OME-Zarr dataset); none:"
+            " simulate with the microscope"
+        ),
     ] = None,
     microscope: Annotated[
         Path | None, typer.Option(help="microscope TOML (optics, camera) [default: simulated]")
@@ -288,7 +291,12 @@ def restore(
             " written by livedecon export --bioimageio"
         ),
     ],
-    input_tif: Annotated[Path, typer.Argument(metavar="IN.tif", help="raw camera counts")],
+    input_tif: Annotated[
+        Path,
+        typer.Argument(
+            metavar="IN", help="raw camera counts: TIFF, OME-TIFF, NDTiff or OME-Zarr dataset"
+        ),
+    ],
     output_tif: Annotated[Path, typer.Argument(metavar="OUT.tif", help="OME-TIFF to write")],
     backend: Annotated[
         Backend, typer.Option(help="engine; auto: the fastest one present")
@@ -299,7 +307,7 @@ def restore(
         typer.Option(help="a Self-Net bundle that makes the 3D bundle's output isotropic"),
     ] = None,
 ) -> None:
-    """Restore a TIFF of raw frames (or z-stacks, with a 3D bundle) with a model bundle, or a
+    """Restore raw frames (or z-stacks, with a 3D bundle) with a model bundle, or a
     bioimage.io package written by `livedecon export --bioimageio`; a Self-Net bundle makes a
     volume isotropic (z step = lateral pixel), alone or after a 3D bundle (--then)."""
     import tempfile

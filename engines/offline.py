@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from livedecon.engines.bundle import ModelBundle
-from livedecon.engines.ome_tiff import read_raw_tiff, write_ome_tiff
+from livedecon.engines.ome_tiff import write_ome_tiff
+from livedecon.engines.raw_input import read_raw_image
 from livedecon.engines.runtime import Runtime, TorchRuntime
 from livedecon.engines.tiling import restore_electrons
 
@@ -31,18 +32,17 @@ def restore_file(
     runtime: Runtime | None = None,
     tile_px: int | None = 1024,
 ) -> Path:
-    """Restore every frame (2D bundle) or stack (3D bundle) of a TIFF of camera counts into
+    """Restore every frame (2D bundle) or stack (3D bundle) of raw camera counts (a TIFF,
+    OME-TIFF, NDTiff or OME-Zarr: engines/raw_input.py) into
     an OME-TIFF of float32 photoelectrons per output pixel at the upsampled pixel size.
 
     `runtime`: the engine to use (default: torch float32); frames wider than `tile_px` are
     restored in blended tiles, so memory stays bounded whatever the camera.
     """
     in_path, out_path = Path(in_path), Path(out_path)
-    if not in_path.is_file():
-        raise FileNotFoundError(f"{in_path}: no such file")
     if out_path.resolve() == in_path.resolve():
         raise ValueError(f"{out_path}: would overwrite the raw input")
-    image = read_raw_tiff(in_path, bundle.manifest.input_pixel_um, f"bundle {bundle.bundle_id}")
+    image = read_raw_image(in_path, bundle.manifest.input_pixel_um, f"bundle {bundle.bundle_id}")
     counts, axes, z_step = image.data, image.axes, image.z_step_um
     need = 3 if bundle.manifest.is_3d else 2
     if counts.ndim < need:
