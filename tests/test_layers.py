@@ -142,3 +142,56 @@ def test_the_contract_sees_a_violation(tmp_path):
     assert found == [(1, "livedecon.cli.main.app"), (4, "livedecon.cli.demo")]
     assert {_folder_of(module) for _, module in found} == {"cli"}
     assert RANK["cli"] > RANK["daemon"]
+
+
+# What the core install (pyproject's dependencies) does not have: the daemon extra's packages.
+NOT_IN_CORE = (
+    "torch",
+    "scipy",
+    "onnx",
+    "onnxruntime",
+    "skimage",
+    "typer",
+    "rich",
+    "matplotlib",
+    "dask",
+    "zarr",
+    "safetensors",
+    "psfmodels",
+    "tqdm",
+)
+CLIENT_MODULES = (
+    "livedecon.daemon.protocol",
+    "livedecon.daemon.client",
+    "livedecon.acquisition_hooks.stream",
+    "livedecon.acquisition_hooks.pycromanager_hooks",
+    "livedecon.acquisition_hooks.pymmcore_hooks",
+)
+
+
+def test_the_core_install_holds_the_protocol_client_and_hooks():
+    """An acquisition PC with only the core install (numpy, pydantic, pyzmq, tifffile, plus
+    its acquisition package) can import and build the hooks: imported with the daemon extra's
+    packages made unimportable."""
+    import subprocess
+    import sys
+
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(d.split(">")[0] for d in core) == ["numpy", "pydantic", "pyzmq", "tifffile"]
+    script = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {NOT_IN_CORE!r}:
+            raise ImportError(f"{{name}} is not in the core install")
+sys.meta_path.insert(0, Block())
+for module in {CLIENT_MODULES!r}:
+    __import__(module)
+from livedecon.acquisition_hooks.pymmcore_hooks import LivedeconHandler
+LivedeconHandler(address="tcp://127.0.0.1:1")
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip().endswith("ok"), result.stderr
