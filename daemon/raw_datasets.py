@@ -11,8 +11,6 @@ array's fill value.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,16 +64,13 @@ class NDTiffRaw:
     """Single planes of an NDTiff dataset."""
 
     def __init__(self, path: Path, channels: list[str]) -> None:
-        from ndstorage import Dataset
+        from livedecon.engines.raw_input import open_ndtiff
 
         self.path, self._channels = path, channels
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress to stdout
-                self._data = Dataset(str(path))
-        except Exception as exc:  # ndstorage raises bare Exceptions for foreign directories
-            raise RawDatasetError(
-                f"{path}: not a readable NDTiff dataset (Micro-Manager / pycro-manager): {exc}"
-            ) from None
+            self._data = open_ndtiff(path)
+        except ValueError as exc:
+            raise RawDatasetError(f"{exc} (Micro-Manager / pycro-manager)") from None
         self.axes: dict[str, Any] = dict(self._data.axes)
 
     def _coordinates(self, key: PlaneKey) -> dict[str, int | str] | None:

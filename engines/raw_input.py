@@ -92,16 +92,22 @@ def _scale(dataset: dict[str, Any]) -> list[float] | None:
     return None
 
 
-def _read_ndtiff(path: Path) -> OmeImage:
+def open_ndtiff(path: Path) -> Any:
+    """An ndstorage Dataset, opened without its progress output; `ValueError` naming the path
+    for a directory that is not an NDTiff."""
     from ndstorage import Dataset
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints progress to stdout
-            dataset = Dataset(str(path))
+            return Dataset(str(path))
     except Exception as exc:  # ndstorage raises bare Exceptions for foreign directories
         raise ValueError(
-            f"{path}: not a TIFF, OME-Zarr or readable NDTiff dataset: {exc}"
+            f"{path}: not a readable NDTiff dataset (nor a TIFF or OME-Zarr): {exc}"
         ) from None
+
+
+def _read_ndtiff(path: Path) -> OmeImage:
+    dataset = open_ndtiff(path)
     try:
         names = [n for n in dataset.axes if len(dataset.axes[n]) > 1]
         data = np.asarray(dataset.as_array(axes=names or None))

@@ -86,7 +86,7 @@ def test_what_is_not_a_dataset_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_raw_image(tmp_path / "absent", PIXEL_UM, "test")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="not a TIFF, OME-Zarr or readable NDTiff"):
+    with pytest.raises(ValueError, match="not a readable NDTiff dataset"):
         read_raw_image(tmp_path / "empty", PIXEL_UM, "test")
 
 
