@@ -103,6 +103,9 @@ def plan_from_events(
 
 
 class PycromanagerHooks:
+    """The hook functions of one pycromanager Acquisition (build them with
+    `livedecon_hooks`): each camera frame, or each frame saved to NDTiff, goes to the daemon."""
+
     def __init__(
         self,
         stream: DaemonStream,

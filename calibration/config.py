@@ -15,6 +15,8 @@ from livedecon.engines.configfile import StrictModel, load_config
 
 
 class Optics(StrictModel):
+    """The detection optics: objective, wavelength, refractive indices and sampling."""
+
     na: float = Field(1.4, gt=0, le=1.7, description="objective numerical aperture")
     emission_um: float = Field(0.525, gt=0.2, lt=2.0, description="emission wavelength")
     immersion_ri: float = Field(1.515, ge=1.0, le=2.0, description="immersion refractive index")
@@ -140,6 +142,8 @@ class Sample(StrictModel):
 
 
 class MicroscopeConfig(StrictModel):
+    """A microscope as livedecon models it: optics, camera and (simulated only) sample."""
+
     name: str = "simulated"
     optics: Optics = Optics()
     camera: Camera = Camera()
@@ -147,6 +151,7 @@ class MicroscopeConfig(StrictModel):
 
 
 def load_microscope(path: str | Path) -> MicroscopeConfig:
+    """A microscope config from a TOML file, validated (ConfigError names the bad key)."""
     return load_config(path, MicroscopeConfig)
 
 

@@ -73,6 +73,8 @@ DIM_FRACTION = 1 / 3  # the dimmest third of the puncta are the "dim puncta" to 
 
 
 class Scene(StrictModel):
+    """One simulated acquisition of the quality bench: structure, optics, light and camera."""
+
     structure: Structure
     optics: OpticsName = "tirf"
     peak_photons: float = Field(15.0, gt=0, description="peak signal above background, e-")

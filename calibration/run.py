@@ -54,6 +54,8 @@ PSF_WINDOW_UM = 2.0  # lateral extent of the saved theoretical PSF
 
 
 class CalibrationSettings(StrictModel):
+    """What a calibration run produces and how: its name, PSF source and training recipe."""
+
     name: str = "calibration"
     psf: Literal["auto", "measured", "theoretical"] = Field(
         "auto", description="PSF for the model; auto: measured when beads were recorded"

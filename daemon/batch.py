@@ -53,6 +53,8 @@ RECORDS = "livedecon_chunks"  # zarr group beside the image array: one record pe
 
 
 class BatchOptions(StrictModel):
+    """How `run_batch` cuts a dataset into chunks and which engine restores them."""
+
     backend: Backend = Backend.AUTO
     chunk_px: int = Field(256, ge=8, description="output chunk, input pixels laterally")
     halo_px: int = Field(24, ge=0, description="tiles overlap their neighbours by twice this")

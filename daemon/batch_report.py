@@ -37,6 +37,7 @@ def progress_printer(console: Console) -> Iterator[Step]:
 
 
 def print_summary(console: Console, summary: BatchSummary) -> None:
+    """A batch run's summary as a table: chunks restored, skipped and failed, voxels/s."""
     table = Table(title="livedecon batch")
     table.add_column("what")
     table.add_column("value", justify="right")

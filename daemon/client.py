@@ -61,6 +61,9 @@ class DaemonUnavailable(DaemonError):  # noqa: N818 (reads as a state, like Time
 
 
 class DaemonClient:
+    """Streams frames of an acquisition to a daemon and collects its acknowledgements
+    (see the module docstring for the guarantees)."""
+
     def __init__(
         self,
         address: str = "tcp://127.0.0.1:5555",

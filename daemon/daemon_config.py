@@ -161,6 +161,8 @@ class Telemetry(StrictModel):
 
 
 class DaemonConfig(StrictModel):
+    """The daemon's settings: output folder, endpoints, limits, queues, storage, model."""
+
     output_dir: Path = Path("livedecon_out")
     endpoints: Endpoints = Endpoints()
     limits: Limits = Limits()
@@ -176,4 +178,5 @@ class DaemonConfig(StrictModel):
 
 
 def load_daemon_config(path: str | Path) -> DaemonConfig:
+    """A daemon config from a TOML file, validated (ConfigError names the bad key)."""
     return load_config(path, DaemonConfig)

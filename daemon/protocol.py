@@ -84,6 +84,8 @@ class _Wire(BaseModel):
 
 
 class Axes(_Wire):
+    """Where a frame belongs in its acquisition: time point, z plane, channel, position."""
+
     time: int = Field(0, ge=0)
     z: int = Field(0, ge=0)
     channel: int | str = 0

@@ -82,6 +82,9 @@ def _io_refusal(exc: OSError, what: str) -> ProtocolError:
 
 
 class Daemon:
+    """The restoration server: receives frames on its sockets, restores them, writes and
+    publishes them, and adapts its model between time points (`run` until stopped)."""
+
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()

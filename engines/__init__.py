@@ -1,1 +1,6 @@
 """Networks, training, test-time adaptation, export and runtimes (numpy and torch only)."""
+
+import lazy_loader
+
+# The public names are listed once, in __init__.pyi; each is imported on first use.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -28,6 +28,9 @@ class UNetSpec(StrictModel):
 
 
 class Network2DSpec(StrictModel):
+    """The 2D ZS-DeconvNet: a U-Net denoising stage, then a U-Net deconvolution stage with
+    a 2x upsampling tail (the fast variant is the same shape, narrower)."""
+
     kind: Literal[NetworkKind.ZS_DECONVNET_2D, NetworkKind.ZS_DECONVNET_2D_FAST] = (
         NetworkKind.ZS_DECONVNET_2D
     )
@@ -47,6 +50,8 @@ class Network2DSpec(StrictModel):
 
 
 class Network3DSpec(StrictModel):
+    """The 3D ZS-DeconvNet: two RCAN stages (denoise, then deconvolve with lateral 2x)."""
+
     kind: Literal[NetworkKind.ZS_DECONVNET_3D] = NetworkKind.ZS_DECONVNET_3D
     width: int = Field(64, ge=4, le=512)
     residual_groups: int = Field(2, ge=1, le=16)
@@ -285,6 +290,7 @@ def build_network(spec: SelfNetSpec) -> SelfNetRestorer: ...
 @overload
 def build_network(spec: NetworkSpec) -> Network: ...
 def build_network(spec: NetworkSpec) -> Network:
+    """The untrained torch network a spec describes (ZS-DeconvNet 2D or 3D, or Self-Net)."""
     if isinstance(spec, SelfNetSpec):
         return SelfNetRestorer(spec)
     if isinstance(spec, Network3DSpec):

@@ -41,6 +41,8 @@ from livedecon.engines.selfnet import (
 
 
 class SelfNetTrainingConfig(StrictModel):
+    """How Self-Net trains from one volume: its networks, schedule, patches and losses."""
+
     network: SelfNetSpec = SelfNetSpec()
     generator_network: SelfNetSpec | None = Field(
         None, description="the two degradation generators [default: the same as network]"

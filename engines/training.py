@@ -54,6 +54,9 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class TrainingConfig(StrictModel):
+    """How ZS-DeconvNet trains: network, recorruption, loss, patches, schedule and budget
+    (`default_recipe` picks one for the machine)."""
+
     # ZS-DeconvNet only: Self-Net trains through engines/selfnet_training.py
     network: Network2DSpec | Network3DSpec = Field(Network2DSpec(), discriminator="kind")
     recorruption: RecorruptionConfig = RecorruptionConfig()

@@ -170,14 +170,20 @@ CLIENT_MODULES = (
 
 
 def test_the_core_install_holds_the_protocol_client_and_hooks():
-    """An acquisition PC with only the core install (numpy, pydantic, pyzmq, tifffile, plus
-    its acquisition package) can import and build the hooks: imported with the daemon extra's
-    packages made unimportable."""
+    """An acquisition PC with only the core install (numpy, pydantic, pyzmq, tifffile and
+    lazy-loader, plus its acquisition package) can import and build the hooks, by module and
+    by the packages' public names: imported with the daemon extra's packages unimportable."""
     import subprocess
     import sys
 
     core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert sorted(d.split(">")[0] for d in core) == ["numpy", "pydantic", "pyzmq", "tifffile"]
+    assert sorted(d.split(">")[0] for d in core) == [
+        "lazy-loader",
+        "numpy",
+        "pydantic",
+        "pyzmq",
+        "tifffile",
+    ]
     script = f"""
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -187,7 +193,8 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 for module in {CLIENT_MODULES!r}:
     __import__(module)
-from livedecon.acquisition_hooks.pymmcore_hooks import LivedeconHandler
+from livedecon.acquisition_hooks import LivedeconHandler, livedecon_hooks
+from livedecon.daemon import DaemonClient, Plan
 LivedeconHandler(address="tcp://127.0.0.1:1")
 print("ok")
 """

@@ -1,0 +1,19 @@
+# The public API of livedecon.acquisition_hooks (lazy at run time: see __init__.py), so the
+# pycromanager hooks load without pymmcore-plus and the other way round.
+from .display_stream import DisplayStream
+from .pycromanager_hooks import PycromanagerHooks, livedecon_hooks
+from .pymmcore_hooks import LivedeconHandler, SequenceOptions, attach_livedecon
+from .simulated_microscope import SimulatedMicroscope
+from .viewer import LivedeconWidget, open_viewer
+
+__all__ = [
+    "DisplayStream",
+    "LivedeconHandler",
+    "LivedeconWidget",
+    "PycromanagerHooks",
+    "SequenceOptions",
+    "SimulatedMicroscope",
+    "attach_livedecon",
+    "livedecon_hooks",
+    "open_viewer",
+]
