@@ -60,6 +60,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and folder under `directory`, then the directory itself: a staged
+    directory reaches the disk whole before it is renamed into place."""
+    for folder, _, files in os.walk(directory, topdown=False):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
 def temporary_path(path: Path) -> Path:
     """A fresh name beside `path` for its temporary file (hidden, unique per writer)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")

@@ -45,6 +45,7 @@ import numpy as np
 import tifffile
 import torch
 
+from livedecon.engines.atomic_write import replace_atomically
 from livedecon.engines.backends import gate_input
 from livedecon.engines.bundle import (
     MANIFEST,
@@ -508,7 +509,7 @@ def export_bioimageio(
         partial = out_zip.with_name(f".{out_zip.name}.partial")
         try:
             save_bioimageio_package(descr, output_path=partial)
-            partial.replace(out_zip)
+            replace_atomically(partial, out_zip)
         finally:
             partial.unlink(missing_ok=True)
     return PackageReport(

@@ -33,7 +33,7 @@ import tifffile
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from livedecon.engines.atomic_write import fsync_path
+from livedecon.engines.atomic_write import fsync_path, fsync_tree
 from livedecon.engines.configfile import StrictModel, describe_validation_error
 from livedecon.engines.networks import (
     Network,
@@ -395,6 +395,7 @@ class ModelBundle:
         staging.mkdir()  # not mkdtemp: that makes it private (0700) whatever the umask
         try:
             self._write(staging)
+            fsync_tree(staging)  # whole on disk before the rename publishes it
             if target.exists():
                 old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
                 target.rename(old)
