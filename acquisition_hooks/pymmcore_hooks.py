@@ -12,8 +12,8 @@ pymmcore-plus's own sinks save it raw as usual), a timepoint is done when all it
 arrived, `sequenceFinished` ends the acquisition. The plan comes from the sequence (axes, z
 plan, channels, interval), its summary metadata (SummaryMetaV1: the pixel size of the
 camera's image) and options in `sequence.metadata["livedecon"]` (`SequenceOptions`: mode,
-model, acquisition id, output directory, save), which override the handler's own. Frame times
-come from the camera's metadata, else from FrameMetaV1's `runner_time_ms`.
+model, acquisition id, output directory, save, output dtype), which override the handler's
+own. Frame times come from the camera's metadata, else from FrameMetaV1's `runner_time_ms`.
 
 As with pycromanager, a missing, slow or frozen daemon never holds the acquisition: each call
 only hands its item to `DaemonStream`'s bounded queue, whichever thread calls it (the MDA
@@ -55,6 +55,9 @@ class SequenceOptions(StrictModel):
     acquisition_id: str | None = Field(None, min_length=1, max_length=128)
     output_dir: str | None = Field(None, description="relative to the daemon's output root")
     save: bool | None = Field(None, description="False: display only")
+    output_dtype: Literal["float32", "uint16"] | None = Field(
+        None, description="uint16: half the disk of float32, the scale in each plane's record"
+    )
 
 
 def sequence_options(sequence: Any) -> SequenceOptions:
@@ -180,7 +183,11 @@ class LivedeconHandler:
         plan, per_timepoint = plan_from_sequence(
             sequence, pixel_size, options.mode or self.mode, options.model or self.model
         )
-        updates = {"output_dir": options.output_dir, "save": options.save}
+        updates = {
+            "output_dir": options.output_dir,
+            "save": options.save,
+            "output_dtype": options.output_dtype,
+        }
         plan = plan.model_copy(update={k: v for k, v in updates.items() if v is not None})
         return plan, per_timepoint
 

@@ -35,7 +35,7 @@ from livedecon.daemon.protocol import AdaptationPlan, Axes, Header, Kind, Public
 from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.telemetry import Metrics
-from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord
+from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord, units_per_count
 
 log = logging.getLogger(__name__)
 
@@ -696,6 +696,9 @@ class Worker(threading.Thread):
             bundle_id=acquisition.processor.bundle_id,
             weights_version=acquisition.processor.weights_version,
             incomplete_stack=incomplete,
+            units_per_count=units_per_count(
+                acquisition.record.plan.output_dtype, acquisition.processor.bright_level
+            ),
         )
         paths = tuple(p for p in spill_paths if p is not None)
         # Not the job: its raw pixels (zero-copy ZMQ buffers) would stay referenced until the

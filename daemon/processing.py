@@ -20,6 +20,7 @@ import torch
 from livedecon.calibration.calibration_bundle import CalibrationBundle, is_calibration_bundle
 from livedecon.daemon.correction import InputCorrection, input_correction
 from livedecon.daemon.daemon_config import Correction
+from livedecon.daemon.writer import UINT16_BRIGHT_COUNTS
 from livedecon.engines.backends import open_runtime
 from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
 from livedecon.engines.enums import Backend, Precision
@@ -103,6 +104,12 @@ class Processor(Protocol):
         """The input pixel size the model was trained at; None: it takes any pixel size."""
         ...
 
+    @property
+    def bright_level(self) -> float:
+        """A bright restored pixel's value in `units`, fixed for the processor's life (uint16
+        output stores it as UINT16_BRIGHT_COUNTS counts)."""
+        ...
+
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         """Same-shape raw items (Y, X) or (Z, Y, X) in, their restored planes out, in order."""
         ...
@@ -146,6 +153,7 @@ class PassThrough:
     upscale: int = 1
     is_3d: bool | None = None
     units: str = CAMERA_COUNTS
+    bright_level: float = UINT16_BRIGHT_COUNTS  # uint16 output keeps the counts as they came
     delay_s: float = 0.0  # stands in for a slow engine in overload tests and benchmarks
 
     @property
@@ -194,6 +202,12 @@ class ModelProcessor:
     @property
     def weights_version(self) -> int:
         return self.bundle.manifest.weights_version
+
+    @property
+    def bright_level(self) -> float:
+        # the training data's bright percentile, shared among the output pixels of one input
+        # pixel; adaptation changes the weights, never this scale
+        return self.bundle.manifest.normalisation.scale_e / self.upscale**2
 
     @property
     def trained_pixel_um(self) -> float:

@@ -126,6 +126,11 @@ class Plan(_Wire):
     )
     output_dir: str | None = Field(None, description="None: the daemon's output directory")
     save: bool = Field(True, description="False: display only (nothing written, may drop)")
+    output_dtype: Literal["float32", "uint16"] = Field(
+        "float32",
+        description="uint16: half the disk and bandwidth of float32; each plane's record keeps"
+        " the units of one count (fixed per acquisition by the model's normalisation)",
+    )
     adaptation: AdaptationPlan = Field(default_factory=AdaptationPlan)
 
     @model_validator(mode="after")

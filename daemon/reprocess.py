@@ -47,6 +47,8 @@ from livedecon.daemon.writer import (
     output_path,
     read_page,
     scan_file,
+    stored_plane,
+    units_per_count,
 )
 from livedecon.engines.atomic_write import replace_atomically
 from livedecon.engines.enums import Backend
@@ -233,7 +235,17 @@ class _Rebuild:
             bundle_id=self.processor.bundle_id,
             weights_version=self.processor.weights_version,
             incomplete_stack=incomplete,
+            units_per_count=units_per_count(
+                self.record.plan.output_dtype, self.processor.bright_level
+            ),
         )
+
+    def _stored(
+        self, key: PlaneKey, plane: np.ndarray, incomplete: bool = False
+    ) -> tuple[PlaneRecord, np.ndarray]:
+        """A recreated plane and its record as the daemon would have written them."""
+        pixels, record = stored_plane(plane, self._plane_record(key, incomplete))
+        return record, pixels
 
     def lost(self, keys: list[PlaneKey], why: str) -> None:
         self.report.unrecoverable.extend(keys)
@@ -265,7 +277,7 @@ class _Rebuild:
         for (key, raw, source), out in zip(batch, outputs, strict=True):
             self._check(out, raw.shape)
             self._made(key, source)
-            yield self._plane_record(key), out
+            yield self._stored(key, out)
 
     def planes(self, keys: list[PlaneKey]) -> Iterator[tuple[PlaneRecord, np.ndarray]]:
         """Restored 2D planes, up to BATCH frames of one shape per processor call."""
@@ -308,7 +320,7 @@ class _Rebuild:
         incomplete = not complete
         for key in missing:
             self._made(key, sources[key[1]])
-            yield self._plane_record(key, incomplete), out[key[1]]
+            yield self._stored(key, out[key[1]], incomplete)
 
     def recreated(self, work: _Work) -> Iterator[tuple[PlaneRecord, np.ndarray]]:
         yield from self.planes(work.planes)

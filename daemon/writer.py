@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import struct
 import threading
@@ -28,11 +29,11 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import numpy as np
 import tifffile
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from livedecon.daemon.journal import AcquisitionRecord, safe_name
 
@@ -40,6 +41,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; its sharing rules refuse the worst cases
     fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 FILE_PREFIX = "restored_"
 FILE_SUFFIX = ".ome.tif"
@@ -51,6 +54,14 @@ DTYPES = {np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32)}
 _OME_TYPES = {"uint8": "uint8", "uint16": "uint16", "float32": "float"}
 
 PlaneKey = tuple[int, int, int | str, int | str]  # (time, z, channel, position)
+
+# uint16 output: a bright pixel (the processor's `bright_level`, the training data's bright
+# percentile) is stored as this count. A count is 1/256 of it: its rounding error (0.3 count
+# rms) stays below the shot noise of any pixel under 800,000 e-, and samples 256x brighter
+# than the training data still fit
+UINT16_BRIGHT_COUNTS = 256
+UINT16_MAX = np.iinfo(np.uint16).max
+OutputDtype = Literal["float32", "uint16"]
 
 
 class PlaneRecord(BaseModel):
@@ -67,10 +78,40 @@ class PlaneRecord(BaseModel):
     bundle_id: str
     weights_version: int
     incomplete_stack: bool = False
+    units_per_count: float | None = Field(
+        None, gt=0, description="uint16 output: the units (e.g. photoelectrons) of one count"
+    )
+    clipped_px: int = Field(0, ge=0, description="uint16 output: pixels above its range")
 
     @property
     def key(self) -> PlaneKey:
         return (self.time, self.z, self.channel, self.position)
+
+
+def units_per_count(dtype: OutputDtype, bright_level: float) -> float | None:
+    """What one stored count means in an acquisition's output: None for float32 (values are
+    the units themselves); for uint16, fixed by the processor's bright level, so every plane of
+    an acquisition, and every plane `reprocess` recreates, shares one scale."""
+    return None if dtype == "float32" else bright_level / UINT16_BRIGHT_COUNTS
+
+
+def stored_plane(plane: np.ndarray, record: PlaneRecord) -> tuple[np.ndarray, PlaneRecord]:
+    """The plane as the file keeps it: float32 as it is, or rounded to uint16 counts of
+    `record.units_per_count` (negative values to 0; those above the range to its top, counted
+    in the returned record)."""
+    if record.units_per_count is None:
+        return plane, record
+    counts = np.rint(np.asarray(plane, dtype=np.float32) / np.float32(record.units_per_count))
+    clipped = int(np.count_nonzero(counts > UINT16_MAX))
+    stored = np.clip(counts, 0, UINT16_MAX).astype(np.uint16)
+    return stored, record.model_copy(update={"clipped_px": clipped})
+
+
+def in_units(pixels: np.ndarray, record: PlaneRecord) -> np.ndarray:
+    """A stored plane back in its units (float32), whichever dtype the file keeps."""
+    if record.units_per_count is None:
+        return np.asarray(pixels, dtype=np.float32)
+    return pixels.astype(np.float32) * np.float32(record.units_per_count)
 
 
 class OutputBusyError(RuntimeError):
@@ -579,6 +620,15 @@ class AcquisitionWriter:
                     f"position {info.position!r} channel {info.channel!r} would share"
                     f" {path.name} with position {self._owners[path][0]!r} channel"
                     f" {self._owners[path][1]!r}"
+                )
+            plane, info = stored_plane(plane, info)
+            if info.clipped_px:
+                log.warning(
+                    "%s: %d pixels of plane t=%d z=%d above the uint16 range were clipped",
+                    path.name,
+                    info.clipped_px,
+                    info.time,
+                    info.z,
                 )
             target = self._files.get(path)
             if target is None:

@@ -69,12 +69,21 @@ def test_the_handler_plans_from_summary_metadata_and_sequence_options():
 
     sequence = MDASequence(
         z_plan={"range": 0.4, "step": 0.2},
-        metadata={"livedecon": {"mode": "2d", "model": "m", "output_dir": "a/b", "save": False}},
+        metadata={
+            "livedecon": {
+                "mode": "2d",
+                "model": "m",
+                "output_dir": "a/b",
+                "save": False,
+                "output_dtype": "uint16",
+            }
+        },
     )
     summary = {"image_infos": ({"pixel_size_um": 0.108},)}
     plan, per_t = LivedeconHandler().plan(sequence, summary)
     assert (plan.mode, plan.pixel_size_um, plan.model) == ("2d", 0.108, "m")
     assert (plan.output_dir, plan.save, per_t) == ("a/b", False, {0: 3})
+    assert plan.output_dtype == "uint16"
     with pytest.raises(ValueError, match="no pixel size"):
         LivedeconHandler().plan(sequence, {"image_infos": ()})
     bad = MDASequence(metadata={"livedecon": {"mode": "4d"}})

@@ -23,7 +23,7 @@ from livedecon.daemon.protocol import (
     decode_publication,
     frame_header,
 )
-from livedecon.daemon.writer import output_path, read_planes
+from livedecon.daemon.writer import in_units, output_path, read_planes
 from livedecon.engines.bundle import ModelBundle, find_bundle
 from livedecon.engines.runtime import TorchRuntime
 from livedecon.engines.tiling import restore_electrons
@@ -61,13 +61,15 @@ def receive_all(socket: zmq.Socket, quiet_ms: int = 500) -> list:
     return received
 
 
-def test_every_frame_is_acknowledged_restored_and_written_with_its_metadata(tmp_path):
+@pytest.mark.parametrize("output_dtype", ["float32", "uint16"])
+def test_every_frame_is_acknowledged_restored_and_written_with_its_metadata(tmp_path, output_dtype):
     bundle_dir = find_bundle("fast2d-sim")
     daemon = start_daemon(tmp_path, bundle="fast2d-sim")
     try:
         images = frames(12, (64, 64))
         with daemon.client() as client:
-            started = client.start("timelapse", Plan(pixel_size_um=PIXEL_UM, time_interval_s=2))
+            plan = Plan(pixel_size_um=PIXEL_UM, time_interval_s=2, output_dtype=output_dtype)
+            started = client.start("timelapse", plan)
             for i, image in enumerate(images):
                 client.send(
                     image, Axes(time=i // 2, channel=["GFP", "RFP"][i % 2]), timestamp_s=100.0 + i
@@ -97,7 +99,11 @@ def test_every_frame_is_acknowledged_restored_and_written_with_its_metadata(tmp_
             assert record.weights_version == bundle.manifest.weights_version
             assert record.timestamp_s == 100.0 + record.frame_id
             assert plane.shape == (128, 128)
-            assert plane.dtype == np.float32
+            assert plane.dtype == np.dtype(output_dtype)
+            # uint16: one scale for the acquisition, from the model's normalisation
+            per_count = None if output_dtype == "float32" else norm.scale_e / 4 / 256
+            assert record.units_per_count == per_count
+            assert record.clipped_px == 0
             # The daemon's engine (onnxruntime, batched) agrees with the torch reference.
             expected = restore_electrons(
                 reference.infer,
@@ -106,7 +112,9 @@ def test_every_frame_is_acknowledged_restored_and_written_with_its_metadata(tmp_
                 reference.multiple,
                 2,
             )
-            assert np.abs(plane - expected).max() <= 1e-3 * expected.max()
+            rounding = per_count / 2 if per_count else 0.0
+            error = np.abs(in_units(plane, record) - expected).max()
+            assert error <= 1e-3 * expected.max() + rounding
         assert {r.frame_id % 2 for r, _ in planes} == {c}
 
 

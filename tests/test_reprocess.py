@@ -23,7 +23,14 @@ from livedecon.daemon.processing import PassThrough, open_processor
 from livedecon.daemon.protocol import Axes, Plan, frame_header
 from livedecon.daemon.reprocess import ReprocessError, reprocess
 from livedecon.daemon.spill import SpillStore
-from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord, output_path, read_planes
+from livedecon.daemon.writer import (
+    AcquisitionWriter,
+    PlaneRecord,
+    output_path,
+    read_planes,
+    stored_plane,
+    units_per_count,
+)
 from livedecon.engines.bundle import find_bundle
 
 ACQ = "acq-1"
@@ -300,6 +307,43 @@ def test_a_real_bundle_restores_what_the_daemon_would_have(tmp_path: Path) -> No
     with pytest.raises(ReprocessError, match="weights changed"):
         reprocess(directory, backend="onnxruntime")
     assert reprocess(directory, processor=processor).recreated_from_spill == 1
+
+
+def test_uint16_output_is_recreated_as_the_daemon_stores_it(tmp_path: Path) -> None:
+    """An acquisition saved as uint16: the recreated plane has the acquisition's one scale and
+    the counts the daemon would have written, next to the planes it did write."""
+    bundle = shutil.copytree(find_bundle("fast2d-sim"), tmp_path / "fast2d-sim")
+    processor = open_processor(bundle, "onnxruntime", frame_shapes=((64, 64),))
+    frames = [(Axes(time=t), raw_frame(t, (64, 64)) // 16 + 100) for t in range(2)]
+    acq = record(
+        processor="model",
+        bundle_path=str(bundle),
+        bundle_id=processor.bundle_id,
+        weights_version=processor.weights_version,
+        output_pixel_um=PIXEL_UM / 2,
+    )
+    acq = acq.model_copy(update={"plan": acq.plan.model_copy(update={"output_dtype": "uint16"})})
+    directory = acquisition(tmp_path, acq, frames)
+    per_count = units_per_count("uint16", processor.bright_level)
+    meta = {
+        "bundle_id": processor.bundle_id,
+        "weights_version": processor.weights_version,
+        "units_per_count": per_count,
+    }
+    first, first_record = stored_plane(
+        processor.process([frames[0][1]])[0], plane_record(0, frames[0][0], **meta)
+    )
+    crashed_file(output_path(directory, 0, 0), [(first_record, first)])
+    spill(directory, 1, frames[1][0], frames[1][1])
+
+    assert reprocess(directory, backend="onnxruntime").recreated_from_spill == 1
+
+    (_, old), (info, new) = read_planes(output_path(directory, 0, 0))
+    np.testing.assert_array_equal(old, first)
+    assert new.dtype == np.uint16
+    assert info.units_per_count == per_count
+    expected, _ = stored_plane(processor.process([frames[1][1]])[0], info)
+    assert np.abs(new.astype(np.int32) - expected).max() <= 1  # the same engine, same counts
 
 
 def test_bad_directories_and_a_running_daemon_get_clear_errors(tmp_path: Path) -> None:

@@ -22,8 +22,10 @@ from livedecon.daemon.writer import (
     OutputBusyError,
     PlaneFile,
     PlaneRecord,
+    in_units,
     output_path,
     read_planes,
+    units_per_count,
     written_keys,
 )
 
@@ -86,6 +88,28 @@ def test_planes_and_records_round_trip(tmp_path: Path, dtype) -> None:
         assert got.dtype == sent.dtype
         np.testing.assert_array_equal(got, sent)
     assert written_keys(tmp_path) == {(i, 0, "GFP", 0) for i in range(4)}
+
+
+def test_uint16_output_keeps_photons_to_half_a_count_and_counts_what_it_clips(
+    tmp_path: Path,
+) -> None:
+    per_count = units_per_count("uint16", bright_level=80.0)  # 80 e- -> 256 counts
+    assert per_count == pytest.approx(80.0 / 256)
+    assert units_per_count("float32", bright_level=80.0) is None
+    photons = np.random.default_rng(3).gamma(2.0, 20.0, (16, 24)).astype(np.float32)
+    photons[0, :3] = (-0.5, 30000.0, 65535 * per_count)  # below 0, above the range, at its top
+    writer = AcquisitionWriter(tmp_path, acquisition())
+    path = writer.write(photons, info(0, time=0, units_per_count=per_count))
+    writer.close()
+    ((record, stored),) = read_planes(path)
+    assert stored.dtype == np.uint16
+    assert record.units_per_count == per_count
+    assert record.clipped_px == 1  # 30,000 e- is 96,000 counts; the range's top itself fits
+    back = in_units(stored, record)
+    assert (back[0, 0], back[0, 1]) == (0.0, pytest.approx(65535 * per_count))
+    inside = np.ones_like(photons, dtype=bool)
+    inside[0, :2] = False
+    assert np.abs(back - photons)[inside].max() <= per_count / 2 * (1 + 1e-5)
 
 
 def test_finalised_file_is_ome_with_sizes_and_provenance(tmp_path: Path) -> None:
