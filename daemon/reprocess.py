@@ -215,12 +215,24 @@ class _Rebuild:
         sources: _Sources,
         processor: Processor,
         report: ReprocessReport,
-        progress: Callable[[], None],
     ) -> None:
         self.record, self.acked, self.sources = record, acked, sources
-        self.processor, self.report, self._progress = processor, report, progress
+        self.processor, self.report = processor, report
         self.done: set[PlaneKey] = set()
         self.reasons: dict[str, list[PlaneKey]] = defaultdict(list)
+        self._progress: Callable[[int, int], None] | None = None
+        self._total = self._count = 0
+
+    def set_progress(self, progress: Callable[[int, int], None] | None, total: int) -> None:
+        """Report (planes done, `total`) to `progress` from now on, from (0, total)."""
+        self._progress, self._total, self._count = progress, total, 0
+        if progress:
+            progress(0, total)
+
+    def _step(self) -> None:
+        self._count += 1
+        if self._progress:
+            self._progress(self._count, self._total)
 
     def _plane_record(self, key: PlaneKey, incomplete: bool = False) -> PlaneRecord:
         time, z, channel, position = key
@@ -251,7 +263,7 @@ class _Rebuild:
         self.report.unrecoverable.extend(keys)
         self.reasons[why].extend(keys)
         for _ in keys:
-            self._progress()
+            self._step()
 
     def _made(self, key: PlaneKey, source: str) -> None:
         if source == "spill":
@@ -259,7 +271,7 @@ class _Rebuild:
         else:
             self.report.recreated_from_raw += 1
         self.done.add(key)
-        self._progress()
+        self._step()
 
     def _check(self, out: np.ndarray, shape: tuple[int, ...]) -> None:
         up = self.processor.upscale
@@ -394,6 +406,45 @@ def _time_origin(acked: dict[PlaneKey, _Acked], scans: dict[Path, FileScan]) -> 
     return min(stamps) if stamps else None
 
 
+@dataclass
+class _Outputs:
+    """An acquisition's output files as reprocess found them, each held open and locked
+    against a daemon still writing until `close`."""
+
+    directory: Path
+    scans: dict[Path, FileScan] = field(default_factory=dict)
+    untouchable: list[Path] = field(default_factory=list)  # not livedecon's: never rewritten
+    handles: dict[Path, io.BufferedReader] = field(default_factory=dict)
+
+    def open(self, report: ReprocessReport) -> None:
+        for path in output_files(self.directory):
+            handle = open(path, "rb")  # noqa: SIM115 (held, locked, to the end)
+            self.handles[path] = handle
+            try:
+                lock(handle, path)
+            except OutputBusyError:
+                raise ReprocessError(
+                    f"{path}: a daemon is still writing this acquisition; stop it first"
+                ) from None
+            try:
+                self.scans[path] = scan_file(handle, path)
+            except ValueError:
+                self.untouchable.append(path)
+        for stale in self.directory.glob(f".*{TEMP_SUFFIX}"):
+            stale.unlink()  # left by a reprocess that was killed; the files it read are intact
+        self.untouchable += _foreign(self.scans)
+        for path in self.untouchable:
+            self.scans.pop(path, None)
+            report.notes.append(f"{path.name}: not written by livedecon; left alone")
+
+    def written(self) -> set[PlaneKey]:
+        return {r.key for scan in self.scans.values() for _, r in scan.planes()}
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+
 def reprocess(
     acquisition_dir: Path,
     raw: Path | None = None,
@@ -417,83 +468,48 @@ def reprocess(
         raise ReprocessError(str(exc)) from None
     if raw is not None and not Path(raw).is_dir():
         raise ReprocessError(f"{raw}: no such raw dataset directory")
-    handles: dict[Path, io.BufferedReader] = {}
-    scans: dict[Path, FileScan] = {}
-    untouchable: list[Path] = []
     report = ReprocessReport()
     raw_path = Path(raw) if raw is not None else None
     default_spill = Path(record.spill_dir) if record.spill_dir else directory.parent / "spill"
     sources = _Sources(SpillStore(spill_root or default_spill), record, raw_path)
+    outputs = _Outputs(directory)
     try:
-        for path in output_files(directory):
-            handles[path] = handle = open(path, "rb")  # noqa: SIM115 (held, locked, to the end)
-            try:
-                lock(handle, path)
-            except OutputBusyError:
-                raise ReprocessError(
-                    f"{path}: a daemon is still writing this acquisition; stop it first"
-                ) from None
-            try:
-                scans[path] = scan_file(handle, path)
-            except ValueError:
-                untouchable.append(path)
-        for stale in directory.glob(f".*{TEMP_SUFFIX}"):
-            stale.unlink()  # left by a reprocess that was killed; the files it read are intact
-        untouchable += _foreign(scans)
-        for path in untouchable:
-            scans.pop(path, None)
-            report.notes.append(f"{path.name}: not written by livedecon; left alone")
-        journal = read_journal(directory)
-        _recover(
-            directory,
-            record,
-            journal,
-            scans,
-            untouchable,
-            handles,
-            sources,
-            processor,
-            backend,
-            progress,
-            report,
-        )
+        outputs.open(report)
+        acked = _acknowledged(read_journal(directory))
+        rebuild = _Rebuild(record, acked, sources, processor or PassThrough(), report)
+        _recover(outputs, rebuild, processor is not None, backend, progress)
     finally:
         sources.close()
-        for handle in handles.values():
-            handle.close()
+        outputs.close()
     return report
 
 
 def _recover(
-    directory: Path,
-    record: AcquisitionRecord,
-    journal: list[JournalEntry],
-    scans: dict[Path, FileScan],
-    untouchable: list[Path],
-    handles: dict[Path, io.BufferedReader],
-    sources: _Sources,
-    processor: Processor | None,
+    outputs: _Outputs,
+    rebuild: _Rebuild,
+    processor_given: bool,
     backend: Backend,
     progress: Callable[[int, int], None] | None,
-    report: ReprocessReport,
 ) -> None:
-    acked = _acknowledged(journal)
-    written = {r.key for scan in scans.values() for _, r in scan.planes()}
-    missing = sorted((key for key in acked if key not in written), key=lambda k: k[:2])
-    report.acknowledged = len(acked)
-    report.already_written = len(acked) - len(missing)
-    done = 0
+    """Recreate every acknowledged plane not on disk into its file, then free the spill."""
+    written = outputs.written()
+    missing = sorted((key for key in rebuild.acked if key not in written), key=lambda k: k[:2])
+    report = rebuild.report
+    report.acknowledged = len(rebuild.acked)
+    report.already_written = len(rebuild.acked) - len(missing)
+    rebuild.set_progress(progress, len(missing))
+    todo = _sourced(outputs, rebuild, missing)
+    if todo and not processor_given:
+        rebuild.processor = _open_processor(rebuild.record, backend, _shapes(rebuild, todo))
+    _rewrite_files(outputs, rebuild, _work(outputs.directory, rebuild.record, todo))
+    rebuild.explain()
+    _release_spill(rebuild.sources, written | rebuild.done, report)
 
-    def step() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, len(missing))
 
-    if progress:
-        progress(0, len(missing))
-    rebuild = _Rebuild(record, acked, sources, processor or PassThrough(), report, step)
-    blocked = {k for k in missing if output_path(directory, k[3], k[2]) in untouchable}
+def _sourced(outputs: _Outputs, rebuild: _Rebuild, missing: list[PlaneKey]) -> list[PlaneKey]:
+    """The missing planes that can be recreated; the others are reported lost, with why."""
+    directory, sources = outputs.directory, rebuild.sources
+    blocked = {k for k in missing if output_path(directory, k[3], k[2]) in outputs.untouchable}
     if blocked:
         rebuild.lost(sorted(blocked, key=lambda k: k[:2]), "its output file is not livedecon's")
     unsourced = [k for k in missing if k not in blocked and sources.where(k) is None]
@@ -501,13 +517,18 @@ def _recover(
         where = "the raw dataset" if sources.has_raw else "a raw dataset (no --raw given)"
         rebuild.lost(unsourced, f"in neither the spill store nor {where}")
     skipped = blocked.union(unsourced)
-    todo = [k for k in missing if k not in skipped]
-    if todo and processor is None:
-        depth = record.plan.z_count if record.plan.mode == "3d" else None
-        shapes: set[tuple[int, ...]] = {
-            (depth, *acked[k].shape) if depth else acked[k].shape for k in todo
-        }
-        rebuild.processor = processor = _open_processor(record, backend, shapes)
+    return [k for k in missing if k not in skipped]
+
+
+def _shapes(rebuild: _Rebuild, todo: list[PlaneKey]) -> set[tuple[int, ...]]:
+    """The item shapes the processor will see: frames, or whole stacks in 3D."""
+    plan = rebuild.record.plan
+    depth = plan.z_count if plan.mode == "3d" else None
+    return {(depth, *rebuild.acked[k].shape) if depth else rebuild.acked[k].shape for k in todo}
+
+
+def _work(directory: Path, record: AcquisitionRecord, todo: list[PlaneKey]) -> dict[Path, _Work]:
+    """The planes to recreate, by output file: single planes, or whole stacks in 3D."""
     whole_stacks = record.plan.mode == "3d"  # as the daemon restores them, whatever the model
     work: dict[Path, _Work] = defaultdict(_Work)
     for key in todo:
@@ -516,18 +537,27 @@ def _recover(
             target.stacks.setdefault(key[0], []).append(key)
         else:
             target.planes.append(key)
-    rewrite = sorted(set(work) | {p for p, scan in scans.items() if not scan.finalised})
-    origin = _time_origin(acked, scans)
-    for path in rewrite:
+    return work
+
+
+def _rewrite_files(outputs: _Outputs, rebuild: _Rebuild, work: dict[Path, _Work]) -> None:
+    """Rewrite each file with work to do, and each one never finalised, whole and in order."""
+    report = rebuild.report
+    unfinished = {p for p, scan in outputs.scans.items() if not scan.finalised}
+    origin = _time_origin(rebuild.acked, outputs.scans)
+    for path in sorted(set(work) | unfinished):
         recreated = rebuild.recreated(work.get(path, _Work()))
-        if _rewrite(path, scans.get(path), handles.get(path), recreated, record, origin):
+        scan, handle = outputs.scans.get(path), outputs.handles.get(path)
+        if _rewrite(path, scan, handle, recreated, rebuild.record, origin):
             report.files.append(path)
         elif path.exists():
             path.unlink()  # a header and a torn first page: nothing in it to keep
             report.files.append(path)
             report.notes.append(f"{path.name}: held no whole plane; removed")
-    rebuild.explain()
-    on_disk = written | rebuild.done
+
+
+def _release_spill(sources: _Sources, on_disk: set[PlaneKey], report: ReprocessReport) -> None:
+    """Free every spilled frame whose planes are all on disk now; keep the others."""
     left = 0
     for frame, keys in sources.spill_frames.items():
         if all(k in on_disk for k in keys):

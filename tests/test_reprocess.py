@@ -177,6 +177,7 @@ class StackModel:
     upscale: int = 2
     is_3d: bool | None = True
     units: str = "test units"
+    bright_level: float = 100.0
     calls: list[tuple[int, ...]] = field(default_factory=list)
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
