@@ -234,207 +234,25 @@ def measure_psf(
     average: "mean" (each bead weighted by its light, best for photon noise) or "median"
         (of the normalised beads, robust to the odd contaminated bead, noisier).
     """
-    data = np.asarray(stack, dtype=np.float64)
-    if data.ndim == 3 and data.shape[0] == 1:
-        data = data[0]
-    if data.ndim not in (2, 3):
-        raise ValueError(
-            f"beads must be a (Z, Y, X) focus series or a (Y, X) frame, got shape {data.shape}"
-        )
-    if not pixel_size_um > 0:
-        raise ValueError(f"pixel_size_um must be positive, got {pixel_size_um}")
-    if average not in ("mean", "median"):
-        raise ValueError(f"average must be 'mean' or 'median', got {average!r}")
-    if not np.all(np.isfinite(data)):
-        raise ValueError("the bead images contain NaN or infinite values")
-    is_3d = data.ndim == 3
-    dz = None
-    if is_3d:
-        if z_step_um is None or not z_step_um > 0:
-            raise ValueError(
-                f"a bead focus series of {data.shape[0]} planes needs its z step (z_step_um)"
-            )
-        dz = float(z_step_um)
-        if data.shape[0] < MIN_PLANES:
-            raise ValueError(
-                f"the focus series has {data.shape[0]} planes: too short to hold the axial"
-                f" profile; record at least {MIN_PLANES} (better +-2 um around focus)"
-            )
-    volume = data if is_3d else data[None]
-
+    volume, dz = _bead_volume(stack, pixel_size_um, z_step_um, average)
+    is_3d = dz is not None
     noise = _noise_rms(volume)
     sat = _saturation_level(volume) if saturation is None else float(saturation)
-
-    # -- scales: from theory when the optics are known, else from the brightest beads --
-    fwhm_ax_px = None
-    if optics is not None:
-        fwhm_lat_px, fwhm_ax_px = _theory_fwhm_px(optics, pixel_size_um, dz, volume.shape[0])
-    else:
-        fwhm_lat_px = _estimate_lateral_fwhm_px(volume, noise)
-    if box_um is not None:
-        h = max(round(box_um / 2 / pixel_size_um), 3)
-    else:
-        h = max(int(np.ceil(BOX_HALF_FWHM * fwhm_lat_px)), 4)
-    sep_px = min_separation_um / pixel_size_um if min_separation_um is not None else 2 * h + 1.0
-    margin = 2  # room for the sub-pixel shift's spline
-    if min(volume.shape[1:]) < 2 * (h + margin) + 1:
-        raise ValueError(
-            f"frames of {volume.shape[1:]} pixels are too small for a PSF box of"
-            f" {2 * h + 1} pixels ({(2 * h + 1) * pixel_size_um:.2f} um)"
-        )
-
-    # -- candidates --
-    candidates = _detect(volume, fwhm_lat_px, sep_px)
-    if not candidates:
-        raise ValueError(
-            f"no beads found: nothing stands {DETECT_SIGMA:g} noise sigmas above the"
-            f" background (noise {noise:.3g} per pixel)"
-        )
-
-    plane_median = np.median(volume, axis=(1, 2))
-    brightest = max((volume[c] - plane_median[c[0]]) / noise for c in candidates)
-    if brightest < min_snr:
-        raise ValueError(
-            f"no beads found: {len(candidates)} faint spots, the brightest with a peak"
-            f" {brightest:.3g} times the background noise ({noise:.3g} per pixel), below"
-            f" min_snr {min_snr:g}"
-        )
-
-    # -- per-bead checks and sub-pixel centres --
-    records: list[dict] = []
-    positions = np.array([c[1:] for c in candidates], dtype=float)
-    nz, ny, nx = volume.shape
-    w = max(int(np.ceil(1.5 * fwhm_lat_px)), 2)
-    for i, (zc, yc, xc) in enumerate(candidates):
-        rec: dict = {"centre": (float(zc), float(yc), float(xc)), "status": "used"}
-        rec.update(peak=0.0, snr=0.0, flux=0.0, sigma=(0.0, 0.0))
-        records.append(rec)
-        if not (h + margin <= yc < ny - h - margin and h + margin <= xc < nx - h - margin):
-            rec["status"] = EDGE
-            continue
-        d = np.hypot(*(positions - positions[i]).T)
-        d[i] = np.inf
-        if d.min() < sep_px:
-            rec["status"] = NEIGHBOUR
-            continue
-        z_lo, z_hi = max(zc - 1, 0), min(zc + 2, nz)
-        core = volume[z_lo:z_hi, yc - w : yc + w + 1, xc - w : xc + w + 1]
-        if sat is not None and core.max() >= sat:
-            rec["status"] = SATURATED
-            continue
-        fit = _fit_gaussian_2d(core.mean(axis=0), w)
-        if fit is None:
-            rec["status"] = FIT
-            continue
-        amp, dy, dx, sy, sx, bg = fit
-        y0, x0 = yc + dy, xc + dx
-        z0 = float(zc)
-        if is_3d:
-            z_fit = _axial_centre(volume, zc, yc, xc, bg, fwhm_ax_px)
-            if z_fit is None:
-                rec["status"] = FIT
-                continue
-            z0 = z_fit
-        peak = float(volume[zc, yc, xc] - bg)
-        rec.update(
-            centre=(z0, y0, x0),
-            peak=peak,
-            snr=peak / noise,
-            flux=float(2 * np.pi * amp * sy * sx),
-            sigma=(sy, sx),
-        )
-        if rec["snr"] < min_snr:
-            rec["status"] = DIM
-
-    # -- outliers against the typical bead: doublets and clumps --
-    good = [r for r in records if r["status"] == "used"]
-    if len(good) >= 3:
-        flux = np.array([r["flux"] for r in good])
-        width = np.array([np.sqrt(r["sigma"][0] * r["sigma"][1]) for r in good])
-        m_flux, m_width = np.median(flux), np.median(width)
-        for r, f, wd in zip(good, flux, width, strict=True):
-            sy, sx = r["sigma"]
-            if f > max_flux_ratio * m_flux:
-                r["status"] = BRIGHT
-            elif wd > max_width_ratio * m_width or max(sy, sx) > max_elongation * min(sy, sx):
-                r["status"] = SHAPE
-
-    # -- axial extent: what the planes around the typical bead's focus hold --
+    scales = _scales(volume, pixel_size_um, dz, optics, box_um, min_separation_um, noise)
+    candidates = _candidates(volume, scales, noise, min_snr)
+    records = _check_beads(volume, candidates, scales, sat, noise, min_snr, is_3d)
+    _mark_outliers(records, max_flux_ratio, max_width_ratio, max_elongation)
     hz = 0
-    if is_3d:
-        assert dz is not None  # set for every focus series above
-        good = [r for r in records if r["status"] == "used"]
-        z_typ = float(np.median([r["centre"][0] for r in good])) if good else (nz - 1) / 2
-        room = int(np.floor(min(z_typ, nz - 1 - z_typ))) - 1
-        if axial_box_um is not None:
-            hz = round(axial_box_um / 2 / dz)
-        elif fwhm_ax_px is not None:
-            hz = int(np.ceil(AXIAL_HALF_FWHM * fwhm_ax_px))
-        else:
-            hz = room
-        hz = min(hz, room)
-        if hz < 2:
-            raise _too_short(nz, dz, fwhm_ax_px)
-        for r in good:
-            zi = round(r["centre"][0])
-            if zi - hz - 1 < 0 or zi + hz + 1 > nz - 1:
-                r["status"] = Z_EDGE
-
-    beads = tuple(
-        Bead(
-            centre_px=tuple(r["centre"]) if is_3d else tuple(r["centre"][1:]),
-            peak=r["peak"],
-            snr=r["snr"],
-            flux=r["flux"],
-            sigma_px=tuple(r["sigma"]),
-            status=r["status"],
-        )
-        for r in records
-    )
-    used = [r for r in records if r["status"] == "used"]
-    rejected = Counter(r["status"] for r in records if r["status"] != "used")
-    if len(used) < min_beads:
-        why = "; ".join(f"{n} {reason}" for reason, n in rejected.most_common()) or "none"
-        raise ValueError(
-            f"too few isolated beads: {len(used)} usable of {len(records)} found, at least"
-            f" {min_beads} needed (rejected: {why}). Use a sparser slide, a larger field, or"
-            " adjust the exposure."
-        )
-
-    # -- register, subtract background, average --
-    boxes, backgrounds = [], []
-    for r in used:
-        box, bg = _registered_box(volume, r["centre"], h, hz, margin)
-        boxes.append(box)
-        backgrounds.append(bg)
-    boxes_arr = np.stack(boxes)
-    if average == "median":
-        sums = boxes_arr[:, hz].sum(axis=(1, 2))
-        psf = np.median(boxes_arr / sums[:, None, None, None], axis=0)
-    else:
-        psf = boxes_arr.sum(axis=0)  # the mean with each bead weighted by its light
-    psf = psf - _border_mean(psf[max(hz - 1, 0) : hz + 2])  # what the per-bead estimates missed
-    psf = np.clip(psf, 0.0, None)
-    in_focus = psf[hz].sum()
-    if not in_focus > 0:
-        raise ValueError("the averaged beads have no light above the background")
-    psf /= in_focus
-
-    try:
-        fwhm = psf_fwhm_um(psf if is_3d else psf[0], pixel_size_um, dz)
-    except ValueError as exc:
-        if is_3d and "z profile" in str(exc):
-            assert dz is not None  # set for every focus series above
-            raise _too_short(nz, dz, fwhm_ax_px) from None
-        raise ValueError(f"the measured PSF has no clear peak: {exc}") from None
-
+    if dz is not None:
+        hz = _axial_half_box(records, volume.shape[0], dz, axial_box_um, scales.fwhm_ax_px)
+        _mark_z_edges(records, volume.shape[0], hz)
+    beads = tuple(r.bead(is_3d) for r in records)
+    used = _enough_beads(records, min_beads)
+    psf, background = _average_beads(volume, used, scales.h, hz, average)
+    fwhm = _measured_fwhm(psf, pixel_size_um, dz, volume.shape[0], scales.fwhm_ax_px)
     theory, theory_fwhm = None, None
     if optics is not None:
-        theory = pixel_integrated_psf(
-            optics, pixel_size_um, 2 * h + 1, (np.arange(2 * hz + 1) - hz) * (dz or 0.0)
-        )
-        theory = theory if is_3d else theory[0]
-        theory_fwhm = psf_fwhm_um(theory, pixel_size_um, dz)
+        theory, theory_fwhm = _theory(optics, pixel_size_um, dz, scales.h, hz)
     return MeasuredPSF(
         psf=psf if is_3d else psf[0],
         pixel_size_um=float(pixel_size_um),
@@ -443,7 +261,7 @@ def measure_psf(
         fwhm_um=fwhm,
         theory_fwhm_um=theory_fwhm,
         theory_psf=theory,
-        background=float(np.mean(backgrounds)),
+        background=background,
         noise_rms=noise,
     )
 
@@ -459,6 +277,319 @@ def write_measured_psf(path: str | Path, measured: MeasuredPSF) -> Path:
     return write_ome_tiff(
         path, psf, axes, measured.pixel_size_um, measured.z_step_um, description=description
     )
+
+
+# -- the steps of measure_psf --------------------------------------------------------------
+
+_MARGIN = 2  # pixels around the lateral box: room for the sub-pixel shift's spline
+
+
+@dataclass(frozen=True)
+class _Scales:
+    """Sizes in pixels that follow from the PSF's width: fits, detection, box, separation."""
+
+    fwhm_lat_px: float
+    fwhm_ax_px: float | None  # planes; None for 2D, or when the optics are not given
+    h: int  # lateral half-box
+    sep_px: float  # least distance to another candidate
+
+
+@dataclass
+class _Record:
+    """One candidate while it is checked; later checks may still reject it (status)."""
+
+    centre: tuple[float, float, float]  # (z, y, x): integer until the fits refine it
+    status: str = "used"
+    peak: float = 0.0
+    snr: float = 0.0
+    flux: float = 0.0
+    sigma: tuple[float, float] = (0.0, 0.0)
+
+    def bead(self, is_3d: bool) -> Bead:
+        """The public record: centre (z, y, x) for a focus series, (y, x) for a frame."""
+        return Bead(
+            centre_px=self.centre if is_3d else self.centre[1:],
+            peak=self.peak,
+            snr=self.snr,
+            flux=self.flux,
+            sigma_px=self.sigma,
+            status=self.status,
+        )
+
+
+def _bead_volume(
+    stack: np.ndarray, pixel_size_um: float, z_step_um: float | None, average: str
+) -> tuple[np.ndarray, float | None]:
+    """Check the input: the beads as a float64 (Z, Y, X) volume (Z = 1 for a frame), and the
+    z step (None for a frame)."""
+    data = np.asarray(stack, dtype=np.float64)
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim not in (2, 3):
+        raise ValueError(
+            f"beads must be a (Z, Y, X) focus series or a (Y, X) frame, got shape {data.shape}"
+        )
+    if not pixel_size_um > 0:
+        raise ValueError(f"pixel_size_um must be positive, got {pixel_size_um}")
+    if average not in ("mean", "median"):
+        raise ValueError(f"average must be 'mean' or 'median', got {average!r}")
+    if not np.all(np.isfinite(data)):
+        raise ValueError("the bead images contain NaN or infinite values")
+    if data.ndim == 2:
+        return data[None], None
+    if z_step_um is None or not z_step_um > 0:
+        raise ValueError(
+            f"a bead focus series of {data.shape[0]} planes needs its z step (z_step_um)"
+        )
+    if data.shape[0] < MIN_PLANES:
+        raise ValueError(
+            f"the focus series has {data.shape[0]} planes: too short to hold the axial"
+            f" profile; record at least {MIN_PLANES} (better +-2 um around focus)"
+        )
+    return data, float(z_step_um)
+
+
+def _scales(
+    volume: np.ndarray,
+    pixel_size_um: float,
+    dz: float | None,
+    optics: Optics | None,
+    box_um: float | None,
+    min_separation_um: float | None,
+    noise: float,
+) -> _Scales:
+    """Widths from theory when the optics are known, else from the brightest beads; the
+    lateral box and the separation from them unless given; the frame must hold the box."""
+    fwhm_ax_px = None
+    if optics is not None:
+        fwhm_lat_px, fwhm_ax_px = _theory_fwhm_px(optics, pixel_size_um, dz, volume.shape[0])
+    else:
+        fwhm_lat_px = _estimate_lateral_fwhm_px(volume, noise)
+    if box_um is not None:
+        h = max(round(box_um / 2 / pixel_size_um), 3)
+    else:
+        h = max(int(np.ceil(BOX_HALF_FWHM * fwhm_lat_px)), 4)
+    sep_px = min_separation_um / pixel_size_um if min_separation_um is not None else 2 * h + 1.0
+    if min(volume.shape[1:]) < 2 * (h + _MARGIN) + 1:
+        raise ValueError(
+            f"frames of {volume.shape[1:]} pixels are too small for a PSF box of"
+            f" {2 * h + 1} pixels ({(2 * h + 1) * pixel_size_um:.2f} um)"
+        )
+    return _Scales(fwhm_lat_px, fwhm_ax_px, h, sep_px)
+
+
+def _candidates(
+    volume: np.ndarray, scales: _Scales, noise: float, min_snr: float
+) -> list[tuple[int, int, int]]:
+    """Candidate beads (z, y, x), brightest first; an error when there are none, or when even
+    the brightest is below min_snr (to say so instead of rejecting each as too dim)."""
+    candidates = _detect(volume, scales.fwhm_lat_px, scales.sep_px)
+    if not candidates:
+        raise ValueError(
+            f"no beads found: nothing stands {DETECT_SIGMA:g} noise sigmas above the"
+            f" background (noise {noise:.3g} per pixel)"
+        )
+    plane_median = np.median(volume, axis=(1, 2))
+    brightest = max((volume[c] - plane_median[c[0]]) / noise for c in candidates)
+    if brightest < min_snr:
+        raise ValueError(
+            f"no beads found: {len(candidates)} faint spots, the brightest with a peak"
+            f" {brightest:.3g} times the background noise ({noise:.3g} per pixel), below"
+            f" min_snr {min_snr:g}"
+        )
+    return candidates
+
+
+def _check_beads(
+    volume: np.ndarray,
+    candidates: list[tuple[int, int, int]],
+    scales: _Scales,
+    sat: float | None,
+    noise: float,
+    min_snr: float,
+    is_3d: bool,
+) -> list[_Record]:
+    """A record per candidate, in order: its sub-pixel centre and measures, or why it is
+    rejected."""
+    positions = np.array([c[1:] for c in candidates], dtype=float)
+    w = max(int(np.ceil(1.5 * scales.fwhm_lat_px)), 2)  # half-width of the centre fit
+    records = []
+    for i, candidate in enumerate(candidates):
+        d = np.hypot(*(positions - positions[i]).T)
+        d[i] = np.inf
+        records.append(
+            _check_bead(volume, candidate, d.min(), w, scales, sat, noise, min_snr, is_3d)
+        )
+    return records
+
+
+def _check_bead(
+    volume: np.ndarray,
+    candidate: tuple[int, int, int],
+    nearest_px: float,
+    w: int,
+    scales: _Scales,
+    sat: float | None,
+    noise: float,
+    min_snr: float,
+    is_3d: bool,
+) -> _Record:
+    """One candidate's checks, in order (edge, neighbour, saturation, centre fits, SNR): the
+    first that fails gives its status; a fitted bead gets its centre and measures."""
+    zc, yc, xc = candidate
+    rec = _Record((float(zc), float(yc), float(xc)))
+    nz, ny, nx = volume.shape
+    h, margin = scales.h, _MARGIN
+    if not (h + margin <= yc < ny - h - margin and h + margin <= xc < nx - h - margin):
+        rec.status = EDGE
+        return rec
+    if nearest_px < scales.sep_px:
+        rec.status = NEIGHBOUR
+        return rec
+    z_lo, z_hi = max(zc - 1, 0), min(zc + 2, nz)
+    core = volume[z_lo:z_hi, yc - w : yc + w + 1, xc - w : xc + w + 1]
+    if sat is not None and core.max() >= sat:
+        rec.status = SATURATED
+        return rec
+    fit = _fit_gaussian_2d(core.mean(axis=0), w)
+    if fit is None:
+        rec.status = FIT
+        return rec
+    amp, dy, dx, sy, sx, bg = fit
+    y0, x0 = yc + dy, xc + dx
+    z0 = float(zc)
+    if is_3d:
+        z_fit = _axial_centre(volume, zc, yc, xc, bg, scales.fwhm_ax_px)
+        if z_fit is None:
+            rec.status = FIT
+            return rec
+        z0 = z_fit
+    peak = float(volume[zc, yc, xc] - bg)
+    rec.centre = (z0, y0, x0)
+    rec.peak = peak
+    rec.snr = peak / noise
+    rec.flux = float(2 * np.pi * amp * sy * sx)
+    rec.sigma = (sy, sx)
+    if rec.snr < min_snr:
+        rec.status = DIM
+    return rec
+
+
+def _mark_outliers(
+    records: list[_Record], max_flux_ratio: float, max_width_ratio: float, max_elongation: float
+) -> None:
+    """Reject beads unlike the typical (median) one: too bright, or broadened or elongated
+    (doublets and clumps). Needs 3 or more beads to tell what is typical."""
+    good = [r for r in records if r.status == "used"]
+    if len(good) < 3:
+        return
+    flux = np.array([r.flux for r in good])
+    width = np.array([np.sqrt(r.sigma[0] * r.sigma[1]) for r in good])
+    m_flux, m_width = np.median(flux), np.median(width)
+    for r, f, wd in zip(good, flux, width, strict=True):
+        sy, sx = r.sigma
+        if f > max_flux_ratio * m_flux:
+            r.status = BRIGHT
+        elif wd > max_width_ratio * m_width or max(sy, sx) > max_elongation * min(sy, sx):
+            r.status = SHAPE
+
+
+def _axial_half_box(
+    records: list[_Record],
+    nz: int,
+    dz: float,
+    axial_box_um: float | None,
+    fwhm_ax_px: float | None,
+) -> int:
+    """Axial half-box in planes: as given, else +-3 axial FWHM, else all there is; never more
+    than the planes around the typical bead's focus hold."""
+    good = [r for r in records if r.status == "used"]
+    z_typ = float(np.median([r.centre[0] for r in good])) if good else (nz - 1) / 2
+    room = int(np.floor(min(z_typ, nz - 1 - z_typ))) - 1
+    if axial_box_um is not None:
+        hz = round(axial_box_um / 2 / dz)
+    elif fwhm_ax_px is not None:
+        hz = int(np.ceil(AXIAL_HALF_FWHM * fwhm_ax_px))
+    else:
+        hz = room
+    hz = min(hz, room)
+    if hz < 2:
+        raise _too_short(nz, dz, fwhm_ax_px)
+    return hz
+
+
+def _mark_z_edges(records: list[_Record], nz: int, hz: int) -> None:
+    """Reject beads whose focus is too near the first or last plane for the axial box (and
+    one plane for the sub-plane shift)."""
+    for r in records:
+        if r.status != "used":
+            continue
+        zi = round(r.centre[0])
+        if zi - hz - 1 < 0 or zi + hz + 1 > nz - 1:
+            r.status = Z_EDGE
+
+
+def _enough_beads(records: list[_Record], min_beads: int) -> list[_Record]:
+    """The beads used; an error saying why the others were rejected when too few are left."""
+    used = [r for r in records if r.status == "used"]
+    rejected = Counter(r.status for r in records if r.status != "used")
+    if len(used) < min_beads:
+        why = "; ".join(f"{n} {reason}" for reason, n in rejected.most_common()) or "none"
+        raise ValueError(
+            f"too few isolated beads: {len(used)} usable of {len(records)} found, at least"
+            f" {min_beads} needed (rejected: {why}). Use a sparser slide, a larger field, or"
+            " adjust the exposure."
+        )
+    return used
+
+
+def _average_beads(
+    volume: np.ndarray, used: list[_Record], h: int, hz: int, average: str
+) -> tuple[np.ndarray, float]:
+    """Register, subtract the background of and average the beads' boxes: the (2hz+1, 2h+1,
+    2h+1) PSF, non-negative, in-focus plane summing to 1; and the mean background."""
+    boxes, backgrounds = [], []
+    for r in used:
+        box, bg = _registered_box(volume, r.centre, h, hz, _MARGIN)
+        boxes.append(box)
+        backgrounds.append(bg)
+    boxes_arr = np.stack(boxes)
+    if average == "median":
+        sums = boxes_arr[:, hz].sum(axis=(1, 2))
+        psf = np.median(boxes_arr / sums[:, None, None, None], axis=0)
+    else:
+        psf = boxes_arr.sum(axis=0)  # the mean with each bead weighted by its light
+    psf = psf - _border_mean(psf[max(hz - 1, 0) : hz + 2])  # what the per-bead estimates missed
+    psf = np.clip(psf, 0.0, None)
+    in_focus = psf[hz].sum()
+    if not in_focus > 0:
+        raise ValueError("the averaged beads have no light above the background")
+    psf /= in_focus
+    return psf, float(np.mean(backgrounds))
+
+
+def _measured_fwhm(
+    psf: np.ndarray, pixel_size_um: float, dz: float | None, nz: int, fwhm_ax_px: float | None
+) -> tuple[float, float, float | None]:
+    """(x, y, z) FWHM of the averaged PSF, its failure said in terms of the recording."""
+    try:
+        return psf_fwhm_um(psf if dz is not None else psf[0], pixel_size_um, dz)
+    except ValueError as exc:
+        if dz is not None and "z profile" in str(exc):
+            raise _too_short(nz, dz, fwhm_ax_px) from None
+        raise ValueError(f"the measured PSF has no clear peak: {exc}") from None
+
+
+def _theory(
+    optics: Optics, pixel_size_um: float, dz: float | None, h: int, hz: int
+) -> tuple[np.ndarray, tuple[float, float, float | None]]:
+    """The pixel-integrated theoretical PSF at the measurement's sampling and box, and its
+    FWHM: what the measured one is compared with."""
+    theory = pixel_integrated_psf(
+        optics, pixel_size_um, 2 * h + 1, (np.arange(2 * hz + 1) - hz) * (dz or 0.0)
+    )
+    theory = theory if dz is not None else theory[0]
+    return theory, psf_fwhm_um(theory, pixel_size_um, dz)
 
 
 # -- pieces ------------------------------------------------------------------------------

@@ -365,6 +365,91 @@ def calibrate_camera(
     Levels that are saturated, or past the linear range at the top, are left out of the fit,
     with a CalibrationWarning and a note in the summary. Raises ValueError for unusable input.
     """
+    darks, flats, labels = _checked_inputs(darks, flats, kind, exposure_ms, em_gain, labels)
+    total = len(flats) + 1
+    if progress:
+        progress("camera: darks", 0, total)
+    dark = _dark_stats(darks, hot_pixel_threshold)
+    if progress:
+        progress("camera: darks", 1, total)
+    levels: list[_Level] = []
+    for i, (label, flat) in enumerate(zip(labels, flats, strict=True)):
+        levels.append(_flat_level(label, flat, dark, saturation_adu))
+        if progress:
+            progress(f"camera: flat {label}", i + 2, total)
+    usable = _usable_levels(levels)
+    fit, notes = _fit_gain(usable, levels, dark.pixels, kind, em_gain)
+    relative_gain, gain_spread, gain_noise = _photo_response(
+        usable, dark.hot, dark.read_var_mean / dark.frames
+    )
+    if relative_gain is None:
+        notes.append(
+            f"photo-response spread ({100 * gain_spread:.2g}%) is below the noise of its"
+            f" estimate ({100 * gain_noise:.2g}%): no relative gain map"
+        )
+    summary = _summary(
+        kind,
+        dark,
+        levels,
+        fit,
+        em_gain=em_gain,
+        exposure_ms=exposure_ms,
+        hot_pixel_threshold=hot_pixel_threshold,
+        relative_gain_spread=gain_spread,
+        relative_gain_noise=gain_noise,
+        notes=notes,
+    )
+    return CameraCalibration(
+        offset_adu=dark.offset.astype(np.float32),
+        read_variance_adu2=dark.read_var.astype(np.float32),
+        hot_pixels=dark.hot,
+        relative_gain=relative_gain,
+        summary=summary,
+    )
+
+
+# -- the steps of calibrate_camera ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Darks:
+    """What the darks give: per-pixel maps and the read noise of the good (not hot) pixels."""
+
+    frames: int
+    offset: np.ndarray  # (Y, X) float64 temporal mean, ADU
+    read_var: np.ndarray  # (Y, X) float64 temporal variance, ADU^2
+    hot: np.ndarray  # (Y, X) bool
+    good: np.ndarray  # ~hot
+    pixels: int  # good pixels
+    read_var_mean: float  # over the good pixels, ADU^2
+    read_sigma: float  # sqrt of the median read variance of the good pixels, ADU
+
+
+@dataclass(frozen=True)
+class _Gain:
+    """The photon transfer curve's fit (`_fit_ptc`) and the excess noise factor it assumes."""
+
+    slope: float  # shot variance per unit signal, ADU
+    se: float  # standard error of the slope
+    chi2: float | None  # reduced chi^2, None for one level
+    worst: float  # largest relative residual
+    f2: float  # excess noise factor F^2
+
+    @property
+    def gain(self) -> float:
+        """Photoelectrons per count (EM gain folded in)."""
+        return self.f2 / self.slope
+
+
+def _checked_inputs(
+    darks: np.ndarray,
+    flats: Sequence[np.ndarray],
+    kind: str,
+    exposure_ms: float | None,
+    em_gain: float | None,
+    labels: Sequence[str] | None,
+) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """Check the options and stacks: the darks, the flats and a label for each flat level."""
     if kind not in ("scmos", "ccd", "emccd"):
         raise ValueError(f"kind must be 'scmos', 'ccd' or 'emccd', got {kind!r}")
     if em_gain is not None and (kind != "emccd" or em_gain < 1):
@@ -380,58 +465,68 @@ def calibrate_camera(
     labels = list(labels) if labels is not None else [f"level {i}" for i in range(len(flats))]
     if len(labels) != len(flats):
         raise ValueError(f"{len(labels)} labels for {len(flats)} flat levels")
-    flats = [_check_stack(f"flat {label}", f) for label, f in zip(labels, flats, strict=True)]
+    checked = [_check_stack(f"flat {label}", f) for label, f in zip(labels, flats, strict=True)]
     shape = darks.shape[1:]
-    for label, flat in zip(labels, flats, strict=True):
+    for label, flat in zip(labels, checked, strict=True):
         if flat.shape[1:] != shape:
             raise ValueError(
                 f"flat {label}: frames of {flat.shape[1:]}, but the darks' frames are {shape}"
             )
-    total = len(flats) + 1
-    if progress:
-        progress("camera: darks", 0, total)
+    return darks, checked, labels
 
+
+def _dark_stats(darks: np.ndarray, hot_pixel_threshold: float) -> _Darks:
+    """Offset and read-variance maps from the darks, their hot pixels, and the read noise of
+    the others."""
     offset, read_var, _ = _temporal_stats(darks)
     hot = _find_hot_pixels(offset, read_var, darks.shape[0], hot_pixel_threshold)
     good = ~hot
-    pixels = int(np.count_nonzero(good))
-    read_var_mean = float(read_var[good].mean())
-    read_sigma = math.sqrt(float(np.median(read_var[good])))
-    if progress:
-        progress("camera: darks", 1, total)
+    return _Darks(
+        frames=darks.shape[0],
+        offset=offset,
+        read_var=read_var,
+        hot=hot,
+        good=good,
+        pixels=int(np.count_nonzero(good)),
+        read_var_mean=float(read_var[good].mean()),
+        read_sigma=math.sqrt(float(np.median(read_var[good]))),
+    )
 
-    notes: list[str] = []
-    levels: list[_Level] = []
-    for i, (label, flat) in enumerate(zip(labels, flats, strict=True)):
-        # clipped at the saturation level, or piled up at a lower maximum (an ADC of fewer
-        # bits than the dtype); in unclipped data the maximum is a rare tail value
-        saturation, top = _saturation(flat, saturation_adu), float(flat.max())
-        clip_at = min(saturation, top)
-        mean, var, clipped = _temporal_stats(flat, good, clip_at)
-        piled_up = top < saturation and clipped * flat.shape[0] * pixels > MIN_PILE_UP
-        mean -= offset
-        signal = float(mean[good].mean())
-        total_var = float(var[good].mean())
-        level = _Level(
-            label,
-            flat.shape[0],
-            mean.astype(np.float32),
-            signal,
-            total_var,
-            total_var - read_var_mean,
+
+def _flat_level(label: str, flat: np.ndarray, dark: _Darks, saturation_adu: float | None) -> _Level:
+    """One flat level's signal and variance over the good pixels, marked unused when it is
+    saturated; an error when no light reached the camera."""
+    # clipped at the saturation level, or piled up at a lower maximum (an ADC of fewer
+    # bits than the dtype); in unclipped data the maximum is a rare tail value
+    saturation, top = _saturation(flat, saturation_adu), float(flat.max())
+    clip_at = min(saturation, top)
+    mean, var, clipped = _temporal_stats(flat, dark.good, clip_at)
+    piled_up = top < saturation and clipped * flat.shape[0] * dark.pixels > MIN_PILE_UP
+    mean -= dark.offset
+    signal = float(mean[dark.good].mean())
+    total_var = float(var[dark.good].mean())
+    level = _Level(
+        label,
+        flat.shape[0],
+        mean.astype(np.float32),
+        signal,
+        total_var,
+        total_var - dark.read_var_mean,
+    )
+    if clipped > SATURATED_FRACTION and (top >= saturation or piled_up):
+        level.used = False
+        level.note = f"saturated: {100 * clipped:.2g}% of samples at {clip_at:g} ADU"
+    elif signal < dark.read_sigma:
+        raise ValueError(
+            f"flat {label}: mean signal {signal:.3g} ADU above the dark level is below the"
+            f" read noise ({dark.read_sigma:.3g} ADU): no light reached the camera"
         )
-        if clipped > SATURATED_FRACTION and (top >= saturation or piled_up):
-            level.used = False
-            level.note = f"saturated: {100 * clipped:.2g}% of samples at {clip_at:g} ADU"
-        elif signal < read_sigma:
-            raise ValueError(
-                f"flat {label}: mean signal {signal:.3g} ADU above the dark level is below the"
-                f" read noise ({read_sigma:.3g} ADU): no light reached the camera"
-            )
-        levels.append(level)
-        if progress:
-            progress(f"camera: flat {label}", i + 2, total)
+    return level
 
+
+def _usable_levels(levels: list[_Level]) -> list[_Level]:
+    """The levels not saturated; an error when they are out of order of light, or too few
+    for the photon transfer curve."""
     usable = [lv for lv in levels if lv.used]
     for before, after in pairwise(usable):
         if after.signal <= before.signal:
@@ -446,64 +541,94 @@ def calibrate_camera(
             f"only {len(usable)} of {len(levels)} flat levels are usable ({reasons}); the"
             f" photon transfer curve needs {MIN_LEVELS}: lower the light or the exposure"
         )
+    return usable
 
+
+def _fit_gain(
+    usable: list[_Level], levels: list[_Level], pixels: int, kind: str, em_gain: float | None
+) -> tuple[_Gain, list[str]]:
+    """Fit the photon transfer curve over its linear range (top levels past it leave `usable`),
+    and the excess noise factor of the camera kind; a warning and a note for each level left
+    out of the fit, given before any error about the fit."""
     slope, se, chi2, worst = _fit_linear_range(usable, pixels)
+    notes = []
     for lv in levels:
         if not lv.used:
             message = f"camera calibration: flat {lv.label} left out of the gain fit ({lv.note})"
             notes.append(message)
-            warnings.warn(message, CalibrationWarning, stacklevel=2)
+            # stacklevel 3: attributed to the caller of calibrate_camera, not to this step
+            warnings.warn(message, CalibrationWarning, stacklevel=3)
     if slope <= 0:
         raise ValueError("the flats' temporal variance does not grow with the signal")
-
     f2 = (
         excess_noise_factor_sq(em_gain if em_gain is not None else math.inf)
         if kind == "emccd"
         else 1.0
     )
-    gain = f2 / slope
-    dof = darks.shape[0] - 1
-    read_median = float(np.median(read_var[good])) / _median_chi2_factor(dof)
-    log_sd = _robust_sd(0.5 * np.log(np.maximum(read_var[good], 1e-12)))
+    return _Gain(slope, se, chi2, worst, f2), notes
+
+
+def _pattern_spreads(dark: _Darks) -> tuple[float, float, float]:
+    """Median read variance (ADU^2, unbiased), log-normal spread of the per-pixel read noise,
+    and per-pixel offset rms (ADU), each with its estimation noise removed."""
+    good, dof = dark.good, dark.frames - 1
+    read_median = float(np.median(dark.read_var[good])) / _median_chi2_factor(dof)
+    log_sd = _robust_sd(0.5 * np.log(np.maximum(dark.read_var[good], 1e-12)))
     read_spread = math.sqrt(max(log_sd**2 - 1.0 / (2 * dof), 0.0))
     offset_spread = math.sqrt(
-        max(_robust_sd(offset[good]) ** 2 - read_var_mean / darks.shape[0], 0)
+        max(_robust_sd(dark.offset[good]) ** 2 - dark.read_var_mean / dark.frames, 0)
     )
+    return read_median, read_spread, offset_spread
 
-    relative_gain, gain_spread, gain_noise = _photo_response(
-        usable, hot, read_var_mean / darks.shape[0]
-    )
-    if relative_gain is None:
-        notes.append(
-            f"photo-response spread ({100 * gain_spread:.2g}%) is below the noise of its"
-            f" estimate ({100 * gain_noise:.2g}%): no relative gain map"
-        )
 
-    offset_global = float(np.median(offset[good]))
-    hot_current = None
-    if exposure_ms is not None and hot.any():
-        excess = (offset[hot] - offset_global) * gain / (exposure_ms / 1000.0)
-        hot_current = float(np.median(excess))
-    summary = CameraSummary(
+def _hot_pixel_current(
+    dark: _Darks, offset_global: float, gain: float, exposure_ms: float | None
+) -> float | None:
+    """Median dark current of the hot pixels in e-/s; None without them or the exposure."""
+    if exposure_ms is None or not dark.hot.any():
+        return None
+    excess = (dark.offset[dark.hot] - offset_global) * gain / (exposure_ms / 1000.0)
+    return float(np.median(excess))
+
+
+def _summary(
+    kind: CameraKind,
+    dark: _Darks,
+    levels: list[_Level],
+    fit: _Gain,
+    *,
+    em_gain: float | None,
+    exposure_ms: float | None,
+    hot_pixel_threshold: float,
+    relative_gain_spread: float,
+    relative_gain_noise: float,
+    notes: list[str],
+) -> CameraSummary:
+    """The global values, the fixed pattern's size, the hot pixels and the photon transfer
+    curve, as recorded."""
+    read_median, read_spread, offset_spread = _pattern_spreads(dark)
+    offset_global = float(np.median(dark.offset[dark.good]))
+    gain = fit.gain
+    return CameraSummary(
         kind=kind,
-        shape=(int(shape[0]), int(shape[1])),
-        dark_frames=darks.shape[0],
-        flat_frames=[f.shape[0] for f in flats],
+        shape=(int(dark.offset.shape[0]), int(dark.offset.shape[1])),
+        dark_frames=dark.frames,
+        flat_frames=[lv.frames for lv in levels],
         exposure_ms=exposure_ms,
         offset_adu=offset_global,
         gain_e_per_adu=gain,
-        gain_rel_error=se / slope,
+        gain_rel_error=fit.se / fit.slope,
         read_noise_e=math.sqrt(read_median) * gain,
-        read_noise_rms_e=math.sqrt(read_var_mean) * gain,
-        excess_noise_factor_sq=f2,
+        read_noise_rms_e=math.sqrt(dark.read_var_mean) * gain,
+        excess_noise_factor_sq=fit.f2,
         em_gain=em_gain,
         offset_spread_adu=offset_spread,
         read_noise_spread=read_spread,
-        relative_gain_spread=gain_spread,
-        relative_gain_noise=gain_noise,
-        hot_pixels=int(np.count_nonzero(hot)),
+        relative_gain_spread=relative_gain_spread,
+        relative_gain_noise=relative_gain_noise,
+        hot_pixels=int(np.count_nonzero(dark.hot)),
         hot_pixel_threshold=hot_pixel_threshold,
-        hot_pixel_e_per_s=hot_current,
+        hot_pixel_e_per_s=_hot_pixel_current(dark, offset_global, gain, exposure_ms),
         ptc=[
             PTCPoint(
                 label=lv.label,
@@ -516,14 +641,7 @@ def calibrate_camera(
             )
             for lv in levels
         ],
-        ptc_reduced_chi2=chi2,
-        ptc_max_rel_residual=worst,
+        ptc_reduced_chi2=fit.chi2,
+        ptc_max_rel_residual=fit.worst,
         notes=notes,
-    )
-    return CameraCalibration(
-        offset_adu=offset.astype(np.float32),
-        read_variance_adu2=read_var.astype(np.float32),
-        hot_pixels=hot,
-        relative_gain=relative_gain,
-        summary=summary,
     )
