@@ -33,6 +33,20 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 import tifffile
+from ome_types import to_xml
+from ome_types.model import (
+    OME,
+    AnnotationRef,
+    Channel,
+    CommentAnnotation,
+    Image,
+    Map,
+    MapAnnotation,
+    Pixels,
+    Plane,
+    StructuredAnnotations,
+    TiffData,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from livedecon.daemon.journal import AcquisitionRecord, safe_name
@@ -346,15 +360,9 @@ def written_keys(directory: Path) -> set[PlaneKey]:
 # Writing.
 
 
-def _element(parent: ET.Element, tag: str, **attributes: object) -> ET.Element:
-    return ET.SubElement(parent, tag, {k: str(v) for k, v in attributes.items() if v is not None})
-
-
-def _map_annotation(parent: ET.Element, ident: str, namespace: str, values: dict) -> None:
-    note = _element(parent, "MapAnnotation", ID=ident, Namespace=namespace)
-    value = _element(note, "Value")
-    for key, item in values.items():
-        _element(value, "M", K=key).text = str(item)
+def _map_annotation(ident: str, namespace: str, values: dict[str, object]) -> MapAnnotation:
+    pairs = [Map.M(k=key, value=str(item)) for key, item in values.items()]
+    return MapAnnotation(id=ident, namespace=namespace, value=Map(ms=pairs))
 
 
 def ome_xml(
@@ -365,69 +373,68 @@ def ome_xml(
     acquisition: AcquisitionRecord,
     time_origin_s: float | None,
 ) -> bytes:
-    """OME-XML for a file whose page i holds `records[i]`; a (time, z) written twice is the
-    last page that holds it (the earlier ones stay in the file, unreferenced)."""
+    """OME-XML (built with ome-types, valid against the 2016-06 schema) for a file whose page
+    i holds `records[i]`; a (time, z) written twice is the last page that holds it (the
+    earlier ones stay in the file, unreferenced)."""
     latest: dict[tuple[int, int], int] = {}
     for ifd, record in enumerate(records):
         if record is not None:
             latest[(record.time, record.z)] = ifd
     plan = acquisition.plan
-    size_t = max(t for t, _ in latest) + 1
     size_z = max(z for _, z in latest) + 1
-    is_3d = plan.mode == "3d"
-    if is_3d and plan.z_count:
+    if plan.mode == "3d" and plan.z_count:
         size_z = max(size_z, plan.z_count)
     first = next(r for r in records if r is not None)
-
-    root = ET.Element("OME", xmlns=OME_NS, UUID=f"urn:uuid:{uuid.uuid4()}", Creator="livedecon")
-    image = _element(root, "Image", ID="Image:0", Name=name)
-    _element(image, "AcquisitionDate").text = acquisition.started_at
-    pixels = _element(
-        image,
-        "Pixels",
-        ID="Pixels:0",
-        DimensionOrder="XYZCT",
-        Type=_OME_TYPES[dtype.name],
-        SizeX=shape[1],
-        SizeY=shape[0],
-        SizeZ=size_z,
-        SizeC=1,
-        SizeT=size_t,
-        PhysicalSizeX=acquisition.output_pixel_um,
-        PhysicalSizeY=acquisition.output_pixel_um,
-        PhysicalSizeZ=plan.z_step_um if is_3d else None,
-        TimeIncrement=plan.time_interval_s,
-        TimeIncrementUnit="s" if plan.time_interval_s is not None else None,
-        BigEndian="false",
-        Interleaved="false",
-    )
-    _element(pixels, "Channel", ID="Channel:0:0", Name=first.channel, SamplesPerPixel=1)
     ordered = sorted(latest.items())
-    for (t, z), ifd in ordered:
-        _element(pixels, "TiffData", IFD=ifd, FirstT=t, FirstZ=z, FirstC=0, PlaneCount=1)
     models: dict[tuple[str, int], str] = {}
+    planes = []
     for (t, z), ifd in ordered:
         record = records[ifd]
         assert record is not None
         delta = None
         if record.timestamp_s is not None and time_origin_s is not None:
-            delta = repr(record.timestamp_s - time_origin_s)
-        plane = _element(
-            pixels,
-            "Plane",
-            TheT=t,
-            TheZ=z,
-            TheC=0,
-            DeltaT=delta,
-            DeltaTUnit="s" if delta is not None else None,
-        )
+            delta = record.timestamp_s - time_origin_s
         model = (record.bundle_id, record.weights_version)
         ident = models.setdefault(model, f"Annotation:model:{len(models)}")
-        _element(plane, "AnnotationRef", ID=ident)
-    _element(image, "AnnotationRef", ID="Annotation:acquisition")
-
-    notes = _element(root, "StructuredAnnotations")
-    about = {
+        planes.append(
+            Plane(
+                the_t=t,
+                the_z=z,
+                the_c=0,
+                delta_t=delta,
+                annotation_refs=[AnnotationRef(id=ident)],
+            )
+        )
+    pixels = Pixels(
+        id="Pixels:0",
+        dimension_order="XYZCT",
+        type=_OME_TYPES[dtype.name],
+        size_x=shape[1],
+        size_y=shape[0],
+        size_z=size_z,
+        size_c=1,
+        size_t=max(t for t, _ in latest) + 1,
+        physical_size_x=acquisition.output_pixel_um,
+        physical_size_y=acquisition.output_pixel_um,
+        physical_size_z=plan.z_step_um if plan.mode == "3d" else None,
+        time_increment=plan.time_interval_s,
+        big_endian=False,
+        interleaved=False,
+        channels=[Channel(id="Channel:0:0", name=str(first.channel), samples_per_pixel=1)],
+        tiff_data_blocks=[
+            TiffData(ifd=ifd, first_t=t, first_z=z, first_c=0, plane_count=1)
+            for (t, z), ifd in ordered
+        ],
+        planes=planes,
+    )
+    image = Image(
+        id="Image:0",
+        name=name,
+        acquisition_date=acquisition.started_at,
+        pixels=pixels,
+        annotation_refs=[AnnotationRef(id="Annotation:acquisition")],
+    )
+    about: dict[str, object] = {
         "acquisition_id": acquisition.acquisition_id,
         "position": first.position,
         "channel": first.channel,
@@ -437,17 +444,27 @@ def ome_xml(
     }
     if time_origin_s is not None:
         about["time_origin_s"] = repr(time_origin_s)
-    _map_annotation(notes, "Annotation:acquisition", ACQUISITION_NAMESPACE, about)
-    for (bundle_id, version), ident in models.items():
-        _map_annotation(
-            notes, ident, MODEL_NAMESPACE, {"bundle_id": bundle_id, "weights_version": version}
-        )
+    notes = [_map_annotation("Annotation:acquisition", ACQUISITION_NAMESPACE, about)]
+    notes += [
+        _map_annotation(ident, MODEL_NAMESPACE, {"bundle_id": bundle, "weights_version": version})
+        for (bundle, version), ident in models.items()
+    ]
     # Every page's record, in IFD order: the first page's own JSON is what the OME-XML replaces.
     listed = [r.model_dump(mode="json") if r is not None else None for r in records]
-    note = _element(notes, "CommentAnnotation", ID="Annotation:planes", Namespace=RECORDS_NAMESPACE)
-    _element(note, "Value").text = json.dumps(listed, separators=(",", ":"))
-    body = ET.tostring(root, encoding="unicode")
-    return ('<?xml version="1.0" encoding="UTF-8"?>\n' + body).encode("ascii", "xmlcharrefreplace")
+    comment = CommentAnnotation(
+        id="Annotation:planes",
+        namespace=RECORDS_NAMESPACE,
+        value=json.dumps(listed, separators=(",", ":")),
+    )
+    ome = OME(
+        uuid=f"urn:uuid:{uuid.uuid4()}",
+        creator="livedecon",
+        images=[image],
+        structured_annotations=StructuredAnnotations(
+            map_annotations=notes, comment_annotations=[comment]
+        ),
+    )
+    return to_xml(ome).encode("ascii", "xmlcharrefreplace")
 
 
 def _set_first_description(fh: BinaryIO, path: Path, text: bytes) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from ome_types import validate_xml
 
 from livedecon.daemon.journal import AcquisitionRecord
 from livedecon.daemon.protocol import Plan
@@ -119,6 +120,7 @@ def test_finalised_file_is_ome_with_sizes_and_provenance(tmp_path: Path) -> None
     (path,) = writer.close()
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome
+        validate_xml(tif.ome_metadata)  # against the OME 2016-06 schema ome-types ships
         assert len(tif.pages) == 3
         series = tif.series[0]
         assert series.shape == (3, 16, 24)
