@@ -271,7 +271,9 @@ def test_unrecoverable_plane_is_reported_and_the_cli_exits_1(tmp_path: Path) -> 
     assert report.files == []  # already finalised: left as it is
 
 
-def test_a_real_bundle_restores_what_the_daemon_would_have(tmp_path: Path) -> None:
+def model_acquisition(tmp_path: Path, output_dtype: str = "float32"):
+    """The shipped fast model's processor, two raw frames and the record of an acquisition
+    restored with it."""
     bundle = shutil.copytree(find_bundle("fast2d-sim"), tmp_path / "fast2d-sim")
     processor = open_processor(bundle, "onnxruntime", frame_shapes=((64, 64),))
     frames = [(Axes(time=t), raw_frame(t, (64, 64)) // 16 + 100) for t in range(2)]
@@ -282,6 +284,12 @@ def test_a_real_bundle_restores_what_the_daemon_would_have(tmp_path: Path) -> No
         weights_version=processor.weights_version,
         output_pixel_um=PIXEL_UM / 2,
     )
+    plan = acq.plan.model_copy(update={"output_dtype": output_dtype})
+    return processor, frames, acq.model_copy(update={"plan": plan})
+
+
+def test_a_real_bundle_restores_what_the_daemon_would_have(tmp_path: Path) -> None:
+    processor, frames, acq = model_acquisition(tmp_path)
     directory = acquisition(tmp_path, acq, frames)
     first = processor.process([frames[0][1]])[0]
     meta = {"bundle_id": processor.bundle_id, "weights_version": processor.weights_version}
@@ -313,17 +321,7 @@ def test_a_real_bundle_restores_what_the_daemon_would_have(tmp_path: Path) -> No
 def test_uint16_output_is_recreated_as_the_daemon_stores_it(tmp_path: Path) -> None:
     """An acquisition saved as uint16: the recreated plane has the acquisition's one scale and
     the counts the daemon would have written, next to the planes it did write."""
-    bundle = shutil.copytree(find_bundle("fast2d-sim"), tmp_path / "fast2d-sim")
-    processor = open_processor(bundle, "onnxruntime", frame_shapes=((64, 64),))
-    frames = [(Axes(time=t), raw_frame(t, (64, 64)) // 16 + 100) for t in range(2)]
-    acq = record(
-        processor="model",
-        bundle_path=str(bundle),
-        bundle_id=processor.bundle_id,
-        weights_version=processor.weights_version,
-        output_pixel_um=PIXEL_UM / 2,
-    )
-    acq = acq.model_copy(update={"plan": acq.plan.model_copy(update={"output_dtype": "uint16"})})
+    processor, frames, acq = model_acquisition(tmp_path, "uint16")
     directory = acquisition(tmp_path, acq, frames)
     per_count = units_per_count("uint16", processor.bright_level)
     meta = {
