@@ -51,6 +51,7 @@ with warnings.catch_warnings():  # napari's dependencies (npe2) still use pydant
     from livedecon.acquisition_hooks.viewer import LivedeconWidget, grid_of
 
 PIXEL_UM = 0.065  # the shipped fast2d-sim bundle's camera pixel
+FAKE_PUBLISHER = Path(__file__).resolve().parents[1] / "fake_publisher.py"  # in tests/
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.PydanticDeprecatedSince20")
 
 
@@ -257,7 +258,7 @@ def test_decimation_keeps_up_with_200_frames_per_second_without_growing_lag(make
             drawn.append((time.time(), layer.metadata["timestamp_s"], layer.metadata["frame_id"]))
 
     publisher = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("fake_publisher.py")), endpoint, "200", "4"],
+        [sys.executable, str(FAKE_PUBLISHER), endpoint, "200", "4"],
         stdout=subprocess.PIPE,
         text=True,
     )

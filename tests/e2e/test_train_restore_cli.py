@@ -29,7 +29,7 @@ base_width = 4
 
 
 def _small_microscope(tmp: Path) -> Path:
-    text = (Path(__file__).resolve().parents[1] / "configs" / "microscope_sim.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "configs" / "microscope_sim.toml").read_text()
     path = tmp / "scope.toml"
     path.write_text(text.replace("= 256", "= 48"))
     return path
@@ -146,13 +146,13 @@ def test_3d_train_and_restore_of_a_z_stack(tmp_path):
         "--patch-px",
         "16",
         "--microscope",
-        Path(__file__).resolve().parents[1] / "configs" / "microscope_widefield_3d.toml",
+        Path(__file__).resolve().parents[2] / "configs" / "microscope_widefield_3d.toml",
         "--simulated-frames",
         "1",
     )
     assert too_small.returncode == 2
     assert "too small for the" in too_small.stdout
-    text = Path(__file__).resolve().parents[1] / "configs" / "microscope_widefield_3d.toml"
+    text = Path(__file__).resolve().parents[2] / "configs" / "microscope_widefield_3d.toml"
     scope = tmp_path / "scope3d.toml"
     scope.write_text(text.read_text().replace("= 128", "= 32"))
     (tmp_path / "tiny3d.toml").write_text(TINY_3D_CONFIG)

@@ -8,7 +8,7 @@ from livedecon.calibration.config import MicroscopeConfig, default_microscope, l
 from livedecon.daemon.daemon_config import DaemonConfig, load_daemon_config
 from livedecon.engines.configfile import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize(

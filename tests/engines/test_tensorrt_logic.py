@@ -9,9 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tiny_specs import TINY_2D, TINY_3D
 
 from livedecon.engines.export import export_onnx, initializer_names
-from livedecon.engines.networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
+from livedecon.engines.networks import Network3DSpec, build_network
 from livedecon.engines.runtime import TorchRuntime
 from livedecon.engines.tensorrt_runtime import (
     ShapeProfile,
@@ -26,12 +27,6 @@ from livedecon.engines.tensorrt_runtime import (
     refit_name_map,
 )
 
-TINY_2D = Network2DSpec(
-    kind="zs-deconvnet-2d-fast",
-    unet=UNetSpec(levels=2, convs_per_block=1, base_width=4),
-    tail_width=8,
-)
-TINY_3D = Network3DSpec(width=4, residual_groups=1, blocks_per_group=1, attention_reduction=2)
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 

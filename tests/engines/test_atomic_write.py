@@ -67,7 +67,7 @@ def test_fsync_tree_syncs_every_file_and_folder(tmp_path, monkeypatch):
 
 def test_a_bundle_is_on_disk_whole_before_it_takes_its_name(tmp_path, monkeypatch):
     from livedecon.engines import bundle as bundle_module
-    from tests.test_bundle import make_bundle
+    from tests.engines.test_bundle import make_bundle
 
     seen = []
 

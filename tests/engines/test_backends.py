@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_specs import TINY_2D
 
 from livedecon.engines import artifacts, backends
 from livedecon.engines.backends import (
@@ -16,14 +17,8 @@ from livedecon.engines.backends import (
     open_runtime,
 )
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
-from livedecon.engines.networks import Network2DSpec, UNetSpec, build_network
+from livedecon.engines.networks import build_network
 from livedecon.engines.runtime import TorchRuntime
-
-SPEC = Network2DSpec(
-    kind="zs-deconvnet-2d-fast",
-    unet=UNetSpec(levels=2, convs_per_block=1, base_width=4),
-    tail_width=8,
-)
 
 
 def _bundle(seed: int = 0) -> ModelBundle:
@@ -31,7 +26,7 @@ def _bundle(seed: int = 0) -> ModelBundle:
     psf = np.zeros((5, 5), np.float32)
     psf[2, 2] = 1
     return ModelBundle.from_model(
-        build_network(SPEC),
+        build_network(TINY_2D),
         name="tiny",
         input_pixel_um=0.1,
         normalisation=Normalisation(
@@ -78,7 +73,7 @@ def test_open_runtime_serves_checked_output_and_reuses_its_artifact(saved, backe
     runtime, choice = open_runtime(bundle, path, backend)
     assert choice.backend == backend
     batch = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
-    reference = TorchRuntime(SPEC, bundle.state_dict).infer(batch)
+    reference = TorchRuntime(TINY_2D, bundle.state_dict).infer(batch)
     np.testing.assert_allclose(runtime.infer(batch), reference, rtol=1e-4, atol=1e-5)
     (entry,) = (path / "cache").glob(f"{backend}-fp32-*")
     key = json.loads((entry / "key.json").read_text())
@@ -118,7 +113,7 @@ class _Noisy:
     """A runtime whose output strays from the reference by a set amount."""
 
     def __init__(self, bundle: ModelBundle, noise: float) -> None:
-        self.inner, self.noise = TorchRuntime(SPEC, bundle.state_dict), noise
+        self.inner, self.noise = TorchRuntime(TINY_2D, bundle.state_dict), noise
 
     def infer(self, batch):
         out = self.inner.infer(batch)

@@ -11,7 +11,7 @@ import pytest
 from livedecon.calibration.forward_model import counts_to_electrons
 from livedecon.engines.ome_tiff import read_ome_tiff
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _small_config(tmp_path: Path, source: str, size: int) -> Path:

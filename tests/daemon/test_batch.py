@@ -14,22 +14,17 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from tiny_specs import TINY_2D, TINY_3D
 
 from livedecon.daemon import batch
 from livedecon.daemon.batch import BatchOptions, run_batch
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
-from livedecon.engines.networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
+from livedecon.engines.networks import Network3DSpec, build_network
 from livedecon.engines.offline import restore_file
 from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
 from livedecon.engines.runtime import TorchRuntime
 from livedecon.engines.tiling import infer_tiled
 
-SPEC_2D = Network2DSpec(
-    kind="zs-deconvnet-2d-fast",
-    unet=UNetSpec(levels=2, convs_per_block=1, base_width=4),
-    tail_width=8,
-)
-SPEC_3D = Network3DSpec(width=4, residual_groups=1, blocks_per_group=1, attention_reduction=2)
 PIXEL = 0.1
 OPTIONS = BatchOptions(chunk_px=32, halo_px=16, frames_per_chunk=2)
 
@@ -62,7 +57,7 @@ def _bundle(spec, directory: Path) -> Path:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bundles")
-    return {"2d": _bundle(SPEC_2D, root), "3d": _bundle(SPEC_3D, root)}
+    return {"2d": _bundle(TINY_2D, root), "3d": _bundle(TINY_3D, root)}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +85,7 @@ def _reference(bundle_dir: Path, tif: Path, tmp: Path) -> np.ndarray:
 
 
 def _assert_close(batch_out: np.ndarray, whole: np.ndarray) -> None:
-    """The tiling tolerance of tests/test_runtime.py."""
+    """The tiling tolerance of tests/engines/test_runtime.py."""
     assert batch_out.shape == whole.shape
     assert np.isfinite(batch_out).all()
     error = np.abs(batch_out - whole)

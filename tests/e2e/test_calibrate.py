@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
+from daemon_harness import start_daemon
 
 from livedecon.calibration.calibration_bundle import CalibrationBundle
 from livedecon.calibration.config import default_microscope
@@ -17,7 +18,6 @@ from livedecon.calibration.forward_model import ForwardModel
 from livedecon.daemon.launcher import LIVEDECON
 from livedecon.daemon.protocol import Axes, Plan
 from livedecon.daemon.writer import output_path, read_planes
-from tests.daemon_harness import start_daemon
 
 GAIN, READ_NOISE = 0.8, 2.0  # the simulated camera's truth, away from the default guesses
 

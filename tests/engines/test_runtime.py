@@ -5,19 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_specs import TINY_2D, TINY_3D
 
 from livedecon.engines.bundle import ModelBundle, shipped_bundle_path
 from livedecon.engines.export import export_onnx, initializer_names
 from livedecon.engines.networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
 from livedecon.engines.runtime import OnnxRuntime, TorchRuntime
 from livedecon.engines.tiling import infer_tiled
-
-TINY_2D = Network2DSpec(
-    kind="zs-deconvnet-2d-fast",
-    unet=UNetSpec(levels=2, convs_per_block=1, base_width=4),
-    tail_width=8,
-)
-TINY_3D = Network3DSpec(width=4, residual_groups=1, blocks_per_group=1, attention_reduction=2)
 
 
 def _weights(spec, seed: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,11 @@
+"""The smallest networks of each kind, shared by the tests that need a network but not its
+quality (export, runtimes, TensorRT logic, batch): a few hundred parameters, instant on a CPU."""
+
+from livedecon.engines.networks import Network2DSpec, Network3DSpec, UNetSpec
+
+TINY_2D = Network2DSpec(
+    kind="zs-deconvnet-2d-fast",
+    unet=UNetSpec(levels=2, convs_per_block=1, base_width=4),
+    tail_width=8,
+)
+TINY_3D = Network3DSpec(width=4, residual_groups=1, blocks_per_group=1, attention_reduction=2)
