@@ -229,6 +229,7 @@ def bench_daemon_command(
         "added_p50_ms": "added p50 ms",
         "vs_bare_throughput": "x bare",
         "spilled": "spilled",
+        "written_mb_per_s": "written MB/s",
     }
     for label in columns.values():
         table.add_column(label, justify="left" if label == "scenario" else "right", no_wrap=True)

@@ -171,6 +171,9 @@ def bench_daemon(
     rows: list[dict[str, Any]] = []
     plan_display = Plan(pixel_size_um=0.065, save=False)
     plan_saved = Plan(pixel_size_um=0.065, save=True)
+    plan_uint16 = plan_saved.model_copy(update={"output_dtype": "uint16"})
+    camera_bytes = size * size * 2  # pass-through writes the camera's uint16 as it came
+    model_bytes = {"float32": 4 * size * size * 4, "uint16": 4 * size * size * 2}  # 2x grid
 
     def bare(name: str) -> None:
         progress(name)
@@ -194,7 +197,7 @@ def bench_daemon(
         )
         daemon = spawn_daemon(config, root, log_level="warning")
         try:
-            for name, plan, options, n, quiet_s in cases:
+            for name, plan, options, n, quiet_s, out_bytes in cases:
                 progress(name)
 
                 def connect(options: dict = options) -> tuple[DaemonClient, Display]:
@@ -209,6 +212,9 @@ def bench_daemon(
                     for stage, v in snapshot["latency_ms"].items()
                 }
                 row["spilled"] = snapshot["counters"]["frames_spilled"]
+                # what the writer kept up with, in MB of output per second
+                written = row["throughput_processed_per_s"] * out_bytes if plan.save else 0.0
+                row["written_mb_per_s"] = round(written / 1e6, 1)
                 rows.append(row)
         except Exception as exc:
             raise RuntimeError(f"{exc}\n--- daemon log ---\n{daemon.log()[-3000:]}") from exc
@@ -219,16 +225,30 @@ def bench_daemon(
         root = Path(scratch)
         bare("bare pyzmq loopback (before)")
         shm = {"shared_memory_min_bytes": 1 << 20}
-        cases: list[tuple[str, Plan, dict[str, Any], int, float]] = [
-            ("pass-through, display only", plan_display, {}, frames, 2.0)
+        cases: list[tuple[str, Plan, dict[str, Any], int, float, int]] = [
+            ("pass-through, display only", plan_display, {}, frames, 2.0, camera_bytes)
         ]
         if shared_memory:
-            cases.append(("pass-through, display only, shm", plan_display, shm, frames, 2.0))
-        cases.append(("pass-through, display + write", plan_saved, {}, frames, 2.0))
+            shm_case = ("pass-through, display only, shm", plan_display, shm, frames, 2.0, 0)
+            cases.append(shm_case)
+        cases.append(("pass-through, display + write", plan_saved, {}, frames, 2.0, camera_bytes))
         through_daemon(root, "pass-through", cases)
         if model_frames:
-            name = f"model {model}, display + write"
-            through_daemon(root, model, [(name, plan_saved, {}, model_frames, 60.0)])
+            through_daemon(
+                root,
+                model,
+                [
+                    (
+                        f"model {model}, display + write {plan.output_dtype}",
+                        plan,
+                        {},
+                        model_frames,
+                        60.0,
+                        model_bytes[plan.output_dtype],
+                    )
+                    for plan in (plan_saved, plan_uint16)
+                ],
+            )
         bare("bare pyzmq loopback (after)")
     # The machine is shared: the better of the two bare runs is the floor compared against.
     floor = min(
