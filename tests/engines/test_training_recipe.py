@@ -13,6 +13,7 @@ from livedecon.engines.networks import Network2DSpec, UNetSpec
 from livedecon.engines.training import (
     CPU_BUDGET_MIN,
     TrainingConfig,
+    capped_by_passes,
     default_recipe,
     estimate_background,
     learning_rate_factor,
@@ -49,6 +50,23 @@ def test_a_time_budget_stops_training_and_keeps_the_weights(frame_and_psf):
     assert all(math.isfinite(h["total"]) for h in result.history)
 
 
+def test_max_passes_ends_training_on_little_data_early(frame_and_psf):
+    """Passes are patch pixels drawn over pixels given: twice the data, twice the steps."""
+    frame, psf = frame_and_psf
+    config = TrainingConfig(
+        network=TINY, patch_px=32, batch_size=2, iterations=1000, max_passes=3, schedule="cosine"
+    )
+    one = train([frame], psf, config, show_progress=False)
+    assert one.iterations_done == len(one.history) == 6  # 3 x 64 x 64 / (2 x 32 x 32)
+    assert one.config is not None
+    assert one.config.iterations == 6  # the schedule ends with the cap
+    two = capped_by_passes(config, [frame, frame])
+    assert two.iterations == 12
+    assert capped_by_passes(config.model_copy(update={"max_passes": 1000}), [frame]) == (
+        config.model_copy(update={"max_passes": 1000})
+    )
+
+
 def test_the_cosine_schedule_follows_progress_and_the_step_schedule_the_reference():
     cosine = TrainingConfig(schedule="cosine", learning_rate=1e-3)
     assert learning_rate_factor(cosine, 0, 0.0) == pytest.approx(1.0)
@@ -79,11 +97,15 @@ def test_the_default_recipe_fits_the_machine():
     # deconvolution residual with eps from the data
     assert cpu.network.residual
     assert cpu.loss.precondition == "auto"
+    # small datasets stop early: long training on little data loses quality (README)
+    assert cpu.max_passes == 1500
+    assert default_recipe("3d", device="cpu").max_passes == 300
     assert default_recipe("full", device="cpu").network.residual
     gpu = default_recipe(device="cuda")
     assert gpu.network.kind == "zs-deconvnet-2d"
     assert (gpu.iterations, gpu.patch_px, gpu.learning_rate) == (50_000, 128, 5e-5)
     assert gpu.budget_min is None
+    assert gpu.max_passes is None
     assert default_recipe("3d", device="cpu").is_3d
 
 
