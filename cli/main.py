@@ -167,7 +167,12 @@ def train(
             " or 'estimate'"
         ),
     ] = "auto",
-    iterations: Annotated[int | None, typer.Option(min=1)] = None,
+    iterations: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="run exactly this many (the recipe's cap on passes over the data is off)"
+        ),
+    ] = None,
     patch_px: Annotated[int | None, typer.Option(min=16)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0.0)] = None,
@@ -245,10 +250,11 @@ def train(
         "learning_rate": learning_rate,
         "seed": seed,
     }
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    if iterations is not None:
+        chosen["max_passes"] = None  # iterations asked for are run, not capped by the data
     try:
-        settings = TrainingConfig.model_validate(
-            base.model_dump() | {k: v for k, v in overrides.items() if v is not None}
-        )
+        settings = TrainingConfig.model_validate(base.model_dump() | chosen)
         if inputs:
             data = load_training_tiffs(inputs, scope, settings.is_3d, camera)
             if data.noise is not None:
