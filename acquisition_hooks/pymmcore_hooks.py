@@ -39,7 +39,7 @@ from livedecon.acquisition_hooks.pycromanager_hooks import (
     new_acquisition_id,
 )
 from livedecon.acquisition_hooks.stream import DaemonStream, ended_state
-from livedecon.daemon.protocol import Axes, Plan
+from livedecon.daemon.protocol import Axes, OutputDtype, Plan
 from livedecon.engines.configfile import StrictModel
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class SequenceOptions(StrictModel):
     acquisition_id: str | None = Field(None, min_length=1, max_length=128)
     output_dir: str | None = Field(None, description="relative to the daemon's output root")
     save: bool | None = Field(None, description="False: display only")
-    output_dtype: Literal["float32", "uint16"] | None = Field(
+    output_dtype: OutputDtype | None = Field(
         None, description="uint16: half the disk of float32, the scale in each plane's record"
     )
 

@@ -112,6 +112,9 @@ class AdaptationPlan(_Wire):
     batch_size: int = Field(4, ge=1)
 
 
+OutputDtype = Literal["float32", "uint16"]  # how restored planes are stored
+
+
 class Plan(_Wire):
     """What an acquisition will send, from its start message."""
 
@@ -126,7 +129,7 @@ class Plan(_Wire):
     )
     output_dir: str | None = Field(None, description="None: the daemon's output directory")
     save: bool = Field(True, description="False: display only (nothing written, may drop)")
-    output_dtype: Literal["float32", "uint16"] = Field(
+    output_dtype: OutputDtype = Field(
         "float32",
         description="uint16: half the disk and bandwidth of float32; each plane's record keeps"
         " the units of one count (fixed per acquisition by the model's normalisation)",

@@ -29,7 +29,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -50,6 +50,7 @@ from ome_types.model import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from livedecon.daemon.journal import AcquisitionRecord, safe_name
+from livedecon.daemon.protocol import OutputDtype
 
 try:
     import fcntl
@@ -75,7 +76,6 @@ PlaneKey = tuple[int, int, int | str, int | str]  # (time, z, channel, position)
 # than the training data still fit
 UINT16_BRIGHT_COUNTS = 256
 UINT16_MAX = np.iinfo(np.uint16).max
-OutputDtype = Literal["float32", "uint16"]
 
 
 class PlaneRecord(BaseModel):
@@ -628,6 +628,15 @@ class AcquisitionWriter:
     def write(self, plane: np.ndarray, info: PlaneRecord) -> Path:
         """Append one restored (Y, X) plane; it is readable from disk when this returns."""
         path = output_path(self.directory, info.position, info.channel)
+        plane, info = stored_plane(plane, info)  # outside the lock: other files go on meanwhile
+        if info.clipped_px:
+            log.warning(
+                "%s: %d pixels of plane t=%d z=%d above the uint16 range were clipped",
+                path.name,
+                info.clipped_px,
+                info.time,
+                info.z,
+            )
         with self._lock:
             if self._closed is not None:
                 raise RuntimeError(f"{self.directory}: the writer is closed")
@@ -637,15 +646,6 @@ class AcquisitionWriter:
                     f"position {info.position!r} channel {info.channel!r} would share"
                     f" {path.name} with position {self._owners[path][0]!r} channel"
                     f" {self._owners[path][1]!r}"
-                )
-            plane, info = stored_plane(plane, info)
-            if info.clipped_px:
-                log.warning(
-                    "%s: %d pixels of plane t=%d z=%d above the uint16 range were clipped",
-                    path.name,
-                    info.clipped_px,
-                    info.time,
-                    info.z,
                 )
             target = self._files.get(path)
             if target is None:
