@@ -8,6 +8,10 @@ import pytest
 # Qt tests (the live viewer) and `livedecon demo` run without a display: no window opens, and
 # CI needs no X server. Set before anything imports Qt; an explicit setting wins.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# pytest-xdist runs two workers on two cores: one thread each for torch and OpenMP, inherited
+# by the daemons and CLIs the tests start (more threads than cores make thread pools spin)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

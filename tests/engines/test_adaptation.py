@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cpu_threads import TEST_THREADS
 
 from livedecon.calibration.config import default_microscope
 from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
@@ -28,7 +29,7 @@ def _frames(seed: int, n: int) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def served():
     """A model briefly trained on one specimen, and frames of a different one."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     scope = default_microscope()
     pixel = scope.optics.pixel_size_um / 2
     psf = prepare_psf(theoretical_psf(scope.optics, pixel, 41)[0], pixel, pixel, max_size_px=15)

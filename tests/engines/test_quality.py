@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_threads import TEST_THREADS
 
 from livedecon.calibration.quality_bench import (
     Scene,
@@ -27,7 +28,7 @@ ALTERNATION_BOUND = 0.02  # odd/even plane brightness beyond the raw stack's own
 
 @pytest.fixture(autouse=True)
 def two_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
 
 
 def test_3d_network_beats_raw_without_plane_alternation():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cpu_threads import TEST_THREADS
 from tiny_specs import TINY_2D, TINY_3D
 
 from livedecon.engines.bundle import ModelBundle, shipped_bundle_path
@@ -74,7 +75,7 @@ def test_tiled_output_matches_the_whole_frame(shipped):
     from livedecon.calibration.config import default_microscope
     from livedecon.calibration.forward_model import ForwardModel
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     scope = default_microscope()
     counts = ForwardModel(scope, noise_seed=5).acquire(0.0, 0.0, 20.0).counts[:160, :200]
     frame = ((counts - 100.0) * 0.5 / 23.0).astype(np.float32)  # model units of fast2d-sim

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cpu_threads import TEST_THREADS
 
 from livedecon.calibration.baseline import best_richardson_lucy, upsample_2x
 from livedecon.calibration.config import default_microscope, load_microscope
@@ -22,7 +23,7 @@ def test_shipped_bundle_restores_a_held_out_frame_better_than_raw_and_richardson
     """Measured at this commit: PSNR raw 28.32, Richardson-Lucy (best, 10 iterations) 28.81,
     bundle 29.53 dB (the previous recipe's bundle: 29.31); SSIM raw 0.652, RL 0.686, bundle
     0.863."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     path = shipped_bundle_path("fast2d-sim")
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     assert size < 5 * 2**20  # "a few MB at most"
@@ -48,7 +49,7 @@ def test_shipped_3d_bundle_keeps_each_planes_photons_and_beats_raw():
     whole stack's light that a widefield plane records. Measured at this commit: restored over
     truth flux 0.6-1.5 in the middle planes (4.9-11.7 without the bundle's flux share); plain
     PSNR against the truth planes raw 31.55, restored 34.86 dB (29.41 without)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     scope = load_microscope(shipped_config_path("microscope_widefield_3d.toml"))
     assert scope.sample is not None
     focus = (np.arange(9) - 4) * scope.optics.z_step_um

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cpu_threads import TEST_THREADS
 
 from livedecon.calibration.config import load_microscope
 from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
@@ -28,7 +29,7 @@ def stack_and_psf():
 
 
 def test_3d_training_runs_lowers_its_loss_and_restores_a_stack(stack_and_psf):
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     stack, psf = stack_and_psf
     config = TrainingConfig(
         network=TINY_3D,
@@ -64,7 +65,7 @@ def test_stacks_too_thin_for_a_patch_are_refused(stack_and_psf):
 def test_recorrupted_3d_training_sees_every_plane_and_trains(stack_and_psf):
     """plane_stride 1: 3D pairs by recorruption instead of odd/even planes; the loss blurs
     with the full PSF at the acquisition step, and the network restores all planes at once."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     stack, psf = stack_and_psf
     config = TrainingConfig(
         network=TINY_3D.model_copy(update={"plane_stride": 1}),

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from cpu_threads import TEST_THREADS
 
 from livedecon.engines.networks import Network2DSpec, UNetSpec
 from livedecon.engines.training import (
@@ -33,7 +34,7 @@ def frame_and_psf():
 
 
 def test_a_time_budget_stops_training_and_keeps_the_weights(frame_and_psf):
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     frame, psf = frame_and_psf
     config = TrainingConfig(
         network=TINY,
@@ -78,7 +79,7 @@ def test_the_cosine_schedule_follows_progress_and_the_step_schedule_the_referenc
 
 
 def test_weight_averaging_bundles_the_average_not_the_last_step(frame_and_psf):
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     frame, psf = frame_and_psf
     plain = TrainingConfig(network=TINY, patch_px=32, batch_size=2, iterations=30)
     averaged = plain.model_copy(update={"ema_decay": 0.9})
