@@ -40,6 +40,7 @@ import numpy as np
 from pydantic import Field
 
 from livedecon.daemon.batch_inputs import Source, plan_sources, read_region, stem
+from livedecon.daemon.ngff import ngff_image
 from livedecon.engines.atomic_write import write_atomically
 from livedecon.engines.bundle import BundleError, ModelBundle
 from livedecon.engines.configfile import StrictModel
@@ -232,14 +233,6 @@ def _bounds(region: Region) -> tuple[tuple[int, int], ...]:
 
 # --- outputs --------------------------------------------------------------------------------
 
-NGFF_AXES = {
-    "T": {"name": "t", "type": "time"},  # the interval is not known here: index units
-    "C": {"name": "c", "type": "channel"},
-    "Z": {"name": "z", "type": "space", "unit": "micrometer"},
-    "Y": {"name": "y", "type": "space", "unit": "micrometer"},
-    "X": {"name": "x", "type": "space", "unit": "micrometer"},
-}
-
 
 def ngff_attributes(source: Source, grid: Grid, bundle: ModelBundle) -> dict[str, Any]:
     """NGFF 0.5 multiscales (one level) with the output's pixel sizes, and the run's model."""
@@ -248,18 +241,10 @@ def ngff_attributes(source: Source, grid: Grid, bundle: ModelBundle) -> dict[str
     z_step = source.z_step_um or manifest.z_step_um or 1.0
     size = {"T": 1.0, "C": 1.0, "Z": z_step, "Y": manifest.output_pixel_um}
     size["X"] = size["Y"]
-    image = {
-        "name": stem(Path(source.path)),
-        "axes": [NGFF_AXES[a] for a in axes],
-        "datasets": [
-            {
-                "path": "0",
-                "coordinateTransformations": [{"type": "scale", "scale": [size[a] for a in axes]}],
-            }
-        ],
-    }
+    # the interval is not known here: time in index units
+    ome = ngff_image(stem(Path(source.path)), {a: size[a] for a in axes})
     return {
-        "ome": {"version": "0.5", "multiscales": [image]},
+        "ome": ome,
         "livedecon": {
             "source": source.path,
             "bundle": bundle.bundle_id,

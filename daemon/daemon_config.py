@@ -124,6 +124,11 @@ class Storage(StrictModel):
     journal_fsync_s: float = Field(
         1.0, ge=0, description="acknowledged lines reach the disk within this; 0: before each ack"
     )
+    ome_zarr: bool = Field(
+        False,
+        description="also write each restored plane to an OME-Zarr (NGFF 0.5) image beside its "
+        "OME-TIFF file, for napari, dask and cloud tools (daemon/zarr_output.py)",
+    )
 
 
 class ModelSelection(StrictModel):

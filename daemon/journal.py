@@ -114,6 +114,7 @@ class AcquisitionRecord(_Record):
     units: str = Field(description="what an output pixel value means")
     spill_dir: str | None = Field(None, description="where the daemon spilled this acquisition")
     correction: Correction | None = Field(None, description="input corrections applied")
+    ome_zarr: bool = Field(False, description="an OME-Zarr image beside each OME-TIFF file")
     started_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
 

@@ -36,6 +36,7 @@ from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.telemetry import Metrics
 from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord, units_per_count
+from livedecon.daemon.zarr_output import ZarrMirror
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,9 @@ class WriterThread(threading.Thread):
         try:
             writer = self._writers.get(acquisition.id)
             if writer is None:
-                writer = AcquisitionWriter(acquisition.directory, acquisition.record)
+                record = acquisition.record
+                mirror = ZarrMirror(record) if record.ome_zarr else None
+                writer = AcquisitionWriter(acquisition.directory, record, mirror)
                 self._writers[acquisition.id] = writer
             writer.write(item.plane, item.record)
         except Exception as exc:

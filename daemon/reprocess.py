@@ -50,6 +50,7 @@ from livedecon.daemon.writer import (
     stored_plane,
     units_per_count,
 )
+from livedecon.daemon.zarr_output import complete_images
 from livedecon.engines.atomic_write import replace_atomically
 from livedecon.engines.enums import Backend
 
@@ -502,6 +503,10 @@ def _recover(
     if todo and not processor_given:
         rebuild.processor = _open_processor(rebuild.record, backend, _shapes(rebuild, todo))
     _rewrite_files(outputs, rebuild, _work(outputs.directory, rebuild.record, todo))
+    if rebuild.record.ome_zarr:
+        tiffs = [p for p in output_files(outputs.directory) if p not in outputs.untouchable]
+        copied = complete_images(tiffs, rebuild.record)
+        report.notes.append(f"OME-Zarr images complete ({copied} plane(s) copied in)")
     rebuild.explain()
     _release_spill(rebuild.sources, written | rebuild.done, report)
 

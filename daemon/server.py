@@ -440,6 +440,7 @@ class Daemon:
             output_pixel_um=plan.pixel_size_um / processor.upscale,
             units=processor.units,
             spill_dir=str(self.spill_root),
+            ome_zarr=self.config.storage.ome_zarr,
         )
         adaptable: AdaptableProcessor | None = None
         if plan.adaptation.mode != "off":

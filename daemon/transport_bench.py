@@ -186,13 +186,14 @@ def bench_daemon(
             relay.kill()
             relay.wait()
 
-    def through_daemon(root: Path, bundle: str, cases: list[tuple]) -> None:
+    def through_daemon(root: Path, bundle: str, cases: list[tuple], zarr: bool = False) -> None:
         config = DaemonConfig.model_validate(
             {
-                "output_dir": str(root / "out"),
+                "output_dir": str(root / ("out-zarr" if zarr else "out")),
                 "endpoints": {"ingest": free_tcp_endpoint(), "publish": free_tcp_endpoint()},
                 "model": {"bundle": bundle, "backend": "auto"},
                 "limits": {"max_frame_pixels": max(size * size, 4096)},
+                "storage": {"ome_zarr": zarr},
             }
         )
         daemon = spawn_daemon(config, root, log_level="warning")
@@ -233,22 +234,30 @@ def bench_daemon(
             cases.append(shm_case)
         cases.append(("pass-through, display + write", plan_saved, {}, frames, 2.0, camera_bytes))
         through_daemon(root, "pass-through", cases)
-        if model_frames:
-            through_daemon(
-                root,
-                model,
-                [
-                    (
-                        f"model {model}, display + write {plan.output_dtype}",
-                        plan,
-                        {},
-                        model_frames,
-                        60.0,
-                        model_bytes[plan.output_dtype],
-                    )
-                    for plan in (plan_saved, plan_uint16)
-                ],
-            )
+        # OME-Zarr beside the OME-TIFF: every plane written twice
+        zarr_case: tuple[str, Plan, dict[str, Any], int, float, int] = (
+            "pass-through, write + OME-Zarr",
+            plan_saved,
+            {},
+            frames,
+            2.0,
+            2 * camera_bytes,
+        )
+        through_daemon(root, "pass-through", [zarr_case], zarr=True)
+        for zarr in (False, True) if model_frames else ():
+            formats = "OME-TIFF + OME-Zarr" if zarr else "OME-TIFF"
+            cases = [
+                (
+                    f"model {model}, display + write {plan.output_dtype} {formats}",
+                    plan,
+                    {},
+                    model_frames,
+                    60.0,
+                    model_bytes[plan.output_dtype] * (2 if zarr else 1),
+                )
+                for plan in (plan_saved, plan_uint16)
+            ]
+            through_daemon(root, model, cases, zarr=zarr)
         bare("bare pyzmq loopback (after)")
     # The machine is shared: the better of the two bare runs is the floor compared against.
     floor = min(

@@ -29,7 +29,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import tifffile
@@ -608,6 +608,15 @@ def _origin(files: Sequence[PlaneFile]) -> float | None:
     return min(stamps) if stamps else None
 
 
+class Mirror(Protocol):
+    """A second copy of the planes in another format (daemon/zarr_output.py): each plane is
+    handed over once its OME-TIFF holds it, and `close` gets the finalised files."""
+
+    def write(self, tiff_path: Path, plane: np.ndarray, record: PlaneRecord) -> None: ...
+
+    def close(self, tiff_paths: list[Path]) -> None: ...
+
+
 class AcquisitionWriter:
     """The restored planes of one acquisition: a file per (position, channel), appended to as
     planes come, finalised as OME-TIFF by `close`. Safe to call from several threads.
@@ -616,9 +625,12 @@ class AcquisitionWriter:
     plane for it continues the file after cutting off the torn page. `suspend` closes every
     file the same way (an idle acquisition holds no descriptors); they reopen on demand."""
 
-    def __init__(self, directory: Path, record: AcquisitionRecord) -> None:
+    def __init__(
+        self, directory: Path, record: AcquisitionRecord, mirror: Mirror | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.record = record
+        self.mirror = mirror
         self._files: dict[Path, PlaneFile] = {}
         self._known: list[Path] = []  # every file this writer made, open or not
         self._owners: dict[Path, tuple[int | str, int | str]] = {}
@@ -662,6 +674,8 @@ class AcquisitionWriter:
                 del self._files[path]
                 target.release()
                 raise
+            if self.mirror is not None:
+                self.mirror.write(path, plane, info)
         return path
 
     def suspend(self) -> None:
@@ -691,6 +705,11 @@ class AcquisitionWriter:
                         errors.append(exc)
                         target.release()
                 self._closed = list(self._known)
+                if self.mirror is not None:
+                    try:
+                        self.mirror.close(self._closed)
+                    except Exception as exc:
+                        errors.append(exc)
                 if errors:
                     raise errors[0]
             return list(self._closed)

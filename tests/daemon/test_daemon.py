@@ -10,6 +10,7 @@ import pytest
 import tifffile
 import zmq
 from daemon_harness import process_memory_mb, start_daemon
+from plane_records import assert_same_as_tiff
 
 from livedecon.daemon.client import DaemonClient, DaemonError, DaemonUnavailable
 from livedecon.daemon.journal import read_journal
@@ -24,6 +25,7 @@ from livedecon.daemon.protocol import (
     frame_header,
 )
 from livedecon.daemon.writer import in_units, output_path, read_planes
+from livedecon.daemon.zarr_output import is_complete, zarr_path
 from livedecon.engines.bundle import ModelBundle, find_bundle
 from livedecon.engines.runtime import TorchRuntime
 from livedecon.engines.tiling import restore_electrons
@@ -64,7 +66,7 @@ def receive_all(socket: zmq.Socket, quiet_ms: int = 500) -> list:
 @pytest.mark.parametrize("output_dtype", ["float32", "uint16"])
 def test_every_frame_is_acknowledged_restored_and_written_with_its_metadata(tmp_path, output_dtype):
     bundle_dir = find_bundle("fast2d-sim")
-    daemon = start_daemon(tmp_path, bundle="fast2d-sim")
+    daemon = start_daemon(tmp_path, bundle="fast2d-sim", storage={"ome_zarr": True})
     try:
         images = frames(12, (64, 64))
         with daemon.client() as client:
@@ -116,6 +118,8 @@ def test_every_frame_is_acknowledged_restored_and_written_with_its_metadata(tmp_
             error = np.abs(in_units(plane, record) - expected).max()
             assert error <= 1e-3 * expected.max() + rounding
         assert {r.frame_id % 2 for r, _ in planes} == {c}
+        assert is_complete(zarr_path(path))  # the OME-Zarr copy, same dtype and values
+        assert_same_as_tiff(path)
 
 
 def _raw_request(socket: zmq.Socket, parts: list) -> dict:
@@ -329,7 +333,10 @@ def test_after_kill_9_reprocess_completes_every_acknowledged_frame(tmp_path):
     raw.finish()
     # The engine is slower than the camera, so the kill finds frames in memory and on disk.
     daemon = start_daemon(
-        tmp_path, model={"pass_through_delay_ms": 40.0}, queues={"memory_queue_mb": 0.05}
+        tmp_path,
+        model={"pass_through_delay_ms": 40.0},
+        queues={"memory_queue_mb": 0.05},
+        storage={"ome_zarr": True},
     )
     with daemon.client() as client:
         client.start("crash", Plan(pixel_size_um=0.1))
@@ -352,3 +359,5 @@ def test_after_kill_9_reprocess_completes_every_acknowledged_frame(tmp_path):
     with tifffile.TiffFile(output_path(directory, 0, 0)) as tif:
         assert tif.is_ome
         assert tif.series[0].shape[0] == n
+    assert is_complete(zarr_path(output_path(directory, 0, 0)))
+    assert_same_as_tiff(output_path(directory, 0, 0))

@@ -14,55 +14,19 @@ import numpy as np
 import pytest
 import tifffile
 from ome_types import validate_xml
+from plane_records import acquisition, info
 
-from livedecon.daemon.journal import AcquisitionRecord
-from livedecon.daemon.protocol import Plan
 from livedecon.daemon.writer import (
     OME_NS,
     AcquisitionWriter,
     OutputBusyError,
     PlaneFile,
-    PlaneRecord,
     in_units,
     output_path,
     read_planes,
     units_per_count,
     written_keys,
 )
-
-
-def acquisition(mode: str = "2d", z_count: int | None = None) -> AcquisitionRecord:
-    plan = Plan(
-        mode=mode,
-        z_count=z_count,
-        z_step_um=0.25 if mode == "3d" else None,
-        pixel_size_um=0.1,
-        time_interval_s=2.0,
-        channels=["GFP"],
-    )
-    return AcquisitionRecord(
-        acquisition_id="acq-1",
-        plan=plan,
-        processor="model",
-        bundle_path="/bundles/tiny",
-        bundle_id="tiny@0123456789ab",
-        weights_version=1,
-        backend="torch",
-        input_pixel_um=0.1,
-        output_pixel_um=0.05,
-        units="photoelectrons per output pixel (float32)",
-    )
-
-
-def info(frame_id: int, time: int, z: int = 0, **extra) -> PlaneRecord:
-    fields = {
-        "channel": "GFP",
-        "position": 0,
-        "timestamp_s": 1000.0 + 2 * frame_id,
-        "bundle_id": "tiny@0123456789ab",
-        "weights_version": 1,
-    }
-    return PlaneRecord(frame_id=frame_id, time=time, z=z, **(fields | extra))
 
 
 def plane(value: float, dtype=np.uint16, shape=(16, 24)) -> np.ndarray:
