@@ -40,13 +40,13 @@ import numpy as np
 from pydantic import Field
 
 from livedecon.daemon.batch_inputs import Source, plan_sources, read_region, stem
-from livedecon.daemon.ngff import ngff_image
 from livedecon.engines.atomic_write import write_atomically
 from livedecon.engines.bundle import BundleError, ModelBundle
 from livedecon.engines.configfile import StrictModel
 from livedecon.engines.enums import Backend
 from livedecon.engines.networks import input_multiple
 from livedecon.engines.offline import output_axes
+from livedecon.engines.ome_zarr import ngff_image
 from livedecon.engines.runtime import Runtime
 from livedecon.engines.tiling import blend_window, restore_batch_electrons
 

@@ -16,6 +16,7 @@ import numpy as np
 from livedecon.engines.bundle import ModelBundle
 from livedecon.engines.configfile import StrictModel
 from livedecon.engines.ome_tiff import check_pixel_size, tiff_layout
+from livedecon.engines.ome_zarr import image_of, is_image
 
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
@@ -93,23 +94,16 @@ def _zarr_fields(path: Path) -> dict[str, Any]:
         letters = {2: "YX", 3: "ZYX", 4: "TZYX", 5: "TCZYX"}.get(node.ndim, "")
         return dict(array="", shape=node.shape, dtype=str(node.dtype), axes=letters,
                     pixel_size_um=None, z_step_um=None)  # fmt: skip
-    attrs: dict[str, Any] = dict(node.attrs)  # JSON, read as OME-Zarr lays it out
-    multiscales = attrs.get("ome", attrs).get("multiscales")
-    if not multiscales:
+    if not is_image(node):
         raise ValueError(f"{path}: a zarr group without OME-Zarr multiscales metadata")
-    image = multiscales[0]
-    names = [a["name"] if isinstance(a, dict) else a for a in image["axes"]]
-    level = image["datasets"][0]
-    scale = next(
-        (t["scale"] for t in level.get("coordinateTransformations", []) if t["type"] == "scale"),
-        [1.0] * len(names),
-    )
-    sampling = dict(zip(names, scale, strict=True))
-    array = node[level["path"]]
+    image = image_of(node)
+    names = image.axes
+    sampling = image.sampling()
+    array = node[image.array_path]
     if not isinstance(array, zarr.Array):
-        raise ValueError(f"{path}: {level['path']!r} of its multiscales is not an array")
+        raise ValueError(f"{path}: {image.array_path!r} of its multiscales is not an array")
     return dict(
-        array=level["path"],
+        array=image.array_path,
         shape=array.shape,
         dtype=str(array.dtype),
         axes="".join(n.upper() for n in names),

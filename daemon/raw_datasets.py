@@ -11,11 +11,12 @@ array's fill value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from livedecon.engines.ome_zarr import chunk_written, store_images
 
 PlaneKey = tuple[int, int, int | str, int | str]  # (time, z, channel, position)
 
@@ -119,22 +120,14 @@ class OmeZarrRaw:
             root = zarr.open_group(str(path), mode="r")
         except Exception as exc:
             raise RawDatasetError(f"{path}: not a readable zarr store: {exc}") from None
-        self._positions: list[tuple[str, Any]] = []  # (array path, array) per position
-        attrs: Mapping[str, Any] = root.attrs  # JSON, read as OME-Zarr lays it out
-        if "multiscales" in attrs.get("ome", attrs):
-            self._positions.append(self._image(root, ""))
-        else:
-            names = sorted((n for n in root.group_keys() if n.isdigit()), key=int)
-            self._positions = [self._image(root[n], n) for n in names]
+        # (array path in the store, array) per position
+        self._positions: list[tuple[str, Any]] = [
+            (f"{name}/{image.array_path}".strip("/"), image.array)
+            for name, image in store_images(root)
+        ]
         if not self._positions:
             raise RawDatasetError(f"{path}: an OME-Zarr store without images")
         self._position_names = self._stage_position_names(root)
-
-    @staticmethod
-    def _image(group: Any, name: str) -> tuple[str, Any]:
-        ome = group.attrs.get("ome", group.attrs)
-        dataset = ome["multiscales"][0]["datasets"][0]["path"]
-        return f"{name}/{dataset}".strip("/"), group[dataset]
 
     def _stage_position_names(self, root: Any) -> list[str | None]:
         """Names of the stage positions, from the sequence pymmcore-plus stored (in the root
@@ -180,12 +173,10 @@ class OmeZarrRaw:
         return found is not None and self._chunk_written(*found)
 
     def _chunk_written(self, where: tuple[str, Any], index: tuple[int, ...]) -> bool:
-        """Whether the chunk (or shard) holding this plane is on disk: a plane never written
-        reads as the fill value, which must not pass for camera pixels."""
+        """Whether this plane is on disk: one never written reads as the fill value, which
+        must not pass for camera pixels."""
         array_path, array = where
-        grid = array.metadata.chunk_grid.chunk_shape  # the stored unit (a shard if sharded)
-        coords = tuple(i // c for i, c in zip((*index, 0, 0), grid, strict=True))
-        return (self.path / array_path / array.metadata.encode_chunk_key(coords)).is_file()
+        return chunk_written(self.path, array_path, array, index)
 
     def read(self, key: PlaneKey) -> np.ndarray:
         found = self._index(key)

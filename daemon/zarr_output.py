@@ -24,8 +24,8 @@ import numpy as np
 import zarr
 
 from livedecon.daemon.journal import AcquisitionRecord
-from livedecon.daemon.ngff import ngff_image
 from livedecon.daemon.writer import FILE_SUFFIX, PlaneRecord, read_page, scan_file
+from livedecon.engines.ome_zarr import chunk_written, ngff_image
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ class ZarrImage:
             i >= n for i, n in zip(self._index(record), array.shape, strict=False)
         ):
             return False
-        key = array.metadata.encode_chunk_key((*self._index(record), 0, 0))
-        return (self.path / ARRAY / key).exists()
+        return chunk_written(self.path, ARRAY, array, self._index(record))
 
     def complete_from(self, tiff_path: Path) -> int:
         """Copy every plane of the OME-TIFF that this image lacks (the latest page of each

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from livedecon.engines.ome_tiff import OmeImage, check_pixel_size, read_raw_tiff
+from livedecon.engines.ome_zarr import store_images
 
 # Dataset axis names as OME/tifffile axis letters (a stage position has no OME letter).
 _AXIS_LETTERS = {"time": "T", "t": "T", "channel": "C", "c": "C", "z": "Z", "position": "P"}
@@ -68,28 +69,13 @@ def _read_zarr(path: Path) -> OmeImage:
     bioformats2raw layout as ome-writers writes several positions), full resolution."""
     import zarr
 
-    root: Any = zarr.open_group(str(path), mode="r")  # attributes are plain JSON
-    group: Any = root
-    ome: Any = root.attrs.get("ome", root.attrs)
-    if "multiscales" not in ome:
-        positions = sorted((n for n in root.group_keys() if n.isdigit()), key=int)
-        if not positions:
-            raise ValueError(f"{path}: an OME-Zarr store without images")
-        group = root[positions[0]]
-        ome = group.attrs.get("ome", group.attrs)
-    multiscale = ome["multiscales"][0]
-    names = [str(axis["name"]) for axis in multiscale["axes"]]
-    scale = _scale(multiscale["datasets"][0])
-    data = np.asarray(group[multiscale["datasets"][0]["path"]][...])
-    sampling = dict(zip(names, scale, strict=True)) if scale else {}
-    return OmeImage(data, _letters(names, path), sampling.get("x", 0.0), sampling.get("z"))
-
-
-def _scale(dataset: dict[str, Any]) -> list[float] | None:
-    for transform in dataset.get("coordinateTransformations", []):
-        if transform.get("type") == "scale":
-            return [float(v) for v in transform["scale"]]
-    return None
+    images = store_images(zarr.open_group(str(path), mode="r"))
+    if not images:
+        raise ValueError(f"{path}: an OME-Zarr store without images")
+    image = images[0][1]
+    sampling = image.sampling()
+    data = np.asarray(image.array[...])
+    return OmeImage(data, _letters(image.axes, path), sampling.get("x", 0.0), sampling.get("z"))
 
 
 def open_ndtiff(path: Path) -> Any:
