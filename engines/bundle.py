@@ -42,6 +42,7 @@ from livedecon.engines.networks import (
     NetworkSpec,
     build_network,
 )
+from livedecon.engines.ome_tiff import write_ome_tiff
 from livedecon.engines.selfnet import SelfNetSpec
 
 BUNDLE_FORMAT = 1
@@ -418,18 +419,9 @@ class ModelBundle:
         (directory / MANIFEST).write_text(self.manifest.model_dump_json(indent=2) + "\n")
         safetensors.torch.save_file(self.state_dict, directory / WEIGHTS)
         record = self.manifest.psf
-        metadata: dict[str, Any] = {
-            "axes": "ZYX" if self.psf.ndim == 3 else "YX",
-            "PhysicalSizeX": record.pixel_size_um,
-            "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeY": record.pixel_size_um,
-            "PhysicalSizeYUnit": "µm",
-        }
-        if self.psf.ndim == 3 and record.z_step_um is not None:
-            metadata |= {"PhysicalSizeZ": record.z_step_um, "PhysicalSizeZUnit": "µm"}
-        tifffile.imwrite(
-            directory / PSF, self.psf, ome=True, photometric="minisblack", metadata=metadata
-        )
+        is_3d = self.psf.ndim == 3
+        axes, z_step = ("ZYX", record.z_step_um) if is_3d else ("YX", None)
+        write_ome_tiff(directory / PSF, self.psf, axes, record.pixel_size_um, z_step)
         for name in REQUIRED_FILES:  # on disk before the rename that publishes the bundle
             (directory / name).chmod(0o644)  # safetensors writes owner-only; bundles are shared
             fsync_path(directory / name)

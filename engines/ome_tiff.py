@@ -44,7 +44,14 @@ def write_ome_tiff(
         metadata["Description"] = description
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, data, ome=True, bigtiff=data.nbytes > 2**31, metadata=metadata)
+    tifffile.imwrite(
+        path,
+        data,
+        ome=True,
+        bigtiff=data.nbytes > 2**31,
+        photometric="minisblack",  # one channel per plane: never read a short axis as RGB
+        metadata=metadata,
+    )
     return path
 
 
