@@ -63,19 +63,3 @@ def test_fsync_tree_syncs_every_file_and_folder(tmp_path, monkeypatch):
     names = [str(p.relative_to(tmp_path)) for p in synced]
     assert sorted(names) == ["d", "d/a", "d/sub", "d/sub/b"]
     assert names[-1] == "d"  # the directory last, after everything in it
-
-
-def test_a_bundle_is_on_disk_whole_before_it_takes_its_name(tmp_path, monkeypatch):
-    from livedecon.engines import bundle as bundle_module
-    from tests.engines.test_bundle import make_bundle
-
-    seen = []
-
-    def record(staging):
-        seen.append(({p.name for p in staging.iterdir()}, (tmp_path / "b").exists()))
-
-    monkeypatch.setattr(bundle_module, "fsync_tree", record)
-    make_bundle().save(tmp_path / "b")
-    ((staged, target_existed),) = seen
-    assert {"model.json", "weights.safetensors"} <= staged
-    assert not target_existed

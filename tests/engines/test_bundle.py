@@ -274,3 +274,16 @@ def test_shipped_bundle_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert ModelBundle.load(shipped_bundle_path("fast-2d")).manifest.name == "fast-2d"
     with pytest.raises(BundleError, match="no shipped bundle named 'nope'; available: fast-2d"):
         shipped_bundle_path("nope")
+
+
+def test_a_bundle_is_on_disk_whole_before_it_takes_its_name(tmp_path, monkeypatch):
+    seen = []
+
+    def record(staging):
+        seen.append(({p.name for p in staging.iterdir()}, (tmp_path / "b").exists()))
+
+    monkeypatch.setattr(bundle_module, "fsync_tree", record)
+    make_bundle().save(tmp_path / "b")
+    ((staged, target_existed),) = seen
+    assert {"model.json", "weights.safetensors"} <= staged
+    assert not target_existed
