@@ -63,17 +63,19 @@ class ZarrImage:
             return self._array
         if (self.path / "zarr.json").exists():  # continued: not complete until closed again
             group = zarr.open_group(self.path, mode="r+")
+            group.attrs["livedecon"] = {}
+        else:
+            group = zarr.open_group(self.path, mode="w-", zarr_format=3)
+            name = self.path.name.removesuffix(ZARR_SUFFIX)
+            group.attrs.update({"ome": _ngff(name, self.acquisition), "livedecon": {}})
+        if ARRAY in group:
             array = zarr.open_array(self.path / ARRAY, mode="r+")
             if array.shape[-2:] != shape or array.dtype != dtype:
                 raise ValueError(
                     f"{self.path}: holds planes of shape {array.shape[-2:]} {array.dtype}, not"
                     f" {shape} {dtype}; move it away"
                 )
-            group.attrs["livedecon"] = {}
-        else:
-            group = zarr.open_group(self.path, mode="w-", zarr_format=3)
-            name = self.path.name.removesuffix(ZARR_SUFFIX)
-            group.attrs.update({"ome": _ngff(name, self.acquisition), "livedecon": {}})
+        else:  # new, or the group of a writer killed before it made the array
             depth = (self.acquisition.plan.z_count or 1,) if self.is_3d else ()
             array = group.create_array(
                 ARRAY,

@@ -53,6 +53,12 @@ def test_uint16_planes_keep_their_counts_and_unwritten_planes_read_as_nan(tmp_pa
     with pytest.raises(ValueError, match="move it away"):  # one image, one shape and dtype
         ZarrImage(output_path(tmp_path, 1, "GFP"), record).write(counts, info(1, 3))
 
+    # a writer killed between creating the group and its array: the next one makes the array
+    bare = output_path(tmp_path, 2, "GFP")
+    zarr.open_group(zarr_path(bare), mode="w", zarr_format=3)
+    ZarrImage(bare, record).write(counts, info(0, 0))
+    assert zarr_planes(bare)[0].tolist() == counts.tolist()
+
 
 def test_a_failed_copy_is_logged_and_completed_from_the_tiff_at_close(
     tmp_path, monkeypatch, caplog
