@@ -3,9 +3,7 @@ each described once (`Source`) and read by the workers region by region, never w
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import io
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +15,7 @@ from livedecon.engines.bundle import ModelBundle
 from livedecon.engines.configfile import StrictModel
 from livedecon.engines.ome_tiff import check_pixel_size, tiff_layout
 from livedecon.engines.ome_zarr import image_of, is_image
+from livedecon.engines.raw_input import open_ndtiff
 
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
@@ -112,16 +111,9 @@ def _zarr_fields(path: Path) -> dict[str, Any]:
     )
 
 
-def _open_ndtiff(path: Path) -> Any:
-    from ndstorage import Dataset
-
-    with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its progress
-        return Dataset(str(path))
-
-
 def _ndtiff_sources(path: Path, output: Path) -> list[Source]:
     """One source per stage position: time, channel and z lead (those present), then Y, X."""
-    data = _open_ndtiff(path)
+    data = open_ndtiff(path)
     try:
         axes = {name: tuple(values) for name, values in data.axes.items()}
         unknown = set(axes) - set(NDTIFF_AXES) - {"position"}
@@ -213,7 +205,7 @@ def _reader(source: Source) -> Any:
     reader = _READERS.get(source.path)
     if reader is None:
         if source.kind == "ndtiff":
-            reader = _open_ndtiff(Path(source.path))
+            reader = open_ndtiff(Path(source.path))
         else:
             import tifffile
             import zarr
