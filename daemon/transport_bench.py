@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zmq
@@ -157,6 +157,16 @@ def _scenario(
     }
 
 
+class _Case(NamedTuple):
+    """One scenario through a daemon: its plan, client options, frames and quiet time."""
+
+    name: str
+    plan: Plan
+    options: dict[str, Any]
+    frames: int
+    quiet_s: float
+
+
 def bench_daemon(
     size: int = 2048,
     frames: int = 300,
@@ -172,8 +182,15 @@ def bench_daemon(
     plan_display = Plan(pixel_size_um=0.065, save=False)
     plan_saved = Plan(pixel_size_um=0.065, save=True)
     plan_uint16 = plan_saved.model_copy(update={"output_dtype": "uint16"})
-    camera_bytes = size * size * 2  # pass-through writes the camera's uint16 as it came
-    model_bytes = {"float32": 4 * size * size * 4, "uint16": 4 * size * size * 2}  # 2x grid
+
+    def written_bytes(bundle: str, plan: Plan, zarr: bool) -> int:
+        """Bytes one frame puts on disk: the camera's uint16 as it came through pass-through,
+        the 2x grid in the plan's dtype through a model; twice with the OME-Zarr copy."""
+        if not plan.save:
+            return 0
+        pixels = size * size * (1 if bundle == "pass-through" else 4)
+        dtype = np.uint16 if bundle == "pass-through" else np.dtype(plan.output_dtype)
+        return pixels * np.dtype(dtype).itemsize * (2 if zarr else 1)
 
     def bare(name: str) -> None:
         progress(name)
@@ -186,7 +203,7 @@ def bench_daemon(
             relay.kill()
             relay.wait()
 
-    def through_daemon(root: Path, bundle: str, cases: list[tuple], zarr: bool = False) -> None:
+    def through_daemon(root: Path, bundle: str, cases: list[_Case], zarr: bool = False) -> None:
         config = DaemonConfig.model_validate(
             {
                 "output_dir": str(root / ("out-zarr" if zarr else "out")),
@@ -198,7 +215,7 @@ def bench_daemon(
         )
         daemon = spawn_daemon(config, root, log_level="warning")
         try:
-            for name, plan, options, n, quiet_s, out_bytes in cases:
+            for name, plan, options, n, quiet_s in cases:
                 progress(name)
 
                 def connect(options: dict = options) -> tuple[DaemonClient, Display]:
@@ -214,7 +231,7 @@ def bench_daemon(
                 }
                 row["spilled"] = snapshot["counters"]["frames_spilled"]
                 # what the writer kept up with, in MB of output per second
-                written = row["throughput_processed_per_s"] * out_bytes if plan.save else 0.0
+                written = row["throughput_processed_per_s"] * written_bytes(bundle, plan, zarr)
                 row["written_mb_per_s"] = round(written / 1e6, 1)
                 rows.append(row)
         except Exception as exc:
@@ -226,34 +243,23 @@ def bench_daemon(
         root = Path(scratch)
         bare("bare pyzmq loopback (before)")
         shm = {"shared_memory_min_bytes": 1 << 20}
-        cases: list[tuple[str, Plan, dict[str, Any], int, float, int]] = [
-            ("pass-through, display only", plan_display, {}, frames, 2.0, camera_bytes)
-        ]
+        cases = [_Case("pass-through, display only", plan_display, {}, frames, 2.0)]
         if shared_memory:
-            shm_case = ("pass-through, display only, shm", plan_display, shm, frames, 2.0, 0)
-            cases.append(shm_case)
-        cases.append(("pass-through, display + write", plan_saved, {}, frames, 2.0, camera_bytes))
+            cases.append(_Case("pass-through, display only, shm", plan_display, shm, frames, 2.0))
+        cases.append(_Case("pass-through, display + write", plan_saved, {}, frames, 2.0))
         through_daemon(root, "pass-through", cases)
         # OME-Zarr beside the OME-TIFF: every plane written twice
-        zarr_case: tuple[str, Plan, dict[str, Any], int, float, int] = (
-            "pass-through, write + OME-Zarr",
-            plan_saved,
-            {},
-            frames,
-            2.0,
-            2 * camera_bytes,
-        )
-        through_daemon(root, "pass-through", [zarr_case], zarr=True)
+        both = _Case("pass-through, write + OME-Zarr", plan_saved, {}, frames, 2.0)
+        through_daemon(root, "pass-through", [both], zarr=True)
         for zarr in (False, True) if model_frames else ():
             formats = "OME-TIFF + OME-Zarr" if zarr else "OME-TIFF"
             cases = [
-                (
+                _Case(
                     f"model {model}, display + write {plan.output_dtype} {formats}",
                     plan,
                     {},
                     model_frames,
                     60.0,
-                    model_bytes[plan.output_dtype] * (2 if zarr else 1),
                 )
                 for plan in (plan_saved, plan_uint16)
             ]
