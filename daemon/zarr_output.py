@@ -16,6 +16,7 @@ by a kill or a failed write gets its missing planes then.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,15 @@ class ZarrImage:
             return False
         return chunk_written(self.path, ARRAY, array, self._index(record))
 
+    def forget(self, record: PlaneRecord) -> None:
+        """Drop the plane's chunk, if any, so completion copies the OME-TIFF's newer one (a
+        plane sent again whose write failed must not keep its old pixels)."""
+        array = self._array
+        if array is not None and self.has(record):
+            key = array.metadata.encode_chunk_key((*self._index(record), 0, 0))
+            with contextlib.suppress(OSError):
+                (self.path / ARRAY / key).unlink()
+
     def complete_from(self, tiff_path: Path) -> int:
         """Copy every plane of the OME-TIFF that this image lacks (the latest page of each
         (time, z)), then mark the image complete; the number copied."""
@@ -164,6 +174,7 @@ class ZarrMirror:
         try:
             image.write(plane, record)
         except Exception as exc:  # the plane is in the OME-TIFF: closing copies it from there
+            image.forget(record)
             del self._images[tiff_path]  # reopened, and checked, by the next plane
             log.error(
                 "%s: plane t=%d z=%d not written (%s: %s); the OME-TIFF holds it, and closing"

@@ -54,10 +54,11 @@ def zarr_planes(tiff: Path) -> np.ndarray:
 
 
 def assert_same_as_tiff(tiff: Path) -> None:
-    """Every plane of the OME-TIFF is in the OME-Zarr image, bit for bit, at its (t, z)."""
+    """Every plane of the OME-TIFF is in the OME-Zarr image, bit for bit, at its (t, z): the
+    last page of each (t, z), as the OME-XML names it."""
     stored = zarr_planes(tiff)
-    planes = read_planes(tiff)
-    assert planes
-    for record, plane in planes:
+    latest = {record.key: (record, plane) for record, plane in read_planes(tiff)}
+    assert latest
+    for record, plane in latest.values():
         index = (record.time, record.z) if stored.ndim == 4 else (record.time,)
         np.testing.assert_array_equal(stored[index], plane)

@@ -72,6 +72,9 @@ def test_a_failed_copy_is_logged_and_completed_from_the_tiff_at_close(
             raise OSError(28, "No space left on device")
         original(self, plane, plane_record)
 
+    tiff = output_path(tmp_path, 0, "GFP")
+    stale = np.full((4, 4), -1, np.float32)
+    writer.write(stale, info(9, 1))  # plane t=1, then sent again with new pixels below
     monkeypatch.setattr(ZarrImage, "write", full_disk_on_plane_1)
     planes = [np.full((4, 4), t, np.float32) for t in range(3)]
     with caplog.at_level(logging.ERROR):
@@ -79,12 +82,12 @@ def test_a_failed_copy_is_logged_and_completed_from_the_tiff_at_close(
             writer.write(plane, info(t, t))  # the OME-TIFF write goes on regardless
     assert "No space left on device" in caplog.text
     assert "reprocess" in caplog.text
-    tiff = output_path(tmp_path, 0, "GFP")
-    assert np.isnan(zarr_planes(tiff)[1]).all()
+    assert np.isnan(zarr_planes(tiff)[1]).all()  # the stale copy is gone, not kept
     monkeypatch.setattr(ZarrImage, "write", original)  # the disk has room again
     writer.close()
     assert is_complete(zarr_path(tiff))
     assert_same_as_tiff(tiff)
+    np.testing.assert_array_equal(zarr_planes(tiff)[1], planes[1])
 
 
 def test_reprocess_completes_an_image_a_kill_left_short(tmp_path):
