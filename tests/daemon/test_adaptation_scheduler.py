@@ -166,7 +166,10 @@ def test_a_stream_across_weight_swaps_loses_and_repeats_nothing(tmp_path):
         print(name, {k: round(v, 1) for k, v in metrics[name].items()})
     assert step["count"] >= 4
     assert delay["count"] > 0  # frames did arrive while a step ran ...
-    assert delay["p99_ms"] <= step["p99_ms"] * 1.5 + 5  # ... and waited at most about one step
+    # ... and waited for about one step, not for the timepoint's four: the bound sits between
+    # the two, with room for a CPU shared with another test worker (a frame's own processing
+    # slows too: 246 ms against steps of 110 ms at p99 once, December 2026)
+    assert delay["p99_ms"] <= step["p99_ms"] * 2.5 + 20
     # the swap on the serving path is a reference change between batches (the new engine was
     # built beside the stream): far below a training step
     assert swap["p99_ms"] < step["p50_ms"]
