@@ -26,7 +26,7 @@ import zarr
 
 from livedecon.daemon.journal import AcquisitionRecord
 from livedecon.daemon.writer import FILE_SUFFIX, PlaneRecord, read_page, scan_file
-from livedecon.engines.ome_zarr import chunk_written, ngff_image
+from livedecon.engines.ome_zarr import chunk_file, chunk_written, ngff_image
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,9 @@ class ZarrImage:
     def forget(self, record: PlaneRecord) -> None:
         """Drop the plane's chunk, if any, so completion copies the OME-TIFF's newer one (a
         plane sent again whose write failed must not keep its old pixels)."""
-        array = self._array
-        if array is not None and self.has(record):
-            key = array.metadata.encode_chunk_key((*self._index(record), 0, 0))
+        if self._array is not None and self.has(record):
             with contextlib.suppress(OSError):
-                (self.path / ARRAY / key).unlink()
+                chunk_file(self.path, ARRAY, self._array, self._index(record)).unlink()
 
     def complete_from(self, tiff_path: Path) -> int:
         """Copy every plane of the OME-TIFF that this image lacks (the latest page of each

@@ -68,14 +68,19 @@ def store_images(root: Any) -> list[tuple[str, NgffImage]]:
     return [(n, image_of(root[n])) for n in names if is_image(root[n])]
 
 
-def chunk_written(store: Path, array_path: str, array: Any, index: tuple[int, ...]) -> bool:
-    """Whether the chunk (or shard) holding the plane at `index` (the leading indices) is on
-    disk in a local store: a plane never written reads as the fill value, which must not pass
-    for data."""
+def chunk_file(store: Path, array_path: str, array: Any, index: tuple[int, ...]) -> Path:
+    """The file of the chunk (or shard) holding the plane at `index` (the leading indices) in
+    a local store."""
     grid = array.metadata.chunk_grid.chunk_shape  # the stored unit (a shard if sharded)
     full = (*index, *(0,) * (len(grid) - len(index)))
     coords = tuple(i // c for i, c in zip(full, grid, strict=True))
-    return (Path(store) / array_path / array.metadata.encode_chunk_key(coords)).is_file()
+    return Path(store) / array_path / array.metadata.encode_chunk_key(coords)
+
+
+def chunk_written(store: Path, array_path: str, array: Any, index: tuple[int, ...]) -> bool:
+    """Whether the plane at `index` is on disk: a plane never written reads as the fill
+    value, which must not pass for data."""
+    return chunk_file(store, array_path, array, index).is_file()
 
 
 _AXES = {"T": ("t", "time"), "C": ("c", "channel"), "Z": ("z", "space")}
