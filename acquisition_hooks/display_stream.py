@@ -33,7 +33,8 @@ from livedecon.daemon.client import DaemonClient, DaemonError
 from livedecon.daemon.protocol import ProtocolError, Publication, Topic, decode_publication
 
 StreamKey = tuple[Topic, str, int | str, int | str]
-DEFAULT_TOPICS = (Topic.RESTORED, Topic.RAW, Topic.MIP)
+DEFAULT_TOPICS = (Topic.RESTORED, Topic.RAW, Topic.MIP, Topic.MIP_XZ, Topic.MIP_YZ)
+AXIAL_VIEWS = {Topic.MIP_XZ, Topic.MIP_YZ}  # (Z, X) and (Z, Y) projections of a volume
 VIEWER_EXTRA_HINT = 'the live viewer needs napari and a Qt binding: pip install "livedecon[viewer]"'
 MAX_STREAMS = 64  # streams remembered (old acquisitions are forgotten first)
 COUNTED = {Topic.RESTORED, Topic.MIP}  # one per restored frame or stack
@@ -376,9 +377,14 @@ def layer_geometry(publication: Publication) -> tuple[tuple[float, ...], tuple[f
     the pixel size: restored pixels 2i and 2i + 1 (half the raw size) then cover exactly raw
     pixel i, as the 2x upsampling defines them (its loss average-pools them back onto raw
     pixel i). In raw pixels the restored layer sits 0.25 to the left of a plain half-size
-    layer. Planes of a volume are samples along z: plane k at k * z step."""
+    layer. Planes of a volume are samples along z: plane k at k * z step, in a volume and in
+    the rows of its xz and yz projections alike, so an anisotropic stack shows at its true
+    aspect."""
     pixel = publication.pixel_size_um or 1.0
     lateral = ((pixel, pixel), (pixel / 2, pixel / 2))
+    if publication.topic in AXIAL_VIEWS:  # rows are planes at the z step, columns pixels
+        z = publication.z_step_um or pixel
+        return (z, pixel), (0.0, pixel / 2)
     if len(publication.shape) == 3:
         z = publication.z_step_um or pixel
         return (z, *lateral[0]), (0.0, *lateral[1])

@@ -58,11 +58,20 @@ except ImportError as exc:  # the core package works without the viewer extra
 
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"  # the shipped configs/daemon.toml
 DEFAULT_CONTROL = "tcp://127.0.0.1:5555"
-TOPIC_ORDER = {Topic.RAW: 0, Topic.RESTORED: 1, Topic.MIP: 2, Topic.VOLUME: 3}
+TOPIC_ORDER = {
+    Topic.RAW: 0,
+    Topic.RESTORED: 1,
+    Topic.MIP: 2,
+    Topic.MIP_XZ: 3,
+    Topic.MIP_YZ: 4,
+    Topic.VOLUME: 5,
+}
 LAYER_NAMES = {
     Topic.RAW: "raw",
     Topic.RESTORED: "restored",
     Topic.MIP: "restored MIP",
+    Topic.MIP_XZ: "restored MIP xz",
+    Topic.MIP_YZ: "restored MIP yz",
     Topic.VOLUME: "restored volume",
 }
 OVERLAY_COLORMAPS = {Topic.RAW: "green"}  # overlaid: raw green, restored magenta

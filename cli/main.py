@@ -698,7 +698,13 @@ def reprocess_command(
         except (ReprocessError, BundleError, AccuracyGateError, ValueError, OSError) as exc:
             raise _fail(str(exc)) from None
     console.print(
-        f"acknowledged {report.acknowledged} planes: {report.already_written} already on disk,"
+        f"acknowledged {report.acknowledged} planes"
+        + (
+            f" ({report.restored_planes} restored planes, resampled along z by Self-Net)"
+            if report.restored_planes != report.acknowledged
+            else ""
+        )
+        + f": {report.already_written} already on disk,"
         f" {report.recreated_from_spill} recreated from the spill store,"
         f" {report.recreated_from_raw} from the raw dataset,"
         f" {len(report.unrecoverable)} unrecoverable"

@@ -116,25 +116,14 @@ def open_selfnet_chain(
 ) -> tuple[ModelBundle, Runtime]:
     """The Self-Net bundle and its checked runtime for the output of bundle `first` (a 3D
     bundle): refused before anything runs when the grids do not meet."""
-    import math
-
     from livedecon.engines.backends import AccuracyGateError, open_runtime
     from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
+    from livedecon.engines.selfnet_bundle import check_chain
 
     try:
         path = find_bundle(then)
         selfnet = ModelBundle.load(path)
-        m, f = selfnet.manifest, first.manifest
-        if not m.is_selfnet:
-            raise ValueError(f"--then {then}: not a Self-Net bundle ({m.network.kind})")
-        if not f.is_3d:
-            raise ValueError(f"--then needs a 3D bundle first; {first.bundle_id} is 2D")
-        if not math.isclose(m.input_pixel_um, f.output_pixel_um, rel_tol=0.02):
-            raise ValueError(
-                f"--then {then}: Self-Net takes {m.input_pixel_um} um pixels, but"
-                f" {first.bundle_id} writes {f.output_pixel_um} um: train Self-Net on that"
-                " bundle's output"
-            )
+        check_chain(first, selfnet)
         runtime, _choice = open_runtime(selfnet, path, backend, max_batch=8)
     except (BundleError, AccuracyGateError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None

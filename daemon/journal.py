@@ -115,7 +115,22 @@ class AcquisitionRecord(_Record):
     spill_dir: str | None = Field(None, description="where the daemon spilled this acquisition")
     correction: Correction | None = Field(None, description="input corrections applied")
     ome_zarr: bool = Field(False, description="an OME-Zarr image beside each OME-TIFF file")
+    isotropic_bundle_path: str | None = Field(
+        None, description="the Self-Net bundle chained after the 3D model (None: no chain)"
+    )
+    output_z_count: int | None = Field(None, description="planes per restored stack (3d)")
+    output_z_step_um: float | None = Field(None, description="z step of the restored stacks")
     started_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @property
+    def stack_depth(self) -> int | None:
+        """Planes per restored stack as written (3d; a Self-Net chain writes more)."""
+        return self.output_z_count or self.plan.z_count
+
+    @property
+    def stack_z_step_um(self) -> float | None:
+        """The z step of the restored stacks as written."""
+        return self.output_z_step_um or self.plan.z_step_um
 
 
 class JournalEntry(_Record):

@@ -30,7 +30,12 @@ from livedecon.daemon.adaptation_scheduler import (
     adaptation_for,
 )
 from livedecon.daemon.journal import AcquisitionRecord, Journal
-from livedecon.daemon.processing import AdaptableProcessor, Processor, stack_volume
+from livedecon.daemon.processing import (
+    AdaptableProcessor,
+    Processor,
+    source_planes,
+    stack_volume,
+)
 from livedecon.daemon.protocol import AdaptationPlan, Axes, Header, Kind, Publication, Topic
 from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.spill import SpillStore
@@ -642,7 +647,12 @@ class Worker(threading.Thread):
                 len(present),
                 z_count,
             )
-        self._deliver_stack(acquisition, jobs, output[present], present, incomplete=not complete)
+        if len(output) == len(volume):  # planes as acquired: only the arrived ones are written
+            zs, sources = present, jobs
+        else:  # resampled along z (Self-Net): every plane, for its nearest arrived plane
+            zs = list(range(len(output)))
+            sources = [stack.planes[z] for z in source_planes(len(volume), len(output), present)]
+        self._deliver_stack(acquisition, sources, output, zs, incomplete=not complete)
         if complete:
             self._observe(acquisition, (jobs[0].header.axes or Axes()).time, volume)
 
@@ -654,14 +664,20 @@ class Worker(threading.Thread):
         zs: list[int],
         incomplete: bool,
     ) -> None:
+        """Publish the restored stack `output` (projections, and the whole volume on demand)
+        and write its planes `zs`, plane zs[i] for message jobs[i]."""
         last = jobs[-1]
         self._display(Topic.MIP, last, output.max(axis=0))
+        for topic, axis in ((Topic.MIP_XZ, 1), (Topic.MIP_YZ, 2)):
+            if self.publisher.wants(topic):
+                self._display(topic, last, output.max(axis=axis))
         if self.publisher.wants(Topic.VOLUME):
             self._display(Topic.VOLUME, last, output)
-        for i, (job, plane, z) in enumerate(zip(jobs, output, zs, strict=True)):
+        for i, (job, z) in enumerate(zip(jobs, zs, strict=True)):
             # A message's spill file goes with its last plane (a whole-stack message has many).
             again = any(other is job for other in jobs[i + 1 :])
-            self._save(acquisition, job, plane, z, () if again else (job.spill_path,), incomplete)
+            spill = () if again else (job.spill_path,)
+            self._save(acquisition, job, output[z], z, spill, incomplete)
         self._finished_frames(acquisition, len({id(job) for job in jobs}), last)
 
     @staticmethod
@@ -720,7 +736,7 @@ class Worker(threading.Thread):
             dtype=str(pixels.dtype),
             shape=tuple(pixels.shape),
             pixel_size_um=record.output_pixel_um if restored else record.input_pixel_um,
-            z_step_um=record.plan.z_step_um,
+            z_step_um=record.stack_z_step_um if restored else record.plan.z_step_um,
             timestamp_s=job.header.timestamp_s,
             published_s=0.0,
             bundle_id=processor.bundle_id if restored else "raw",

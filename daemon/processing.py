@@ -26,13 +26,15 @@ from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
 from livedecon.engines.enums import Backend, Precision
 from livedecon.engines.networks import input_multiple
 from livedecon.engines.runtime import Runtime
+from livedecon.engines.selfnet import axial_ratio, upsampled_depth
+from livedecon.engines.selfnet_bundle import check_chain, check_z_step, restore_isotropic
 from livedecon.engines.tiling import restore_batch_electrons, restore_electrons
 
 PHOTOELECTRONS = "photoelectrons per output pixel (float32)"
 CAMERA_COUNTS = "camera counts, unprocessed (pass-through)"
 
 
-def _nearest(present: list[int], z: int) -> int:
+def _nearest(present: list[int], z: float) -> int:
     """The arrived plane nearest to `z` (the lower one on a tie)."""
     return min(present, key=lambda p: abs(p - z))
 
@@ -110,9 +112,27 @@ class Processor(Protocol):
         output stores it as UINT16_BRIGHT_COUNTS counts)."""
         ...
 
+    @property
+    def axial_upsampling(self) -> float:
+        """Output planes per input z step (1: a stack keeps its planes; a Self-Net chain
+        resamples z to the lateral output pixel)."""
+        ...
+
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         """Same-shape raw items (Y, X) or (Z, Y, X) in, their restored planes out, in order."""
         ...
+
+
+def output_depth(processor: Processor, depth: int) -> int:
+    """Planes the processor makes of a stack of `depth` planes."""
+    return upsampled_depth(depth, processor.axial_upsampling)
+
+
+def source_planes(depth_in: int, depth_out: int, present: list[int]) -> list[int]:
+    """For each output plane of a stack, the arrived input plane nearest to it (its frame id,
+    time stamp and raw pixels stand for it in records and recovery)."""
+    step = (depth_in - 1) / (depth_out - 1) if depth_out > 1 else 0.0
+    return [_nearest(present, k * step) for k in range(depth_out)]
 
 
 @runtime_checkable
@@ -154,6 +174,7 @@ class PassThrough:
     is_3d: bool | None = None
     units: str = CAMERA_COUNTS
     bright_level: float = UINT16_BRIGHT_COUNTS  # uint16 output keeps the counts as they came
+    axial_upsampling: float = 1.0
     delay_s: float = 0.0  # stands in for a slow engine in overload tests and benchmarks
 
     @property
@@ -188,6 +209,7 @@ class ModelProcessor:
     correction: InputCorrection = field(default_factory=InputCorrection)
     name: str = "model"
     units: str = PHOTOELECTRONS
+    axial_upsampling: float = 1.0
     upscale: int = field(init=False)
     is_3d: bool = field(init=False)
 
@@ -268,6 +290,92 @@ class ModelProcessor:
         ]
 
 
+@dataclass
+class IsotropicProcessor:
+    """A 3D model, then Self-Net: each stack restored (denoised, deconvolved, 2x lateral),
+    then resampled along z to the lateral output pixel and made isotropic. Its weights do not
+    adapt (neither stage is fine-tuned between timepoints yet)."""
+
+    first: ModelProcessor
+    selfnet: ModelBundle
+    selfnet_dir: Path
+    runtime: Runtime
+    z_step_um: float  # of the stacks it restores: Self-Net undoes the blur of this z step
+    name: str = "3D model + Self-Net"
+    is_3d: bool = True
+    units: str = PHOTOELECTRONS  # per output pixel, of a plane at the acquired z step
+
+    @property
+    def bundle_id(self) -> str:
+        return f"{self.first.bundle_id}+{self.selfnet.bundle_id}"
+
+    @property
+    def weights_version(self) -> int:
+        return self.first.weights_version
+
+    @property
+    def upscale(self) -> int:
+        return self.first.upscale
+
+    @property
+    def backend(self) -> str:
+        return self.first.backend
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.first.bundle_dir
+
+    @property
+    def correction(self) -> InputCorrection:
+        return self.first.correction
+
+    @property
+    def trained_pixel_um(self) -> float:
+        return self.first.trained_pixel_um
+
+    @property
+    def bright_level(self) -> float:
+        return self.first.bright_level
+
+    @property
+    def axial_upsampling(self) -> float:
+        return axial_ratio(self.selfnet.manifest.input_pixel_um, self.z_step_um)
+
+    @property
+    def output_z_step_um(self) -> float:
+        return self.selfnet.manifest.input_pixel_um
+
+    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        restored = []
+        tile_px = self.first.tile_px
+        for volume in self.first.process(items):
+            # axial slices wider than an engine tile go through in blended lateral tiles
+            depth = upsampled_depth(len(volume), self.axial_upsampling)
+            tile = tile_px if max(depth, *volume.shape[1:]) > tile_px else None
+            isotropic = restore_isotropic(
+                self.selfnet, self.runtime.infer, volume, self.z_step_um, tile_px=tile
+            )
+            restored.append(isotropic)
+        return restored
+
+
+def open_isotropic(
+    first: ModelProcessor,
+    selfnet: str | Path,
+    z_step_um: float,
+    backend: Backend = Backend.AUTO,
+    precision: Precision | None = None,
+) -> IsotropicProcessor:
+    """`first` (a 3D model) chained with a Self-Net bundle for stacks of `z_step_um`: refused
+    (ValueError, BundleError) when the grids do not meet or the z step is not the trained one."""
+    selfnet_dir = find_bundle(selfnet)
+    loaded = ModelBundle.load(selfnet_dir)
+    check_chain(first.bundle, loaded)
+    z_step = check_z_step(loaded, z_step_um)
+    runtime, _ = open_runtime(loaded, selfnet_dir, backend, precision, max_batch=8)
+    return IsotropicProcessor(first, loaded, selfnet_dir, runtime, z_step)
+
+
 def open_processor(
     bundle: str | Path,
     backend: Backend = Backend.AUTO,
@@ -279,7 +387,8 @@ def open_processor(
 ) -> ModelProcessor:
     """A bundle on the chosen engine, through the accuracy gate. `bundle` is a model bundle
     (directory or shipped name) or a calibration bundle, whose model serves behind its camera
-    corrections (as `correction` chooses)."""
+    corrections (as `correction` chooses). Self-Net serves only chained after a 3D model
+    (`open_isotropic`)."""
     bundle_dir = find_bundle(bundle)
     calibration = None
     if is_calibration_bundle(bundle_dir):
@@ -287,10 +396,10 @@ def open_processor(
         bundle_dir = calibration.model_dir
     corrections = input_correction(correction or Correction(), calibration)
     loaded = ModelBundle.load(bundle_dir)
-    if loaded.manifest.is_selfnet:  # its chain after the 3D network is not composed yet
+    if loaded.manifest.is_selfnet:
         raise BundleError(
-            f"{bundle_dir}: Self-Net bundles are not served by the daemon yet; make volumes"
-            " isotropic offline with `livedecon restore`"
+            f"{bundle_dir}: a Self-Net bundle serves after a 3D model: start a 3d acquisition"
+            " with that model and `isotropic` naming this bundle in its plan"
         )
     runtime, choice = open_runtime(loaded, bundle_dir, backend, precision, frame_shapes, max_batch)
     return ModelProcessor(loaded, bundle_dir, runtime, choice.backend, tile_px, corrections)

@@ -135,11 +135,19 @@ class Plan(_Wire):
         " the units of one count (fixed per acquisition by the model's normalisation)",
     )
     adaptation: AdaptationPlan = Field(default_factory=AdaptationPlan)
+    isotropic: str | None = Field(
+        None,
+        min_length=1,
+        description="3d: a Self-Net bundle that makes each restored stack isotropic (the chain"
+        " ZS-DeconvNet 3D, then Self-Net); planes are then written at the lateral pixel size",
+    )
 
     @model_validator(mode="after")
     def _stacks_have_depth(self) -> Self:
         if self.mode == "3d" and (self.z_count is None or self.z_step_um is None):
             raise ValueError("a 3d plan needs z_count and z_step_um")
+        if self.isotropic is not None and self.mode != "3d":
+            raise ValueError("isotropic (a Self-Net chain) needs a 3d plan")
         return self
 
 
@@ -372,7 +380,11 @@ class Topic(StrEnum):
 
     RESTORED = "restored"
     RAW = "raw"
-    MIP = "mip"  # maximum-intensity projection of a restored volume
+    MIP = "mip"  # maximum-intensity projection of a restored volume along z (an xy image)
+    # ... along y, a (Z, X) image with z at the volume's z step, and along x, (Z, Y); ZMQ
+    # subscriptions match prefixes, so no topic name starts with another's
+    MIP_XZ = "xz-mip"
+    MIP_YZ = "yz-mip"
     VOLUME = "volume"
 
 

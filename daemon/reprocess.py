@@ -5,7 +5,9 @@ hold what it wrote; the difference is restored again from the raw pixels, taken 
 store (frames the daemon had parked on disk) or else from the raw dataset the acquisition
 software wrote: NDTiff (Micro-Manager / pycro-manager) or OME-Zarr (pymmcore-plus through
 ome-writers), read by `raw_datasets`. A 3D stack with a plane missing is restored whole, as the
-daemon would have, and only its missing planes are added.
+daemon would have, and only its missing planes are added. A Self-Net chain writes more planes
+than were acquired (z resampled to the lateral pixel); each stands for its nearest acquired
+plane, and a stack missing any of them is restored whole from all of its acquired planes.
 
 Each affected output file is rewritten next to itself and renamed over the old one, sorted by
 (time, z) and finalised as OME-TIFF, so a reprocess killed halfway leaves the old file intact
@@ -32,7 +34,15 @@ from livedecon.daemon.journal import (
     read_acquisition_record,
     read_journal,
 )
-from livedecon.daemon.processing import PassThrough, Processor, open_processor, stack_volume
+from livedecon.daemon.processing import (
+    PassThrough,
+    Processor,
+    open_isotropic,
+    open_processor,
+    output_depth,
+    source_planes,
+    stack_volume,
+)
 from livedecon.daemon.protocol import DTYPES, Header
 from livedecon.daemon.raw_datasets import RawDataset, RawDatasetError, open_raw_dataset
 from livedecon.daemon.spill import SpillStore
@@ -65,7 +75,8 @@ class ReprocessError(Exception):
 @dataclass
 class ReprocessReport:
     acknowledged: int = 0  # planes the daemon acknowledged (a (Z, Y, X) frame counts Z)
-    already_written: int = 0
+    restored_planes: int = 0  # planes they make: as many, or more in a Self-Net chain
+    already_written: int = 0  # of the restored planes
     recreated_from_spill: int = 0
     recreated_from_raw: int = 0
     unrecoverable: list[PlaneKey] = field(default_factory=list)  # (time, z, channel, position)
@@ -101,6 +112,36 @@ def _acknowledged(entries: list[JournalEntry]) -> dict[PlaneKey, _Acked]:
         else:
             planes[(axes.time, axes.z, axes.channel, axes.position)] = _Acked(entry, None)
     return planes
+
+
+def restored_planes(
+    record: AcquisitionRecord, acked: dict[PlaneKey, _Acked]
+) -> dict[PlaneKey, PlaneKey]:
+    """Every plane the acknowledged ones make, and the acknowledged plane it stands for
+    (records, raw pixels): itself, or in a Self-Net chain's resampled stacks the acquired
+    plane nearest to it (`processing.source_planes`, as the daemon maps them)."""
+    z_count, depth = record.plan.z_count, record.stack_depth
+    if record.plan.mode != "3d" or not z_count or not depth or depth == z_count:
+        return {key: key for key in acked}
+    stacks: dict[tuple[int, Any, Any], list[int]] = defaultdict(list)
+    for time, z, channel, position in acked:
+        stacks[(time, channel, position)].append(z)
+    restored = {}
+    for (time, channel, position), zs in stacks.items():
+        for k, z in enumerate(source_planes(z_count, depth, sorted(zs))):
+            restored[(time, k, channel, position)] = (time, z, channel, position)
+    return restored
+
+
+def _settled(
+    record: AcquisitionRecord, source: dict[PlaneKey, PlaneKey], on_disk: set[PlaneKey]
+) -> set[PlaneKey]:
+    """The acknowledged planes whose raw pixels nothing needs any more: their restored planes
+    are on disk; in a Self-Net chain, every restored plane of their stack."""
+    if record.isotropic_bundle_path is None:
+        return {source[k] for k in source if k in on_disk}
+    pending = {(s[0], s[2], s[3]) for k, s in source.items() if k not in on_disk}
+    return {s for s in source.values() if (s[0], s[2], s[3]) not in pending}
 
 
 class _Sources:
@@ -190,16 +231,21 @@ def _open_processor(
         return PassThrough()
     if record.bundle_path is None:
         raise ReprocessError(f"{record.acquisition_id}: the record names no model bundle")
-    processor = open_processor(
+    model = open_processor(
         record.bundle_path,
         backend,
         frame_shapes=tuple(sorted(shapes)),
         max_batch=BATCH,
         correction=record.correction,
     )
+    processor: Processor = model
+    if record.isotropic_bundle_path is not None:
+        assert record.plan.z_step_um is not None  # a 3d plan has one
+        selfnet, z_step = record.isotropic_bundle_path, record.plan.z_step_um
+        processor = open_isotropic(model, selfnet, z_step, backend)
     if processor.bundle_id != record.bundle_id:
         raise ReprocessError(
-            f"the bundle at {record.bundle_path} is now {processor.bundle_id}, but this"
+            f"the bundle(s) at {record.bundle_path} are now {processor.bundle_id}, but this"
             f" acquisition was restored with {record.bundle_id}: its weights changed since."
             " Restore the original bundle, or pass a processor explicitly to accept the new one"
         )
@@ -218,6 +264,7 @@ class _Rebuild:
         report: ReprocessReport,
     ) -> None:
         self.record, self.acked, self.sources = record, acked, sources
+        self.source = restored_planes(record, acked)  # restored plane -> acknowledged plane
         self.processor, self.report = processor, report
         self.done: set[PlaneKey] = set()
         self.reasons: dict[str, list[PlaneKey]] = defaultdict(list)
@@ -237,7 +284,7 @@ class _Rebuild:
 
     def _plane_record(self, key: PlaneKey, incomplete: bool = False) -> PlaneRecord:
         time, z, channel, position = key
-        entry = self.acked[key].entry
+        entry = self.acked[self.source[key]].entry
         return PlaneRecord(
             frame_id=entry.frame_id,
             time=time,
@@ -276,7 +323,8 @@ class _Rebuild:
 
     def _check(self, out: np.ndarray, shape: tuple[int, ...]) -> None:
         up = self.processor.upscale
-        expected = (*shape[:-2], shape[-2] * up, shape[-1] * up)
+        depth = (output_depth(self.processor, shape[0]),) if len(shape) == 3 else ()
+        expected = (*depth, shape[-2] * up, shape[-1] * up)
         if out.shape != expected:
             raise ReprocessError(
                 f"processor {self.processor.name} made shape {out.shape} from {shape};"
@@ -332,7 +380,7 @@ class _Rebuild:
         self._check(out, volume.shape)
         incomplete = not complete
         for key in missing:
-            self._made(key, sources[key[1]])
+            self._made(key, sources[self.source[key][1]])
             yield self._stored(key, out[key[1]], incomplete)
 
     def recreated(self, work: _Work) -> Iterator[tuple[PlaneRecord, np.ndarray]]:
@@ -494,10 +542,11 @@ def _recover(
 ) -> None:
     """Recreate every acknowledged plane not on disk into its file, then free the spill."""
     written = outputs.written()
-    missing = sorted((key for key in rebuild.acked if key not in written), key=lambda k: k[:2])
+    missing = sorted((key for key in rebuild.source if key not in written), key=lambda k: k[:2])
     report = rebuild.report
     report.acknowledged = len(rebuild.acked)
-    report.already_written = len(rebuild.acked) - len(missing)
+    report.restored_planes = len(rebuild.source)
+    report.already_written = len(rebuild.source) - len(missing)
     rebuild.set_progress(progress, len(missing))
     todo = _sourced(outputs, rebuild, missing)
     if todo and not processor_given:
@@ -508,7 +557,8 @@ def _recover(
         copied = complete_images(tiffs, rebuild.record)
         report.notes.append(f"OME-Zarr images complete ({copied} plane(s) copied in)")
     rebuild.explain()
-    _release_spill(rebuild.sources, written | rebuild.done, report)
+    settled = _settled(rebuild.record, rebuild.source, written | rebuild.done)
+    _release_spill(rebuild.sources, settled, report)
 
 
 def _sourced(outputs: _Outputs, rebuild: _Rebuild, missing: list[PlaneKey]) -> list[PlaneKey]:
@@ -517,7 +567,9 @@ def _sourced(outputs: _Outputs, rebuild: _Rebuild, missing: list[PlaneKey]) -> l
     blocked = {k for k in missing if output_path(directory, k[3], k[2]) in outputs.untouchable}
     if blocked:
         rebuild.lost(sorted(blocked, key=lambda k: k[:2]), "its output file is not livedecon's")
-    unsourced = [k for k in missing if k not in blocked and sources.where(k) is None]
+    unsourced = [
+        k for k in missing if k not in blocked and sources.where(rebuild.source[k]) is None
+    ]
     if unsourced:
         where = "the raw dataset" if sources.has_raw else "a raw dataset (no --raw given)"
         rebuild.lost(unsourced, f"in neither the spill store nor {where}")
@@ -529,7 +581,8 @@ def _shapes(rebuild: _Rebuild, todo: list[PlaneKey]) -> set[tuple[int, ...]]:
     """The item shapes the processor will see: frames, or whole stacks in 3D."""
     plan = rebuild.record.plan
     depth = plan.z_count if plan.mode == "3d" else None
-    return {(depth, *rebuild.acked[k].shape) if depth else rebuild.acked[k].shape for k in todo}
+    shapes = {rebuild.acked[rebuild.source[k]].shape for k in todo}
+    return {(depth, *shape) if depth else shape for shape in shapes}
 
 
 def _work(directory: Path, record: AcquisitionRecord, todo: list[PlaneKey]) -> dict[Path, _Work]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import threading
@@ -43,15 +44,20 @@ from livedecon.daemon.pipeline import (
 )
 from livedecon.daemon.processing import (
     AdaptableProcessor,
+    IsotropicProcessor,
+    ModelProcessor,
     PassThrough,
     Processor,
+    open_isotropic,
     open_processor,
+    output_depth,
 )
 from livedecon.daemon.protocol import (
     AdaptationPlan,
     ErrorCode,
     Header,
     Kind,
+    Plan,
     ProtocolError,
     Reply,
     decode,
@@ -62,7 +68,9 @@ from livedecon.daemon.security import server_security
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.telemetry import Metrics
 from livedecon.daemon.writer import output_path
+from livedecon.engines.bundle import BundleError
 from livedecon.engines.ome_tiff import PIXEL_SIZE_TOLERANCE
+from livedecon.engines.selfnet import MIN_PLANES as MIN_ISOTROPIC_PLANES
 
 log = logging.getLogger(__name__)
 PASS_THROUGH = "pass-through"
@@ -105,6 +113,7 @@ class Daemon:
         self.active: dict[str, Acquisition] = {}
         self.ended: dict[str, Acquisition] = {}
         self._processors: dict[str, Processor] = {}
+        self._chains: dict[tuple[str, str, float], IsotropicProcessor] = {}
         self._segments: dict[str, shared_memory.SharedMemory] = {}
         self._stopping = threading.Event()
         self._refusal_window: list = [0.0, 0, 0]  # window start, lines logged, not logged
@@ -410,6 +419,8 @@ class Daemon:
         if plan.save:
             self.free.promise(self.root, 0, f"acquisition {acquisition_id!r}")
         processor = self._processor(plan.model or self.default_model)
+        if plan.isotropic is not None:
+            processor = self._isotropic(processor, plan)
         if processor.is_3d is not None and processor.is_3d != (plan.mode == "3d"):
             raise ProtocolError(
                 ErrorCode.PLAN_MISMATCH,
@@ -441,12 +452,21 @@ class Daemon:
             units=processor.units,
             spill_dir=str(self.spill_root),
             ome_zarr=self.config.storage.ome_zarr,
+            isotropic_bundle_path=(
+                str(processor.selfnet_dir) if isinstance(processor, IsotropicProcessor) else None
+            ),
+            output_z_count=output_depth(processor, plan.z_count) if plan.z_count else None,
+            output_z_step_um=(
+                processor.output_z_step_um
+                if isinstance(processor, IsotropicProcessor)
+                else plan.z_step_um
+            ),
         )
         adaptable: AdaptableProcessor | None = None
         if plan.adaptation.mode != "off":
             if not isinstance(processor, AdaptableProcessor):
                 raise ProtocolError(
-                    ErrorCode.PLAN_MISMATCH, f"{processor.name} has nothing to adapt"
+                    ErrorCode.PLAN_MISMATCH, f"{processor.name} cannot adapt its weights"
                 )
             processor = adaptable = processor.fork()  # its weights will change
         journal = None
@@ -539,6 +559,9 @@ class Daemon:
         reserve; checked against a cached free-space figure (daemon/diskspace.py). Returns the
         restored bytes promised."""
         planes = pixels.shape[0] if pixels.ndim == 3 else 1
+        record = acquisition.record
+        if record.plan.z_count and record.stack_depth:  # a Self-Net chain writes more planes
+            planes = math.ceil(planes * record.stack_depth / record.plan.z_count)
         upscale = acquisition.processor.upscale
         plane_px = pixels.shape[-1] * pixels.shape[-2] * upscale * upscale
         restored = planes * planned_plane_bytes(plane_px)
@@ -632,9 +655,8 @@ class Daemon:
                 )
         elif action == "set":
             if not isinstance(acquisition.processor, AdaptableProcessor):
-                raise ProtocolError(
-                    ErrorCode.PLAN_MISMATCH, f"{acquisition.processor.name} has nothing to adapt"
-                )
+                name = acquisition.processor.name
+                raise ProtocolError(ErrorCode.PLAN_MISMATCH, f"{name} cannot adapt its weights")
             try:
                 AdaptationPlan.model_validate(request.get("plan", {}))
             except ValidationError as exc:
@@ -683,6 +705,40 @@ class Daemon:
                 raise ProtocolError(ErrorCode.MODEL, f"cannot load model {name!r}: {exc}") from exc
         self._processors[name] = processor
         return processor
+
+    def _isotropic(self, first: Processor, plan: Plan) -> IsotropicProcessor:
+        """The plan's model chained with its Self-Net bundle, for stacks of its z step."""
+        assert plan.isotropic is not None
+        assert plan.z_step_um is not None  # a 3d plan has one
+        if not isinstance(first, ModelProcessor) or not first.is_3d:
+            raise ProtocolError(
+                ErrorCode.PLAN_MISMATCH,
+                f"isotropic {plan.isotropic!r}: Self-Net follows a 3D model; {first.bundle_id}"
+                " is not one",
+            )
+        if (plan.z_count or 0) < MIN_ISOTROPIC_PLANES:
+            raise ProtocolError(
+                ErrorCode.PLAN_MISMATCH,
+                f"isotropic {plan.isotropic!r}: Self-Net needs stacks of at least"
+                f" {MIN_ISOTROPIC_PLANES} planes; the plan has {plan.z_count}",
+            )
+        key = (first.bundle_id, plan.isotropic, plan.z_step_um)
+        if key not in self._chains:
+            model = self.config.model
+            try:
+                chain = open_isotropic(
+                    first, plan.isotropic, plan.z_step_um, model.backend, model.precision
+                )
+            except (ValueError, BundleError) as exc:
+                raise ProtocolError(
+                    ErrorCode.PLAN_MISMATCH, f"isotropic {plan.isotropic!r}: {exc}"
+                ) from None
+            except Exception as exc:
+                raise ProtocolError(
+                    ErrorCode.MODEL, f"cannot load Self-Net bundle {plan.isotropic!r}: {exc}"
+                ) from exc
+            self._chains[key] = chain
+        return self._chains[key]
 
     def _load_model(self, request: dict[str, Any]) -> Reply:
         name = request.get("bundle")

@@ -382,8 +382,8 @@ def ome_xml(
             latest[(record.time, record.z)] = ifd
     plan = acquisition.plan
     size_z = max(z for _, z in latest) + 1
-    if plan.mode == "3d" and plan.z_count:
-        size_z = max(size_z, plan.z_count)
+    if plan.mode == "3d" and acquisition.stack_depth:
+        size_z = max(size_z, acquisition.stack_depth)
     first = next(r for r in records if r is not None)
     ordered = sorted(latest.items())
     models: dict[tuple[str, int], str] = {}
@@ -416,7 +416,7 @@ def ome_xml(
         size_t=max(t for t, _ in latest) + 1,
         physical_size_x=acquisition.output_pixel_um,
         physical_size_y=acquisition.output_pixel_um,
-        physical_size_z=plan.z_step_um if plan.mode == "3d" else None,
+        physical_size_z=acquisition.stack_z_step_um if plan.mode == "3d" else None,
         time_increment=plan.time_interval_s,
         big_endian=False,
         interleaved=False,

@@ -45,7 +45,7 @@ def _ngff(name: str, acquisition: AcquisitionRecord) -> dict[str, Any]:
     interval = plan.time_interval_s
     scale = {"T": interval or 1.0}
     if plan.mode == "3d":
-        scale["Z"] = plan.z_step_um or 1.0
+        scale["Z"] = acquisition.stack_z_step_um or 1.0
     scale["Y"] = scale["X"] = acquisition.output_pixel_um
     return ngff_image(name, scale, ARRAY, time_unit="second" if interval else None)
 
@@ -77,7 +77,7 @@ class ZarrImage:
                     f" {shape} {dtype}; move it away"
                 )
         else:  # new, or the group of a writer killed before it made the array
-            depth = (self.acquisition.plan.z_count or 1,) if self.is_3d else ()
+            depth = (self.acquisition.stack_depth or 1,) if self.is_3d else ()
             array = group.create_array(
                 ARRAY,
                 shape=(0, *depth, *shape),

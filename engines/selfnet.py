@@ -133,6 +133,9 @@ class PatchDiscriminator(nn.Module):
 # -- slicing -----------------------------------------------------------------------------------
 
 
+MIN_PLANES = 4  # the fewest planes a volume needs for axial slices worth restoring
+
+
 def axial_ratio(lateral_um: float, z_step_um: float) -> float:
     """How many lateral pixels one z step spans; Self-Net needs it above 1."""
     if lateral_um <= 0 or z_step_um <= 0:
@@ -171,8 +174,8 @@ def check_volume(volume: np.ndarray, what: str = "volume") -> np.ndarray:
             f"{what}: Self-Net takes one volume (Z, Y, X), got shape {volume.shape}"
             + (" (a single 2D frame has no axial slices)" if volume.ndim == 2 else "")
         )
-    if volume.shape[0] < 4:
-        raise ValueError(f"{what}: {volume.shape[0]} planes; Self-Net needs at least 4")
+    if volume.shape[0] < MIN_PLANES:
+        raise ValueError(f"{what}: {volume.shape[0]} planes; Self-Net needs at least {MIN_PLANES}")
     if min(volume.shape[1:]) < 8:
         raise ValueError(f"{what}: lateral size {volume.shape[1:]} is below 8 pixels")
     volume = volume.astype(np.float32, copy=False)

@@ -86,6 +86,22 @@ def check_z_step(bundle: ModelBundle, z_step_um: float | None) -> float:
     return z_step_um
 
 
+def check_chain(first: ModelBundle, selfnet: ModelBundle) -> None:
+    """Refuse a chain whose grids do not meet: Self-Net after a 3D bundle must have learned
+    from volumes at that bundle's output pixel size (ValueError saying what to do)."""
+    m, f = selfnet.manifest, first.manifest
+    if not m.is_selfnet:
+        raise ValueError(f"{selfnet.bundle_id} is not a Self-Net bundle ({m.network.kind})")
+    if not f.is_3d:
+        raise ValueError(f"a Self-Net chain needs a 3D bundle first; {first.bundle_id} is 2D")
+    if not math.isclose(m.input_pixel_um, f.output_pixel_um, rel_tol=0.02):
+        raise ValueError(
+            f"Self-Net bundle {selfnet.bundle_id} takes {m.input_pixel_um} um pixels, but"
+            f" {first.bundle_id} writes {f.output_pixel_um} um: train Self-Net on that"
+            " bundle's output"
+        )
+
+
 def restore_isotropic(
     bundle: ModelBundle,
     infer: Infer,

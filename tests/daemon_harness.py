@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import zmq
 
 from livedecon.daemon.daemon_config import DaemonConfig
 from livedecon.daemon.launcher import DaemonProcess, free_tcp_endpoint, spawn_daemon
+from livedecon.daemon.protocol import Topic, decode_publication
 
 
 def process_memory_mb(daemon: DaemonProcess, field: str) -> float:
@@ -43,3 +45,20 @@ def start_daemon(
         }
     )
     return spawn_daemon(config, tmp_path, secure=secure)
+
+
+def subscriber(daemon: DaemonProcess, *topics: Topic) -> zmq.Socket:
+    socket = zmq.Context.instance().socket(zmq.SUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(daemon.publish)
+    for topic in topics:
+        socket.subscribe(topic.value.encode())
+    time.sleep(0.3)  # let the subscription reach the daemon's XPUB
+    return socket
+
+
+def receive_all(socket: zmq.Socket, quiet_ms: int = 500) -> list:
+    received = []
+    while socket.poll(quiet_ms):
+        received.append(decode_publication(socket.recv_multipart()))
+    return received

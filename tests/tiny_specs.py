@@ -2,6 +2,7 @@
 quality (export, runtimes, TensorRT logic, batch): a few hundred parameters, instant on a CPU."""
 
 from livedecon.engines.networks import Network2DSpec, Network3DSpec, UNetSpec
+from livedecon.engines.selfnet import SelfNetSpec
 
 TINY_2D = Network2DSpec(
     kind="zs-deconvnet-2d-fast",
@@ -9,3 +10,4 @@ TINY_2D = Network2DSpec(
     tail_width=8,
 )
 TINY_3D = Network3DSpec(width=4, residual_groups=1, blocks_per_group=1, attention_reduction=2)
+TINY_SELFNET = SelfNetSpec(width=8, blocks=1)

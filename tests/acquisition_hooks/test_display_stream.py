@@ -200,6 +200,11 @@ def test_layer_geometry_overlays_restored_pixels_on_the_raw_ones():
     volume = publication(Topic.VOLUME, 0, np.zeros((5, 8, 8), np.float32), pixel_size_um=0.05)
     volume = volume.model_copy(update={"z_step_um": 0.2})
     assert layer_geometry(volume) == ((0.2, 0.05, 0.05), (0.0, 0.025, 0.025))
+    # xz and yz projections: rows are planes at the z step, so a stack shows at its true aspect
+    for topic in (Topic.MIP_XZ, Topic.MIP_YZ):
+        side = publication(topic, 0, np.zeros((5, 8), np.float32), pixel_size_um=0.05)
+        side = side.model_copy(update={"z_step_um": 0.2})
+        assert layer_geometry(side) == ((0.2, 0.05), (0.0, 0.025))
 
 
 def test_contrast_limits_ignore_outliers_and_never_collapse():

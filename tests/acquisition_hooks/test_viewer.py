@@ -336,7 +336,13 @@ def test_3d_shows_the_projection_and_browsable_slices_of_the_newest_volume(make_
     }
 
     def send() -> None:
-        for topic, pixels in ((Topic.MIP, volume.max(axis=0)), (Topic.VOLUME, volume)):
+        views = (
+            (Topic.MIP, volume.max(axis=0)),
+            (Topic.MIP_XZ, volume.max(axis=1)),
+            (Topic.MIP_YZ, volume.max(axis=2)),
+            (Topic.VOLUME, volume),
+        )
+        for topic, pixels in views:
             header = Publication(topic=topic, shape=pixels.shape, published_s=time.time(), **fields)
             socket.send_multipart(encode_publication(header, pixels))
 
@@ -344,7 +350,7 @@ def test_3d_shows_the_projection_and_browsable_slices_of_the_newest_volume(make_
         for _ in range(100):
             send()
             qtbot.wait(50)
-            if len(widget.layers()) == 2:
+            if len(widget.layers()) == 4:
                 break
     finally:
         socket.close(linger=0)
@@ -353,6 +359,9 @@ def test_3d_shows_the_projection_and_browsable_slices_of_the_newest_volume(make_
     assert mip.ndim == 2
     assert stack.ndim == 3
     np.testing.assert_allclose(stack.scale, [0.3, 0.05, 0.05])
+    for name in ("restored MIP xz", "restored MIP yz"):  # z rows at the z step: true aspect
+        assert layers[name].data.shape == (volume.shape[0], volume.shape[2])
+        np.testing.assert_allclose(layers[name].scale, [0.3, 0.05])
     viewer = widget.viewer
     assert viewer.dims.ndim == 3
     assert viewer.dims.current_step[0] == 4  # the middle plane

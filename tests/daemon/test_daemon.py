@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import zmq
-from daemon_harness import process_memory_mb, start_daemon
+from daemon_harness import process_memory_mb, receive_all, start_daemon, subscriber
 from plane_records import assert_same_as_tiff
 
 from livedecon.daemon.client import DaemonClient, DaemonError, DaemonUnavailable
@@ -21,7 +21,6 @@ from livedecon.daemon.protocol import (
     ErrorCode,
     Plan,
     Topic,
-    decode_publication,
     frame_header,
 )
 from livedecon.daemon.writer import in_units, output_path, read_planes
@@ -44,23 +43,6 @@ def pass_through(tmp_path_factory) -> DaemonProcess:
 def frames(n: int, shape=(32, 32), seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(100, 1000, shape).astype(np.uint16) for _ in range(n)]
-
-
-def subscriber(daemon: DaemonProcess, *topics: Topic) -> zmq.Socket:
-    socket = zmq.Context.instance().socket(zmq.SUB)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(daemon.publish)
-    for topic in topics:
-        socket.subscribe(topic.value.encode())
-    time.sleep(0.3)  # let the subscription reach the daemon's XPUB
-    return socket
-
-
-def receive_all(socket: zmq.Socket, quiet_ms: int = 500) -> list:
-    received = []
-    while socket.poll(quiet_ms):
-        received.append(decode_publication(socket.recv_multipart()))
-    return received
 
 
 @pytest.mark.parametrize("output_dtype", ["float32", "uint16"])
@@ -179,7 +161,7 @@ def test_client_errors_carry_the_daemons_sentence_and_control_calls_work(pass_th
             client.load_model("no-such-bundle")
         assert caught.value.code == "model"
         client.start("errors", Plan(pixel_size_um=0.1))
-        with pytest.raises(DaemonError, match="pass-through has nothing to adapt"):
+        with pytest.raises(DaemonError, match="pass-through cannot adapt its weights"):
             client.adaptation("set", plan={"mode": "adapt"})
         assert client.adaptation() == {"mode": "off"}
         with pytest.raises(DaemonError, match="already exists"):

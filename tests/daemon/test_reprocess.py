@@ -178,6 +178,7 @@ class StackModel:
     is_3d: bool | None = True
     units: str = "test units"
     bright_level: float = 100.0
+    axial_upsampling: float = 1.0
     calls: list[tuple[int, ...]] = field(default_factory=list)
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
@@ -236,6 +237,71 @@ def test_3d_stack_with_missing_planes_is_restored_whole(tmp_path: Path) -> None:
         assert tif.series[0].shape == (3, 4, 32, 32)
         pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
     assert (pixels["PhysicalSizeX"], pixels["PhysicalSizeZ"]) == (0.0325, 0.3)
+    assert reprocess(directory, raw, processor=model).files == []
+
+
+@dataclass
+class IsotropicModel(StackModel):
+    """A stand-in Self-Net chain: every stack resampled to twice its planes, less one."""
+
+    bundle_id: str = "stack-model@0123+sn@4567"
+    axial_upsampling: float = 2.0
+
+    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        self.calls.extend(item.shape for item in items)
+        outputs = []
+        for item in items:
+            up = np.kron(item.astype(np.float32), np.ones((1, 2, 2), np.float32))
+            between = 0.5 * (up[1:] + up[:-1])
+            resampled = np.empty((2 * len(up) - 1, *up.shape[1:]), np.float32)
+            resampled[0::2], resampled[1::2] = up, between
+            outputs.append(resampled + np.float32(item.mean()))
+        return outputs
+
+
+def test_a_self_net_chain_recreates_every_resampled_plane(tmp_path: Path) -> None:
+    """7 planes written per stack of 4: a stack missing any is restored whole from its
+    acquired planes, and each recreated plane carries its nearest acquired plane's record."""
+    model = IsotropicModel()
+    stacks = {t: raw_frame(20 + t, (4, 16, 16)) for t in range(2)}
+    frames = [(Axes(time=t, z=z), stacks[t][z]) for t in range(2) for z in range(4)]
+    acq = record(
+        "3d",
+        processor="model",
+        bundle_id=model.bundle_id,
+        output_pixel_um=0.0325,
+        isotropic_bundle_path="/bundles/sn",
+        output_z_count=7,
+        output_z_step_um=0.15,
+    )
+    directory = acquisition(tmp_path, acq, frames)
+    path = output_path(directory, 0, 0)
+    restored_0 = model.process([stacks[0]])[0]
+    kept = [(plane_record(z // 2, Axes(time=0), z=z), restored_0[z]) for z in range(5)]
+    crashed_file(path, kept)  # stack 0: planes 5 and 6 lost; stack 1: all of it
+    raw = ndtiff(
+        tmp_path, {(t, z): stacks[t][z] for t in range(2) for z in range(4)}, ("time", "z")
+    )
+    model.calls.clear()
+
+    report = reprocess(directory, raw, processor=model)
+
+    assert report.unrecoverable == []
+    assert (report.acknowledged, report.restored_planes, report.already_written) == (8, 14, 5)
+    assert report.recreated_from_raw == 2 + 7
+    assert model.calls == [(4, 16, 16)] * 2
+    planes = {(r.time, r.z): (r, pixels) for r, pixels in read_planes(path)}
+    assert list(planes) == [(t, z) for t in range(2) for z in range(7)]
+    restored_1 = model.process([stacks[1]])[0]
+    for z in range(7):
+        np.testing.assert_allclose(planes[(0, z)][1], restored_0[z], rtol=1e-6)
+        np.testing.assert_allclose(planes[(1, z)][1], restored_1[z], rtol=1e-6)
+    # output plane k lies at acquired z = k / 2: frame ids of the nearest (lower on a tie)
+    assert [planes[(1, z)][0].frame_id for z in range(7)] == [4, 4, 5, 5, 6, 6, 7]
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].shape == (2, 7, 32, 32)
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert pixels["PhysicalSizeZ"] == 0.15
     assert reprocess(directory, raw, processor=model).files == []
 
 

@@ -173,7 +173,7 @@ def test_daemon_refuses_selfnet_bundles_clearly(tmp_path: Path):
     from livedecon.daemon.processing import open_processor
 
     path = _bundle(SelfNetRestorer(TINY), confocal_volume().electrons).save(tmp_path / "sn")
-    with pytest.raises(BundleError, match="not served by the daemon yet"):
+    with pytest.raises(BundleError, match="serves after a 3D model"):
         open_processor(path, backend="torch")
 
 
