@@ -2,7 +2,8 @@
 
 The simulator renders the project's synthetic specimen (filaments and puncta,
 calibration/sample.py) on an isotropic grid (z spacing = lateral pixel), blurs it with the
-theoretical 3D PSF of the optics (calibration/psf.py, widefield or confocal), keeps every
+theoretical 3D PSF of the optics (calibration/psf.py: widefield, confocal, or light-sheet:
+widefield detection under a Gaussian sheet), keeps every
 `ratio`-th plane (a z step coarser than the pixel, as microscopes acquire) and puts it through
 the camera (calibration/forward_model.camera_counts: Poisson, read noise, gain, offset).
 
@@ -32,7 +33,7 @@ from livedecon.calibration.psf import fwhm_px, theoretical_psf
 from livedecon.calibration.sample import SyntheticSample
 from livedecon.engines.configfile import StrictModel
 
-Modality = Literal["widefield", "confocal"]
+Modality = Literal["widefield", "confocal", "light-sheet"]
 
 
 class AnisotropicScene(StrictModel):
@@ -42,6 +43,7 @@ class AnisotropicScene(StrictModel):
     na: float = Field(1.4, gt=0, lt=1.5)
     emission_um: float = 0.525
     excitation_um: float = 0.488
+    sheet_fwhm_um: float = Field(1.0, gt=0, description="light-sheet thickness (FWHM)")
     pixel_um: float = Field(0.1, gt=0, description="lateral pixel, also the truth's z spacing")
     ratio: int = Field(3, ge=2, le=8, description="z step in lateral pixels")
     size_px: int = Field(64, ge=16, le=1024)
@@ -69,11 +71,11 @@ class AnisotropicScene(StrictModel):
         return (self.planes - 1) * self.ratio + 1
 
     def optics(self) -> Optics:
-        extra = (
-            {"modality": "confocal", "excitation_um": self.excitation_um, "pinhole_au": 1.0}
-            if self.modality == "confocal"
-            else {}
-        )
+        extra: dict[str, object] = {}
+        if self.modality == "confocal":
+            extra = {"modality": "confocal", "excitation_um": self.excitation_um}
+        elif self.modality == "light-sheet":
+            extra = {"modality": "light-sheet", "sheet_fwhm_um": self.sheet_fwhm_um}
         return Optics(
             na=self.na,
             emission_um=self.emission_um,

@@ -23,9 +23,12 @@ class Optics(StrictModel):
     sample_ri: float = Field(1.33, ge=1.0, le=2.0, description="sample refractive index")
     pixel_size_um: float = Field(0.065, gt=0, lt=10, description="camera pixel at the sample")
     z_step_um: float = Field(0.2, gt=0, lt=50, description="axial step of z-stacks")
-    modality: Literal["widefield", "tirf", "confocal"] = "widefield"
+    modality: Literal["widefield", "tirf", "confocal", "light-sheet"] = "widefield"
     excitation_um: float | None = Field(None, gt=0.2, lt=2.0, description="confocal only")
     pinhole_au: float = Field(1.0, gt=0, le=10, description="confocal pinhole, Airy units")
+    sheet_fwhm_um: float = Field(
+        1.5, gt=0, lt=50, description="light-sheet only: thickness (FWHM) at the field's centre"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Optics:

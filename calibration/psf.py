@@ -69,6 +69,11 @@ def theoretical_psf(
         # TIRF restricts the excitation to a thin layer; detection is the widefield PSF.
         stack = psfmodels.make_psf(planes.tolist(), wvl=optics.emission_um, **common)
     stack = np.clip(np.asarray(stack, dtype=np.float64), 0.0, None)
+    if optics.modality == "light-sheet":
+        # A sheet in the focal plane lights an emitter at offset z by its Gaussian profile;
+        # detection is widefield. (A real sheet thickens away from its waist: not modelled.)
+        sigma = optics.sheet_fwhm_um / (2 * np.sqrt(2 * np.log(2)))
+        stack *= np.exp(-0.5 * (planes / sigma) ** 2)[:, None, None]
     in_focus_sum = stack[0].sum()
     if not np.isfinite(in_focus_sum) or in_focus_sum <= 0:
         raise ValueError(f"PSF model returned an unusable result for {optics}")

@@ -149,9 +149,9 @@ def restore_selfnet_command(
 
 
 def bench_selfnet_command(
-    modalities: Annotated[str, typer.Option(help="comma list of widefield, confocal")] = (
-        "widefield,confocal"
-    ),
+    modalities: Annotated[
+        str, typer.Option(help="comma list of widefield, confocal, light-sheet")
+    ] = ("widefield,confocal"),
     methods: Annotated[str, typer.Option(help="comma list of selfnet-fast, selfnet")] = (
         "selfnet-fast,selfnet"
     ),
