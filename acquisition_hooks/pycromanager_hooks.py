@@ -216,13 +216,15 @@ def livedecon_hooks(
     retry_s: float = 2.0,
     end_wait_s: float | None = None,
     source: FrameSource = "processor",
+    isotropic: str | None = None,
     **stream_options: Any,
 ) -> PycromanagerHooks:
     """Hooks for a pycromanager `Acquisition` of `events` on `core` (an MMCore, Java or
     Python), streaming to the daemon at `address`. `mode` 'auto': 3D when the events have
     z-stacks (the daemon then needs a 3D model); '2d' restores every plane on its own.
     `source` "saved" reads frames back from the saved dataset instead of the image processor
-    (see the module's docstring)."""
+    (see the module's docstring). `isotropic`: a Self-Net bundle the daemon chains after the
+    3D model, writing isotropic volumes."""
     if not isinstance(events, list):
         raise TypeError("pass the events as a list (e.g. from multi_d_acquisition_events)")
     pixel_size = float(
@@ -231,6 +233,8 @@ def livedecon_hooks(
     if pixel_size <= 0:
         raise ValueError("the core has no pixel size calibration; set one in Micro-Manager")
     plan, per_timepoint = plan_from_events(events, pixel_size, mode, model)
+    if isotropic is not None:
+        plan = Plan.model_validate(plan.model_dump() | {"isotropic": isotropic})
     stream = DaemonStream(
         acquisition_id or new_acquisition_id(),
         plan,

@@ -52,6 +52,9 @@ class SequenceOptions(StrictModel):
 
     mode: Mode | None = Field(None, description="2d frames or 3d stacks; None: the handler's")
     model: str | None = Field(None, description="bundle to use; None: the handler's/daemon's")
+    isotropic: str | None = Field(
+        None, description="3d: a Self-Net bundle to chain after the model; None: the handler's"
+    )
     acquisition_id: str | None = Field(None, min_length=1, max_length=128)
     output_dir: str | None = Field(None, description="relative to the daemon's output root")
     save: bool | None = Field(None, description="False: display only")
@@ -133,9 +136,11 @@ class LivedeconHandler:
         timeout_s: float = 1.0,
         retry_s: float = 2.0,
         end_wait_s: float | None = None,
+        isotropic: str | None = None,
         **stream_options: Any,
     ) -> None:
         self.core, self.address, self.mode, self.model = core, address, mode, model
+        self.isotropic = isotropic  # a Self-Net bundle chained after a 3D model
         self.acquisition_id = acquisition_id
         self.end_wait_s = end_wait_s
         self._options = {"timeout_s": timeout_s, "retry_s": retry_s, **stream_options}
@@ -187,6 +192,7 @@ class LivedeconHandler:
             "output_dir": options.output_dir,
             "save": options.save,
             "output_dtype": options.output_dtype,
+            "isotropic": options.isotropic or self.isotropic,
         }
         plan = plan.model_copy(update={k: v for k, v in updates.items() if v is not None})
         return plan, per_timepoint

@@ -86,6 +86,12 @@ def test_the_handler_plans_from_summary_metadata_and_sequence_options():
     assert plan.output_dtype == "uint16"
     with pytest.raises(ValueError, match="no pixel size"):
         LivedeconHandler().plan(sequence, {"image_infos": ()})
+    # the Self-Net chain: the handler's choice, overridden by the sequence's
+    stacks = MDASequence(z_plan={"range": 0.8, "step": 0.2})
+    plan, _ = LivedeconHandler(isotropic="sn-a").plan(stacks, summary)
+    assert (plan.mode, plan.z_count, plan.isotropic) == ("3d", 5, "sn-a")
+    chosen = stacks.model_copy(update={"metadata": {"livedecon": {"isotropic": "sn-b"}}})
+    assert LivedeconHandler(isotropic="sn-a").plan(chosen, summary)[0].isotropic == "sn-b"
     bad = MDASequence(metadata={"livedecon": {"mode": "4d"}})
     with pytest.raises(ValueError, match=r"(?s)metadata\['livedecon'\].*mode"):
         sequence_options(bad)
