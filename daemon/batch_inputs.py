@@ -179,6 +179,11 @@ def plan_sources(inputs: Sequence[str | Path], out: Path, bundle: ModelBundle) -
     if len(set(outputs)) != len(outputs):
         raise ValueError("two inputs have the same name: their outputs would collide")
     manifest = bundle.manifest
+    if manifest.is_selfnet:  # its network restores axial slices, not the frames batch tiles
+        raise ValueError(
+            f"bundle {bundle.bundle_id} is a Self-Net model, which batch does not run yet:"
+            " make volumes isotropic with `livedecon restore` (or live, in the daemon)"
+        )
     need = 3 if manifest.is_3d else 2
     sources = []
     for path, output in zip(paths, outputs, strict=True):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from tiny_specs import TINY_2D, TINY_3D
+from tiny_specs import TINY_2D, TINY_3D, TINY_SELFNET
 
 from livedecon.daemon import batch
 from livedecon.daemon.batch import BatchOptions, run_batch
@@ -305,3 +305,23 @@ def test_a_worker_killed_mid_run_loses_no_chunk(client, bundles, tmp_path):
     _assert_close(out[:], _reference(bundles["2d"], tif, tmp_path))
     records = list((tmp_path / "k.ome.zarr" / batch.RECORDS).glob("*/zarr.json"))
     assert len(records) == summary.chunks_total
+
+
+def test_a_self_net_bundle_is_refused_not_run_on_frames(tmp_path):
+    """Self-Net restores axial slices: tiling its frames would write a wrong volume."""
+    from livedecon.daemon.batch_inputs import plan_sources
+    from livedecon.engines.selfnet import SelfNetRestorer
+    from livedecon.engines.selfnet_bundle import selfnet_bundle, volume_normalisation
+
+    volume = np.random.default_rng(0).gamma(2.0, 10.0, (8, 32, 32)).astype(np.float32)
+    bundle = selfnet_bundle(
+        SelfNetRestorer(TINY_SELFNET),
+        name="sn",
+        pixel_um=0.1,
+        z_step_um=0.3,
+        normalisation=volume_normalisation(volume),
+        training=TrainingRecord.now(data=["test"], config={}, iterations=0),
+    )
+    raw = write_ome_tiff(tmp_path / "v.ome.tif", volume, "ZYX", 0.1, z_step_um=0.3)
+    with pytest.raises(ValueError, match="Self-Net model, which batch does not run yet"):
+        plan_sources([raw], tmp_path / "out.ome.zarr", bundle)
