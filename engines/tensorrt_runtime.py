@@ -11,7 +11,12 @@ without TensorRT or a GPU:
 - `mixed_precision_onnx` writes an FP16 copy of the graph with FP32 islands and FP32 I/O. TensorRT
   11 removed the weak-typing flags (BuilderFlag.FP16, OBEY_PRECISION_CONSTRAINTS): every network
   is strongly typed, so reduced precision has to be written into the graph itself. On TensorRT 10
-  the builder flags are used, as they still exist there.
+  the builder flags are used, as they still exist there. It is written here because the
+  maintained converter fails on these graphs: onnxconverter-common 1.16's
+  `convert_float_to_float16(keep_io_types=True)` casts the graph output `denoised` back to FP32
+  while the deconvolver's FP16 convolution still reads that name, and onnxruntime refuses the
+  result ("Type parameter (T) of Optype (Conv) bound to different types"). Here such an output
+  is computed under an inner name and cast once, at the end.
 
 Weights are swapped without stopping the serving path: two engines are deserialised from the same
 plan, one active and one standby. An update refits the standby, then swaps the pair in one
