@@ -25,6 +25,7 @@ from livedecon.calibration.quality_bench import Scene, _microscope
 from livedecon.engines.configfile import StrictModel
 from livedecon.engines.ome_tiff import write_ome_tiff
 from livedecon.engines.sim import SimParameters, bin_to_camera
+from livedecon.engines.sim import detection_cutoff_per_um as cutoff_per_um
 
 PSF_PX = 63  # detection PSF on the 2x grid
 
@@ -147,10 +148,8 @@ def render_sim(
 
 
 def detection_cutoff_per_um(optics: Optics) -> float:
-    """2 NA / lambda, with the NA no larger than the sample's index: light from a watery
-    sample beyond its critical angle is evanescent, so a 1.49 NA objective collects an
-    effective NA of ~1.33 (the PSF model's OTF is ~1% of its peak at 0.95 of that)."""
-    return 2 * min(optics.na, optics.sample_ri) / optics.emission_um
+    """The detection cut-off of `optics` (engines.sim.detection_cutoff_per_um)."""
+    return cutoff_per_um(optics.na, optics.sample_ri, optics.emission_um)
 
 
 def write_sim_acquisition(acquisition: SimAcquisition, out_dir: Path) -> dict[str, object]:

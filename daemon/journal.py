@@ -104,7 +104,7 @@ class _Record(BaseModel):
 class AcquisitionRecord(_Record):
     acquisition_id: str
     plan: Plan
-    processor: Literal["model", "pass-through"]
+    processor: Literal["model", "pass-through", "sim"]
     bundle_path: str | None = Field(description="bundle directory (None: pass-through)")
     bundle_id: str
     weights_version: int

@@ -33,8 +33,8 @@ from livedecon.daemon.journal import AcquisitionRecord, Journal
 from livedecon.daemon.processing import (
     AdaptableProcessor,
     Processor,
+    group_volume,
     source_planes,
-    stack_volume,
 )
 from livedecon.daemon.protocol import AdaptationPlan, Axes, Header, Kind, Publication, Topic
 from livedecon.daemon.publisher import Publisher
@@ -558,7 +558,8 @@ class Worker(threading.Thread):
             self.writer.queue.put(WriteItem(acquisition, suspend=True))
             return
         self.metrics.observe("queue", time.perf_counter() - job.received_s)
-        if acquisition.record.plan.mode == "3d" and job.pixels is not None and job.pixels.ndim == 2:
+        grouped = acquisition.record.plan.mode in ("3d", "sim")  # stacks, or SIM sequences
+        if grouped and job.pixels is not None and job.pixels.ndim == 2:
             completed = self.stacks.add(job)
             if completed is not None:
                 self._run_stack(completed)
@@ -610,14 +611,9 @@ class Worker(threading.Thread):
             return
         for job, output in zip(batch, outputs, strict=True):
             axes = job.header.axes or Axes()
-            if output.ndim == 3:  # a whole stack in one message
-                self._deliver_stack(
-                    acquisition,
-                    [job] * len(output),
-                    output,
-                    list(range(len(output))),
-                    incomplete=False,
-                )
+            if output.ndim == 3:  # a whole stack (or SIM sequence) in one message
+                planes = [(z, job) for z in range(len(output))]
+                self._deliver_stack(acquisition, [job], planes, output, frame_pixels(job), False)
                 continue
             self._display(Topic.RESTORED, job, output)
             if self.publisher.wants(Topic.RAW) and job.pixels is not None:
@@ -633,7 +629,7 @@ class Worker(threading.Thread):
         jobs = [stack.planes[z] for z in present]
         try:
             planes = {z: frame_pixels(j) for z, j in stack.planes.items()}
-            volume, complete = stack_volume(planes, z_count)
+            volume, complete = group_volume(acquisition.record.plan, planes)
             (output,) = self._infer(acquisition, [volume])
         except Exception as exc:
             self._lost(acquisition, jobs, exc)
@@ -648,37 +644,49 @@ class Worker(threading.Thread):
                 z_count,
             )
         if len(output) == len(volume):  # planes as acquired: only the arrived ones are written
-            zs, sources = present, jobs
-        else:  # resampled along z (Self-Net): every plane, for its nearest arrived plane
-            zs = list(range(len(output)))
-            sources = [stack.planes[z] for z in source_planes(len(volume), len(output), present)]
-        self._deliver_stack(acquisition, sources, output, zs, incomplete=not complete)
+            written = list(zip(present, jobs, strict=True))
+        else:  # resampled (Self-Net) or reconstructed (SIM): every plane, for its nearest frame
+            nearest = source_planes(len(volume), len(output), present)
+            written = [(k, stack.planes[z]) for k, z in enumerate(nearest)]
+        self._deliver_stack(acquisition, jobs, written, output, volume, not complete)
         if complete:
             self._observe(acquisition, (jobs[0].header.axes or Axes()).time, volume)
 
     def _deliver_stack(
         self,
         acquisition: Acquisition,
-        jobs: list[Job],
+        group: list[Job],
+        written: list[tuple[int, Job]],
         output: np.ndarray,
-        zs: list[int],
+        raw: np.ndarray,
         incomplete: bool,
     ) -> None:
-        """Publish the restored stack `output` (projections, and the whole volume on demand)
-        and write its planes `zs`, plane zs[i] for message jobs[i]."""
-        last = jobs[-1]
+        """Publish a restored group (`output`, from the raw `raw`) and write its planes:
+        `written` pairs each plane written (z) with the message whose record it carries. The
+        group's spill files go with its last plane: recovering any plane needs all of them."""
+        last = group[-1]
+        self._publish_group(last, output, raw)
+        spills = tuple(dict.fromkeys(job.spill_path for job in group))
+        for i, (z, job) in enumerate(written):
+            final = i == len(written) - 1
+            self._save(acquisition, job, output[z], z, spills if final else (), incomplete)
+        self._finished_frames(acquisition, len(group), last)
+
+    def _publish_group(self, last: Job, output: np.ndarray, raw: np.ndarray) -> None:
+        """SIM: the SR image beside the widefield image (the mean of the frames that came, as
+        the raw topic); 3D: maximum projections along z, y and x, and the volume on demand."""
+        if last.acquisition.record.plan.mode == "sim":
+            self._display(Topic.RESTORED, last, output[0])
+            if self.publisher.wants(Topic.RAW):
+                widefield = np.asarray(np.nanmean(raw, axis=0, dtype=np.float32))
+                self._display(Topic.RAW, last, widefield)
+            return
         self._display(Topic.MIP, last, output.max(axis=0))
         for topic, axis in ((Topic.MIP_XZ, 1), (Topic.MIP_YZ, 2)):
             if self.publisher.wants(topic):
                 self._display(topic, last, output.max(axis=axis))
         if self.publisher.wants(Topic.VOLUME):
             self._display(Topic.VOLUME, last, output)
-        for i, (job, z) in enumerate(zip(jobs, zs, strict=True)):
-            # A message's spill file goes with its last plane (a whole-stack message has many).
-            again = any(other is job for other in jobs[i + 1 :])
-            spill = () if again else (job.spill_path,)
-            self._save(acquisition, job, output[z], z, spill, incomplete)
-        self._finished_frames(acquisition, len({id(job) for job in jobs}), last)
 
     @staticmethod
     def _observe(acquisition: Acquisition, time_index: int, counts: np.ndarray | None) -> None:

@@ -20,6 +20,7 @@ import torch
 from livedecon.calibration.calibration_bundle import CalibrationBundle, is_calibration_bundle
 from livedecon.daemon.correction import InputCorrection, input_correction
 from livedecon.daemon.daemon_config import Correction
+from livedecon.daemon.protocol import Plan
 from livedecon.daemon.writer import UINT16_BRIGHT_COUNTS
 from livedecon.engines.backends import open_runtime
 from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
@@ -51,6 +52,20 @@ def stack_volume(planes: Mapping[int, np.ndarray], z_count: int) -> tuple[np.nda
     depth = max(z_count, present[-1] + 1)
     nearest = [_nearest(present, z) for z in range(depth)]
     return np.stack([planes[p] for p in nearest]), present == list(range(z_count))
+
+
+def group_volume(plan: Plan, planes: Mapping[int, np.ndarray]) -> tuple[np.ndarray, bool]:
+    """What a processor gets of one group's arrived planes, and whether all arrived: a z-stack
+    (`stack_volume`), or a SIM sequence with NaN frames where frames never came (the
+    reconstruction then counts their angle as widefield only). The daemon and `reprocess`
+    both use it."""
+    if plan.mode != "sim":
+        return stack_volume(planes, plan.z_count or 1)
+    first = next(iter(planes.values()))
+    frames = np.full((plan.z_count or 1, *first.shape), np.nan, np.float32)
+    for index, frame in planes.items():
+        frames[index] = frame
+    return frames, len(planes) == len(frames)
 
 
 class Processor(Protocol):
@@ -112,20 +127,14 @@ class Processor(Protocol):
         output stores it as UINT16_BRIGHT_COUNTS counts)."""
         ...
 
-    @property
-    def axial_upsampling(self) -> float:
-        """Output planes per input z step (1: a stack keeps its planes; a Self-Net chain
-        resamples z to the lateral output pixel)."""
+    def output_depth(self, depth: int) -> int:
+        """Planes it makes of a stack (or SIM sequence) of `depth` planes: as many, more for
+        a Self-Net chain (z resampled to the lateral output pixel), one SR image for SIM."""
         ...
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         """Same-shape raw items (Y, X) or (Z, Y, X) in, their restored planes out, in order."""
         ...
-
-
-def output_depth(processor: Processor, depth: int) -> int:
-    """Planes the processor makes of a stack of `depth` planes."""
-    return upsampled_depth(depth, processor.axial_upsampling)
 
 
 def source_planes(depth_in: int, depth_out: int, present: list[int]) -> list[int]:
@@ -174,7 +183,6 @@ class PassThrough:
     is_3d: bool | None = None
     units: str = CAMERA_COUNTS
     bright_level: float = UINT16_BRIGHT_COUNTS  # uint16 output keeps the counts as they came
-    axial_upsampling: float = 1.0
     delay_s: float = 0.0  # stands in for a slow engine in overload tests and benchmarks
 
     @property
@@ -193,6 +201,9 @@ class PassThrough:
     def trained_pixel_um(self) -> float | None:
         return None
 
+    def output_depth(self, depth: int) -> int:
+        return depth
+
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         if self.delay_s:
             time.sleep(self.delay_s * len(items))
@@ -209,7 +220,6 @@ class ModelProcessor:
     correction: InputCorrection = field(default_factory=InputCorrection)
     name: str = "model"
     units: str = PHOTOELECTRONS
-    axial_upsampling: float = 1.0
     upscale: int = field(init=False)
     is_3d: bool = field(init=False)
 
@@ -234,6 +244,9 @@ class ModelProcessor:
     @property
     def trained_pixel_um(self) -> float:
         return self.bundle.manifest.input_pixel_um
+
+    def output_depth(self, depth: int) -> int:
+        return depth
 
     def prepare_weights(
         self, weights: Mapping[str, torch.Tensor], version: int
@@ -338,8 +351,12 @@ class IsotropicProcessor:
         return self.first.bright_level
 
     @property
-    def axial_upsampling(self) -> float:
+    def axial_ratio(self) -> float:
+        """Lateral output pixels per z step: how much finer the planes are sampled out."""
         return axial_ratio(self.selfnet.manifest.input_pixel_um, self.z_step_um)
+
+    def output_depth(self, depth: int) -> int:
+        return upsampled_depth(depth, self.axial_ratio)
 
     @property
     def output_z_step_um(self) -> float:
@@ -350,7 +367,7 @@ class IsotropicProcessor:
         tile_px = self.first.tile_px
         for volume in self.first.process(items):
             # axial slices wider than an engine tile go through in blended lateral tiles
-            depth = upsampled_depth(len(volume), self.axial_upsampling)
+            depth = self.output_depth(len(volume))
             tile = tile_px if max(depth, *volume.shape[1:]) > tile_px else None
             isotropic = restore_isotropic(
                 self.selfnet, self.runtime.infer, volume, self.z_step_um, tile_px=tile

@@ -115,11 +115,42 @@ class AdaptationPlan(_Wire):
 OutputDtype = Literal["float32", "uint16"]  # how restored planes are stored
 
 
+class SimPlan(_Wire):
+    """A SIM acquisition's pattern sequence, and the optics and camera its reconstruction
+    needs. Each raw frame carries its index in the sequence as its z (Axes.z)."""
+
+    angles: int = Field(3, ge=1, le=8)
+    phases: int = Field(3, ge=3, le=9)
+    order: Literal["angle-phase", "phase-angle"] = Field(
+        "angle-phase",
+        description="angle-phase: frame a * phases + p is angle a, phase p (angle by angle);"
+        " phase-angle: frame p * angles + a",
+    )
+    na: float = Field(gt=0, le=1.7, description="detection numerical aperture")
+    emission_um: float = Field(gt=0.2, lt=2.0)
+    immersion_ri: float = Field(1.515, ge=1.0, le=2.0)
+    sample_ri: float = Field(1.33, ge=1.0, le=2.0)
+    camera_offset_adu: float = Field(100.0, ge=0)
+    camera_gain_e_per_adu: float = Field(1.0, gt=0, le=1000, description="photoelectrons/count")
+
+    @property
+    def frames(self) -> int:
+        return self.angles * self.phases
+
+    @model_validator(mode="after")
+    def _optics(self) -> Self:
+        if self.na >= self.immersion_ri:
+            raise ValueError(f"na ({self.na}) must be below immersion_ri ({self.immersion_ri})")
+        return self
+
+
 class Plan(_Wire):
     """What an acquisition will send, from its start message."""
 
-    mode: Literal["2d", "3d"] = "2d"
-    z_count: int | None = Field(None, ge=1, description="planes per stack (3D)")
+    mode: Literal["2d", "3d", "sim"] = "2d"
+    z_count: int | None = Field(
+        None, ge=1, description="planes per stack (3D); raw frames per SR image (SIM)"
+    )
     channels: list[str] = Field(default_factory=lambda: ["default"])
     pixel_size_um: float = Field(gt=0)
     z_step_um: float | None = Field(None, gt=0)
@@ -135,6 +166,7 @@ class Plan(_Wire):
         " the units of one count (fixed per acquisition by the model's normalisation)",
     )
     adaptation: AdaptationPlan = Field(default_factory=AdaptationPlan)
+    sim: SimPlan | None = Field(None, description="sim: the pattern sequence and optics")
     isotropic: str | None = Field(
         None,
         min_length=1,
@@ -142,12 +174,29 @@ class Plan(_Wire):
         " ZS-DeconvNet 3D, then Self-Net); planes are then written at the lateral pixel size",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sim_groups(cls, data: Any) -> Any:
+        """A sim plan's groups hold angles x phases frames (z_count says so, or is set)."""
+        if isinstance(data, dict) and data.get("mode") == "sim" and data.get("sim") is not None:
+            sim = data["sim"]
+            sim = sim if isinstance(sim, SimPlan) else SimPlan.model_validate(sim)
+            if data.get("z_count") not in (None, sim.frames):
+                raise ValueError(
+                    f"z_count {data['z_count']}: a SIM sequence of {sim.angles} angles x"
+                    f" {sim.phases} phases has {sim.frames} frames"
+                )
+            data = {**data, "z_count": sim.frames}
+        return data
+
     @model_validator(mode="after")
     def _stacks_have_depth(self) -> Self:
         if self.mode == "3d" and (self.z_count is None or self.z_step_um is None):
             raise ValueError("a 3d plan needs z_count and z_step_um")
         if self.isotropic is not None and self.mode != "3d":
             raise ValueError("isotropic (a Self-Net chain) needs a 3d plan")
+        if (self.mode == "sim") != (self.sim is not None):
+            raise ValueError("a sim plan needs its sim settings, and only a sim plan has them")
         return self
 
 

@@ -37,14 +37,14 @@ from livedecon.daemon.journal import (
 from livedecon.daemon.processing import (
     PassThrough,
     Processor,
+    group_volume,
     open_isotropic,
     open_processor,
-    output_depth,
     source_planes,
-    stack_volume,
 )
 from livedecon.daemon.protocol import DTYPES, Header
 from livedecon.daemon.raw_datasets import RawDataset, RawDatasetError, open_raw_dataset
+from livedecon.daemon.sim_processing import SimProcessor
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.writer import (
     FileScan,
@@ -121,7 +121,7 @@ def restored_planes(
     (records, raw pixels): itself, or in a Self-Net chain's resampled stacks the acquired
     plane nearest to it (`processing.source_planes`, as the daemon maps them)."""
     z_count, depth = record.plan.z_count, record.stack_depth
-    if record.plan.mode != "3d" or not z_count or not depth or depth == z_count:
+    if record.plan.mode == "2d" or not z_count or not depth or depth == z_count:
         return {key: key for key in acked}
     stacks: dict[tuple[int, Any, Any], list[int]] = defaultdict(list)
     for time, z, channel, position in acked:
@@ -137,8 +137,8 @@ def _settled(
     record: AcquisitionRecord, source: dict[PlaneKey, PlaneKey], on_disk: set[PlaneKey]
 ) -> set[PlaneKey]:
     """The acknowledged planes whose raw pixels nothing needs any more: their restored planes
-    are on disk; in a Self-Net chain, every restored plane of their stack."""
-    if record.isotropic_bundle_path is None:
+    are on disk; in a Self-Net chain or SIM, every restored plane of their group."""
+    if record.isotropic_bundle_path is None and record.plan.mode != "sim":
         return {source[k] for k in source if k in on_disk}
     pending = {(s[0], s[2], s[3]) for k, s in source.items() if k not in on_disk}
     return {s for s in source.values() if (s[0], s[2], s[3]) not in pending}
@@ -229,6 +229,9 @@ def _open_processor(
 ) -> Processor:
     if record.processor == "pass-through":
         return PassThrough()
+    if record.processor == "sim":
+        assert record.plan.sim is not None  # a sim plan has its settings
+        return SimProcessor(record.plan.sim, record.plan.pixel_size_um)
     if record.bundle_path is None:
         raise ReprocessError(f"{record.acquisition_id}: the record names no model bundle")
     model = open_processor(
@@ -323,7 +326,7 @@ class _Rebuild:
 
     def _check(self, out: np.ndarray, shape: tuple[int, ...]) -> None:
         up = self.processor.upscale
-        depth = (output_depth(self.processor, shape[0]),) if len(shape) == 3 else ()
+        depth = (self.processor.output_depth(shape[0]),) if len(shape) == 3 else ()
         expected = (*depth, shape[-2] * up, shape[-1] * up)
         if out.shape != expected:
             raise ReprocessError(
@@ -375,7 +378,7 @@ class _Rebuild:
         if len({plane.shape for plane in raw.values()}) != 1:
             self.lost(missing, "the raw planes of its stack differ in shape")
             return
-        volume, complete = stack_volume(raw, self.record.plan.z_count or 1)
+        volume, complete = group_volume(self.record.plan, raw)
         out = self.processor.process([volume])[0]
         self._check(out, volume.shape)
         incomplete = not complete
@@ -580,14 +583,14 @@ def _sourced(outputs: _Outputs, rebuild: _Rebuild, missing: list[PlaneKey]) -> l
 def _shapes(rebuild: _Rebuild, todo: list[PlaneKey]) -> set[tuple[int, ...]]:
     """The item shapes the processor will see: frames, or whole stacks in 3D."""
     plan = rebuild.record.plan
-    depth = plan.z_count if plan.mode == "3d" else None
+    depth = plan.z_count if plan.mode in ("3d", "sim") else None
     shapes = {rebuild.acked[rebuild.source[k]].shape for k in todo}
     return {(depth, *shape) if depth else shape for shape in shapes}
 
 
 def _work(directory: Path, record: AcquisitionRecord, todo: list[PlaneKey]) -> dict[Path, _Work]:
     """The planes to recreate, by output file: single planes, or whole stacks in 3D."""
-    whole_stacks = record.plan.mode == "3d"  # as the daemon restores them, whatever the model
+    whole_stacks = record.plan.mode in ("3d", "sim")  # as the daemon restores them
     work: dict[Path, _Work] = defaultdict(_Work)
     for key in todo:
         target = work[output_path(directory, key[3], key[2])]

@@ -17,7 +17,7 @@ import threading
 import time
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import zmq
 from pydantic import ValidationError
@@ -50,7 +50,6 @@ from livedecon.daemon.processing import (
     Processor,
     open_isotropic,
     open_processor,
-    output_depth,
 )
 from livedecon.daemon.protocol import (
     AdaptationPlan,
@@ -65,6 +64,7 @@ from livedecon.daemon.protocol import (
 )
 from livedecon.daemon.publisher import Publisher
 from livedecon.daemon.security import server_security
+from livedecon.daemon.sim_processing import MIN_SIM_PX, SimProcessor
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.telemetry import Metrics
 from livedecon.daemon.writer import output_path
@@ -418,7 +418,9 @@ class Daemon:
             )
         if plan.save:
             self.free.promise(self.root, 0, f"acquisition {acquisition_id!r}")
-        processor = self._processor(plan.model or self.default_model)
+        processor = (
+            self._sim(plan) if plan.sim else self._processor(plan.model or self.default_model)
+        )
         if plan.isotropic is not None:
             processor = self._isotropic(processor, plan)
         if processor.is_3d is not None and processor.is_3d != (plan.mode == "3d"):
@@ -441,7 +443,7 @@ class Daemon:
         record = AcquisitionRecord(
             acquisition_id=acquisition_id,
             plan=plan,
-            processor="pass-through" if isinstance(processor, PassThrough) else "model",
+            processor=_kind(processor),
             bundle_path=str(bundle_dir) if bundle_dir is not None else None,
             correction=correction.settings() if correction is not None else None,
             bundle_id=processor.bundle_id,
@@ -455,7 +457,7 @@ class Daemon:
             isotropic_bundle_path=(
                 str(processor.selfnet_dir) if isinstance(processor, IsotropicProcessor) else None
             ),
-            output_z_count=output_depth(processor, plan.z_count) if plan.z_count else None,
+            output_z_count=processor.output_depth(plan.z_count) if plan.z_count else None,
             output_z_step_um=(
                 processor.output_z_step_um
                 if isinstance(processor, IsotropicProcessor)
@@ -588,12 +590,18 @@ class Daemon:
 
         if plan.mode == "2d" and pixels.ndim != 2:
             raise refuse(f"a 2d acquisition takes (Y, X) frames, got shape {list(pixels.shape)}")
-        if plan.mode == "3d":
+        if plan.mode in ("3d", "sim"):
             z_count = plan.z_count or 1
+            what = "frames of a SIM sequence" if plan.mode == "sim" else "planes"
             if pixels.ndim == 2 and not axes.z < z_count:
-                raise refuse(f"z index {axes.z} is outside the plan's {z_count} planes")
+                raise refuse(f"z index {axes.z} is outside the plan's {z_count} {what}")
             if pixels.ndim == 3 and pixels.shape[0] != z_count:
-                raise refuse(f"a stack of {pixels.shape[0]} planes; the plan says {z_count}")
+                raise refuse(f"a stack of {pixels.shape[0]} {what}; the plan says {z_count}")
+        if plan.mode == "sim" and min(pixels.shape[-2:]) < MIN_SIM_PX:
+            raise refuse(
+                f"SIM frames must be at least {MIN_SIM_PX} x {MIN_SIM_PX} pixels, got"
+                f" {list(pixels.shape[-2:])}"
+            )
         size = header.pixel_size_um
         if size is not None and abs(size / plan.pixel_size_um - 1) > PIXEL_SIZE_TOLERANCE:
             raise refuse(
@@ -706,6 +714,23 @@ class Daemon:
         self._processors[name] = processor
         return processor
 
+    @staticmethod
+    def _sim(plan: Plan) -> SimProcessor:
+        """The live SIM reconstruction of a sim plan (Wiener; networks after it: not yet)."""
+        assert plan.sim is not None
+        if plan.model is not None:
+            raise ProtocolError(
+                ErrorCode.PLAN_MISMATCH,
+                f"model {plan.model!r}: a sim acquisition is reconstructed (generalised Wiener);"
+                " networks after it (ZS-DeconvNet-SIM, DPS) are not served live yet: leave the"
+                " model out and restore the SR images offline",
+            )
+        if plan.output_dtype != "float32":
+            raise ProtocolError(
+                ErrorCode.PLAN_MISMATCH, "a sim acquisition writes float32 SR images only"
+            )
+        return SimProcessor(plan.sim, plan.pixel_size_um)
+
     def _isotropic(self, first: Processor, plan: Plan) -> IsotropicProcessor:
         """The plan's model chained with its Self-Net bundle, for stacks of its z step."""
         assert plan.isotropic is not None
@@ -765,3 +790,10 @@ class Daemon:
             "queues": self.jobs.depth(),
             "limits": self.config.limits.model_dump(),
         }
+
+
+def _kind(processor: Processor) -> Literal["model", "pass-through", "sim"]:
+    """What acquisition.json calls the processor (reprocess opens the same kind)."""
+    if isinstance(processor, PassThrough):
+        return "pass-through"
+    return "sim" if isinstance(processor, SimProcessor) else "model"

@@ -90,6 +90,13 @@ class SimResult(StrictModel, arbitrary_types_allowed=True):
     parameters: SimParameters
 
 
+def detection_cutoff_per_um(na: float, sample_ri: float, emission_um: float) -> float:
+    """2 NA / lambda, with the NA no larger than the sample's index: light from a watery
+    sample beyond its critical angle is evanescent, so a 1.49 NA objective collects an
+    effective NA of ~1.33 (the PSF model's OTF is ~1% of its peak at 0.95 of that)."""
+    return 2 * min(na, sample_ri) / emission_um
+
+
 # -- spectra ---------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
-"""An acquisition record and plane records as the daemon makes them, and checks of the
-output files, for the writers' tests."""
+"""An acquisition record and plane records as the daemon makes them, checks of the output
+files, and raw datasets as acquisition software writes them, for the writers' tests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from ndstorage import NDTiffDataset
 
 from livedecon.daemon.journal import AcquisitionRecord
 from livedecon.daemon.protocol import Plan
@@ -62,3 +63,12 @@ def assert_same_as_tiff(tiff: Path) -> None:
     for record, plane in latest.values():
         index = (record.time, record.z) if stored.ndim == 4 else (record.time,)
         np.testing.assert_array_equal(stored[index], plane)
+
+
+def ndtiff(tmp_path: Path, planes: dict[tuple, np.ndarray], axes: tuple[str, ...]) -> Path:
+    """A raw dataset as pycro-manager writes it (NDTiff)."""
+    dataset = NDTiffDataset(str(tmp_path), name="raw", writable=True, summary_metadata={})
+    for coordinates, pixels in planes.items():
+        dataset.put_image(dict(zip(axes, coordinates, strict=True)), pixels, {})
+    dataset.finish()
+    return Path(dataset.path)

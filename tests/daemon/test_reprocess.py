@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from ndstorage import NDTiffDataset
+from plane_records import ndtiff
 from typer.testing import CliRunner
 
 from livedecon.cli.main import app
@@ -111,15 +111,6 @@ def spill(directory: Path, frame_id: int, axes: Axes, pixels: np.ndarray) -> Pat
     return SpillStore(directory.parent / "spill").put(header, pixels)
 
 
-def ndtiff(tmp_path: Path, planes: dict[tuple, np.ndarray], axes: tuple[str, ...]) -> Path:
-    """A raw dataset as pycro-manager writes it (NDTiff)."""
-    dataset = NDTiffDataset(str(tmp_path), name="raw", writable=True, summary_metadata={})
-    for coordinates, pixels in planes.items():
-        dataset.put_image(dict(zip(axes, coordinates, strict=True)), pixels, {})
-    dataset.finish()
-    return Path(dataset.path)
-
-
 def test_missing_planes_come_back_from_spill_and_raw_then_nothing_to_do(tmp_path: Path) -> None:
     axes = [Axes(time=t, channel="DAPI") for t in range(6)]
     frames = [(a, raw_frame(a.time)) for a in axes]
@@ -178,8 +169,10 @@ class StackModel:
     is_3d: bool | None = True
     units: str = "test units"
     bright_level: float = 100.0
-    axial_upsampling: float = 1.0
     calls: list[tuple[int, ...]] = field(default_factory=list)
+
+    def output_depth(self, depth: int) -> int:
+        return depth
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         self.calls.extend(item.shape for item in items)
@@ -245,7 +238,9 @@ class IsotropicModel(StackModel):
     """A stand-in Self-Net chain: every stack resampled to twice its planes, less one."""
 
     bundle_id: str = "stack-model@0123+sn@4567"
-    axial_upsampling: float = 2.0
+
+    def output_depth(self, depth: int) -> int:
+        return 2 * depth - 1
 
     def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
         self.calls.extend(item.shape for item in items)

@@ -1,0 +1,151 @@
+"""Live SIM in the daemon: every group of angles x phases raw frames becomes one SR image.
+
+A real daemon process receives simulated SIM frames (calibration/sim_simulator.py) plane by
+plane and as a whole sequence, one group with a frame that never comes; it writes one SR image
+per group at half the camera pixel, publishes it beside the widefield image, and `reprocess`
+makes the same images again from the raw dataset.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from daemon_harness import receive_all, start_daemon, subscriber
+from plane_records import ndtiff
+from pydantic import ValidationError
+
+from livedecon.calibration.baseline import upsample_2x
+from livedecon.calibration.metrics import psnr
+from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
+from livedecon.calibration.sim_simulator import render_sim
+from livedecon.daemon.client import DaemonError
+from livedecon.daemon.protocol import Axes, Plan, SimPlan, Topic
+from livedecon.daemon.reprocess import reprocess
+from livedecon.daemon.sim_processing import SimProcessor
+from livedecon.daemon.writer import output_path, read_planes
+
+SCENE = Scene(structure="mixed", optics="tirf", peak_photons=100.0, size_px=64, seed=1234)
+OPTIC = OPTICS["tirf"]
+MISSING = 4  # the frame of the second group that never comes
+
+
+def sim_plan(**changes) -> Plan:
+    sim = SimPlan(
+        na=OPTIC.na,
+        emission_um=OPTIC.emission_um,
+        immersion_ri=OPTIC.immersion_ri,
+        camera_offset_adu=SCENE.offset_adu,
+        camera_gain_e_per_adu=SCENE.gain_e_per_adu,
+    )
+    return Plan(**({"mode": "sim", "pixel_size_um": OPTIC.pixel_size_um, "sim": sim} | changes))
+
+
+def send_and_flush(client, frame: np.ndarray, axes: Axes) -> None:
+    """A refusal reaches the caller on the send itself or on the flush after it."""
+    client.send(frame, axes)
+    client.flush()
+
+
+@pytest.fixture(scope="module")
+def acquisition():
+    return render_sim(SCENE)
+
+
+def test_each_group_becomes_one_sr_image_written_published_and_recoverable(
+    tmp_path: Path, acquisition
+):
+    frames = acquisition.counts  # (9, 64, 64) uint16, angle by angle
+    groups = [frames, frames, frames[::-1].copy()]  # the last one: another sequence
+    daemon = start_daemon(tmp_path, queues={"stack_timeout_s": 1.0})
+    try:
+        views = subscriber(daemon, Topic.RESTORED, Topic.RAW)
+        with daemon.client() as client:
+            client.start("sim", sim_plan())
+            for z, frame in enumerate(groups[0]):
+                client.send(frame, Axes(time=0, z=z))
+            for z, frame in enumerate(groups[1]):
+                if z != MISSING:
+                    client.send(frame, Axes(time=1, z=z))
+            time.sleep(2.0)  # the second group times out
+            client.send(groups[2], Axes(time=2))  # a whole sequence in one message
+            state = client.end(wait_s=60)
+        published = receive_all(views, quiet_ms=1000)
+        views.close()
+    finally:
+        daemon.stop()
+
+    assert (state["restored"], state["incomplete_stacks"], state["written"]) == (18, 1, 3)
+    path = output_path(daemon.config.output_dir / "sim", 0, 0)
+    planes = {r.time: (r, p) for r, p in read_planes(path)}
+    assert sorted(planes) == [0, 1, 2]
+    assert [planes[t][0].z for t in range(3)] == [0, 0, 0]
+    assert [planes[t][0].incomplete_stack for t in range(3)] == [False, True, False]
+    assert [planes[t][0].frame_id for t in range(3)] == [0, 9, 17]  # each group's first frame
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].shape == (3, 128, 128)
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+    assert pixels["PhysicalSizeX"] == pytest.approx(OPTIC.pixel_size_um / 2)
+
+    # the daemon's image is the reconstruction of the frames, and it is super-resolved
+    local = SimProcessor(sim_plan().sim, OPTIC.pixel_size_um)
+    expected = local.process([frames])[0][0]
+    np.testing.assert_allclose(planes[0][1], expected, rtol=1e-5, atol=1e-4 * expected.max())
+    reference = _inner(acquisition.reference)
+    widefield = (frames.astype(np.float32).mean(axis=0) - SCENE.offset_adu) * SCENE.gain_e_per_adu
+    scores = {
+        name: psnr(fit_to(_inner(image), reference), reference)
+        for name, image in (("sim", planes[0][1]), ("widefield", upsample_2x(widefield)))
+    }
+    assert scores["sim"] > scores["widefield"] + 1.0, scores
+    # a missing frame: its angle counts as widefield only, the image stays finite and close
+    assert np.isfinite(planes[1][1]).all()
+    assert psnr(fit_to(_inner(planes[1][1]), reference), reference) > scores["widefield"]
+
+    by_topic = {(p.topic, p.axes.time): (p, pixels) for p, pixels in published}
+    restored, sr = by_topic[(Topic.RESTORED, 0)]
+    np.testing.assert_array_equal(sr, planes[0][1])
+    assert restored.pixel_size_um == pytest.approx(OPTIC.pixel_size_um / 2)
+    raw, wide = by_topic[(Topic.RAW, 1)]  # the widefield image: mean of the frames that came
+    np.testing.assert_allclose(wide, np.delete(frames, MISSING, axis=0).mean(axis=0), rtol=1e-6)
+    assert raw.pixel_size_um == pytest.approx(OPTIC.pixel_size_um)
+
+    # after a loss, reprocess makes the same images from the raw dataset
+    written = {t: planes[t][1] for t in range(3)}
+    path.unlink()
+    raw_frames = {(t, z): g[z] for t, g in enumerate(groups) if t != 1 for z in range(9)}
+    raw_frames |= {(1, z): frames[z] for z in range(9) if z != MISSING}
+    report = reprocess(path.parent, ndtiff(tmp_path, raw_frames, ("time", "z")))
+    assert (report.acknowledged, report.restored_planes, report.recreated_from_raw) == (26, 3, 3)
+    assert report.unrecoverable == []
+    again = {r.time: (r, p) for r, p in read_planes(path)}
+    for t in range(3):
+        np.testing.assert_allclose(again[t][1], written[t], rtol=1e-5, atol=1e-5 * expected.max())
+    assert again[1][0].incomplete_stack
+
+
+def test_sim_plans_that_cannot_work_are_refused(tmp_path: Path):
+    with pytest.raises(ValidationError, match="needs its sim settings"):
+        Plan(mode="sim", pixel_size_um=0.0626)
+    with pytest.raises(ValidationError, match="has 9 frames"):
+        sim_plan(z_count=5)
+    with pytest.raises(ValidationError, match="must be below immersion_ri"):
+        SimPlan(na=1.6, emission_um=0.58)
+    daemon = start_daemon(tmp_path)
+    try:
+        with daemon.client() as client:
+            with pytest.raises(DaemonError, match="not served live yet"):
+                client.start("bad-0", sim_plan(model="fast2d-sim"))
+            with pytest.raises(DaemonError, match="float32 SR images only"):
+                client.start("bad-1", sim_plan(output_dtype="uint16"))
+            client.start("small", sim_plan())
+            with pytest.raises(DaemonError, match="at least 32 x 32"):
+                send_and_flush(client, np.zeros((16, 16), np.uint16), Axes(z=0))
+            with pytest.raises(DaemonError, match="outside the plan's 9 frames"):
+                send_and_flush(client, np.zeros((32, 32), np.uint16), Axes(z=9))
+            client.end(wait_s=30)
+    finally:
+        daemon.stop()
