@@ -312,12 +312,28 @@ def restore(
         str | None,
         typer.Option(help="a Self-Net bundle that makes the 3D bundle's output isotropic"),
     ] = None,
+    microscope: Annotated[
+        Path | None, typer.Option(help="sim: microscope TOML (optics and camera)")
+    ] = None,
+    sim_angles: Annotated[int, typer.Option(min=1, max=8, help="sim: pattern angles")] = 3,
+    sim_phases: Annotated[int, typer.Option(min=3, max=9, help="sim: phases per angle")] = 3,
+    sim_order: Annotated[
+        str, typer.Option(help="sim: frame order, angle-phase (angle by angle) or phase-angle")
+    ] = "angle-phase",
 ) -> None:
     """Restore raw frames (or z-stacks, with a 3D bundle) with a model bundle, or a
     bioimage.io package written by `livedecon export --bioimageio`; a Self-Net bundle makes a
-    volume isotropic (z step = lateral pixel), alone or after a 3D bundle (--then)."""
+    volume isotropic (z step = lateral pixel), alone or after a 3D bundle (--then). The model
+    `sim` reconstructs raw SIM frames (sequences of angles x phases) into SR images."""
     import tempfile
     import time
+
+    from livedecon.cli.sim import SIM_RECONSTRUCTION, restore_sim_command
+
+    if bundle == SIM_RECONSTRUCTION:
+        return restore_sim_command(
+            input_tif, output_tif, microscope, sim_angles, sim_phases, sim_order
+        )
 
     from livedecon.engines.backends import AccuracyGateError, open_runtime
     from livedecon.engines.bioimageio_package import bundle_from_package, is_bioimageio_package

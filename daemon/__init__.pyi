@@ -5,7 +5,7 @@ from .batch_report import print_summary, progress_printer
 from .client import DaemonClient, DaemonError, DaemonUnavailable
 from .daemon_config import DaemonConfig, load_daemon_config
 from .launcher import DaemonProcess, spawn_daemon
-from .protocol import AdaptationPlan, Axes, Plan, Topic, decode_publication
+from .protocol import AdaptationPlan, Axes, Plan, SimPlan, Topic, decode_publication
 from .reprocess import ReprocessError, reprocess
 from .security import client_security
 from .server import Daemon
@@ -22,6 +22,7 @@ __all__ = [
     "DaemonUnavailable",
     "Plan",
     "ReprocessError",
+    "SimPlan",
     "Topic",
     "client_security",
     "decode_publication",

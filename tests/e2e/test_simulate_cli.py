@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from livedecon.calibration.forward_model import counts_to_electrons
 from livedecon.engines.ome_tiff import read_ome_tiff
@@ -134,3 +135,33 @@ def test_config_error_is_one_clear_message(tmp_path):
     assert "bad.toml" in result.stdout
     assert "optics.na" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_restore_sim_reconstructs_the_simulated_sim_acquisition(simulated, tmp_path):
+    """`livedecon restore sim RAW OUT --microscope`: the daemon's reconstruction, offline,
+    sharper than widefield against the truth; a file that is no whole sequence is refused."""
+    from livedecon.calibration.metrics import decorrelation_resolution
+    from livedecon.configs import shipped_config_path
+
+    manifest = json.loads((simulated / "simulation.json").read_text())["sim_2d"]
+    raw = simulated / manifest["raw"]
+    scope = shipped_config_path("microscope_tirf_149.toml")
+    out = tmp_path / "sr.ome.tif"
+    result = _livedecon("restore", "sim", str(raw), str(out), "--microscope", str(scope))
+    assert result.returncode == 0, result.stdout + result.stderr
+    sr = read_ome_tiff(out)
+    frames = read_ome_tiff(raw)
+    assert (sr.axes, sr.data.shape) == ("YX", (512, 512))
+    assert sr.pixel_size_um == pytest.approx(frames.pixel_size_um / 2)
+    widefield = frames.data.astype(np.float32).mean(axis=0)
+    finer = decorrelation_resolution(sr.data, sr.pixel_size_um)
+    coarse = decorrelation_resolution(widefield, frames.pixel_size_um)
+    assert finer < 0.7 * coarse, (finer, coarse)
+
+    eight = tmp_path / "eight.tif"  # a plain TIFF: the pixel size from the microscope
+    tifffile.imwrite(eight, frames.data[:8])
+    result = _livedecon(
+        "restore", "sim", str(eight), str(tmp_path / "x.tif"), "--microscope", str(scope)
+    )
+    assert result.returncode != 0
+    assert "8 frames is not a whole number of sequences of 9" in " ".join(result.stdout.split())
