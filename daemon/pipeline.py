@@ -38,6 +38,7 @@ from livedecon.daemon.processing import (
 )
 from livedecon.daemon.protocol import AdaptationPlan, Axes, Header, Kind, Publication, Topic
 from livedecon.daemon.publisher import Publisher
+from livedecon.daemon.sim_processing import SimProcessor
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.telemetry import Metrics
 from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord, units_per_count
@@ -176,6 +177,12 @@ class Job:
     @property
     def nbytes(self) -> int:
         return 0 if self.pixels is None else self.pixels.nbytes
+
+
+def _stream(job: Job) -> tuple:
+    """The (position, channel) a frame belongs to."""
+    axes = job.header.axes or Axes()
+    return (axes.position, axes.channel)
 
 
 def frame_pixels(job: Job) -> np.ndarray:
@@ -590,9 +597,16 @@ class Worker(threading.Thread):
             batch.append(job)
         return batch
 
-    def _infer(self, acquisition: Acquisition, items: list[np.ndarray]) -> list[np.ndarray]:
+    def _infer(
+        self, acquisition: Acquisition, items: list[np.ndarray], streams: list[tuple]
+    ) -> list[np.ndarray]:
+        """Restore same-shape items of the given (position, channel) streams."""
         start = time.perf_counter()
-        outputs = acquisition.processor.process(items)
+        processor = acquisition.processor
+        if isinstance(processor, SimProcessor):  # it keeps each stream's pattern
+            outputs = processor.process(items, streams)
+        else:
+            outputs = processor.process(items)
         self.metrics.observe("inference", time.perf_counter() - start)
         return outputs
 
@@ -605,7 +619,8 @@ class Worker(threading.Thread):
     def _run_batch(self, batch: list[Job]) -> None:
         acquisition = batch[0].acquisition
         try:
-            outputs = self._infer(acquisition, [frame_pixels(job) for job in batch])
+            pixels = [frame_pixels(job) for job in batch]
+            outputs = self._infer(acquisition, pixels, [_stream(job) for job in batch])
         except Exception as exc:
             self._lost(acquisition, batch, exc)
             return
@@ -630,7 +645,7 @@ class Worker(threading.Thread):
         try:
             planes = {z: frame_pixels(j) for z, j in stack.planes.items()}
             volume, complete = group_volume(acquisition.record.plan, planes)
-            (output,) = self._infer(acquisition, [volume])
+            (output,) = self._infer(acquisition, [volume], [_stream(jobs[0])])
         except Exception as exc:
             self._lost(acquisition, jobs, exc)
             return

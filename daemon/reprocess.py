@@ -225,13 +225,13 @@ class _Work:
 
 
 def _open_processor(
-    record: AcquisitionRecord, backend: Backend, shapes: set[tuple[int, ...]]
+    record: AcquisitionRecord, directory: Path, backend: Backend, shapes: set[tuple[int, ...]]
 ) -> Processor:
     if record.processor == "pass-through":
         return PassThrough()
-    if record.processor == "sim":
+    if record.processor == "sim":  # with the patterns the daemon found, kept in `directory`
         assert record.plan.sim is not None  # a sim plan has its settings
-        return SimProcessor(record.plan.sim, record.plan.pixel_size_um)
+        return SimProcessor(record.plan.sim, record.plan.pixel_size_um, directory)
     if record.bundle_path is None:
         raise ReprocessError(f"{record.acquisition_id}: the record names no model bundle")
     model = open_processor(
@@ -379,7 +379,10 @@ class _Rebuild:
             self.lost(missing, "the raw planes of its stack differ in shape")
             return
         volume, complete = group_volume(self.record.plan, raw)
-        out = self.processor.process([volume])[0]
+        if isinstance(self.processor, SimProcessor):  # the pattern of this stream
+            out = self.processor.process([volume], [(position, channel)])[0]
+        else:
+            out = self.processor.process([volume])[0]
         self._check(out, volume.shape)
         incomplete = not complete
         for key in missing:
@@ -553,7 +556,8 @@ def _recover(
     rebuild.set_progress(progress, len(missing))
     todo = _sourced(outputs, rebuild, missing)
     if todo and not processor_given:
-        rebuild.processor = _open_processor(rebuild.record, backend, _shapes(rebuild, todo))
+        shapes = _shapes(rebuild, todo)
+        rebuild.processor = _open_processor(rebuild.record, outputs.directory, backend, shapes)
     _rewrite_files(outputs, rebuild, _work(outputs.directory, rebuild.record, todo))
     if rebuild.record.ome_zarr:
         tiffs = [p for p in output_files(outputs.directory) if p not in outputs.untouchable]

@@ -418,9 +418,10 @@ class Daemon:
             )
         if plan.save:
             self.free.promise(self.root, 0, f"acquisition {acquisition_id!r}")
-        processor = (
-            self._sim(plan) if plan.sim else self._processor(plan.model or self.default_model)
-        )
+        if plan.sim is not None:  # patterns it finds are kept beside the output
+            processor: Processor = self._sim(plan, directory if plan.save else None)
+        else:
+            processor = self._processor(plan.model or self.default_model)
         if plan.isotropic is not None:
             processor = self._isotropic(processor, plan)
         if processor.is_3d is not None and processor.is_3d != (plan.mode == "3d"):
@@ -715,7 +716,7 @@ class Daemon:
         return processor
 
     @staticmethod
-    def _sim(plan: Plan) -> SimProcessor:
+    def _sim(plan: Plan, directory: Path | None) -> SimProcessor:
         """The live SIM reconstruction of a sim plan (Wiener; networks after it: not yet)."""
         assert plan.sim is not None
         if plan.model is not None:
@@ -729,7 +730,7 @@ class Daemon:
             raise ProtocolError(
                 ErrorCode.PLAN_MISMATCH, "a sim acquisition writes float32 SR images only"
             )
-        return SimProcessor(plan.sim, plan.pixel_size_um)
+        return SimProcessor(plan.sim, plan.pixel_size_um, directory)
 
     def _isotropic(self, first: Processor, plan: Plan) -> IsotropicProcessor:
         """The plan's model chained with its Self-Net bundle, for stacks of its z step."""

@@ -3,10 +3,16 @@
 `SimProcessor` is the daemon's processor for a `sim` plan. The plan says the pattern
 sequence (angles, phases, frame order) and what the reconstruction needs to know of the
 microscope (detection NA, emission, camera offset and gain); the reconstruction is
-engines/sim.py's generalised Wiener filter, with the pattern estimated from every group
-itself, so a drifting pattern is followed and `reprocess` makes the same image from the same
-frames. A group with frames missing (timed out) gives each angle that lacks a frame a
-widefield contribution only: its present frames are averaged, its modulation is set to 0.
+engines/sim.py's generalised Wiener filter.
+
+The pattern is estimated once per stream (position, channel: each has its own wavelength),
+from its first complete group in which a pattern is found, and reused: estimation costs about
+15 times the reconstruction. It is saved beside the stream's output file
+(`<file>.sim.json`) before any image made with it is written, so `reprocess` reconstructs
+with the same pattern and makes the same images. Until a pattern is found (dim first
+frames), each group is reconstructed with what it shows itself. A group with frames missing
+(timed out) gives each angle that lacks a frame a widefield contribution only: its present
+frames are averaged, its modulation is set to 0.
 """
 
 from __future__ import annotations
@@ -21,13 +27,18 @@ from livedecon.calibration.psf import theoretical_psf
 from livedecon.daemon.correction import InputCorrection
 from livedecon.daemon.processing import PHOTOELECTRONS
 from livedecon.daemon.protocol import SimPlan
+from livedecon.daemon.writer import FILE_SUFFIX, output_path
+from livedecon.engines.atomic_write import write_atomically
 from livedecon.engines.sim import (
     UPSCALE,
+    SimParameters,
     SimSettings,
     detection_cutoff_per_um,
     estimate_parameters,
     reconstruct,
 )
+
+Stream = tuple[int | str, int | str]  # (position, channel)
 
 PSF_PX = 63  # the detection PSF on the SR grid
 MIN_SIM_PX = 32  # the reconstruction's smallest frame
@@ -40,6 +51,7 @@ class SimProcessor:
 
     sim: SimPlan
     pixel_um: float  # the camera pixel at the sample
+    directory: Path | None = None  # the acquisition's output: where found patterns are kept
     name: str = "SIM reconstruction"
     bundle_id: str = "sim-wiener"
     weights_version: int = 0
@@ -50,6 +62,7 @@ class SimProcessor:
     settings: SimSettings = field(init=False)
     psf_2x: np.ndarray = field(init=False, repr=False)
     cutoff_per_um: float = field(init=False)
+    _patterns: dict[Stream, SimParameters] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         sim = self.sim
@@ -100,8 +113,37 @@ class SimProcessor:
         counts = self.angle_by_angle(np.asarray(frames, dtype=np.float64))
         return (counts - sim.camera_offset_adu) * sim.camera_gain_e_per_adu
 
-    def reconstruct(self, frames: np.ndarray) -> np.ndarray:
-        """One group of raw frames -> the SR image (photoelectrons per output pixel)."""
+    def pattern_path(self, stream: Stream) -> Path | None:
+        """Where the pattern of a stream is kept (None: nothing is written)."""
+        if self.directory is None:
+            return None
+        tiff = output_path(self.directory, *stream)
+        return tiff.with_name(tiff.name.removesuffix(FILE_SUFFIX) + ".sim.json")
+
+    def _pattern(
+        self, electrons: np.ndarray, complete: bool, stream: Stream | None
+    ) -> SimParameters:
+        """The stream's pattern: kept, saved, or found in this group (kept when complete and
+        a pattern is seen); a group of no stream is estimated on its own."""
+        if stream is not None and stream in self._patterns:
+            return self._patterns[stream]
+        path = self.pattern_path(stream) if stream is not None else None
+        if path is not None and path.is_file():
+            found = SimParameters.model_validate_json(path.read_text())
+        else:
+            args = (self.psf_2x, self.output_pixel_um, self.cutoff_per_um, self.settings)
+            found = estimate_parameters(electrons, *args)
+            if stream is None or not complete or not any(found.modulation):
+                return found
+            if path is not None:
+                write_atomically(path, found.model_dump_json(indent=2))
+        if stream is not None:
+            self._patterns[stream] = found
+        return found
+
+    def reconstruct(self, frames: np.ndarray, stream: Stream | None = None) -> np.ndarray:
+        """One group of raw frames of `stream` -> the SR image (photoelectrons per output
+        pixel)."""
         electrons = self.electrons(frames)
         came = np.isfinite(electrons).all(axis=(1, 2))
         if not came.any():
@@ -116,12 +158,17 @@ class SimProcessor:
             partial.append(a)
             source = block[present] if present.any() else electrons[came]
             block[~present] = source.mean(axis=0)
-        args = (self.psf_2x, self.output_pixel_um, self.cutoff_per_um, self.settings)
-        found = estimate_parameters(electrons, *args)
+        found = self._pattern(electrons, not partial, stream)
         if partial:
             modulation = [0.0 if a in partial else m for a, m in enumerate(found.modulation)]
             found = found.model_copy(update={"modulation": modulation})
+        args = (self.psf_2x, self.output_pixel_um, self.cutoff_per_um, self.settings)
         return reconstruct(electrons, *args, parameters=found).image
 
-    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
-        return [self.reconstruct(item)[None] for item in items]
+    def process(
+        self, items: list[np.ndarray], streams: list[Stream] | None = None
+    ) -> list[np.ndarray]:
+        """Groups in, one-plane SR stacks out; `streams` (position, channel) of each group
+        reuse its stream's pattern."""
+        keys: list[Stream | None] = list(streams) if streams else [None] * len(items)
+        return [self.reconstruct(item, key)[None] for item, key in zip(items, keys, strict=True)]

@@ -27,8 +27,9 @@ from livedecon.daemon.protocol import Axes, Plan, SimPlan, Topic
 from livedecon.daemon.reprocess import reprocess
 from livedecon.daemon.sim_processing import SimProcessor
 from livedecon.daemon.writer import output_path, read_planes
+from livedecon.engines.sim import SimParameters
 
-SCENE = Scene(structure="mixed", optics="tirf", peak_photons=100.0, size_px=64, seed=1234)
+SCENE = Scene(structure="dense", optics="tirf", peak_photons=100.0, size_px=64, seed=1234)
 OPTIC = OPTICS["tirf"]
 MISSING = 4  # the frame of the second group that never comes
 
@@ -113,7 +114,12 @@ def test_each_group_becomes_one_sr_image_written_published_and_recoverable(
     np.testing.assert_allclose(wide, np.delete(frames, MISSING, axis=0).mean(axis=0), rtol=1e-6)
     assert raw.pixel_size_um == pytest.approx(OPTIC.pixel_size_um)
 
-    # after a loss, reprocess makes the same images from the raw dataset
+    # the pattern, found once in the first group, is kept beside the output file
+    kept = path.with_name("restored_p0_c0.sim.json")
+    assert kept.is_file()
+    assert SimParameters.model_validate_json(kept.read_text()).modulation[0] > 0.5
+
+    # after a loss, reprocess makes the same images from the raw dataset (and the kept pattern)
     written = {t: planes[t][1] for t in range(3)}
     path.unlink()
     raw_frames = {(t, z): g[z] for t, g in enumerate(groups) if t != 1 for z in range(9)}
