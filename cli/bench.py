@@ -148,7 +148,12 @@ def bench_quality_command(
             scenes, chosen, budget, budget_min, lambda what: status.update(f"bench quality: {what}")
         )
     table = Table(title=f"livedecon bench quality (budget {budget})")
-    columns = ("scene", "method", "PSNR dB", "view", "SSIM", "res nm", "ringing", "dim recall", "s")
+    # iter: RL's best iteration count, or a network's training iterations (a busy machine
+    # reaches the time cap with fewer: the figure says how far a run got)
+    columns = (
+        "scene", "method", "PSNR dB", "view", "SSIM", "res nm", "ringing", "dim recall", "iter",
+        "s",
+    )  # fmt: skip
     for column in columns:
         left = column in ("scene", "method", "view")
         table.add_column(column, justify="left" if left else "right")
@@ -166,6 +171,7 @@ def bench_quality_command(
             fmt(r["resolution_nm"], ".0f"),
             fmt(r["ringing"], ".3f"),
             fmt(r["dim_recall"], ".2f"),
+            fmt(notes.get("iterations") if isinstance(notes := r["notes"], dict) else None, ""),
             fmt(r["seconds"], ".0f"),
         )
     (console if console.is_terminal else Console(width=140)).print(table)

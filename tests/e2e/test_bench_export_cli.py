@@ -85,6 +85,7 @@ def test_bench_quality_scores_raw_below_rl_and_says_which_view_won(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "view" in result.stdout
     assert "dim recall" in result.stdout
+    assert "iter" in result.stdout
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"raw", "rl"}
     assert rows["rl"]["psnr"] > rows["raw"]["psnr"]
