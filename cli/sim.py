@@ -10,32 +10,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from rich.progress import Progress
 
 from livedecon.cli.output import console
 from livedecon.cli.output import fail as _fail
 
 SIM_RECONSTRUCTION = "sim"  # the `restore` model name for the Wiener SIM reconstruction
-PIXEL_TOLERANCE = 0.02
-
-
-def _frames(path: Path) -> tuple[np.ndarray, float | None]:
-    """The raw frames (N, Y, X) of a TIFF, and the pixel size its OME metadata records."""
-    from livedecon.engines.ome_tiff import read_ome_tiff
-
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    with tifffile.TiffFile(path) as tif:
-        is_ome = tif.is_ome
-    if is_ome:
-        image = read_ome_tiff(path)
-        data, pixel = np.asarray(image.data), image.pixel_size_um
-    else:
-        data, pixel = tifffile.imread(path), None
-    if data.ndim < 3:
-        raise ValueError(f"{path}: shape {data.shape}; SIM needs a sequence of raw frames")
-    return data.reshape(-1, *data.shape[-2:]), pixel
 
 
 def restore_sim_command(
@@ -54,6 +34,7 @@ def restore_sim_command(
     from livedecon.daemon.sim_processing import SimProcessor
     from livedecon.engines.configfile import ConfigError
     from livedecon.engines.ome_tiff import write_ome_tiff
+    from livedecon.engines.raw_input import read_raw_image
 
     if microscope is None:
         raise _fail("restore sim needs --microscope: the optics (NA, emission) and camera")
@@ -73,12 +54,9 @@ def restore_sim_command(
                 "camera_gain_e_per_adu": camera.gain_e_per_adu,
             }
         )
-        frames, recorded = _frames(input_tif)
         pixel = optics.pixel_size_um
-        if recorded is not None and abs(recorded / pixel - 1) > PIXEL_TOLERANCE:
-            raise ValueError(
-                f"{input_tif}: pixel size {recorded} um, but {microscope} says {pixel} um"
-            )
+        image = read_raw_image(input_tif, pixel, str(microscope))
+        frames = image.data.reshape(-1, *image.data.shape[-2:])
         if len(frames) % sim.frames:
             raise ValueError(
                 f"{input_tif}: {len(frames)} frames is not a whole number of sequences of"
