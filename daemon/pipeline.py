@@ -33,12 +33,12 @@ from livedecon.daemon.journal import AcquisitionRecord, Journal
 from livedecon.daemon.processing import (
     AdaptableProcessor,
     Processor,
+    Stream,
     group_volume,
     source_planes,
 )
 from livedecon.daemon.protocol import AdaptationPlan, Axes, Header, Kind, Publication, Topic
 from livedecon.daemon.publisher import Publisher
-from livedecon.daemon.sim_processing import SimProcessor
 from livedecon.daemon.spill import SpillStore
 from livedecon.daemon.telemetry import Metrics
 from livedecon.daemon.writer import AcquisitionWriter, PlaneRecord, units_per_count
@@ -179,7 +179,7 @@ class Job:
         return 0 if self.pixels is None else self.pixels.nbytes
 
 
-def _stream(job: Job) -> tuple:
+def _stream(job: Job) -> Stream:
     """The (position, channel) a frame belongs to."""
     axes = job.header.axes or Axes()
     return (axes.position, axes.channel)
@@ -598,15 +598,11 @@ class Worker(threading.Thread):
         return batch
 
     def _infer(
-        self, acquisition: Acquisition, items: list[np.ndarray], streams: list[tuple]
+        self, acquisition: Acquisition, items: list[np.ndarray], streams: list[Stream]
     ) -> list[np.ndarray]:
         """Restore same-shape items of the given (position, channel) streams."""
         start = time.perf_counter()
-        processor = acquisition.processor
-        if isinstance(processor, SimProcessor):  # it keeps each stream's pattern
-            outputs = processor.process(items, streams)
-        else:
-            outputs = processor.process(items)
+        outputs = acquisition.processor.process(items, streams)
         self.metrics.observe("inference", time.perf_counter() - start)
         return outputs
 

@@ -68,6 +68,9 @@ def group_volume(plan: Plan, planes: Mapping[int, np.ndarray]) -> tuple[np.ndarr
     return frames, len(planes) == len(frames)
 
 
+Stream = tuple[int | str, int | str]  # (position, channel): one output file's frames
+
+
 class Processor(Protocol):
     """What the daemon and `reprocess` restore frames with (read-only, as far as callers go)."""
 
@@ -132,8 +135,12 @@ class Processor(Protocol):
         a Self-Net chain (z resampled to the lateral output pixel), one SR image for SIM."""
         ...
 
-    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
-        """Same-shape raw items (Y, X) or (Z, Y, X) in, their restored planes out, in order."""
+    def process(
+        self, items: list[np.ndarray], streams: list[Stream] | None = None
+    ) -> list[np.ndarray]:
+        """Same-shape raw items (Y, X) or (Z, Y, X) in, their restored planes out, in order.
+        `streams`: each item's (position, channel), for a processor that keeps state per
+        stream (SIM keeps each stream's pattern); the others ignore it."""
         ...
 
 
@@ -172,8 +179,25 @@ class AdaptableProcessor(Processor, Protocol):
         ...
 
 
+class NoModel:
+    """What a processor without a model bundle says of one: no bundle, no input
+    corrections, any pixel size."""
+
+    @property
+    def bundle_dir(self) -> Path | None:
+        return None
+
+    @property
+    def correction(self) -> InputCorrection | None:
+        return None
+
+    @property
+    def trained_pixel_um(self) -> float | None:
+        return None
+
+
 @dataclass
-class PassThrough:
+class PassThrough(NoModel):
     """Frames out as they came in: no model, no engine, no weights to adapt."""
 
     name: str = "pass-through"
@@ -189,22 +213,12 @@ class PassThrough:
     def backend(self) -> str:
         return "none"
 
-    @property
-    def bundle_dir(self) -> Path | None:
-        return None
-
-    @property
-    def correction(self) -> InputCorrection | None:
-        return None
-
-    @property
-    def trained_pixel_um(self) -> float | None:
-        return None
-
     def output_depth(self, depth: int) -> int:
         return depth
 
-    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+    def process(
+        self, items: list[np.ndarray], streams: list[Stream] | None = None
+    ) -> list[np.ndarray]:
         if self.delay_s:
             time.sleep(self.delay_s * len(items))
         return items
@@ -278,7 +292,9 @@ class ModelProcessor:
         """Camera counts as the model's input: corrected, then photoelectrons (float32)."""
         return self.bundle.manifest.normalisation.electrons(self.correction(counts))
 
-    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+    def process(
+        self, items: list[np.ndarray], streams: list[Stream] | None = None
+    ) -> list[np.ndarray]:
         norm = self.bundle.manifest.normalisation
         multiple = input_multiple(self.bundle.manifest.network)
         share = self.bundle.flux_share
@@ -362,7 +378,9 @@ class IsotropicProcessor:
     def output_z_step_um(self) -> float:
         return self.selfnet.manifest.input_pixel_um
 
-    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+    def process(
+        self, items: list[np.ndarray], streams: list[Stream] | None = None
+    ) -> list[np.ndarray]:
         restored = []
         tile_px = self.first.tile_px
         for volume in self.first.process(items):

@@ -337,7 +337,8 @@ class _Rebuild:
     def _flush(
         self, batch: list[tuple[PlaneKey, np.ndarray, str]]
     ) -> Iterator[tuple[PlaneRecord, np.ndarray]]:
-        outputs = self.processor.process([raw for _, raw, _ in batch])
+        streams = [(key[3], key[2]) for key, _, _ in batch]  # (position, channel)
+        outputs = self.processor.process([raw for _, raw, _ in batch], streams)
         for (key, raw, source), out in zip(batch, outputs, strict=True):
             self._check(out, raw.shape)
             self._made(key, source)
@@ -379,10 +380,7 @@ class _Rebuild:
             self.lost(missing, "the raw planes of its stack differ in shape")
             return
         volume, complete = group_volume(self.record.plan, raw)
-        if isinstance(self.processor, SimProcessor):  # the pattern of this stream
-            out = self.processor.process([volume], [(position, channel)])[0]
-        else:
-            out = self.processor.process([volume])[0]
+        out = self.processor.process([volume], [(position, channel)])[0]
         self._check(out, volume.shape)
         incomplete = not complete
         for key in missing:

@@ -24,8 +24,7 @@ import numpy as np
 
 from livedecon.calibration.config import Optics
 from livedecon.calibration.psf import theoretical_psf
-from livedecon.daemon.correction import InputCorrection
-from livedecon.daemon.processing import PHOTOELECTRONS
+from livedecon.daemon.processing import PHOTOELECTRONS, NoModel, Stream
 from livedecon.daemon.protocol import SimPlan
 from livedecon.daemon.writer import FILE_SUFFIX, output_path
 from livedecon.engines.atomic_write import write_atomically
@@ -38,14 +37,12 @@ from livedecon.engines.sim import (
     reconstruct,
 )
 
-Stream = tuple[int | str, int | str]  # (position, channel)
-
 PSF_PX = 63  # the detection PSF on the SR grid
 MIN_SIM_PX = 32  # the reconstruction's smallest frame
 
 
 @dataclass
-class SimProcessor:
+class SimProcessor(NoModel):
     """Raw SIM frames (camera counts, NaN where a frame never came) -> the SR image, float32
     photoelectrons per output pixel on the 2x grid, as a one-plane stack."""
 
@@ -85,18 +82,6 @@ class SimProcessor:
     @property
     def backend(self) -> str:
         return "numpy"
-
-    @property
-    def bundle_dir(self) -> Path | None:
-        return None
-
-    @property
-    def correction(self) -> InputCorrection | None:
-        return None
-
-    @property
-    def trained_pixel_um(self) -> float | None:
-        return None
 
     def output_depth(self, depth: int) -> int:
         return 1

@@ -174,7 +174,7 @@ class StackModel:
     def output_depth(self, depth: int) -> int:
         return depth
 
-    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+    def process(self, items: list[np.ndarray], streams=None) -> list[np.ndarray]:
         self.calls.extend(item.shape for item in items)
         return [
             np.kron(item.astype(np.float32), np.ones((1, 2, 2), np.float32))
@@ -242,7 +242,7 @@ class IsotropicModel(StackModel):
     def output_depth(self, depth: int) -> int:
         return 2 * depth - 1
 
-    def process(self, items: list[np.ndarray]) -> list[np.ndarray]:
+    def process(self, items: list[np.ndarray], streams=None) -> list[np.ndarray]:
         self.calls.extend(item.shape for item in items)
         outputs = []
         for item in items:
