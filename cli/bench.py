@@ -24,7 +24,11 @@ bench_app.command("selfnet")(bench_selfnet_command)
 @bench_app.command("engines")
 def bench_engines_command(
     models: Annotated[
-        str, typer.Option(help="comma list of full, fast, 3d, selfnet, selfnet-fast")
+        str,
+        typer.Option(
+            help="comma list of full, fast, 3d, selfnet, selfnet-fast, sim, dps (SIM models: the"
+            " size is the SR image's, twice the camera frame's)"
+        ),
     ] = "full,fast,3d",
     sizes: Annotated[str, typer.Option(help="square 2D input sizes")] = "256,512,1024",
     stack: Annotated[str, typer.Option(help="3D input ZxYxX")] = "16x256x256",

@@ -105,7 +105,8 @@ def simulate(
     )
 
 
-NETWORKS = ("fast", "full", "3d", "selfnet", "selfnet-fast")
+SIM_NETWORKS = ("sim", "dps")  # ZS-DeconvNet-SIM and DPS, behind the SIM reconstruction
+NETWORKS = ("fast", "full", "3d", *SELFNET_NETWORKS, *SIM_NETWORKS)
 
 
 def _has_camera_section(path: Path) -> bool:
@@ -190,11 +191,19 @@ def train(
     z_step_um: Annotated[
         float | None, typer.Option(min=0.0, help="Self-Net: z step [default: OME]")
     ] = None,
+    sim_angles: Annotated[int, typer.Option(min=1, max=8, help="sim, dps: pattern angles")] = 3,
+    sim_phases: Annotated[int, typer.Option(min=3, max=9, help="sim, dps: phases per angle")] = 3,
+    sim_order: Annotated[
+        str, typer.Option(help="sim, dps: frame order, angle-phase or phase-angle")
+    ] = "angle-phase",
 ) -> None:
     """Train a ZS-DeconvNet on a microscope's own noisy data and write a model bundle.
 
     With --network selfnet (or selfnet-fast), train Self-Net on one volume TIFF instead: its
     axial slices learn the lateral resolution (--config takes a SelfNetTrainingConfig TOML).
+    With --network sim (ZS-DeconvNet-SIM) or dps (DPS), train on one raw SIM file's first
+    sequence of angles x phases frames behind the Wiener SIM reconstruction (--microscope:
+    its optics and camera; --config takes a SimTrainingConfig or DpsConfig TOML).
 
     Checkpoints go next to the bundle (.NAME.training/): run the same command again to resume;
     Ctrl-C stops with the last good weights bundled.
@@ -222,6 +231,28 @@ def train(
         raise _fail(f"--camera must be one of {', '.join(CAMERA_SOURCES)}, got {camera!r}")
     if out.exists() and not overwrite:
         raise _fail(f"{out}: already exists (--overwrite to replace it)")
+    if network in SIM_NETWORKS:
+        from livedecon.cli.sim import train_sim_command
+
+        sim_overrides = {
+            "iterations": iterations,
+            "patch_px": patch_px,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "budget_min": budget_min,
+        }
+        return train_sim_command(
+            out,
+            inputs,
+            "sim" if network == "sim" else "dps",
+            microscope,
+            config,
+            sim_overrides,
+            (sim_angles, sim_phases, sim_order),
+            name,
+            overwrite,
+        )
     if network in SELFNET_NETWORKS:
         overrides: dict[str, object] = {
             "iterations": iterations,
@@ -310,7 +341,10 @@ def restore(
     tile_px: Annotated[int, typer.Option(min=16, help="larger frames go in blended tiles")] = 1024,
     then: Annotated[
         str | None,
-        typer.Option(help="a Self-Net bundle that makes the 3D bundle's output isotropic"),
+        typer.Option(
+            help="a Self-Net bundle that makes the 3D bundle's output isotropic; after `sim`, a"
+            " SIM model (train --network sim|dps) that restores each SR image"
+        ),
     ] = None,
     microscope: Annotated[
         Path | None, typer.Option(help="sim: microscope TOML (optics and camera)")
@@ -324,16 +358,17 @@ def restore(
     """Restore raw frames (or z-stacks, with a 3D bundle) with a model bundle, or a
     bioimage.io package written by `livedecon export --bioimageio`; a Self-Net bundle makes a
     volume isotropic (z step = lateral pixel), alone or after a 3D bundle (--then). The model
-    `sim` reconstructs raw SIM frames (sequences of angles x phases) into SR images."""
+    `sim` reconstructs raw SIM frames (sequences of angles x phases) into SR images, restored
+    by a SIM model given with --then; a SIM model alone restores SR images (as `sim` writes
+    them)."""
     import tempfile
     import time
 
     from livedecon.cli.sim import SIM_RECONSTRUCTION, restore_sim_command
 
     if bundle == SIM_RECONSTRUCTION:
-        return restore_sim_command(
-            input_tif, output_tif, microscope, sim_angles, sim_phases, sim_order
-        )
+        sim_options = (sim_angles, sim_phases, sim_order)
+        return restore_sim_command(input_tif, output_tif, microscope, *sim_options, then, backend)
 
     from livedecon.engines.backends import AccuracyGateError, open_runtime
     from livedecon.engines.bioimageio_package import bundle_from_package, is_bioimageio_package

@@ -63,6 +63,7 @@ from livedecon.daemon.writer import (
 from livedecon.daemon.zarr_output import complete_images
 from livedecon.engines.atomic_write import replace_atomically
 from livedecon.engines.enums import Backend
+from livedecon.engines.sim import UPSCALE
 
 BATCH = 4  # 2D frames per processor call
 TEMP_SUFFIX = ".reprocess.tmp"
@@ -229,11 +230,13 @@ def _open_processor(
 ) -> Processor:
     if record.processor == "pass-through":
         return PassThrough()
-    if record.processor == "sim":  # with the patterns the daemon found, kept in `directory`
-        assert record.plan.sim is not None  # a sim plan has its settings
-        return SimProcessor(record.plan.sim, record.plan.pixel_size_um, directory)
+    sim = record.plan.sim if record.processor == "sim" else None
+    if sim is not None and record.bundle_path is None:  # the reconstruction alone
+        return SimProcessor(sim, record.plan.pixel_size_um, directory)
     if record.bundle_path is None:
         raise ReprocessError(f"{record.acquisition_id}: the record names no model bundle")
+    if sim is not None:  # SR images of the raw groups' shape, twice as fine
+        shapes = {tuple(UPSCALE * n for n in shape[-2:]) for shape in shapes}
     model = open_processor(
         record.bundle_path,
         backend,
@@ -242,7 +245,9 @@ def _open_processor(
         correction=record.correction,
     )
     processor: Processor = model
-    if record.isotropic_bundle_path is not None:
+    if sim is not None:  # with the patterns the daemon found, kept in `directory`
+        processor = SimProcessor(sim, record.plan.pixel_size_um, directory, model)
+    elif record.isotropic_bundle_path is not None:
         assert record.plan.z_step_um is not None  # a 3d plan has one
         selfnet, z_step = record.isotropic_bundle_path, record.plan.z_step_um
         processor = open_isotropic(model, selfnet, z_step, backend)

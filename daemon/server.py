@@ -424,6 +424,12 @@ class Daemon:
             processor = self._processor(plan.model or self.default_model)
         if plan.isotropic is not None:
             processor = self._isotropic(processor, plan)
+        if isinstance(processor, ModelProcessor) and processor.bundle.manifest.is_sim:
+            raise ProtocolError(
+                ErrorCode.PLAN_MISMATCH,
+                f"{processor.bundle_id} restores SR-SIM images: start a sim acquisition (raw"
+                " SIM frames) with it as the model",
+            )
         if processor.is_3d is not None and processor.is_3d != (plan.mode == "3d"):
             raise ProtocolError(
                 ErrorCode.PLAN_MISMATCH,
@@ -717,22 +723,28 @@ class Daemon:
         self._processors[name] = processor
         return processor
 
-    @staticmethod
-    def _sim(plan: Plan, directory: Path | None) -> SimProcessor:
-        """The live SIM reconstruction of a sim plan (Wiener; networks after it: not yet)."""
+    def _sim(self, plan: Plan, directory: Path | None) -> SimProcessor:
+        """The live SIM reconstruction of a sim plan, then the plan's SIM model if it names
+        one (ZS-DeconvNet-SIM or DPS, trained behind the same reconstruction)."""
         assert plan.sim is not None
-        if plan.model is not None:
-            raise ProtocolError(
-                ErrorCode.PLAN_MISMATCH,
-                f"model {plan.model!r}: a sim acquisition is reconstructed (generalised Wiener);"
-                " networks after it (ZS-DeconvNet-SIM, DPS) are not served live yet: leave the"
-                " model out and restore the SR images offline",
-            )
         if plan.output_dtype != "float32":
             raise ProtocolError(
                 ErrorCode.PLAN_MISMATCH, "a sim acquisition writes float32 SR images only"
             )
-        return SimProcessor(plan.sim, plan.pixel_size_um, directory)
+        network = None
+        if plan.model is not None:
+            model = self._processor(plan.model)
+            if not isinstance(model, ModelProcessor):
+                raise ProtocolError(
+                    ErrorCode.PLAN_MISMATCH,
+                    f"model {plan.model!r}: after the SIM reconstruction only a SIM model"
+                    " serves; leave the model out for the reconstruction alone",
+                )
+            network = model
+        try:
+            return SimProcessor(plan.sim, plan.pixel_size_um, directory, network)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.PLAN_MISMATCH, f"model {plan.model!r}: {exc}") from None
 
     def _isotropic(self, first: Processor, plan: Plan) -> IsotropicProcessor:
         """The plan's model chained with its Self-Net bundle, for stacks of its z step."""

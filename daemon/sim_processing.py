@@ -3,7 +3,9 @@
 `SimProcessor` is the daemon's processor for a `sim` plan. The plan says the pattern
 sequence (angles, phases, frame order) and what the reconstruction needs to know of the
 microscope (detection NA, emission, camera offset and gain); the reconstruction is
-engines/sim.py's generalised Wiener filter.
+engines/sim.py's generalised Wiener filter. A plan that names a SIM model (ZS-DeconvNet-SIM or
+DPS, engines/sim_bundle.py) has each SR image restored by it, reconstructed with the settings
+(the Wiener constant above all) the model was trained behind.
 
 The pattern is estimated once per stream (position, channel: each has its own wavelength),
 from its first complete group in which a pattern is found, and reused: estimation costs about
@@ -23,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from livedecon.calibration.config import Optics
-from livedecon.calibration.psf import theoretical_psf
-from livedecon.daemon.processing import PHOTOELECTRONS, NoModel, Stream
+from livedecon.calibration.sim_run import detection_psf_2x
+from livedecon.daemon.processing import PHOTOELECTRONS, ModelProcessor, Stream
 from livedecon.daemon.protocol import SimPlan
 from livedecon.daemon.writer import FILE_SUFFIX, output_path
 from livedecon.engines.atomic_write import write_atomically
@@ -36,34 +38,44 @@ from livedecon.engines.sim import (
     estimate_parameters,
     reconstruct,
 )
+from livedecon.engines.sim_bundle import check_sim_chain
 
-PSF_PX = 63  # the detection PSF on the SR grid
 MIN_SIM_PX = 32  # the reconstruction's smallest frame
+WIENER_ID = "sim-wiener"  # the bundle id recorded for the reconstruction alone
 
 
 @dataclass
-class SimProcessor(NoModel):
+class SimProcessor:
     """Raw SIM frames (camera counts, NaN where a frame never came) -> the SR image, float32
-    photoelectrons per output pixel on the 2x grid, as a one-plane stack."""
+    photoelectrons per output pixel on the 2x grid, as a one-plane stack; with `network` (a
+    SIM model: ZS-DeconvNet-SIM or DPS), that network's restoration of the SR image, which is
+    reconstructed with the settings the network learned behind."""
 
     sim: SimPlan
     pixel_um: float  # the camera pixel at the sample
     directory: Path | None = None  # the acquisition's output: where found patterns are kept
-    name: str = "SIM reconstruction"
-    bundle_id: str = "sim-wiener"
-    weights_version: int = 0
+    network: ModelProcessor | None = None
     upscale: int = UPSCALE
     is_3d: bool | None = None
     units: str = PHOTOELECTRONS
-    bright_level: float = 1.0  # unused: SIM output is float32 only
     settings: SimSettings = field(init=False)
     psf_2x: np.ndarray = field(init=False, repr=False)
     cutoff_per_um: float = field(init=False)
     _patterns: dict[Stream, SimParameters] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Refuses (ValueError) a network that is no SIM model or learned other raw frames."""
         sim = self.sim
         self.settings = SimSettings(angles=sim.angles, phases=sim.phases)
+        if self.network is not None:
+            self.settings = check_sim_chain(
+                self.network.bundle,
+                camera_pixel_um=self.pixel_um,
+                na=sim.na,
+                emission_um=sim.emission_um,
+                angles=sim.angles,
+                phases=sim.phases,
+            )
         optics = Optics(
             na=sim.na,
             emission_um=sim.emission_um,
@@ -71,9 +83,37 @@ class SimProcessor(NoModel):
             sample_ri=sim.sample_ri,
             pixel_size_um=self.pixel_um,
         )
-        psf = theoretical_psf(optics, self.output_pixel_um, PSF_PX)[0]
-        self.psf_2x = psf / psf.sum()
+        self.psf_2x = detection_psf_2x(optics)
         self.cutoff_per_um = detection_cutoff_per_um(sim.na, sim.sample_ri, sim.emission_um)
+
+    @property
+    def name(self) -> str:
+        return "SIM reconstruction" + (" + " + self.network.bundle_id if self.network else "")
+
+    @property
+    def bundle_id(self) -> str:
+        return self.network.bundle_id if self.network is not None else WIENER_ID
+
+    @property
+    def weights_version(self) -> int:
+        return self.network.weights_version if self.network is not None else 0
+
+    @property
+    def bundle_dir(self) -> Path | None:
+        return self.network.bundle_dir if self.network is not None else None
+
+    @property
+    def correction(self) -> None:
+        return None  # camera corrections act on raw frames; none are applied to SIM frames
+
+    @property
+    def trained_pixel_um(self) -> float | None:
+        """The camera pixel the network learned (None: the reconstruction takes any)."""
+        return self.network.bundle.manifest.camera_pixel_um if self.network else None
+
+    @property
+    def bright_level(self) -> float:
+        return 1.0  # unused: SIM output is float32 only
 
     @property
     def output_pixel_um(self) -> float:
@@ -81,7 +121,7 @@ class SimProcessor(NoModel):
 
     @property
     def backend(self) -> str:
-        return "numpy"
+        return self.network.backend if self.network is not None else "numpy"
 
     def output_depth(self, depth: int) -> int:
         return 1
@@ -156,4 +196,7 @@ class SimProcessor(NoModel):
         """Groups in, one-plane SR stacks out; `streams` (position, channel) of each group
         reuse its stream's pattern."""
         keys: list[Stream | None] = list(streams) if streams else [None] * len(items)
-        return [self.reconstruct(item, key)[None] for item, key in zip(items, keys, strict=True)]
+        images = [self.reconstruct(item, key) for item, key in zip(items, keys, strict=True)]
+        if self.network is not None:
+            images = self.network.process(images)
+        return [image[None] for image in images]

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from livedecon.engines.configfile import StrictModel
-from livedecon.engines.networks import NetworkSpec, ZSDeconvNetwork, build_network
+from livedecon.engines.networks import DpsSpec, NetworkSpec, ZSDeconvNetwork, build_network
 from livedecon.engines.self_supervised import LossConfig, RecorruptionConfig
 from livedecon.engines.selfnet import SelfNetSpec
 from livedecon.engines.training import Objective, PatchSampler, Trainer
@@ -53,6 +53,11 @@ class Adapter:
             raise ValueError(
                 "Self-Net networks are not adapted: their training is adversarial"
                 " (engines/selfnet_training.py), not these self-supervised losses"
+            )
+        if isinstance(spec, DpsSpec):
+            raise ValueError(
+                "DPS networks are not adapted: their objective (engines/dps.py) is not these"
+                " self-supervised losses"
             )
         self.config = config or AdaptationConfig()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from livedecon.engines.atomic_write import fsync_path, fsync_tree
 from livedecon.engines.configfile import StrictModel, describe_validation_error
 from livedecon.engines.networks import (
+    DpsSpec,
     Network,
     Network2DSpec,
     Network3DSpec,
@@ -44,6 +45,7 @@ from livedecon.engines.networks import (
 )
 from livedecon.engines.ome_tiff import write_ome_tiff
 from livedecon.engines.selfnet import SelfNetSpec
+from livedecon.engines.sim import SimSettings
 
 BUNDLE_FORMAT = 1
 MANIFEST = "model.json"
@@ -145,10 +147,30 @@ class TrainingRecord(_Manifest):
         )
 
 
+class SimRecord(_Manifest):
+    """What a SIM model (ZS-DeconvNet-SIM, DPS) restores: SR-SIM images in photoelectrons
+    per output pixel, made by the generalised Wiener reconstruction with these settings (the
+    Wiener constant fixed) from raw frames of this detection; the network learned that
+    reconstruction's noise and PSF, so it is fed the same one."""
+
+    reconstruction: SimSettings = Field(description="the reconstruction it was trained behind")
+    na: PositiveFloat = Field(description="detection NA of the training acquisition")
+    emission_um: PositiveFloat
+    sample_ri: PositiveFloat
+
+    @model_validator(mode="after")
+    def _fixed_wiener(self) -> Self:
+        if self.reconstruction.wiener is None:
+            raise ValueError("a SIM model's reconstruction needs its Wiener constant fixed")
+        return self
+
+
 class BundleManifest(_Manifest):
     format: int = BUNDLE_FORMAT
     name: str = Field(pattern=NAME_PATTERN, description="also the bundle's directory name")
-    network: Annotated[Network2DSpec | Network3DSpec | SelfNetSpec, Field(discriminator="kind")]
+    network: Annotated[
+        Network2DSpec | Network3DSpec | SelfNetSpec | DpsSpec, Field(discriminator="kind")
+    ]
     input_pixel_um: PositiveFloat
     output_pixel_um: PositiveFloat
     z_step_um: PositiveFloat | None = Field(description="3D and volume models only")
@@ -158,6 +180,9 @@ class BundleManifest(_Manifest):
     normalisation: Normalisation
     psf: PSFRecord
     training: TrainingRecord
+    sim: SimRecord | None = Field(
+        None, description="SIM models only: the reconstruction whose SR images they restore"
+    )
     weights_version: int = Field(1, ge=1, description="bumped by every weights update")
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -176,12 +201,25 @@ class BundleManifest(_Manifest):
         return isinstance(self.network, SelfNetSpec)
 
     @property
+    def is_sim(self) -> bool:
+        """A network on SR-SIM images (its input grid is the reconstruction's, half the
+        camera pixel)."""
+        return self.sim is not None
+
+    @property
+    def camera_pixel_um(self) -> float:
+        """The raw frames' pixel: a SIM model's input is the SR grid, twice as fine."""
+        return self.input_pixel_um * (2 if self.is_sim else 1)
+
+    @property
     def takes_volumes(self) -> bool:
         return self.is_3d or self.is_selfnet
 
     @model_validator(mode="after")
     def _grids_agree(self) -> Self:
         # The runtimes trust these numbers to place the output; disagreement is a bug upstream.
+        if self.is_sim and (self.network.upsample or self.takes_volumes):
+            raise ValueError("a SIM model is 2D on the SR grid: no upsampling, no volumes")
         upscale = 2 if self.network.upsample else 1
         if not math.isclose(self.output_pixel_um * upscale, self.input_pixel_um, rel_tol=1e-9):
             raise ValueError(
@@ -340,9 +378,11 @@ class ModelBundle:
         psf: np.ndarray,
         psf_record: PSFRecord,
         training: TrainingRecord,
+        sim: SimRecord | None = None,
     ) -> ModelBundle:
         """Bundle a trained network; `network` defaults to the model's own `spec`. A Self-Net
-        model's output is isotropic: its output z step is the lateral pixel."""
+        model's output is isotropic: its output z step is the lateral pixel. `sim`: a network
+        on SR-SIM images, and the reconstruction it was trained behind."""
         spec = network if network is not None else model.spec
         state = _stored(model.state_dict())
         manifest = _validated(
@@ -355,6 +395,7 @@ class ModelBundle:
             normalisation=normalisation,
             psf=psf_record,
             training=training,
+            sim=sim,
             weights_sha256=weights_sha256(state),
         )
         return cls(manifest, state, psf)

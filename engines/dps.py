@@ -32,9 +32,9 @@ from pydantic import Field
 from torch import nn
 
 from livedecon.engines.configfile import StrictModel
-from livedecon.engines.enums import NetworkKind
-from livedecon.engines.networks import UNet2D, UNetSpec
+from livedecon.engines.networks import DpsSpec, UNet2D
 from livedecon.engines.self_supervised import (
+    SSIM_WINDOW_PX,
     RecorruptionConfig,
     exact_margin,
     hessian_penalty,
@@ -52,13 +52,6 @@ from livedecon.engines.training import (
     normalisation_scale,
     run_cosine,
 )
-
-
-class DpsSpec(StrictModel):
-    kind: Literal[NetworkKind.DPS] = NetworkKind.DPS
-    unet: UNetSpec = UNetSpec(levels=3, convs_per_block=2, base_width=16)
-    feedback_width: int = Field(16, ge=1, le=256, description="the back-projection's channels")
-    upsample: bool = Field(True, description="2x output grid (widefield); off for SIM images")
 
 
 class DpsLoss(StrictModel):
@@ -99,7 +92,10 @@ class DpsNet(nn.Module):
 
     def __init__(self, spec: DpsSpec, psf: np.ndarray, background: float = 0.0) -> None:
         super().__init__()
-        self.spec = spec
+        psf = np.asarray(psf, dtype=np.float32)
+        if psf.ndim != 2 or psf.shape[0] != psf.shape[1] or psf.shape[0] % 2 == 0:
+            raise ValueError(f"DPS needs a square, odd 2D PSF; got shape {psf.shape}")
+        self.spec = spec.model_copy(update={"psf_px": psf.shape[0]})
         self.upscale = 2 if spec.upsample else 1
         self.multiple = 2**spec.unet.levels
         r, w = self.upscale, spec.feedback_width
@@ -117,7 +113,7 @@ class DpsNet(nn.Module):
             nn.Conv2d(w, r * r, 3, padding=1),
             nn.PixelShuffle(r),
         )
-        self.register_buffer("psf", torch.from_numpy(np.asarray(psf, dtype=np.float32)))
+        self.register_buffer("psf", torch.from_numpy(psf))
         self.register_buffer("background", torch.tensor(float(background)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +123,17 @@ class DpsNet(nn.Module):
         return denoised, _positive(pre + self.feedback(error))
 
     def forward_model(self, estimate: torch.Tensor) -> torch.Tensor:
-        """What the camera sees of an estimate: PSF blur, binning, the constant background."""
-        return reblur(estimate, self.psf, self.upscale) + self.background
+        """What the camera sees of an estimate: PSF blur, binning, the constant background.
+        Training blurs through the FFT (fast backward pass on a CPU); inference with a direct
+        convolution, the same filter, which ONNX and TensorRT run."""
+        if self.training:
+            return reblur(estimate, self.psf, self.upscale) + self.background
+        k = self.psf.shape[-1] // 2
+        padded = F.pad(estimate, (k, k, k, k), mode="reflect")
+        blurred = F.conv2d(padded, self.psf[None, None])
+        if self.upscale > 1:
+            blurred = F.avg_pool2d(blurred, self.upscale)
+        return blurred + self.background
 
 
 def _positive(x: torch.Tensor) -> torch.Tensor:
@@ -199,13 +204,25 @@ class DpsResult:
     sim_settings: SimSettings | None = None  # SIM: the reconstruction it was trained behind
 
 
-def _fit(model: DpsNet, sampler: PatchSampler, make_pairs: PairMaker, config: DpsConfig) -> list:
+def _fit(
+    model: DpsNet,
+    sampler: PatchSampler,
+    make_pairs: PairMaker,
+    config: DpsConfig,
+    on_step: Callable[[int], None] | None = None,
+) -> list:
+    margin = exact_margin(model.spec.psf_px // 2, model.upscale)
+    if config.patch_px < 2 * margin + SSIM_WINDOW_PX:
+        raise ValueError(
+            f"patch_px {config.patch_px} is too small for the {model.spec.psf_px}-pixel PSF: the"
+            f" fidelity and SSIM terms need at least {2 * margin + SSIM_WINDOW_PX}"
+        )
     objective = _DpsObjective(config.loss, make_pairs)
     trainer = Trainer(
         model, objective, sampler, config.batch_size, config.learning_rate, config.seed
     )
     budget_s = None if config.budget_min is None else 60 * config.budget_min
-    return run_cosine(trainer, config.iterations, config.learning_rate, budget_s)
+    return run_cosine(trainer, config.iterations, config.learning_rate, budget_s, on_step)
 
 
 def train_dps(
@@ -242,6 +259,7 @@ def train_dps_sim(
     cutoff_per_um: float,
     read_noise_e: float,
     config: DpsConfig | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> DpsResult:
     """DPS on one SIM acquisition's raw frames (photoelectrons, background removed) behind the
     Wiener reconstruction with a known pattern, re-blurring with the SIM PSF: the same pairs
@@ -267,7 +285,7 @@ def train_dps_sim(
     torch.manual_seed(config.seed)
     model = DpsNet(config.network, data.psf)
     sampler = PatchSampler(data.pairs, (2, config.patch_px, config.patch_px), config.seed)
-    losses = _fit(model, sampler, make_pairs, config)
+    losses = _fit(model, sampler, make_pairs, config, on_step)
     return DpsResult(model, data.scale_e, losses, data.settings)
 
 

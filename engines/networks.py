@@ -7,8 +7,9 @@ Each network maps a raw frame (N, 1, Y, X) or stack (N, 1, Z, Y, X) in model uni
 
 from __future__ import annotations
 
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, TypeAlias, overload
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -17,6 +18,9 @@ from torch import nn
 from livedecon.engines.configfile import StrictModel
 from livedecon.engines.enums import NetworkKind
 from livedecon.engines.selfnet import SelfNetRestorer, SelfNetSpec
+
+if TYPE_CHECKING:
+    from livedecon.engines.dps import DpsNet
 
 
 class UNetSpec(StrictModel):
@@ -271,14 +275,26 @@ def _interleave(both: torch.Tensor, n: int, depth: int) -> torch.Tensor:
     return stacked.reshape(shape[0], shape[1], shape[2] * 2, shape[4], shape[5])[:, :, :depth]
 
 
-NetworkSpec = Network2DSpec | Network3DSpec | SelfNetSpec
+class DpsSpec(StrictModel):
+    """DPS (engines/dps.py): a denoising U-Net, then a deconvolution U-Net with an
+    error-feedback unit around the PSF, which the network holds (`psf_px` wide)."""
+
+    kind: Literal[NetworkKind.DPS] = NetworkKind.DPS
+    unet: UNetSpec = UNetSpec(levels=3, convs_per_block=2, base_width=16)
+    feedback_width: int = Field(16, ge=1, le=256, description="the back-projection's channels")
+    upsample: bool = Field(True, description="2x output grid (widefield); off for SIM images")
+    psf_px: int = Field(31, ge=1, description="the PSF width (odd), set from the PSF it holds")
+
+
+NetworkSpec = Network2DSpec | Network3DSpec | SelfNetSpec | DpsSpec
 ZSDeconvNetwork = ZSDeconvNet2D | ZSDeconvNet3D
-Network = ZSDeconvNet2D | ZSDeconvNet3D | SelfNetRestorer  # what build_network makes
+# what build_network makes (DpsNet imports this module, so it is named, not imported, here)
+Network: TypeAlias = "ZSDeconvNet2D | ZSDeconvNet3D | SelfNetRestorer | DpsNet"
 
 
 def input_multiple(spec: NetworkSpec) -> int:
     """What input Y and X must be multiples of: the U-Nets halve them once per level."""
-    return 2**spec.unet.levels if isinstance(spec, Network2DSpec) else 1
+    return 2**spec.unet.levels if isinstance(spec, Network2DSpec | DpsSpec) else 1
 
 
 @overload
@@ -288,9 +304,16 @@ def build_network(spec: Network3DSpec) -> ZSDeconvNet3D: ...
 @overload
 def build_network(spec: SelfNetSpec) -> SelfNetRestorer: ...
 @overload
+def build_network(spec: DpsSpec) -> DpsNet: ...
+@overload
 def build_network(spec: NetworkSpec) -> Network: ...
 def build_network(spec: NetworkSpec) -> Network:
-    """The untrained torch network a spec describes (ZS-DeconvNet 2D or 3D, or Self-Net)."""
+    """The untrained torch network a spec describes (ZS-DeconvNet 2D or 3D, Self-Net, DPS;
+    DPS with a zero PSF, which its weights replace)."""
+    if isinstance(spec, DpsSpec):
+        from livedecon.engines.dps import DpsNet  # dps.py builds on this module's U-Net
+
+        return DpsNet(spec, np.zeros((spec.psf_px, spec.psf_px), np.float32))
     if isinstance(spec, SelfNetSpec):
         return SelfNetRestorer(spec)
     if isinstance(spec, Network3DSpec):

@@ -18,6 +18,7 @@ from livedecon.engines.backends import available_backends, open_runtime
 from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
 from livedecon.engines.enums import Backend
 from livedecon.engines.networks import (
+    DpsSpec,
     Network2DSpec,
     Network3DSpec,
     NetworkSpec,
@@ -25,6 +26,8 @@ from livedecon.engines.networks import (
     fast_2d_spec,
 )
 from livedecon.engines.selfnet import SelfNetSpec, fast_selfnet_spec
+from livedecon.engines.sim import SimSettings
+from livedecon.engines.sim_training import SimTrainingConfig
 
 MODELS: dict[str, Callable[[], NetworkSpec]] = {
     "full": Network2DSpec,
@@ -34,11 +37,40 @@ MODELS: dict[str, Callable[[], NetworkSpec]] = {
     # every output voxel restored twice, in its xz and in its yz slice)
     "selfnet": SelfNetSpec,
     "selfnet-fast": fast_selfnet_spec,
+    # SIM models restore SR-SIM images: a row's input is one SR image (twice the camera's
+    # width), after the reconstruction, which is timed by `livedecon bench sim`
+    "sim": lambda: SimTrainingConfig().network,
+    "dps": lambda: DpsSpec(upsample=False),
 }
+
+
+def _random_sim_bundle(spec: NetworkSpec, directory: Path) -> ModelBundle:
+    from livedecon.engines.sim_bundle import sim_bundle
+
+    psf = np.zeros((31, 31), np.float32)
+    psf[15, 15] = 1.0
+    bundle = sim_bundle(
+        build_network(spec),
+        name=f"bench-sim-{spec.kind}",
+        scale_e=1.0,
+        psf=psf,
+        reconstruction=SimSettings(wiener=0.1),
+        camera_pixel_um=0.1,
+        na=1.4,
+        emission_um=0.6,
+        sample_ri=1.33,
+        read_noise_e=1.5,
+        background_e=0.0,
+        training=TrainingRecord.now(data=["random weights"], config={}, iterations=0),
+    )
+    bundle.save(directory, overwrite=True)
+    return bundle
 
 
 def _random_bundle(spec: NetworkSpec, directory: Path) -> ModelBundle:
     torch.manual_seed(0)
+    if isinstance(spec, DpsSpec) or (isinstance(spec, Network2DSpec) and not spec.upsample):
+        return _random_sim_bundle(spec, directory)
     if isinstance(spec, SelfNetSpec):
         from livedecon.engines.selfnet_bundle import selfnet_bundle
 

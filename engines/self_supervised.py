@@ -177,7 +177,10 @@ def hessian_penalty(x: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _gauss_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+SSIM_WINDOW_PX = 11  # the SSIM's Gaussian window: the smallest image it compares
+
+
+def _gauss_window(size: int = SSIM_WINDOW_PX, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float32) - size // 2
     g = torch.exp(-(x**2) / (2 * sigma * sigma))
     g = g / g.sum()

@@ -57,6 +57,9 @@ class SimTrainingConfig(StrictModel):
     recorruption: SimRecorruption = SimRecorruption()
     loss: LossConfig = LossConfig(norm="l2", hessian_weight=0.002)
     iterations: int = Field(600, ge=1)
+    budget_min: float | None = Field(
+        None, gt=0, description="stop after this wall time; the schedule follows whichever ends"
+    )
     patch_px: int = Field(64, ge=16)
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -193,6 +196,7 @@ def train_zs_sim(
     cutoff_per_um: float,
     read_noise_e: float,
     config: SimTrainingConfig | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> SimTrainingResult:
     """Train ZS-DeconvNet-SIM on one acquisition's raw frames (photoelectrons, background
     removed) with a known pattern (estimate it with `engines.sim.estimate_parameters`)."""
@@ -216,7 +220,8 @@ def train_zs_sim(
     trainer = Trainer(
         model, objective, sampler, config.batch_size, config.learning_rate, config.seed
     )
-    losses = run_cosine(trainer, config.iterations, config.learning_rate)
+    budget_s = None if config.budget_min is None else 60 * config.budget_min
+    losses = run_cosine(trainer, config.iterations, config.learning_rate, budget_s, on_step)
     return SimTrainingResult(model, data.scale_e, data.psf, data.settings, losses)
 
 

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Literal, Protocol, TypeVar
@@ -501,11 +501,16 @@ def capped_by_passes(config: TrainingConfig, data: Sequence[np.ndarray]) -> Trai
 
 
 def run_cosine(
-    trainer: Trainer[ModelT], iterations: int, learning_rate: float, budget_s: float | None = None
+    trainer: Trainer[ModelT],
+    iterations: int,
+    learning_rate: float,
+    budget_s: float | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Steps with a cosine learning-rate schedule over `iterations`, or over `budget_s`
-    seconds when that ends first; the total loss of each step. The short runs (SIM, DPS) use
-    it; `train` adds checkpoints and resuming."""
+    seconds when that ends first; the total loss of each step (`on_step` hears each step's
+    number, from 1). The short runs (SIM, DPS) use it; `train` adds checkpoints and
+    resuming."""
     losses = []
     started = time.perf_counter()
     for iteration in range(iterations):
@@ -518,6 +523,8 @@ def run_cosine(
         for group in trainer.optimizer.param_groups:
             group["lr"] = learning_rate * cosine_factor(progress)
         losses.append(trainer.step()["total"])
+        if on_step is not None:
+            on_step(iteration + 1)
     trainer.model.eval()
     return losses
 

@@ -17,17 +17,24 @@ import tifffile
 from daemon_harness import receive_all, start_daemon, subscriber
 from plane_records import ndtiff
 from pydantic import ValidationError
+from tiny_specs import TINY_SIM
 
 from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.metrics import psnr
 from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
+from livedecon.calibration.sim_run import train_sim_bundle
 from livedecon.calibration.sim_simulator import render_sim
 from livedecon.daemon.client import DaemonError
+from livedecon.daemon.journal import read_acquisition_record
+from livedecon.daemon.processing import open_processor
 from livedecon.daemon.protocol import Axes, Plan, SimPlan, Topic
 from livedecon.daemon.reprocess import reprocess
 from livedecon.daemon.sim_processing import SimProcessor
 from livedecon.daemon.writer import output_path, read_planes
+from livedecon.engines.bundle import ModelBundle
+from livedecon.engines.enums import Backend
 from livedecon.engines.sim import SimParameters
+from livedecon.engines.sim_training import SimRecorruption, SimTrainingConfig
 
 SCENE = Scene(structure="dense", optics="tirf", peak_photons=100.0, size_px=64, seed=1234)
 OPTIC = OPTICS["tirf"]
@@ -143,7 +150,7 @@ def test_sim_plans_that_cannot_work_are_refused(tmp_path: Path):
     daemon = start_daemon(tmp_path)
     try:
         with daemon.client() as client:
-            with pytest.raises(DaemonError, match="not served live yet"):
+            with pytest.raises(DaemonError, match=r"fast2d-sim.* is not a SIM model"):
                 client.start("bad-0", sim_plan(model="fast2d-sim"))
             with pytest.raises(DaemonError, match="float32 SR images only"):
                 client.start("bad-1", sim_plan(output_dtype="uint16"))
@@ -153,5 +160,94 @@ def test_sim_plans_that_cannot_work_are_refused(tmp_path: Path):
             with pytest.raises(DaemonError, match="outside the plan's 9 frames"):
                 send_and_flush(client, np.zeros((32, 32), np.uint16), Axes(z=9))
             client.end(wait_s=30)
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def sim_model(tmp_path_factory, acquisition) -> Path:
+    """A tiny ZS-DeconvNet-SIM trained on the acquisition (a few steps: the chain, not its
+    quality, is under test here; tests/engines/test_sim.py measures the quality)."""
+    config = SimTrainingConfig(
+        network=TINY_SIM, recorruption=SimRecorruption(pairs=2), iterations=3, patch_px=32
+    )
+    bundle = train_sim_bundle(
+        acquisition.electrons,
+        OPTIC,
+        angles=3,
+        phases=3,
+        read_noise_e=SCENE.read_noise_e,
+        network="sim",
+        config=config,
+        name="tiny-zs-sim",
+        data=["simulated"],
+    )
+    return bundle.save(tmp_path_factory.mktemp("models") / "tiny-zs-sim")
+
+
+def test_a_sim_model_restores_each_sr_image_live_and_again_in_reprocess(
+    tmp_path: Path, acquisition, sim_model: Path
+):
+    frames = acquisition.counts
+    daemon = start_daemon(tmp_path, queues={"stack_timeout_s": 1.0})
+    try:
+        views = subscriber(daemon, Topic.RESTORED)
+        with daemon.client() as client:
+            client.start("sim-net", sim_plan(model=str(sim_model)))
+            for t in range(2):
+                client.send(frames, Axes(time=t))
+            state = client.end(wait_s=60)
+        published = receive_all(views, quiet_ms=1000)
+        views.close()
+    finally:
+        daemon.stop()
+
+    assert (state["restored"], state["written"]) == (2, 2)  # two whole sequences, two images
+    path = output_path(daemon.config.output_dir / "sim-net", 0, 0)
+    planes = {r.time: (r, p) for r, p in read_planes(path)}
+    bundle = ModelBundle.load(sim_model)
+    assert {r.bundle_id for r, _ in planes.values()} == {bundle.bundle_id}
+    # the reconstruction with the bundle's own settings, then the network (same engine)
+    network = open_processor(sim_model, Backend.ONNXRUNTIME, max_batch=1)
+    local = SimProcessor(sim_plan().sim, OPTIC.pixel_size_um, network=network)
+    assert local.settings.wiener == bundle.manifest.sim.reconstruction.wiener
+    expected = local.process([frames])[0][0]
+    assert expected.shape == (128, 128)
+    for t in range(2):
+        np.testing.assert_allclose(planes[t][1], expected, rtol=1e-4, atol=1e-4 * expected.max())
+    wiener = SimProcessor(sim_plan().sim, OPTIC.pixel_size_um).process([frames])[0][0]
+    assert np.abs(expected - wiener).mean() > 0.01 * np.abs(wiener).mean()  # the network acts
+    restored = [pixels for p, pixels in published if p.topic == Topic.RESTORED]
+    np.testing.assert_array_equal(restored[0], planes[0][1])
+
+    record = read_acquisition_record(path.parent)
+    assert record.bundle_path == str(sim_model)
+    path.unlink()
+    raw = {(t, z): frames[z] for t in range(2) for z in range(9)}
+    report = reprocess(path.parent, ndtiff(tmp_path, raw, ("time", "z")))
+    assert (report.restored_planes, report.recreated_from_raw) == (2, 2)
+    again = {r.time: p for r, p in read_planes(path)}
+    np.testing.assert_allclose(again[0], planes[0][1], rtol=1e-4, atol=1e-4 * expected.max())
+
+
+def test_a_sim_model_serves_only_the_raw_frames_it_learned(tmp_path: Path, sim_model: Path):
+    daemon = start_daemon(tmp_path)
+    try:
+        with daemon.client() as client:
+            with pytest.raises(DaemonError, match="restores SR-SIM images: start a sim"):
+                client.start(
+                    "as-2d", Plan(pixel_size_um=OPTIC.pixel_size_um / 2, model=str(sim_model))
+                )
+            fits = sim_plan(model=str(sim_model))
+            other = fits.model_copy(update={"sim": fits.sim.model_copy(update={"na": 1.2})})
+            with pytest.raises(
+                DaemonError, match=r"learned SIM images of other raw frames: NA 1\.2"
+            ):
+                client.start("other-na", other)
+            with pytest.raises(DaemonError, match=r"camera pixel 0\.1 um \(trained: 0\.0626\)"):
+                client.start("other-pixel", sim_plan(model=str(sim_model), pixel_size_um=0.1))
+            adapting = sim_plan(model=str(sim_model), adaptation={"mode": "adapt"})
+            with pytest.raises(DaemonError, match="cannot adapt its weights"):
+                client.start("adapting", adapting)
     finally:
         daemon.stop()
