@@ -1,7 +1,7 @@
 # The public API of livedecon.acquisition_hooks (lazy at run time: see __init__.py), so the
 # pycromanager hooks load without pymmcore-plus and the other way round.
 from .display_stream import DisplayStream
-from .pycromanager_hooks import PycromanagerHooks, livedecon_hooks
+from .pycromanager_hooks import PycromanagerHooks, livedecon_hooks, sim_events
 from .pymmcore_hooks import LivedeconHandler, SequenceOptions, attach_livedecon
 from .simulated_microscope import SimulatedMicroscope
 from .viewer import LivedeconWidget, open_viewer
@@ -16,4 +16,5 @@ __all__ = [
     "attach_livedecon",
     "livedecon_hooks",
     "open_viewer",
+    "sim_events",
 ]

@@ -31,13 +31,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from livedecon.acquisition_hooks.stream import DaemonStream, ended_state
-from livedecon.daemon.protocol import Axes, Plan
+from livedecon.daemon.protocol import Axes, Plan, SimPlan
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ CAMERA_TIME_KEYS = ("LivedeconCameraTime-s",)
 DATA_SINK_FINISHED = "data_sink_finished"
 IMAGE_SAVED = "image_saved"
 FrameSource = Literal["processor", "saved"]
+SIM_AXIS = "sim"  # a SIM frame's index in its pattern sequence
 
 
 def new_acquisition_id(prefix: str = "acq") -> str:
@@ -53,10 +54,11 @@ def new_acquisition_id(prefix: str = "acq") -> str:
 
 
 def axes_from(values: Mapping[str, Any]) -> Axes:
-    """pycromanager's axes ({'time': 0, 'z': 3, 'channel': 'GFP', ...}) as protocol axes."""
+    """pycromanager's axes ({'time': 0, 'z': 3, 'channel': 'GFP', ...}) as protocol axes; a
+    SIM frame's index in its pattern sequence (axis SIM_AXIS) travels as its z."""
     return Axes(
         time=int(values.get("time", 0)),
-        z=int(values.get("z", 0)),
+        z=int(values.get(SIM_AXIS, values.get("z", 0))),
         channel=values.get("channel", 0),
         position=values.get("position", 0),
     )
@@ -75,18 +77,63 @@ def _spacing(values: Iterable[float]) -> float | None:
     return float(np.median(steps)) if len(steps) else None
 
 
+def sim_events(
+    num_time_points: int,
+    presets: Sequence[str],
+    time_interval_s: float = 0.0,
+    group: str = "SIM",
+) -> list[dict[str, Any]]:
+    """pycromanager events of a SIM time-lapse: at each time point, one frame per pattern,
+    each set by its preset of the config group `group` (`presets` in the order of the pattern
+    sequence, angle by angle as the plan's SimPlan says), on the axis SIM_AXIS.
+
+    Presets, not bare property values: pycromanager merges events that change only other
+    properties into one camera burst (it does not check those for sequencing), so the pattern
+    would not change between frames; a preset change it checks, and a pattern device that
+    cannot sequence gets each frame on its own."""
+    if not presets:
+        raise ValueError("a SIM sequence needs its patterns' presets")
+    return [
+        {
+            "axes": {"time": t, SIM_AXIS: i},
+            "min_start_time": t * time_interval_s,
+            "config_group": [group, preset],
+        }
+        for t in range(num_time_points)
+        for i, preset in enumerate(presets)
+    ]
+
+
 def plan_from_events(
     events: list[Mapping[str, Any]],
     pixel_size_um: float,
     mode: Literal["auto", "2d", "3d"] = "auto",
     model: str | None = None,
+    sim: SimPlan | None = None,
 ) -> tuple[Plan, dict[int, int]]:
-    """The plan of an acquisition of `events`, and how many images each timepoint has."""
+    """The plan of an acquisition of `events`, and how many images each timepoint has.
+    Events on the SIM_AXIS make a SIM acquisition, whose optics and camera `sim` gives."""
     axes = [event.get("axes", {}) for event in events]
     z_indices = {a["z"] for a in axes if "z" in a}
     channels = list(dict.fromkeys(str(a["channel"]) for a in axes if "channel" in a))
     z_step = _spacing(event["z"] for event in events if "z" in event)
     interval = _spacing(e["min_start_time"] for e in events if "min_start_time" in e)
+    per_timepoint = Counter(int(a.get("time", 0)) for a in axes)
+    if any(SIM_AXIS in a for a in axes) or sim is not None:
+        if sim is None or z_indices:
+            raise ValueError(
+                f"events on the {SIM_AXIS!r} axis are a 2D SIM acquisition: pass sim=SimPlan(...)"
+                " (its optics and camera), and no z axis"
+            )
+        plan = Plan(
+            mode="sim",
+            sim=sim,
+            channels=channels or ["default"],
+            pixel_size_um=pixel_size_um,
+            time_interval_s=interval,
+            model=model,
+        )
+        return plan, dict(per_timepoint)
     z_count = max(len(z_indices), 1)
     chosen = ("3d" if z_count > 1 else "2d") if mode == "auto" else mode
     plan = Plan(
@@ -98,7 +145,6 @@ def plan_from_events(
         time_interval_s=interval,
         model=model,
     )
-    per_timepoint = Counter(int(a.get("time", 0)) for a in axes)
     return plan, dict(per_timepoint)
 
 
@@ -217,6 +263,7 @@ def livedecon_hooks(
     end_wait_s: float | None = None,
     source: FrameSource = "processor",
     isotropic: str | None = None,
+    sim: SimPlan | None = None,
     **stream_options: Any,
 ) -> PycromanagerHooks:
     """Hooks for a pycromanager `Acquisition` of `events` on `core` (an MMCore, Java or
@@ -224,7 +271,9 @@ def livedecon_hooks(
     z-stacks (the daemon then needs a 3D model); '2d' restores every plane on its own.
     `source` "saved" reads frames back from the saved dataset instead of the image processor
     (see the module's docstring). `isotropic`: a Self-Net bundle the daemon chains after the
-    3D model, writing isotropic volumes."""
+    3D model, writing isotropic volumes. `sim`: a SIM acquisition (events from `sim_events`):
+    the daemon reconstructs every pattern sequence, then restores it with `model` if given (a
+    SIM model)."""
     if not isinstance(events, list):
         raise TypeError("pass the events as a list (e.g. from multi_d_acquisition_events)")
     pixel_size = float(
@@ -232,7 +281,7 @@ def livedecon_hooks(
     )
     if pixel_size <= 0:
         raise ValueError("the core has no pixel size calibration; set one in Micro-Manager")
-    plan, per_timepoint = plan_from_events(events, pixel_size, mode, model)
+    plan, per_timepoint = plan_from_events(events, pixel_size, mode, model, sim)
     if isotropic is not None:
         plan = Plan.model_validate(plan.model_dump() | {"isotropic": isotropic})
     stream = DaemonStream(

@@ -12,8 +12,10 @@ pymmcore-plus's own sinks save it raw as usual), a timepoint is done when all it
 arrived, `sequenceFinished` ends the acquisition. The plan comes from the sequence (axes, z
 plan, channels, interval), its summary metadata (SummaryMetaV1: the pixel size of the
 camera's image) and options in `sequence.metadata["livedecon"]` (`SequenceOptions`: mode,
-model, acquisition id, output directory, save, output dtype), which override the handler's
-own. Frame times come from the camera's metadata, else from FrameMetaV1's `runner_time_ms`.
+model, acquisition id, output directory, save, output dtype, SIM), which override the
+handler's own. A SIM sequence (`sim`) has one channel per pattern, presets of the setup's SIM
+config group in the order of the pattern sequence; each group of them becomes one SR image.
+Frame times come from the camera's metadata, else from FrameMetaV1's `runner_time_ms`.
 
 As with pycromanager, a missing, slow or frozen daemon never holds the acquisition: each call
 only hands its item to `DaemonStream`'s bounded queue, whichever thread calls it (the MDA
@@ -39,7 +41,7 @@ from livedecon.acquisition_hooks.pycromanager_hooks import (
     new_acquisition_id,
 )
 from livedecon.acquisition_hooks.stream import DaemonStream, ended_state
-from livedecon.daemon.protocol import Axes, OutputDtype, Plan
+from livedecon.daemon.protocol import Axes, OutputDtype, Plan, SimPlan
 from livedecon.engines.configfile import StrictModel
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,11 @@ class SequenceOptions(StrictModel):
     save: bool | None = Field(None, description="False: display only")
     output_dtype: OutputDtype | None = Field(
         None, description="uint16: half the disk of float32, the scale in each plane's record"
+    )
+    sim: SimPlan | None = Field(
+        None,
+        description="a SIM acquisition: the sequence's channels are its patterns (presets of"
+        " the SIM config group, angle by angle); None: the handler's",
     )
 
 
@@ -86,33 +93,56 @@ def plan_from_sequence(
     pixel_size_um: float,
     mode: Literal["auto", "2d", "3d"] = "auto",
     model: str | None = None,
+    sim: SimPlan | None = None,
 ) -> tuple[Plan, dict[int, int]]:
-    """The plan of a useq `MDASequence`, and how many images each timepoint has."""
+    """The plan of a useq `MDASequence`, and how many images each timepoint has. With
+    `sim`, its channels are the patterns of a SIM sequence, one frame each."""
     sizes = {axis: n for axis, n in sequence.sizes.items() if n}
+    per_image = math.prod(n for axis, n in sizes.items() if axis != "t")
+    per_timepoint = dict.fromkeys(range(sizes.get("t", 1)), per_image)
+    interval = getattr(sequence.time_plan, "interval", None)
+    interval_s = interval.total_seconds() if interval is not None else None
+    if sim is not None:
+        if len(sequence.channels) != sim.frames or sequence.z_plan:
+            raise ValueError(
+                f"a SIM sequence has {sim.frames} channels, one per pattern ({sim.angles} angles"
+                f" x {sim.phases} phases), and no z plan; this one has"
+                f" {len(sequence.channels)} channels"
+            )
+        plan = Plan(
+            mode="sim",
+            sim=sim,
+            pixel_size_um=pixel_size_um,
+            time_interval_s=interval_s,
+            model=model,
+        )
+        return plan, per_timepoint
     z_positions = list(sequence.z_plan) if sequence.z_plan else []
     z_count = max(len(z_positions), 1)
     chosen = ("3d" if z_count > 1 else "2d") if mode == "auto" else mode
     z_step = float(np.median(np.diff(sorted(z_positions)))) if z_count > 1 else None
-    interval = getattr(sequence.time_plan, "interval", None)
     plan = Plan(
         mode=chosen,
         z_count=z_count if z_count > 1 or chosen == "3d" else None,
         channels=[channel.config for channel in sequence.channels] or ["default"],
         pixel_size_um=pixel_size_um,
         z_step_um=z_step,
-        time_interval_s=interval.total_seconds() if interval is not None else None,
+        time_interval_s=interval_s,
         model=model,
     )
-    per_image = math.prod(n for axis, n in sizes.items() if axis != "t")
-    return plan, dict.fromkeys(range(sizes.get("t", 1)), per_image)
+    return plan, per_timepoint
 
 
-def axes_from_event(event: Any) -> Axes:
+def axes_from_event(event: Any, sim: bool = False) -> Axes:
+    """A useq event's axes; `sim`: its channel index is the frame's place in the pattern
+    sequence (sent as z), all frames the plan's one channel (0)."""
     index = event.index
     channel = event.channel.config if event.channel is not None else index.get("c", 0)
+    if sim:
+        channel = 0
     return Axes(
         time=int(index.get("t", 0)),
-        z=int(index.get("z", 0)),
+        z=int(index.get("c" if sim else "z", 0)),
         channel=channel,
         position=event.pos_name or int(index.get("p", 0)),
     )
@@ -137,10 +167,12 @@ class LivedeconHandler:
         retry_s: float = 2.0,
         end_wait_s: float | None = None,
         isotropic: str | None = None,
+        sim: SimPlan | None = None,
         **stream_options: Any,
     ) -> None:
         self.core, self.address, self.mode, self.model = core, address, mode, model
         self.isotropic = isotropic  # a Self-Net bundle chained after a 3D model
+        self.sim = sim  # sequences are SIM acquisitions (their channels: the patterns)
         self.acquisition_id = acquisition_id
         self.end_wait_s = end_wait_s
         self._options = {"timeout_s": timeout_s, "retry_s": retry_s, **stream_options}
@@ -186,7 +218,11 @@ class LivedeconHandler:
                 " pixel size configuration in Micro-Manager)"
             )
         plan, per_timepoint = plan_from_sequence(
-            sequence, pixel_size, options.mode or self.mode, options.model or self.model
+            sequence,
+            pixel_size,
+            options.mode or self.mode,
+            options.model or self.model,
+            options.sim or self.sim,
         )
         updates = {
             "output_dir": options.output_dir,
@@ -221,7 +257,8 @@ class LivedeconHandler:
         if self.stream is None:
             return
         try:
-            self.stream.frame(image, axes_from_event(event), self._frame_time(metadata or {}))
+            axes = axes_from_event(event, self.stream.plan.mode == "sim")
+            self.stream.frame(image, axes, self._frame_time(metadata or {}))
         except Exception:
             log.exception("livedecon hook failed on a frame; the frame passes through")
 

@@ -8,6 +8,11 @@ focal plane. The core runs MDA sequences through pymmcore-plus `run_mda`, and, o
 Every frame carries its sample time and focus position in its metadata (keys SAMPLE_TIME_KEY
 and FOCUS_KEY), so the exact ground truth of any frame can be rendered afterwards, and the
 wall-clock time it left the camera (CAMERA_TIME_KEY), for end-to-end latency.
+
+A SIM microscope (`SimulatedMicroscope(sim=scene)`) has a pattern device (SIM_LABEL, a state
+device as an SLM's driver is) in front of the light, and a config group (SIM_GROUP) with a
+preset per pattern: each frame shows the scene lit by the pattern the device is set to, and
+says which in its metadata (SIM_PATTERN_KEY).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -26,15 +32,22 @@ from pymmcore_plus.experimental.unicore import (
     ShutterDevice,
     SimpleCameraDevice,
     StageDevice,
+    StateDevice,
     UniMMCore,
 )
 
 from livedecon.calibration.config import MicroscopeConfig, Sample, default_microscope
-from livedecon.calibration.forward_model import ForwardModel
+from livedecon.calibration.forward_model import ForwardModel, camera_counts
+from livedecon.calibration.quality_bench import Scene
+from livedecon.calibration.sim_simulator import SimScene, light_scene
 
 SAMPLE_TIME_KEY = "LivedeconSampleTime-s"
 FOCUS_KEY = "LivedeconFocus-um"
 CAMERA_TIME_KEY = "LivedeconCameraTime-s"  # wall clock when the frame left the camera
+SIM_PATTERN_KEY = "LivedeconSimPattern"  # the pattern's index in the sequence (-1: even light)
+SIM_EXPOSURE_MS = 100.0  # a SIM scene gives its peak photons per frame at this exposure
+SIM_LABEL = "SimPattern"
+SIM_GROUP = "SIM"  # config group: a preset per pattern ("angle A phase P") and "widefield"
 CAMERA_LABEL = "SimCamera"
 FOCUS_LABEL = "SimZ"
 SHUTTER_LABEL = "SimLight"
@@ -98,6 +111,45 @@ class SimulatedShutter(ShutterDevice):
 Specimen = Literal["sample", "beads", "flat"]
 
 
+class SimulatedPatternDevice(StateDevice):
+    """The SIM illumination (an SLM or a grating): state 0 lights the field evenly, state
+    1 + i projects the i-th pattern of the sequence (angle by angle, phases within)."""
+
+    def __init__(self, metadata: list[dict[str, int]]) -> None:
+        labels = {0: "widefield"}
+        for i, frame in enumerate(metadata):
+            labels[i + 1] = f"angle {frame['sim_angle']} phase {frame['sim_phase']}"
+        super().__init__(labels)
+        self._state = 0
+
+    def get_state(self) -> int:
+        return self._state
+
+    def set_state(self, position: int) -> None:
+        self._state = int(position)
+
+
+@dataclass
+class SimLight:
+    """A SIM specimen under the pattern device: each frame is the scene lit by the pattern
+    the device shows, read out with fresh camera noise. The specimen holds still."""
+
+    lit: SimScene
+    device: SimulatedPatternDevice
+    rng: np.random.Generator
+
+    def frame(self, exposure_ms: float) -> tuple[np.ndarray, int]:
+        """Camera counts at `exposure_ms` (the scene's peak photons at SIM_EXPOSURE_MS), and
+        the pattern's index in the sequence (-1: even light)."""
+        state = self.device.get_state()
+        scale = exposure_ms / SIM_EXPOSURE_MS
+        if state == 0:  # even light: the mean of the patterns (their phases cancel)
+            light = self.lit.expected_e.mean(axis=0) * scale + self.lit.scene.background_e * scale
+            return camera_counts(light, self.lit.scope.camera, self.rng), -1
+        one = replace(self.lit, expected_e=self.lit.expected_e[state - 1 : state])
+        return one.read_out(self.rng, scale)[0], state - 1
+
+
 class SimulatedCamera(SimpleCameraDevice):
     """A camera whose frames are the forward model at (sample time, focus, exposure).
 
@@ -122,6 +174,7 @@ class SimulatedCamera(SimpleCameraDevice):
         self._exposure_ms = 20.0
         self.model_lock = threading.Lock()  # the forward model's caches are not thread-safe
         self.last_metadata: dict[str, float] = {}
+        self.sim: SimLight | None = None  # a SIM specimen: the sample is lit by its patterns
 
     def look_at(self, model: ForwardModel, specimen: Specimen) -> None:
         """Render `model` from the next frame on ("flat": its camera under even light)."""
@@ -144,15 +197,20 @@ class SimulatedCamera(SimpleCameraDevice):
 
     def snap(self, buffer: np.ndarray) -> Mapping:
         t_s, z_um = self._clock.now(), self._focus.get_position_um()
+        tags: dict[str, float] = {}
         with self.model_lock:
             if not self._light_on():
                 buffer[:] = self._model.dark(self._exposure_ms)
             elif self.specimen == "flat":
                 level_e = self.flat_e_per_ms * self._exposure_ms
                 buffer[:] = self._model.flat(level_e, self._exposure_ms)
+            elif self.sim is not None:
+                buffer[:], pattern = self.sim.frame(self._exposure_ms)
+                tags[SIM_PATTERN_KEY] = pattern
             else:
                 buffer[:] = self._model.acquire(t_s, z_um, self._exposure_ms).counts
-        self.last_metadata = {SAMPLE_TIME_KEY: t_s, FOCUS_KEY: z_um, CAMERA_TIME_KEY: time.time()}
+        self.last_metadata = {**tags, SAMPLE_TIME_KEY: t_s, FOCUS_KEY: z_um}
+        self.last_metadata[CAMERA_TIME_KEY] = time.time()
         return self.last_metadata
 
 
@@ -220,6 +278,8 @@ class SimulatedCore(UniMMCore):
         for key in (SAMPLE_TIME_KEY, FOCUS_KEY, CAMERA_TIME_KEY):
             if key in tags:
                 tags[key] = float(tags[key])
+        if SIM_PATTERN_KEY in tags:
+            tags[SIM_PATTERN_KEY] = int(float(tags[SIM_PATTERN_KEY]))
         return TaggedImage(tags, pix)
 
 
@@ -235,8 +295,12 @@ class SimulatedMicroscope:
         config: MicroscopeConfig | None = None,
         clock: Literal["wall", "manual"] = "wall",
         noise_seed: int | None = None,
+        sim: Scene | None = None,
     ) -> None:
-        self.config = config or default_microscope()
+        """`sim`: a SIM microscope looking at this 2D scene (its optics and camera replace
+        `config`'s), with a pattern device (SIM_LABEL) in front of the light."""
+        lit = light_scene(sim) if sim is not None else None
+        self.config = lit.scope if lit is not None else config or default_microscope()
         self.model = ForwardModel(self.config, noise_seed=noise_seed)
         self._noise_seed = noise_seed
         self.clock = SampleClock(clock)
@@ -248,7 +312,15 @@ class SimulatedMicroscope:
         self.core.loadPyDevice(FOCUS_LABEL, self.focus)
         self.core.loadPyDevice(CAMERA_LABEL, self.camera)
         self.core.loadPyDevice(SHUTTER_LABEL, self.shutter)
+        self.sim = lit
+        if lit is not None:
+            pattern = SimulatedPatternDevice(lit.frame_metadata)
+            self.core.loadPyDevice(SIM_LABEL, pattern)
+            self.camera.sim = SimLight(lit, pattern, np.random.default_rng(noise_seed))
         self.core.initializeAllDevices()
+        if lit is not None:  # one preset per pattern, as a SIM setup's config group has
+            for label in self.core.getStateLabels(SIM_LABEL):
+                self.core.defineConfig(SIM_GROUP, label, SIM_LABEL, "Label", label)
         self.core.setShutterDevice(SHUTTER_LABEL)
         self.core.setFocusDevice(FOCUS_LABEL)
         self.core.setCameraDevice(CAMERA_LABEL)

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 from scipy import signal
 
-from livedecon.calibration.config import Camera, Optics
+from livedecon.calibration.config import Camera, MicroscopeConfig, Optics
 from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel, camera_counts
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.calibration.quality_bench import Scene, _microscope
@@ -85,15 +85,36 @@ def _true_pattern(
     return k, phases
 
 
-def render_sim(
+@dataclass
+class SimScene:
+    """A scene lit by every pattern, before the camera: what each raw frame expects."""
+
+    scene: Scene
+    scope: MicroscopeConfig
+    expected_e: np.ndarray  # (A*P, Y, X) photoelectrons per camera pixel, no background
+    parameters: SimParameters  # the true pattern, in the output (2x) grid's units
+    reference: np.ndarray  # the specimen at the SIM resolution on the 2x grid, e-/fine pixel
+    widefield_reference: np.ndarray  # the specimen through the detection PSF, same grid
+    psf_2x: np.ndarray
+    frame_metadata: list[dict[str, int]]
+
+    def read_out(self, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+        """Camera counts of every frame: `scale` x the expected light, the background, the
+        camera's noise."""
+        camera = self.scope.camera
+        light = np.clip(self.expected_e * scale, 0, None) + self.scene.background_e * scale
+        return np.stack([camera_counts(frame, camera, rng) for frame in light])
+
+
+def light_scene(
     scene: Scene,
     illumination: SimIllumination | None = None,
     specimen: np.ndarray | None = None,
-) -> SimAcquisition:
-    """A SIM acquisition of `scene` (2D): peak_photons is the widefield-equivalent peak per
-    raw frame, as the widefield simulator's. `specimen` (on the 2x grid) replaces
-    the scene's own filaments and puncta, as the resolution targets do; the scene still gives
-    optics, camera, light and seeds."""
+) -> SimScene:
+    """`scene` (2D) lit by each pattern of `illumination`: peak_photons is the
+    widefield-equivalent peak per raw frame, as the widefield simulator's. `specimen` (on the
+    2x grid) replaces the scene's own filaments and puncta, as the resolution targets do; the
+    scene still gives optics, camera, light and seeds."""
     if scene.is_3d:
         raise ValueError("the SIM simulator makes 2D acquisitions; the scene is a volume")
     illumination = illumination or SimIllumination()
@@ -110,40 +131,56 @@ def render_sim(
     y, x = np.mgrid[: truth.shape[0], : truth.shape[1]]
     widefield = signal.fftconvolve(truth, psf, mode="same")
     scale = scene.peak_photons / float(bin_to_camera(widefield).max())
-    rng = np.random.default_rng(scene.seed + 17)
     frames, metadata = [], []
     for a in range(illumination.angles):
         for p in range(illumination.phases):
             lit = 1 + illumination.modulation * np.cos(
                 2 * np.pi * (k[a, 0] * y + k[a, 1] * x) + phases[a, p]
             )
-            expected = bin_to_camera(signal.fftconvolve(truth * lit, psf, mode="same")) * scale
-            frames.append(
-                camera_counts(np.clip(expected, 0, None) + scene.background_e, scope.camera, rng)
-            )
+            frames.append(bin_to_camera(signal.fftconvolve(truth * lit, psf, mode="same")) * scale)
             metadata.append({"sim_angle": a, "sim_phase": p})
-    counts = np.stack(frames)
-    electrons = (counts.astype(np.float32) - scene.offset_adu) * scene.gain_e_per_adu
     half = scope.optics.model_copy(update={"emission_um": scope.optics.emission_um / 2})
     reference_psf = theoretical_psf(half, fine_um, 41)[0]
     reference = signal.fftconvolve(truth * scale, reference_psf / reference_psf.sum(), mode="same")
+    parameters = SimParameters(
+        k=[(float(a), float(b)) for a, b in k],
+        phases=[[float(v) for v in row] for row in phases],
+        modulation=[illumination.modulation] * illumination.angles,
+        output_pixel_um=fine_um,
+    )
+    return SimScene(
+        scene,
+        scope,
+        np.stack(frames),
+        parameters,
+        np.clip(reference, 0, None),
+        widefield * scale,
+        psf,
+        metadata,
+    )
+
+
+def render_sim(
+    scene: Scene,
+    illumination: SimIllumination | None = None,
+    specimen: np.ndarray | None = None,
+) -> SimAcquisition:
+    """A SIM acquisition of `scene` (2D): `light_scene`, read out once by the camera."""
+    lit = light_scene(scene, illumination, specimen)
+    counts = lit.read_out(np.random.default_rng(scene.seed + 17))
+    electrons = (counts.astype(np.float32) - scene.offset_adu) * scene.gain_e_per_adu
     return SimAcquisition(
         scene=scene,
         counts=counts,
         electrons=electrons,
-        truth_parameters=SimParameters(
-            k=[(float(a), float(b)) for a, b in k],
-            phases=[[float(v) for v in row] for row in phases],
-            modulation=[illumination.modulation] * illumination.angles,
-            output_pixel_um=fine_um,
-        ),
-        reference=np.clip(reference, 0, None),
-        widefield_reference=widefield * scale,
-        psf_2x=psf,
-        cutoff_per_um=detection_cutoff_per_um(scope.optics),
-        fine_pixel_um=fine_um,
-        camera=scope.camera,
-        frame_metadata=metadata,
+        truth_parameters=lit.parameters,
+        reference=lit.reference,
+        widefield_reference=lit.widefield_reference,
+        psf_2x=lit.psf_2x,
+        cutoff_per_um=detection_cutoff_per_um(lit.scope.optics),
+        fine_pixel_um=lit.parameters.output_pixel_um,
+        camera=lit.scope.camera,
+        frame_metadata=lit.frame_metadata,
     )
 
 

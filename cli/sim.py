@@ -98,12 +98,13 @@ def _network(then: str | None, backend: Backend) -> ModelProcessor | None:
     """The SIM model to restore the SR images with (`--then`), on its checked engine."""
     if then is None:
         return None
+    from livedecon.daemon.daemon_config import NO_CORRECTION
     from livedecon.daemon.processing import open_processor
     from livedecon.engines.backends import AccuracyGateError
     from livedecon.engines.bundle import BundleError
 
     try:
-        return open_processor(then, backend, max_batch=1)
+        return open_processor(then, backend, max_batch=1, correction=NO_CORRECTION)
     except (BundleError, AccuracyGateError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
 

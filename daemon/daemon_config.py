@@ -160,6 +160,10 @@ class Correction(StrictModel):
     )
 
 
+# What a model on SR-SIM images takes: camera corrections belong to raw frames
+NO_CORRECTION = Correction(offset_gain=False, stripes=False)
+
+
 class Telemetry(StrictModel):
     log_interval_s: float = Field(10.0, gt=0, description="metrics line in the log this often")
     latency_window: int = Field(4096, ge=16, description="latest samples per percentile")

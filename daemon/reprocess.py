@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from livedecon.daemon.daemon_config import NO_CORRECTION
 from livedecon.daemon.journal import (
     AcquisitionRecord,
     JournalEntry,
@@ -242,7 +243,7 @@ def _open_processor(
         backend,
         frame_shapes=tuple(sorted(shapes)),
         max_batch=BATCH,
-        correction=record.correction,
+        correction=record.correction if sim is None else NO_CORRECTION,
     )
     processor: Processor = model
     if sim is not None:  # with the patterns the daemon found, kept in `directory`

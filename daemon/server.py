@@ -23,7 +23,7 @@ import zmq
 from pydantic import ValidationError
 
 from livedecon.daemon.adaptation_scheduler import adaptation_for
-from livedecon.daemon.daemon_config import DaemonConfig
+from livedecon.daemon.daemon_config import NO_CORRECTION, DaemonConfig
 from livedecon.daemon.diskspace import FreeSpace, contained, sub_path
 from livedecon.daemon.journal import (
     ACQUISITION_FILE,
@@ -702,10 +702,14 @@ class Daemon:
 
     # -- models and state --------------------------------------------------------------------
 
-    def _processor(self, name: str) -> Processor:
-        if name in self._processors:
-            return self._processors[name]
+    def _processor(self, name: str, sim: bool = False) -> Processor:
+        """The processor of bundle `name`, opened once; `sim`: a SIM model, which restores
+        SR images and so takes none of the camera corrections raw frames get."""
+        key = f"sim:{name}" if sim else name
+        if key in self._processors:
+            return self._processors[key]
         model = self.config.model
+        correction = NO_CORRECTION if sim else self.config.correction
         if name == PASS_THROUGH:
             processor: Processor = PassThrough(delay_s=model.pass_through_delay_ms / 1e3)
         else:
@@ -716,11 +720,11 @@ class Daemon:
                     model.precision,
                     max_batch=self.config.queues.batch_max_frames,
                     tile_px=model.tile_px,
-                    correction=self.config.correction,
+                    correction=correction,
                 )
             except Exception as exc:
                 raise ProtocolError(ErrorCode.MODEL, f"cannot load model {name!r}: {exc}") from exc
-        self._processors[name] = processor
+        self._processors[key] = processor
         return processor
 
     def _sim(self, plan: Plan, directory: Path | None) -> SimProcessor:
@@ -733,7 +737,7 @@ class Daemon:
             )
         network = None
         if plan.model is not None:
-            model = self._processor(plan.model)
+            model = self._processor(plan.model, sim=True)
             if not isinstance(model, ModelProcessor):
                 raise ProtocolError(
                     ErrorCode.PLAN_MISMATCH,

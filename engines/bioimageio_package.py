@@ -295,7 +295,8 @@ def export_bioimageio(
 
     `sample_counts`: one raw image (Y, X) or stack (Z, Y, X) in camera counts for the test
     tensors and the cover (default: a synthetic specimen at the bundle's photon level).
-    Raises ValueError for bundles the spec cannot describe (Self-Net) and for bad samples.
+    Raises ValueError for bundles the spec cannot describe (Self-Net, SIM) and for bad
+    samples.
     """
     from bioimageio.spec import save_bioimageio_package
     from bioimageio.spec.model import v0_5
@@ -306,6 +307,12 @@ def export_bioimageio(
             f"bundle {m.name!r} is a Self-Net model: it restores the axial slices of a"
             " resampled volume, which a bioimage.io model description cannot express; only"
             " ZS-DeconvNet 2D and 3D bundles can be exported to bioimage.io"
+        )
+    if m.is_sim:
+        raise ValueError(
+            f"bundle {m.name!r} is a SIM model: it restores SR images of livedecon's own SIM"
+            " reconstruction (its settings are in the bundle), which a bioimage.io consumer"
+            " does not make; only ZS-DeconvNet 2D and 3D bundles can be exported to bioimage.io"
         )
     out_zip = Path(out_zip)
     if out_zip.suffix.lower() != ".zip":

@@ -15,6 +15,7 @@ from livedecon.calibration.quality_bench import OPTICS, Scene
 from livedecon.calibration.sim_run import train_sim_bundle
 from livedecon.calibration.sim_simulator import render_sim
 from livedecon.engines.backends import open_runtime
+from livedecon.engines.bioimageio_package import export_bioimageio
 from livedecon.engines.bundle import BundleError, ModelBundle
 from livedecon.engines.dps import DpsConfig
 from livedecon.engines.enums import Backend
@@ -112,7 +113,7 @@ def test_the_chain_refuses_raw_frames_the_model_did_not_learn(acquisition):
             check_sim_chain(bundle, **(fits | change))
 
 
-def test_what_cannot_make_a_sim_bundle_is_refused(acquisition):
+def test_what_cannot_make_or_take_a_sim_bundle_is_refused(tmp_path: Path, acquisition):
     with pytest.raises(ValueError, match="a SIM sequence of 3 x 3 frames"):
         train("sim", acquisition.electrons[:8])
     dark = np.random.default_rng(1).poisson(2.0, acquisition.electrons.shape).astype(float)
@@ -142,6 +143,8 @@ def test_what_cannot_make_a_sim_bundle_is_refused(acquisition):
             background_e=0.0,
             training=record,
         )
+    with pytest.raises(ValueError, match="is a SIM model: it restores SR images"):
+        export_bioimageio(bundle, tmp_path / "sim.zip")
     with pytest.raises(ValueError, match="Wiener constant fixed"):
         sim_bundle(
             bundle.build_model(),
