@@ -82,7 +82,7 @@ def sim_events(
     presets: Sequence[str],
     time_interval_s: float = 0.0,
     group: str = "SIM",
-) -> list[dict[str, Any]]:
+) -> list[Mapping[str, Any]]:
     """pycromanager events of a SIM time-lapse: at each time point, one frame per pattern,
     each set by its preset of the config group `group` (`presets` in the order of the pattern
     sequence, angle by angle as the plan's SimPlan says), on the axis SIM_AXIS.

@@ -1,7 +1,8 @@
 """`livedecon demo`: the whole path on the simulated microscope, measured against its truth.
 
 A daemon starts as a child process; the simulated microscope (a real MMCore) runs a
-pycromanager acquisition (2D time-lapse, or z-stacks with `three_d`) that saves the raw data
+pycromanager acquisition (2D time-lapse, z-stacks with `three_d`, or SIM pattern sequences
+with `sim`, each reconstructed live into one SR image) that saves the raw data
 as NDTiff and streams every frame through the hooks; the daemon restores, publishes and
 writes; the demo listens to the display stream for latency (camera to publication) and then
 compares raw and restored frames with the simulator's ground truth.
@@ -27,25 +28,33 @@ from typing import Any
 import numpy as np
 import zmq
 
-from livedecon.acquisition_hooks.pycromanager_hooks import livedecon_hooks
+from livedecon.acquisition_hooks.pycromanager_hooks import SIM_AXIS, livedecon_hooks, sim_events
 from livedecon.acquisition_hooks.simulated_microscope import (
     FOCUS_KEY,
     SAMPLE_TIME_KEY,
+    SIM_EXPOSURE_MS,
+    SIM_GROUP,
+    SIM_LABEL,
     SimulatedMicroscope,
 )
 from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.config import MicroscopeConfig, load_microscope
 from livedecon.calibration.forward_model import counts_to_electrons
 from livedecon.calibration.metrics import psnr
+from livedecon.calibration.quality_bench import Scene, _inner, fit_to
 from livedecon.configs import shipped_config_path
 from livedecon.daemon.daemon_config import Endpoints, load_daemon_config
 from livedecon.daemon.launcher import free_tcp_endpoint, spawn_daemon
-from livedecon.daemon.protocol import Topic, decode_publication
+from livedecon.daemon.protocol import SimPlan, Topic, decode_publication
 from livedecon.daemon.writer import output_files, read_planes
 from livedecon.engines.bundle import ModelBundle, find_bundle
 from livedecon.engines.enums import Backend
 
 log = logging.getLogger(__name__)
+SIM_SCORING = (
+    "SIM: fitted PSNR (a x + b) against the specimen at SIM resolution; raw = each sequence's"
+    " widefield mean"
+)
 
 
 @dataclass
@@ -60,6 +69,8 @@ class DemoSettings:
     backend: Backend = Backend.AUTO
     microscope: Path | None = None
     endpoints: Endpoints | None = None  # None: free loopback ports
+    sim: bool = False  # SIM: pattern sequences reconstructed live (bundle: a SIM model after)
+    sim_photons: float = 100.0  # SIM: peak photons per raw frame at the demo's exposure
 
 
 @dataclass
@@ -153,11 +164,59 @@ def _quality(
     return float(np.mean(raw_scores)), float(np.mean(restored_scores))
 
 
+def _sim_quality(scope: SimulatedMicroscope, raw_path: Path, restored: list[Path]) -> tuple:
+    """Mean fitted PSNR (a x + b onto the truth, as `bench sim` scores) of each sequence's
+    widefield image (the mean of its frames, interpolated to 2x) and of its SR image, against
+    the specimen at SIM resolution."""
+    from ndstorage import Dataset
+
+    lit = scope.sim
+    assert lit is not None  # a SIM demo's microscope
+    reference = _inner(lit.reference)
+    with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its progress
+        raw_data = Dataset(str(raw_path))
+    raw_scores, restored_scores = [], []
+    try:
+        for path in restored:
+            for record, image in read_planes(path):
+                frames = [
+                    raw_data.read_image(time=record.time, **{SIM_AXIS: i})
+                    for i in range(len(lit.frame_metadata))
+                ]
+                wide = counts_to_electrons(np.mean(frames, axis=0), scope.config.camera)
+                raw_scores.append(psnr(fit_to(_inner(upsample_2x(wide)), reference), reference))
+                restored_scores.append(psnr(fit_to(_inner(image), reference), reference))
+    finally:
+        raw_data.close()
+    return float(np.mean(raw_scores)), float(np.mean(restored_scores))
+
+
+def _sim_scope(settings: DemoSettings) -> SimulatedMicroscope:
+    """The SIM microscope: the bench's mixed TIRF scene, `sim_photons` at the exposure."""
+    photons = settings.sim_photons * SIM_EXPOSURE_MS / settings.exposure_ms
+    scene = Scene(structure="mixed", optics="tirf", peak_photons=photons, size_px=128, seed=4000)
+    return SimulatedMicroscope(sim=scene, clock="wall", noise_seed=0)
+
+
+def _sim_plan(scope: SimulatedMicroscope) -> SimPlan:
+    optics, camera = scope.config.optics, scope.config.camera
+    return SimPlan(
+        na=optics.na,
+        emission_um=optics.emission_um,
+        immersion_ri=optics.immersion_ri,
+        sample_ri=optics.sample_ri,
+        camera_offset_adu=camera.offset_adu,
+        camera_gain_e_per_adu=camera.gain_e_per_adu,
+    )
+
+
 def run_demo(
     settings: DemoSettings, progress: Callable[[str, int, int], None] = lambda *_: None
 ) -> DemoSummary:
     from pycromanager import Acquisition, multi_d_acquisition_events
 
+    if settings.sim and settings.three_d:
+        raise ValueError("the demo runs SIM in 2D: --sim or --3d, not both")
     out = settings.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     scope_config = _scope_config(settings)
@@ -179,7 +238,12 @@ def run_demo(
     latencies = Latencies(daemon_config.endpoints.publish, topic)
     latencies.start()
     try:
-        with SimulatedMicroscope(scope_config, clock="wall", noise_seed=0) as scope:
+        microscope = (
+            _sim_scope(settings)
+            if settings.sim
+            else SimulatedMicroscope(scope_config, clock="wall", noise_seed=0)
+        )
+        with microscope as scope:
             scope.attach_pycromanager()
             scope.core.setExposure(settings.exposure_ms)
             z_options = {}
@@ -190,9 +254,15 @@ def run_demo(
                     "z_end": half,
                     "z_step": scope_config.optics.z_step_um,
                 }
-            events = multi_d_acquisition_events(
-                num_time_points=settings.frames, time_interval_s=settings.interval_s, **z_options
-            )
+            if settings.sim:  # each time point: the SIM group's presets, pattern by pattern
+                presets = scope.core.getStateLabels(SIM_LABEL)[1:]
+                events = sim_events(settings.frames, presets, settings.interval_s, SIM_GROUP)
+            else:
+                events = multi_d_acquisition_events(
+                    num_time_points=settings.frames,
+                    time_interval_s=settings.interval_s,
+                    **z_options,
+                )
             acquisition_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
             hooks = livedecon_hooks(
                 scope.core,
@@ -200,7 +270,9 @@ def run_demo(
                 acquisition_id,
                 daemon_config.endpoints.ingest,
                 mode="3d" if settings.three_d else "2d",
+                model=settings.bundle if settings.sim else None,
                 end_wait_s=300,
+                sim=_sim_plan(scope) if settings.sim else None,
             )
             process = hooks.acquisition_kwargs["image_process_fn"]
             seen = [0]
@@ -222,10 +294,13 @@ def run_demo(
                 metrics = client.metrics()
             progress("comparing with the ground truth", 0, 0)
             restored = output_files(daemon_config.output_dir / acquisition_id)
-            share = ModelBundle.load(find_bundle(bundle)).flux_share
-            psnr_raw, psnr_restored = _quality(
-                scope, raw_path, restored, settings.exposure_ms, share
-            )
+            if settings.sim:
+                psnr_raw, psnr_restored = _sim_quality(scope, raw_path, restored)
+            else:
+                share = ModelBundle.load(find_bundle(bundle)).flux_share
+                psnr_raw, psnr_restored = _quality(
+                    scope, raw_path, restored, settings.exposure_ms, share
+                )
     finally:
         if latencies.is_alive():
             latencies.stop()
@@ -242,6 +317,7 @@ def run_demo(
         restored_files=[str(p) for p in restored],
         backend=hooks.stream.started_reply.get("backend", "?"),
         bundle_id=hooks.stream.started_reply.get("bundle_id", "?"),
+        extra={"scoring": SIM_SCORING} if settings.sim else {},
     )
 
 

@@ -528,13 +528,33 @@ def demo(
     viewer: Annotated[
         bool | None, typer.Option("--viewer/--headless", help="default: a viewer if possible")
     ] = None,
+    sim: Annotated[
+        bool,
+        typer.Option(
+            "--sim",
+            help="SIM: 3 x 3 pattern sequences reconstructed live (--bundle: a SIM model after)",
+        ),
+    ] = False,
+    sim_photons: Annotated[
+        float, typer.Option(min=1.0, help="SIM: peak photons per raw frame")
+    ] = 100.0,
 ) -> None:
     """The live demo: a daemon, the simulated microscope and a pycromanager acquisition
     streaming through it; prints latency and quality against the simulator's ground truth."""
     from livedecon.cli.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
-        out, frames, interval_s, exposure_ms, three_d, z_planes, bundle, backend, microscope
+        out,
+        frames,
+        interval_s,
+        exposure_ms,
+        three_d,
+        z_planes,
+        bundle,
+        backend,
+        microscope,
+        sim=sim,
+        sim_photons=sim_photons,
     )
     from livedecon.acquisition_hooks.display_stream import viewer_unavailable
 
@@ -559,7 +579,7 @@ def demo(
                 from livedecon.cli.demo import run_demo_with_viewer
 
                 summary = run_demo_with_viewer(settings, step, report)
-        except (ConfigError, FileNotFoundError, RuntimeError) as exc:
+        except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:
             raise _fail(str(exc)) from None
     if headless:
         _print_demo(summary, out)
@@ -589,6 +609,8 @@ def _print_demo(summary, out: Path) -> None:
         ("PSNR raw (2x interpolated)", f"{summary.psnr_raw_db:.2f} dB"),
         ("PSNR restored", f"{summary.psnr_restored_db:.2f} dB"),
     ]
+    if "scoring" in summary.extra:
+        rows.append(("scored as", summary.extra["scoring"]))
     for name, value in rows:
         table.add_row(name, value)
     (console if console.is_terminal else Console(width=100)).print(table)
