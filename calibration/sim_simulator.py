@@ -44,6 +44,11 @@ class SimIllumination(StrictModel):
     angle_error_deg: float = Field(0.3, ge=0, description="sd of a random error per angle")
     period_error: float = Field(0.005, ge=0, description="sd of a relative period error")
     phase_error_rad: float = Field(0.1, ge=0, description="sd of a random error per frame")
+    shift_px: tuple[float, float] = Field(
+        (0.0, 0.0),
+        description="the whole pattern moved by (y, x) truth-grid pixels, as thermal drift of"
+        " the grating or SLM image moves it during a long acquisition",
+    )
 
 
 @dataclass
@@ -82,6 +87,8 @@ def _true_pattern(
     phases = 2 * np.pi * np.arange(n_p) / n_p + rng.normal(
         0, illumination.phase_error_rad, (n_a, n_p)
     )
+    # cos(2 pi k.(r - s) + phi): a pattern moved by s shifts every phase of an angle alike
+    phases -= 2 * np.pi * (k @ np.asarray(illumination.shift_px))[:, None]
     return k, phases
 
 

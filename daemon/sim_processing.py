@@ -12,7 +12,9 @@ from its first complete group in which a pattern is found, and reused: estimatio
 15 times the reconstruction. It is saved beside the stream's output file
 (`<file>.sim.json`) before any image made with it is written, so `reprocess` reconstructs
 with the same pattern and makes the same images. Until a pattern is found (dim first
-frames), each group is reconstructed with what it shows itself. A group with frames missing
+frames), each group is reconstructed with what it shows itself. The pattern's phases are
+measured again in every complete group (`SimPlan.refresh_phases`): a pattern drifts sideways
+over hours, and stale phases cost dB. A group with frames missing
 (timed out) gives each angle that lacks a frame a widefield contribution only: its present
 frames are averaged, its modulation is set to 0.
 """
@@ -37,6 +39,7 @@ from livedecon.engines.sim import (
     detection_cutoff_per_um,
     estimate_parameters,
     reconstruct,
+    refresh_phases,
 )
 from livedecon.engines.sim_bundle import check_sim_chain
 
@@ -184,11 +187,13 @@ class SimProcessor:
             source = block[present] if present.any() else electrons[came]
             block[~present] = source.mean(axis=0)
         found = self._pattern(electrons, not partial, stream)
+        args = (self.psf_2x, self.output_pixel_um, self.cutoff_per_um)
         if partial:
             modulation = [0.0 if a in partial else m for a, m in enumerate(found.modulation)]
             found = found.model_copy(update={"modulation": modulation})
-        args = (self.psf_2x, self.output_pixel_um, self.cutoff_per_um, self.settings)
-        return reconstruct(electrons, *args, parameters=found).image
+        elif self.sim.refresh_phases and any(found.modulation):
+            found = refresh_phases(electrons, *args, found, self.settings)
+        return reconstruct(electrons, *args, self.settings, found).image
 
     def process(
         self, items: list[np.ndarray], streams: list[Stream] | None = None

@@ -368,17 +368,47 @@ def estimate_parameters(
             m, phi = 0.0, nominal  # no pattern found: this angle counts as widefield only
         phases.append([float(p) for p in phi])
         modulations.append(float(min(m, 1.5)))
-    # the crop's phases at the whole frame's origin: cos(2 pi k.(r - o) + phi)
-    phases = [
-        [float(np.angle(np.exp(1j * (p - 2 * np.pi * np.dot(k, origin))))) for p in row]
-        for row, k in zip(phases, ks, strict=True)
-    ]
+    phases = [_at_origin(row, k, origin) for row, k in zip(phases, ks, strict=True)]
     return SimParameters(
         k=[(float(k[0]), float(k[1])) for k in ks],
         phases=phases,
         modulation=modulations,
         output_pixel_um=output_pixel_um,
     )
+
+
+def _at_origin(phases: list[float], k: np.ndarray, origin: np.ndarray) -> list[float]:
+    """A crop's phases at the whole frame's origin: cos(2 pi k.(r - o) + phi)."""
+    return [float(np.angle(np.exp(1j * (p - 2 * np.pi * np.dot(k, origin))))) for p in phases]
+
+
+def refresh_phases(
+    frames: np.ndarray,
+    psf_2x: np.ndarray,
+    output_pixel_um: float,
+    cutoff_per_um: float,
+    parameters: SimParameters,
+    settings: SimSettings | None = None,
+) -> SimParameters:
+    """`parameters` with the phases of every patterned angle measured again in `frames`
+    (pattern vectors and modulation kept): a pattern that drifts sideways over a long
+    acquisition (thermal drift of the grating or SLM image) shifts its phases, and a stale
+    pattern then reconstructs with artefacts. About the cost of one reconstruction. An angle
+    whose new phases would make the band separation ill-conditioned keeps the old ones."""
+    settings = settings or SimSettings()
+    frames = _checked(frames, settings)
+    crop, origin = _central_crop(frames, settings.estimate_crop_px)
+    prepared = _prepare(crop, psf_2x, output_pixel_um, cutoff_per_um, settings)
+    phases = []
+    for a, (k_a, old, m) in enumerate(
+        zip(parameters.k, parameters.phases, parameters.modulation, strict=True)
+    ):
+        raw = prepared.spectra[a * settings.phases : (a + 1) * settings.phases]
+        k = np.asarray(k_a)
+        phi = [_frame_phase(spectrum, prepared.otf, k) for spectrum in raw] if m > 0 else []
+        usable = m > 0 and np.linalg.cond(_mixing(np.array(phi))) <= MAX_MIXING_CONDITION
+        phases.append(_at_origin(phi, k, origin) if usable else list(old))
+    return parameters.model_copy(update={"phases": phases})
 
 
 def _central_crop(frames: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

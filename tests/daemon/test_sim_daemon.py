@@ -23,7 +23,7 @@ from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.metrics import psnr
 from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
 from livedecon.calibration.sim_run import train_sim_bundle
-from livedecon.calibration.sim_simulator import render_sim
+from livedecon.calibration.sim_simulator import SimIllumination, render_sim
 from livedecon.daemon.client import DaemonError
 from livedecon.daemon.journal import read_acquisition_record
 from livedecon.daemon.processing import open_processor
@@ -251,3 +251,20 @@ def test_a_sim_model_serves_only_the_raw_frames_it_learned(tmp_path: Path, sim_m
                 client.start("adapting", adapting)
     finally:
         daemon.stop()
+
+
+def test_a_stream_follows_its_pattern_as_it_drifts(acquisition):
+    """The stream's pattern is estimated once; its phases are measured again in every
+    complete group (SimPlan.refresh_phases), so a pattern that drifted a quarter period
+    still reconstructs well, where the first pattern's phases alone lose dB."""
+    period = 1 / np.hypot(*acquisition.truth_parameters.k[0])
+    drifted = render_sim(SCENE, SimIllumination(shift_px=(0.15 * period, 0.2 * period)))
+    reference = _inner(drifted.reference)
+    scores = {}
+    for refresh in (True, False):
+        plan = sim_plan().sim.model_copy(update={"refresh_phases": refresh})
+        processor = SimProcessor(plan, OPTIC.pixel_size_um)
+        processor.process([acquisition.counts], [(0, 0)])  # the stream's pattern
+        image = processor.process([drifted.counts], [(0, 0)])[0][0]
+        scores[refresh] = psnr(fit_to(_inner(image), reference), reference)
+    assert scores[True] > scores[False] + 1.5, scores

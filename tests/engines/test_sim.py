@@ -12,7 +12,7 @@ from livedecon.calibration.metrics import decorrelation_resolution, psnr
 from livedecon.calibration.psf import theoretical_psf
 from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
 from livedecon.calibration.sim_simulator import SimIllumination, render_sim
-from livedecon.engines.sim import SimSettings, estimate_parameters, reconstruct
+from livedecon.engines.sim import SimSettings, estimate_parameters, reconstruct, refresh_phases
 from livedecon.engines.sim_training import (
     SimRecorruption,
     SimTrainingConfig,
@@ -194,3 +194,32 @@ def test_zs_sim_beats_wiener_at_low_light():
         return max(_fitted_psnr(image, acquisition), _fitted_psnr(seen, acquisition))
 
     assert best(restore_sim(result, wiener)) > best(wiener) + 1.0
+
+
+def test_refreshed_phases_follow_a_pattern_that_drifted(bright):
+    """A pattern moved a quarter period (thermal drift over hours) shifts every phase of an
+    angle alike; the phases measured again in the new frames follow it, the pattern vectors
+    and modulation stay, and the reconstruction regains what the stale phases lost
+    (measured, 128 x 128 TIRF scenes: 2.4-4.4 dB lost, all but 0.2-0.5 dB regained)."""
+    scene = bright.scene
+    settings = SimSettings()
+    args = (bright.psf_2x, bright.fine_pixel_um, bright.cutoff_per_um)
+    found = estimate_parameters(bright.electrons, *args, settings)
+    period = 1 / np.hypot(*bright.truth_parameters.k[0])
+    moved = render_sim(scene, SimIllumination(shift_px=(0.15 * period, 0.2 * period)))
+    truth = moved.truth_parameters
+    refreshed = refresh_phases(moved.electrons, *args, found, settings)
+    assert refreshed.k == found.k
+    assert refreshed.modulation == found.modulation
+    for a in range(3):
+        error = np.angle(np.exp(1j * (np.array(refreshed.phases[a]) - truth.phases[a])))
+        assert np.abs(error).max() < 0.5, (a, error)  # the estimator's own bias: 0.2-0.45 rad
+
+    def score(parameters) -> float:
+        image = reconstruct(moved.electrons, *args, settings, parameters).image
+        return _fitted_psnr(image, moved)
+
+    assert score(refreshed) > score(found) + 1.5
+    # an angle without a pattern keeps its phases; so does a frame set in which none shows
+    flat = found.model_copy(update={"modulation": [0.0, *found.modulation[1:]]})
+    assert refresh_phases(moved.electrons, *args, flat, settings).phases[0] == found.phases[0]
