@@ -438,7 +438,8 @@ def dps_restorer(config: DpsConfig) -> Restorer:
 
 # -- the whole bench --------------------------------------------------------------------------
 
-METHODS_2D = ("raw", "rl", "fast", "full", "dps")
+SIM_METHODS_2D = ("sim-wiener", "zs-sim", "dps-sim")  # the scene's SIM acquisition (sim_bench)
+METHODS_2D = ("raw", "rl", "fast", "full", "dps", *SIM_METHODS_2D)
 METHODS_3D = ("raw", "rl", "3d")
 
 
@@ -485,6 +486,11 @@ def run_bench(
                 result = run_method("rl", rl, rendered)
             elif method == "dps":
                 result = run_method("dps", dps_restorer(dps_recipe(budget, budget_min)), rendered)
+            elif method in SIM_METHODS_2D:
+                # sim_bench renders SIM acquisitions of these scenes, so it imports this module
+                from livedecon.calibration.sim_bench import sim_restorer
+
+                result = run_method(method, sim_restorer(method, budget_min), rendered)
             else:
                 recipe = recipe_for(method, budget, budget_min)
                 result = run_method(method, network_restorer(recipe), rendered)

@@ -18,11 +18,20 @@ import numpy as np
 from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.forward_model import UPSAMPLING
 from livedecon.calibration.metrics import decorrelation_resolution, psnr
-from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
+from livedecon.calibration.quality_bench import (
+    OPTICS,
+    SIM_METHODS_2D,
+    RenderedScene,
+    Restorer,
+    Scene,
+    _inner,
+    fit_to,
+)
 from livedecon.calibration.resolution_targets import PairKind, pair_target, smallest_resolved
+from livedecon.calibration.sim_run import default_sim_config
 from livedecon.calibration.sim_simulator import SimAcquisition, render_sim
 from livedecon.engines.dps import DpsConfig, DpsSpec, restore_dps, train_dps_sim
-from livedecon.engines.sim import SimParameters, estimate_parameters, reconstruct
+from livedecon.engines.sim import SimParameters, SimSettings, estimate_parameters, reconstruct
 from livedecon.engines.sim_training import SimTrainingConfig, restore_sim, train_zs_sim
 
 
@@ -156,3 +165,42 @@ def run_pair_targets(
         "dps": restore_dps(dps, wiener),
     }
     return {method: smallest_resolved(image, target) for method, image in images.items()}
+
+
+def sim_restorer(method: str, budget_min: float | None = None) -> Restorer:
+    """A `bench quality` method on the scene's SIM acquisition (render_sim of the same
+    specimen, its peak photons per raw frame): the Wiener reconstruction with the pattern
+    estimated from the frames, or ZS-DeconvNet-SIM or DPS (their CPU defaults,
+    `sim_run.default_sim_config`, or `budget_min`) trained behind it. The background is
+    known, as the widefield rows' is; the SR image is scored against the bench's reference
+    as they are."""
+    if method not in SIM_METHODS_2D:
+        raise ValueError(f"unknown SIM method {method!r}; known: {', '.join(SIM_METHODS_2D)}")
+
+    def restore_scene(rendered: RenderedScene) -> tuple[np.ndarray, dict[str, float | str]]:
+        started = time.perf_counter()
+        scene = rendered.scene
+        acquisition = render_sim(scene)
+        frames = acquisition.electrons - scene.background_e
+        args = (acquisition.psf_2x, acquisition.fine_pixel_um, acquisition.cutoff_per_um)
+        pattern = estimate_parameters(frames, *args)
+        notes: dict[str, float | str] = {"angles_found": int(np.count_nonzero(pattern.modulation))}
+        if method == "sim-wiener":
+            return reconstruct(frames, *args, SimSettings(), pattern).image, notes
+        train_args = (acquisition.psf_2x, pattern, acquisition.cutoff_per_um, scene.read_noise_e)
+        config = default_sim_config("sim" if method == "zs-sim" else "dps").model_copy(
+            update={"budget_min": budget_min}
+        )
+        if isinstance(config, SimTrainingConfig):
+            zs = train_zs_sim(frames, *train_args, config)
+            wiener = reconstruct(frames, *args, zs.settings, pattern).image
+            image, iterations = restore_sim(zs, wiener), len(zs.losses)
+        else:
+            dps = train_dps_sim(frames, *train_args, config)
+            assert dps.sim_settings is not None  # SIM training records its reconstruction
+            wiener = reconstruct(frames, *args, dps.sim_settings, pattern).image
+            image, iterations = restore_dps(dps, wiener), len(dps.losses)
+        notes |= {"train_s": round(time.perf_counter() - started, 1), "iterations": iterations}
+        return image, notes
+
+    return restore_scene

@@ -113,9 +113,14 @@ def bench_quality_command(
     budget_min: Annotated[
         float | None, typer.Option(min=0.1, help="override the per-model time cap (minutes)")
     ] = None,
-    methods: Annotated[str, typer.Option(help="comma list of raw, rl, fast, full, 3d, dps")] = (
-        "raw,rl,fast,full,3d"
-    ),
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="comma list of raw, rl, fast, full, 3d, dps, and the SIM rows sim-wiener,"
+            " zs-sim, dps-sim (the same specimen's SIM acquisition, its peak photons per raw"
+            " frame)"
+        ),
+    ] = "raw,rl,fast,full,3d",
     structures: Annotated[
         str, typer.Option(help="comma list of sparse, dense, puncta, mixed, volume")
     ] = "sparse,dense,puncta,mixed,volume",
@@ -128,7 +133,13 @@ def bench_quality_command(
     import torch
     from rich.table import Table
 
-    from livedecon.calibration.quality_bench import default_scenes, run_bench, summarise
+    from livedecon.calibration.quality_bench import (
+        METHODS_2D,
+        METHODS_3D,
+        default_scenes,
+        run_bench,
+        summarise,
+    )
 
     if budget not in ("cpu", "gpu"):
         raise _fail(f"--budget must be cpu or gpu, got {budget!r}")
@@ -145,6 +156,10 @@ def bench_quality_command(
         if s.structure in wanted["s"] and (s.is_3d or s.optics in wanted["o"])
     ]
     chosen = tuple(m for m in methods.split(",") if m)
+    known = dict.fromkeys((*METHODS_2D, *METHODS_3D))
+    unknown = [m for m in chosen if m not in known]
+    if unknown:
+        raise _fail(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     if not scenes or not chosen:
         raise _fail("no scene or no method selected")
     with console.status("bench quality") as status:

@@ -45,7 +45,8 @@ from livedecon.calibration.quality_bench import Scene, _inner, fit_to
 from livedecon.configs import shipped_config_path
 from livedecon.daemon.daemon_config import Endpoints, load_daemon_config
 from livedecon.daemon.launcher import free_tcp_endpoint, spawn_daemon
-from livedecon.daemon.protocol import SimPlan, Topic, decode_publication
+from livedecon.daemon.protocol import Topic, decode_publication
+from livedecon.daemon.sim_processing import sim_plan_for
 from livedecon.daemon.writer import output_files, read_planes
 from livedecon.engines.bundle import ModelBundle, find_bundle
 from livedecon.engines.enums import Backend
@@ -198,18 +199,6 @@ def _sim_scope(settings: DemoSettings) -> SimulatedMicroscope:
     return SimulatedMicroscope(sim=scene, clock="wall", noise_seed=0)
 
 
-def _sim_plan(scope: SimulatedMicroscope) -> SimPlan:
-    optics, camera = scope.config.optics, scope.config.camera
-    return SimPlan(
-        na=optics.na,
-        emission_um=optics.emission_um,
-        immersion_ri=optics.immersion_ri,
-        sample_ri=optics.sample_ri,
-        camera_offset_adu=camera.offset_adu,
-        camera_gain_e_per_adu=camera.gain_e_per_adu,
-    )
-
-
 def run_demo(
     settings: DemoSettings, progress: Callable[[str, int, int], None] = lambda *_: None
 ) -> DemoSummary:
@@ -272,7 +261,7 @@ def run_demo(
                 mode="3d" if settings.three_d else "2d",
                 model=settings.bundle if settings.sim else None,
                 end_wait_s=300,
-                sim=_sim_plan(scope) if settings.sim else None,
+                sim=sim_plan_for(scope.config) if settings.sim else None,
             )
             process = hooks.acquisition_kwargs["image_process_fn"]
             seen = [0]

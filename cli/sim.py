@@ -20,8 +20,7 @@ from rich.progress import Progress
 from livedecon.calibration.sim_run import SimNetwork
 from livedecon.cli.output import console
 from livedecon.cli.output import fail as _fail
-from livedecon.daemon.protocol import SimPlan
-from livedecon.daemon.sim_processing import SimProcessor
+from livedecon.daemon.sim_processing import SimProcessor, sim_plan_for
 from livedecon.engines.configfile import ConfigError
 from livedecon.engines.enums import Backend
 
@@ -57,21 +56,8 @@ def read_sim_input(
     if microscope is None:
         raise ValueError("SIM needs --microscope: the optics (NA, emission) and camera")
     scope = load_microscope(microscope)
-    optics, camera = scope.optics, scope.camera
-    sim = SimPlan.model_validate(
-        {
-            "angles": angles,
-            "phases": phases,
-            "order": order,
-            "na": optics.na,
-            "emission_um": optics.emission_um,
-            "immersion_ri": optics.immersion_ri,
-            "sample_ri": optics.sample_ri,
-            "camera_offset_adu": camera.offset_adu,
-            "camera_gain_e_per_adu": camera.gain_e_per_adu,
-        }
-    )
-    pixel = optics.pixel_size_um
+    sim = sim_plan_for(scope, angles, phases, order)
+    pixel = scope.optics.pixel_size_um
     image = read_raw_image(input_tif, pixel, str(microscope))
     frames = image.data.reshape(-1, *image.data.shape[-2:])
     if len(frames) % sim.frames:

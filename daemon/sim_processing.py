@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from livedecon.calibration.config import Optics
+from livedecon.calibration.config import MicroscopeConfig, Optics
 from livedecon.calibration.sim_run import detection_psf_2x
 from livedecon.daemon.processing import PHOTOELECTRONS, ModelProcessor, Stream
 from livedecon.daemon.protocol import SimPlan
@@ -44,6 +44,29 @@ from livedecon.engines.sim import (
 from livedecon.engines.sim_bundle import check_sim_chain
 
 MIN_SIM_PX = 32  # the reconstruction's smallest frame
+
+
+def sim_plan_for(
+    scope: MicroscopeConfig, angles: int = 3, phases: int = 3, order: str = "angle-phase"
+) -> SimPlan:
+    """The SIM settings of a microscope (its detection optics and camera) for a pattern
+    sequence of `angles` x `phases` frames in `order`; a ValidationError names a bad value."""
+    optics, camera = scope.optics, scope.camera
+    return SimPlan.model_validate(
+        {
+            "angles": angles,
+            "phases": phases,
+            "order": order,
+            "na": optics.na,
+            "emission_um": optics.emission_um,
+            "immersion_ri": optics.immersion_ri,
+            "sample_ri": optics.sample_ri,
+            "camera_offset_adu": camera.offset_adu,
+            "camera_gain_e_per_adu": camera.gain_e_per_adu,
+        }
+    )
+
+
 WIENER_ID = "sim-wiener"  # the bundle id recorded for the reconstruction alone
 
 

@@ -26,23 +26,11 @@ from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.metrics import psnr
 from livedecon.calibration.quality_bench import Scene, _inner, fit_to
 from livedecon.daemon.protocol import SimPlan, Topic
-from livedecon.daemon.sim_processing import SimProcessor
+from livedecon.daemon.sim_processing import SimProcessor, sim_plan_for
 from livedecon.daemon.writer import output_path, read_planes
 
 SCENE = Scene(structure="dense", optics="tirf", peak_photons=100.0, size_px=64, seed=1234)
 SCENE_PIXEL_UM = 0.0626  # the TIRF scenes' camera pixel
-
-
-def sim_plan(scope: SimulatedMicroscope) -> SimPlan:
-    optics, camera = scope.config.optics, scope.config.camera
-    return SimPlan(
-        na=optics.na,
-        emission_um=optics.emission_um,
-        immersion_ri=optics.immersion_ri,
-        sample_ri=optics.sample_ri,
-        camera_offset_adu=camera.offset_adu,
-        camera_gain_e_per_adu=camera.gain_e_per_adu,
-    )
 
 
 def test_pycromanager_steps_the_patterns_and_the_daemon_reconstructs_each_sequence(tmp_path):
@@ -53,9 +41,15 @@ def test_pycromanager_steps_the_patterns_and_the_daemon_reconstructs_each_sequen
         events = sim_events(2, scope.core.getStateLabels(SIM_LABEL)[1:], group=SIM_GROUP)
         scope.core.setExposure(SIM_EXPOSURE_MS)  # the scene's peak photons per frame
         scope.attach_pycromanager()
-        daemon = start_daemon(tmp_path)
+        daemon = start_daemon(tmp_path, queues={"stack_timeout_s": 60.0})  # a loaded CI machine
+        sim = sim_plan_for(scope.config)
         hooks = livedecon_hooks(
-            scope.core, events, "sim-live", daemon.ingest, sim=sim_plan(scope), end_wait_s=60
+            scope.core,
+            events,
+            "sim-live",
+            daemon.ingest,
+            sim=sim,
+            end_wait_s=60,
         )
         assert hooks.stream.plan.mode == "sim"
         process = hooks.acquisition_kwargs["image_process_fn"]
@@ -98,7 +92,7 @@ def test_pymmcore_plus_runs_the_sim_presets_and_the_daemon_reconstructs_each_seq
     with SimulatedMicroscope(sim=SCENE, noise_seed=6) as scope:
         scope.core.setExposure(SIM_EXPOSURE_MS)
         patterns = scope.core.getStateLabels(SIM_LABEL)[1:]  # after "widefield"
-        sim = sim_plan(scope)
+        sim = sim_plan_for(scope.config)
         sequence = MDASequence(
             channels=[{"group": SIM_GROUP, "config": label} for label in patterns],
             time_plan={"interval": 0, "loops": 2},
@@ -112,7 +106,7 @@ def test_pymmcore_plus_runs_the_sim_presets_and_the_daemon_reconstructs_each_seq
             raw[(event.index["t"], patterns.index(shown))] = image.copy()
 
         scope.core.mda.events.frameReady.connect(keep)
-        daemon = start_daemon(tmp_path)
+        daemon = start_daemon(tmp_path, queues={"stack_timeout_s": 60.0})  # a loaded CI machine
         handler = LivedeconHandler(address=daemon.ingest, end_wait_s=60)
         try:
             scope.core.mda.run(sequence, output=[handler])
@@ -120,8 +114,12 @@ def test_pymmcore_plus_runs_the_sim_presets_and_the_daemon_reconstructs_each_seq
             daemon.stop()
     assert sorted(raw) == [(t, i) for t in range(2) for i in range(9)]  # each preset, in order
     assert handler.final_state["written"] == 2
-    planes = read_planes(output_path(daemon.config.output_dir / "mda-sim", 0, 0))
-    local = SimProcessor(sim, SCENE_PIXEL_UM)
+    planes = sorted(
+        read_planes(output_path(daemon.config.output_dir / "mda-sim", 0, 0)),
+        key=lambda plane: plane[0].time,
+    )
+    assert not any(record.incomplete_stack for record, _ in planes)
+    local = SimProcessor(sim, SCENE_PIXEL_UM)  # its stream's pattern: from the first sequence
     for record, image in planes:
         frames = np.stack([raw[(record.time, i)] for i in range(9)])
         expected = local.process([frames], [(0, 0)])[0][0]

@@ -19,6 +19,7 @@ from livedecon.engines.bioimageio_package import export_bioimageio
 from livedecon.engines.bundle import BundleError, ModelBundle
 from livedecon.engines.dps import DpsConfig
 from livedecon.engines.enums import Backend
+from livedecon.engines.networks import build_network
 from livedecon.engines.sim import SimSettings
 from livedecon.engines.sim_bundle import check_sim_chain, sim_bundle
 from livedecon.engines.sim_training import SimRecorruption, SimTrainingConfig
@@ -125,38 +126,22 @@ def test_what_cannot_make_or_take_a_sim_bundle_is_refused(tmp_path: Path, acquis
     # a network that upsamples does not work on SR images, nor does a free Wiener constant
     bundle = train("sim", acquisition.electrons)
     m = bundle.manifest
-    record = m.training
-    from livedecon.engines.networks import build_network
-
+    fits = {
+        "name": "x",
+        "scale_e": 1.0,
+        "psf": bundle.psf,
+        "reconstruction": m.sim.reconstruction,
+        "camera_pixel_um": OPTIC.pixel_size_um,
+        "na": OPTIC.na,
+        "emission_um": OPTIC.emission_um,
+        "sample_ri": 1.33,
+        "read_noise_e": 1.5,
+        "background_e": 0.0,
+        "training": m.training,
+    }
     with pytest.raises(BundleError, match="no upsampling"):
-        sim_bundle(
-            build_network(TINY_2D),
-            name="wrong",
-            scale_e=1.0,
-            psf=bundle.psf,
-            reconstruction=m.sim.reconstruction,
-            camera_pixel_um=OPTIC.pixel_size_um,
-            na=OPTIC.na,
-            emission_um=OPTIC.emission_um,
-            sample_ri=1.33,
-            read_noise_e=1.5,
-            background_e=0.0,
-            training=record,
-        )
+        sim_bundle(build_network(TINY_2D), **fits)
+    with pytest.raises(ValueError, match="Wiener constant fixed"):
+        sim_bundle(bundle.build_model(), **(fits | {"reconstruction": SimSettings()}))
     with pytest.raises(ValueError, match="is a SIM model: it restores SR images"):
         export_bioimageio(bundle, tmp_path / "sim.zip")
-    with pytest.raises(ValueError, match="Wiener constant fixed"):
-        sim_bundle(
-            bundle.build_model(),
-            name="free",
-            scale_e=1.0,
-            psf=bundle.psf,
-            reconstruction=SimSettings(),
-            camera_pixel_um=OPTIC.pixel_size_um,
-            na=OPTIC.na,
-            emission_um=OPTIC.emission_um,
-            sample_ri=1.33,
-            read_noise_e=1.5,
-            background_e=0.0,
-            training=record,
-        )
