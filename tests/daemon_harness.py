@@ -7,11 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
+from livedecon.daemon.client import DaemonClient
 from livedecon.daemon.daemon_config import DaemonConfig
 from livedecon.daemon.launcher import DaemonProcess, free_tcp_endpoint, spawn_daemon
-from livedecon.daemon.protocol import Topic, decode_publication
+from livedecon.daemon.protocol import Axes, Topic, decode_publication
 
 
 def process_memory_mb(daemon: DaemonProcess, field: str) -> float:
@@ -62,3 +64,10 @@ def receive_all(socket: zmq.Socket, quiet_ms: int = 500) -> list:
     while socket.poll(quiet_ms):
         received.append(decode_publication(socket.recv_multipart()))
     return received
+
+
+def send_and_flush(client: DaemonClient, frame: np.ndarray, axes: Axes | None = None) -> None:
+    """Send one frame and wait for its reply: a refusal reaches the caller on the send itself
+    (the client reads replies as it sends) or on the flush after it."""
+    client.send(frame, axes)
+    client.flush()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import zmq
-from daemon_harness import process_memory_mb, receive_all, start_daemon, subscriber
+from daemon_harness import process_memory_mb, receive_all, send_and_flush, start_daemon, subscriber
 from plane_records import assert_same_as_tiff
 
 from livedecon.daemon.client import DaemonClient, DaemonError, DaemonUnavailable
@@ -167,9 +167,9 @@ def test_client_errors_carry_the_daemons_sentence_and_control_calls_work(pass_th
         with pytest.raises(DaemonError, match="already exists"):
             client.start("errors", Plan(pixel_size_um=0.1))
         client.send(np.zeros((32, 32), np.uint16))
-        client.send(np.zeros((16, 16), np.uint16))  # a frame of another size ...
+        # a frame of another size is refused, and the refusal reaches the caller
         with pytest.raises(DaemonError, match="differs from earlier frames") as caught:
-            client.flush()  # ... is refused, and the refusal reaches the caller
+            send_and_flush(client, np.zeros((16, 16), np.uint16))
         assert caught.value.frame_id == 1
         status = client.status()
         assert status["acquisitions"]["errors"]["acknowledged"] == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from daemon_harness import receive_all, start_daemon, subscriber
+from daemon_harness import receive_all, send_and_flush, start_daemon, subscriber
 from plane_records import ndtiff
 from pydantic import ValidationError
 from tiny_specs import TINY_SIM
@@ -50,12 +50,6 @@ def sim_plan(**changes) -> Plan:
         camera_gain_e_per_adu=SCENE.gain_e_per_adu,
     )
     return Plan(**({"mode": "sim", "pixel_size_um": OPTIC.pixel_size_um, "sim": sim} | changes))
-
-
-def send_and_flush(client, frame: np.ndarray, axes: Axes) -> None:
-    """A refusal reaches the caller on the send itself or on the flush after it."""
-    client.send(frame, axes)
-    client.flush()
 
 
 @pytest.fixture(scope="module")
