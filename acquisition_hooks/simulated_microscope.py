@@ -37,7 +37,7 @@ from pymmcore_plus.experimental.unicore import (
 )
 
 from livedecon.calibration.config import MicroscopeConfig, Sample, default_microscope
-from livedecon.calibration.forward_model import ForwardModel, camera_counts
+from livedecon.calibration.forward_model import ForwardModel
 from livedecon.calibration.quality_bench import Scene
 from livedecon.calibration.sim_simulator import SimScene, light_scene
 
@@ -142,12 +142,11 @@ class SimLight:
         """Camera counts at `exposure_ms` (the scene's peak photons at SIM_EXPOSURE_MS), and
         the pattern's index in the sequence (-1: even light)."""
         state = self.device.get_state()
-        scale = exposure_ms / SIM_EXPOSURE_MS
-        if state == 0:  # even light: the mean of the patterns (their phases cancel)
-            light = self.lit.expected_e.mean(axis=0) * scale + self.lit.scene.background_e * scale
-            return camera_counts(light, self.lit.scope.camera, self.rng), -1
-        one = replace(self.lit, expected_e=self.lit.expected_e[state - 1 : state])
-        return one.read_out(self.rng, scale)[0], state - 1
+        lit = self.lit.expected_e
+        # even light (state 0): the mean of the patterns, whose phases cancel
+        shown = lit.mean(axis=0, keepdims=True) if state == 0 else lit[state - 1 : state]
+        one = replace(self.lit, expected_e=shown)
+        return one.read_out(self.rng, exposure_ms / SIM_EXPOSURE_MS)[0], state - 1
 
 
 class SimulatedCamera(SimpleCameraDevice):

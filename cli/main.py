@@ -231,39 +231,32 @@ def train(
         raise _fail(f"--camera must be one of {', '.join(CAMERA_SOURCES)}, got {camera!r}")
     if out.exists() and not overwrite:
         raise _fail(f"{out}: already exists (--overwrite to replace it)")
+    schedule: dict[str, object] = {  # what every trainer takes from the options
+        "iterations": iterations,
+        "patch_px": patch_px,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "budget_min": budget_min,
+    }
     if network in SIM_NETWORKS:
         from livedecon.cli.sim import train_sim_command
 
-        sim_overrides = {
-            "iterations": iterations,
-            "patch_px": patch_px,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "seed": seed,
-            "budget_min": budget_min,
-        }
+        sim_options = (sim_angles, sim_phases, sim_order)
         return train_sim_command(
             out,
             inputs,
             "sim" if network == "sim" else "dps",
             microscope,
             config,
-            sim_overrides,
-            (sim_angles, sim_phases, sim_order),
+            schedule,
+            sim_options,
             name,
             overwrite,
         )
     if network in SELFNET_NETWORKS:
-        overrides: dict[str, object] = {
-            "iterations": iterations,
-            "patch_px": patch_px,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "seed": seed,
-            "budget_min": budget_min,
-        }
         return train_selfnet_command(
-            out, inputs, network, config, overrides, pixel_um, z_step_um, name, overwrite
+            out, inputs, network, config, schedule, pixel_um, z_step_um, name, overwrite
         )
     try:
         scope = load_microscope(microscope or shipped_config_path("microscope_sim.toml"))
@@ -272,15 +265,8 @@ def train(
         raise _fail(str(exc)) from None
     if camera == "auto" and microscope is not None and not _has_camera_section(microscope):
         camera = "estimate"
-    overrides = {
-        "network": _network_spec(network) if network and config is None else base.network,
-        "budget_min": budget_min,
-        "iterations": iterations,
-        "patch_px": patch_px,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "seed": seed,
-    }
+    spec = _network_spec(network) if network and config is None else base.network
+    overrides = {"network": spec, **schedule}
     chosen = {k: v for k, v in overrides.items() if v is not None}
     if iterations is not None:
         chosen["max_passes"] = None  # iterations asked for are run, not capped by the data

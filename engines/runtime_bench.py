@@ -42,6 +42,7 @@ MODELS: dict[str, Callable[[], NetworkSpec]] = {
     "sim": lambda: SimTrainingConfig().network,
     "dps": lambda: DpsSpec(upsample=False),
 }
+SIM_MODELS = ("sim", "dps")
 
 
 def _random_sim_bundle(spec: NetworkSpec, directory: Path) -> ModelBundle:
@@ -67,9 +68,10 @@ def _random_sim_bundle(spec: NetworkSpec, directory: Path) -> ModelBundle:
     return bundle
 
 
-def _random_bundle(spec: NetworkSpec, directory: Path) -> ModelBundle:
+def _random_bundle(spec: NetworkSpec, directory: Path, sim: bool = False) -> ModelBundle:
+    """A bundle of random weights; `sim`: a SIM model (SR images in and out)."""
     torch.manual_seed(0)
-    if isinstance(spec, DpsSpec) or (isinstance(spec, Network2DSpec) and not spec.upsample):
+    if sim:
         return _random_sim_bundle(spec, directory)
     if isinstance(spec, SelfNetSpec):
         from livedecon.engines.selfnet_bundle import selfnet_bundle
@@ -140,7 +142,7 @@ def bench_engines(
         for model in models:
             spec = MODELS[model]()
             bundle_dir = Path(tmp) / model
-            bundle = _random_bundle(spec, bundle_dir)
+            bundle = _random_bundle(spec, bundle_dir, sim=model in SIM_MODELS)
             shapes = [stack] if model == "3d" else [(s, s) for s in sizes]
             for backend in chosen:
                 runtime, _ = open_runtime(
