@@ -225,6 +225,7 @@ class DisplayStream(threading.Thread):
 
 
 def lag_summary_ms(lags_s: Iterable[float]) -> dict[str, float]:
+    """Count, median, 95th percentile and maximum of display lags, in milliseconds."""
     values = np.asarray(list(lags_s), dtype=np.float64) * 1e3
     if not values.size:
         return {"count": 0}
@@ -237,6 +238,9 @@ def lag_summary_ms(lags_s: Iterable[float]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class DaemonState:
+    """What the last status poll found: whether the daemon answered, when, and its status and
+    metrics."""
+
     reachable: bool
     checked_s: float  # wall clock of the last attempt; 0: not yet asked
     error: str = ""

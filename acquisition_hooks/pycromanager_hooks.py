@@ -50,6 +50,7 @@ SIM_AXIS = "sim"  # a SIM frame's index in its pattern sequence
 
 
 def new_acquisition_id(prefix: str = "acq") -> str:
+    """A fresh acquisition id: the prefix, the local time and a random suffix."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
@@ -65,6 +66,7 @@ def axes_from(values: Mapping[str, Any]) -> Axes:
 
 
 def camera_time(metadata: Mapping[str, Any]) -> float:
+    """When the camera took a frame, from its metadata; when the hook saw it if none is recorded."""
     for key in CAMERA_TIME_KEYS:
         if key in metadata:
             return float(metadata[key])

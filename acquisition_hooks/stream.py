@@ -96,6 +96,9 @@ class TimepointTracker:
 
 
 class DaemonStream:
+    """One acquisition's connection to the daemon, whose calls never block or raise in the
+    acquisition thread (see the module doc)."""
+
     def __init__(
         self,
         acquisition_id: str,

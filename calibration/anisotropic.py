@@ -196,6 +196,8 @@ def _median_resolution(slices: np.ndarray, pixel_um: float, axis: int) -> float:
 
 @dataclass(frozen=True)
 class Isotropy:
+    """Median lateral and axial resolution of a volume, in micrometres."""
+
     lateral_um: float
     axial_um: float
 

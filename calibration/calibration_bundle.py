@@ -31,6 +31,8 @@ FORMAT_VERSION = 1
 
 
 class PSFSummary(StrictModel):
+    """The PSF a calibration used: where it came from, its files, the beads and the FWHMs."""
+
     source: str = Field(description="measured (beads) or theoretical: the PSF the model used")
     measured_file: str | None = None
     theoretical_file: str
@@ -41,6 +43,9 @@ class PSFSummary(StrictModel):
 
 
 class ModelSummary(StrictModel):
+    """The model a calibration trained: its directory in the bundle, id, network, training and
+    backend."""
+
     directory: str = "model"
     bundle_id: str
     network: str
@@ -51,11 +56,15 @@ class ModelSummary(StrictModel):
 
 
 class CorrectionDefaults(StrictModel):
+    """The input corrections the daemon applies by default when serving this calibration."""
+
     offset_gain: bool = Field(True, description="per-pixel offset, gain and hot-pixel correction")
     stripes: bool = Field(False, description="Fourier suppression of column stripes")
 
 
 class CalibrationRecord(StrictModel):
+    """calibration.toml: what a calibration run measured, from which inputs, and its defaults."""
+
     format_version: int = FORMAT_VERSION
     created: str
     microscope: MicroscopeConfig = Field(description="optics, and the camera as measured")
@@ -73,11 +82,14 @@ class CalibrationRecord(StrictModel):
 
 
 def is_calibration_bundle(path: str | Path) -> bool:
+    """Whether `path` is a directory holding calibration.toml."""
     return (Path(path) / CALIBRATION_FILE).is_file()
 
 
 @dataclass
 class CalibrationBundle:
+    """A calibration bundle on disk: its directory, its record and its camera maps."""
+
     directory: Path
     record: CalibrationRecord
     camera: CameraCalibration

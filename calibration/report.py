@@ -21,6 +21,8 @@ from matplotlib.ticker import NullFormatter
 
 @dataclass
 class PTCPlot:
+    """The photon-transfer curve: mean and variance per light level and the fitted line."""
+
     mean_adu: np.ndarray  # signal above offset per level
     variance_adu2: np.ndarray  # temporal variance per level
     used: np.ndarray  # bool: points in the fit
@@ -30,6 +32,8 @@ class PTCPlot:
 
 @dataclass
 class PSFPlot:
+    """The measured PSF beside the theoretical one, on the same sampling."""
+
     psf: np.ndarray  # (Z, Y, X) or (1, Y, X), in-focus plane sums to 1
     theory: np.ndarray  # same shape and sampling
     pixel_size_um: float
@@ -38,6 +42,9 @@ class PSFPlot:
 
 @dataclass
 class ReportData:
+    """Everything the report shows: the summary, the camera's maps and curves, the PSF, crops and
+    metrics."""
+
     title: str
     summary: list[tuple[str, str]]  # (quantity, value) rows shown first
     ptc: PTCPlot

@@ -28,6 +28,8 @@ DIP = 0.8
 
 @dataclass
 class PairTarget:
+    """A target's specimen on the fine grid and where each pair sits, with its separation."""
+
     kind: PairKind
     specimen: np.ndarray  # (Y, X) on the fine grid, 1 per member pixel-area
     centres: list[tuple[float, float, float]]  # per pair: (row, left col, right col), fine px

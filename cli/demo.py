@@ -60,6 +60,8 @@ SIM_SCORING = (
 
 @dataclass
 class DemoSettings:
+    """What the demo acquires and how: frames, mode (2D, 3D or SIM), model, backend, endpoints."""
+
     out: Path = Path("demo_out")
     frames: int = 20
     interval_s: float = 0.5
@@ -76,6 +78,9 @@ class DemoSettings:
 
 @dataclass
 class DemoSummary:
+    """What a demo run measured: stream and daemon counters, latency, PSNR against the truth,
+    and the files written."""
+
     acquisition_id: str
     frames: int
     stream: dict[str, Any]
@@ -202,6 +207,8 @@ def _sim_scope(settings: DemoSettings) -> SimulatedMicroscope:
 def run_demo(
     settings: DemoSettings, progress: Callable[[str, int, int], None] = lambda *_: None
 ) -> DemoSummary:
+    """Start a daemon, acquire on the simulated microscope through the hooks, and measure
+    latency and the PSNR of raw and restored frames against the simulator's truth."""
     from pycromanager import Acquisition, multi_d_acquisition_events
 
     if settings.sim and settings.three_d:

@@ -42,6 +42,8 @@ Weights = dict[str, torch.Tensor]
 
 @dataclass
 class Verdict:
+    """Whether a candidate may serve, why, and the validation losses compared."""
+
     accepted: bool
     reason: str
     serving_loss: float = float("nan")
@@ -87,6 +89,9 @@ def check_candidate(
 
 @dataclass
 class TimepointReport:
+    """What one timepoint's adaptation or retraining did: steps, time, losses, verdict and swap
+    costs."""
+
     timepoint: int
     kind: Literal["adapt", "retrain"]
     steps: int = 0

@@ -97,6 +97,8 @@ class ChunkRecord(StrictModel):
 
 
 class ChunkFailure(StrictModel):
+    """A chunk that could not be restored: its source, chunk index, input region and the error."""
+
     source: str
     chunk: tuple[int, ...]
     region: tuple[tuple[int, int], ...]  # input [start, stop) per axis
@@ -104,6 +106,8 @@ class ChunkFailure(StrictModel):
 
 
 class BatchSummary(StrictModel):
+    """What a batch run did: outputs, chunks done, skipped and failed, voxels, time and workers."""
+
     outputs: list[str]
     chunks_total: int
     chunks_done: int  # written by this run
@@ -364,6 +368,7 @@ def warm_engine(job: Job) -> str:
 
 
 def engine_opens() -> int:
+    """How often this process opened an engine (tests check it is once per worker)."""
     return ENGINE_OPENS[0]
 
 

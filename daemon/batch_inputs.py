@@ -44,6 +44,7 @@ class Source(StrictModel):
 
 
 def stem(path: Path) -> str:
+    """The file or store name without its TIFF or zarr suffix."""
     name = path.name
     for suffix in (*ZARR_SUFFIXES, *TIFF_SUFFIXES):
         if name.lower().endswith(suffix):
@@ -52,10 +53,12 @@ def stem(path: Path) -> str:
 
 
 def is_zarr(path: Path) -> bool:
+    """Whether `path` is a zarr store (v2 or v3 metadata at its top)."""
     return path.is_dir() and any((path / f).is_file() for f in ("zarr.json", ".zattrs", ".zarray"))
 
 
 def is_ndtiff(path: Path) -> bool:
+    """Whether `path` is an NDTiff dataset (a directory with its index file)."""
     return path.is_dir() and (path / NDTIFF_INDEX).is_file()
 
 
@@ -237,6 +240,7 @@ def _read_ndtiff(source: Source, region: Region) -> np.ndarray:
 
 
 def read_region(source: Source, region: Region) -> np.ndarray:
+    """The pixels of `region` of a source, read from its zarr array, NDTiff dataset or TIFF."""
     if source.kind == "zarr":
         import zarr
 

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InputCorrection:
+    """The corrections applied to camera counts before the model: called on each frame."""
+
     offset_gain: OffsetGainCorrection | None = None
     stripes: bool = False
     source: str = ""  # the calibration bundle, for status and records

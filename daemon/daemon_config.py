@@ -25,6 +25,8 @@ def _is_loopback(host: str) -> bool:
 
 
 class Endpoints(StrictModel):
+    """Where the daemon takes frames (ingest) and publishes, and how it admits remote clients."""
+
     ingest: str = "tcp://127.0.0.1:5555"
     publish: str = "tcp://127.0.0.1:5556"
     allow_remote: bool = Field(
@@ -67,6 +69,8 @@ class Endpoints(StrictModel):
 
 
 class Limits(StrictModel):
+    """The largest frames, stacks, headers and numbers of acquisitions the daemon accepts."""
+
     max_frame_pixels: int = Field(4096 * 4096, gt=0, description="largest Y*X accepted")
     max_z: int = Field(512, gt=0, description="largest z-stack accepted")
     max_inflight_frames: int = Field(64, gt=0, description="client window of unacked frames")
@@ -91,6 +95,8 @@ class Limits(StrictModel):
 
 
 class Queues(StrictModel):
+    """Memory and disk queues, batching, z-stack assembly and display between ingest and output."""
+
     memory_queue_mb: float = Field(
         512, gt=0, description="frames held in memory before the queue spills to disk"
     )
@@ -132,6 +138,8 @@ class Storage(StrictModel):
 
 
 class ModelSelection(StrictModel):
+    """The model the daemon serves: bundle, backend, precision and tiling."""
+
     bundle: str = Field(
         "fast2d-sim",
         description="bundle directory, a shipped bundle name, or 'pass-through' (no processing)",
@@ -165,6 +173,8 @@ NO_CORRECTION = Correction(offset_gain=False, stripes=False)
 
 
 class Telemetry(StrictModel):
+    """How often metrics are logged and how many latency samples each percentile covers."""
+
     log_interval_s: float = Field(10.0, gt=0, description="metrics line in the log this often")
     latency_window: int = Field(4096, ge=16, description="latest samples per percentile")
 

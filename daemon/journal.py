@@ -102,6 +102,8 @@ class _Record(BaseModel):
 
 
 class AcquisitionRecord(_Record):
+    """acquisition.json: what produced an acquisition's output (plan, model, units, corrections)."""
+
     acquisition_id: str
     plan: Plan
     processor: Literal["model", "pass-through", "sim"]
@@ -134,6 +136,8 @@ class AcquisitionRecord(_Record):
 
 
 class JournalEntry(_Record):
+    """One line of the journal: an acknowledged frame's id, axes, dtype, shape and time."""
+
     frame_id: int
     axes: Axes
     dtype: str
@@ -149,6 +153,7 @@ def write_acquisition_record(directory: Path, record: AcquisitionRecord) -> Path
 
 
 def read_acquisition_record(directory: Path) -> AcquisitionRecord:
+    """The acquisition record of an output directory; refused when missing or invalid."""
     path = Path(directory) / ACQUISITION_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {ACQUISITION_FILE}; not a livedecon output")

@@ -24,6 +24,8 @@ LIVEDECON = (sys.executable, "-m", "livedecon.cli")
 
 @dataclass
 class DaemonProcess:
+    """A daemon running as a child process: its config, log and a client factory."""
+
     process: subprocess.Popen
     config: DaemonConfig
     log_path: Path

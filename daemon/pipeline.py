@@ -156,6 +156,7 @@ class Acquisition:
 
 
 def describe_plane(record: PlaneRecord) -> str:
+    """A plane record in words, for messages."""
     return (
         f"frame {record.frame_id} (t={record.time}, z={record.z}, channel {record.channel!r},"
         f" position {record.position!r})"
@@ -167,6 +168,8 @@ IDLE_CLOSE = "idle_close"  # a daemon-internal job: the acquisition fell silent
 
 @dataclass
 class Job:
+    """One message (or daemon-internal job) on its way through the pipeline, with its pixels."""
+
     acquisition: Acquisition
     kind: Kind | str
     header: Header
@@ -255,6 +258,8 @@ class JobQueue:
 
 @dataclass
 class Stack:
+    """The planes of one z-stack received so far, and when the last arrived."""
+
     acquisition: Acquisition
     planes: dict[int, Job] = field(default_factory=dict)
     last_s: float = field(default_factory=time.monotonic)
@@ -301,6 +306,9 @@ class StackAssembler:
 
 @dataclass
 class WriteItem:
+    """What the writer thread receives: a restored plane and its record, or a close or suspend
+    of an acquisition's files."""
+
     acquisition: Acquisition
     plane: np.ndarray | None = None
     record: PlaneRecord | None = None

@@ -226,6 +226,8 @@ class PassThrough(NoModel):
 
 @dataclass
 class ModelProcessor:
+    """A model bundle on a runtime: corrected counts in, photoelectrons on the output grid out."""
+
     bundle: ModelBundle
     bundle_dir: Path
     runtime: Runtime

@@ -24,6 +24,8 @@ DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
 
 
 class Kind(StrEnum):
+    """What a message asks for: an acquisition step or a control call."""
+
     ACQUISITION_START = "acquisition_start"
     FRAME = "frame"
     TIMEPOINT_DONE = "timepoint_done"
@@ -46,6 +48,8 @@ ACQUISITION_KINDS = {
 
 
 class ErrorCode(StrEnum):
+    """Why the daemon refused a message; sent back in the reply."""
+
     BAD_JSON = "bad_json"
     BAD_HEADER = "bad_header"
     UNSUPPORTED_VERSION = "unsupported_version"
@@ -74,6 +78,8 @@ class ErrorCode(StrEnum):
 
 
 class ProtocolError(Exception):
+    """A message the daemon refuses, with the code and message sent back to the client."""
+
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code, self.message = code, message
@@ -216,6 +222,9 @@ class SharedMemorySlot(_Wire):
 
 
 class Header(_Wire):
+    """The JSON header of every message to the daemon; which fields are required depends on the
+    kind."""
+
     version: int
     kind: Kind
     acquisition_id: str | None = Field(None, min_length=1, max_length=200)
@@ -245,6 +254,8 @@ class Header(_Wire):
 
 
 class Reply(_Wire):
+    """The daemon's answer to a message: ok, or an error code and message, and any data."""
+
     version: int = PROTOCOL_VERSION
     ok: bool
     code: ErrorCode | None = None
@@ -463,6 +474,7 @@ class Publication(_Wire):
 
 
 def encode_publication(publication: Publication, pixels: np.ndarray) -> list[bytes | memoryview]:
+    """The three parts of a publication: topic, JSON header and pixels (sent without a copy)."""
     return [
         publication.topic.value.encode(),
         publication.model_dump_json(exclude_none=True).encode(),

@@ -27,6 +27,8 @@ _ids = itertools.count()
 
 
 class Publisher(threading.Thread):
+    """The publisher thread: owns the XPUB socket and sends the newest image of each stream."""
+
     def __init__(
         self,
         context: zmq.Context,

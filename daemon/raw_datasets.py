@@ -26,6 +26,8 @@ class RawDatasetError(Exception):
 
 
 class RawDataset(Protocol):
+    """A raw dataset read plane by plane, by the daemon's axes."""
+
     def has(self, key: PlaneKey) -> bool:
         """Whether the plane was written."""
 

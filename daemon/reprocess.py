@@ -76,6 +76,9 @@ class ReprocessError(Exception):
 
 @dataclass
 class ReprocessReport:
+    """What a reprocess found and did: planes acknowledged, already written and recreated,
+    those it could not recover, and the files rewritten."""
+
     acknowledged: int = 0  # planes the daemon acknowledged (a (Z, Y, X) frame counts Z)
     restored_planes: int = 0  # planes they make: as many, or more in a Self-Net chain
     already_written: int = 0  # of the restored planes

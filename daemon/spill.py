@@ -19,6 +19,8 @@ from livedecon.engines.atomic_write import write_atomically
 
 
 class SpillStore:
+    """Frames parked on disk under `root`, one folder per acquisition (see the module doc)."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 

@@ -58,6 +58,8 @@ class RateMeter:
 
 
 class Metrics:
+    """The daemon's latency windows per stage, counters, rates and gauges, read as a snapshot."""
+
     def __init__(self, window: int = 4096) -> None:
         self.latency = {stage: LatencyWindow(window) for stage in STAGES + ADAPTATION}
         self.counters: dict[str, int] = dict.fromkeys(

@@ -177,6 +177,8 @@ def bench_daemon(
     work_dir: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
+    """Rows of throughput and latency for the bare relay and each daemon scenario (pass-through,
+    shared memory, writing, OME-Zarr, the model), the bare relay's best run as the floor."""
     image = np.random.default_rng(0).integers(90, 4000, (size, size)).astype(np.uint16)
     rows: list[dict[str, Any]] = []
     plan_display = Plan(pixel_size_um=0.065, save=False)

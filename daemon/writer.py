@@ -140,6 +140,7 @@ def output_path(directory: Path, position: int | str, channel: int | str) -> Pat
 
 
 def output_files(directory: Path) -> list[Path]:
+    """The output files in `directory`, sorted by name."""
     return sorted(Path(directory).glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
 
 
@@ -170,6 +171,9 @@ class Page:
 
 @dataclass
 class FileScan:
+    """What a scan of an output file found: its whole pages and their plane records, and whether
+    its OME-XML is finalised."""
+
     path: Path
     pages: list[Page]
     records: list[PlaneRecord | None]  # per page; None: the page has no plane record
@@ -492,6 +496,7 @@ def lock(fh: BinaryIO, path: Path) -> None:
 
 
 def check_plane(plane: np.ndarray) -> None:
+    """Refuse a plane that is not 2D or not uint8, uint16 or float32."""
     if plane.ndim != 2:
         raise ValueError(f"a plane is (Y, X); got shape {plane.shape}")
     if plane.dtype not in DTYPES:

@@ -17,6 +17,7 @@ TREE = ROOT / ".cache" / "api"
 
 
 def on_startup(command: str, dirty: bool) -> None:  # before mkdocstrings reads its paths
+    """Link the package tree under `.cache/api/` before mkdocstrings reads it."""
     spec = importlib.util.spec_from_file_location("typecheck", ROOT / "tests" / "typecheck.py")
     if spec is None or spec.loader is None:
         raise RuntimeError("tests/typecheck.py, which links the package tree, is missing")

@@ -25,6 +25,9 @@ Weights = dict[str, torch.Tensor]
 
 
 class AdaptationConfig(StrictModel):
+    """How an `Adapter` fine-tunes: learning rate, batch, patches, recorruption, loss and
+    validation."""
+
     learning_rate: float = Field(2e-5, gt=0, description="lower than training: small nudges")
     batch_size: int = Field(4, ge=1)
     patch_px: int = Field(64, ge=16)

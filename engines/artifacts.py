@@ -29,6 +29,7 @@ LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
 def library_versions() -> dict[str, str]:
+    """The installed version of each library that changes a compiled artifact."""
     versions = {}
     for name in LIBRARIES:
         try:

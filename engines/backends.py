@@ -52,6 +52,8 @@ class AccuracyGateError(RuntimeError):
 
 @dataclass(frozen=True)
 class Choice:
+    """The backend chosen, why, and its accuracy-gate PSNR once checked."""
+
     backend: Backend
     reason: str
     gate_db: float | None = None  # PSNR against torch float32, once checked

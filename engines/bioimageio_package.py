@@ -74,6 +74,8 @@ MIN_DEPTH_3D, MIN_LATERAL_3D = 2, 16
 
 @dataclass(frozen=True)
 class PackageReport:
+    """A package written: its path, outputs, test input shape and weights formats."""
+
     path: Path
     outputs: tuple[str, ...]
     test_input_shape: tuple[int, ...]

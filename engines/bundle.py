@@ -92,6 +92,8 @@ class Normalisation(_Manifest):
 
 
 class PSFRecord(_Manifest):
+    """The PSF a model was trained with: its source, description and sampling."""
+
     source: Literal["theoretical", "file", "none"] = Field(
         description="'none': the model needs no PSF (Self-Net learns the axial blur from the"
         " data); psf.tif then holds a single-voxel delta"
@@ -110,6 +112,9 @@ def _livedecon_version() -> str:
 
 
 class TrainingRecord(_Manifest):
+    """Provenance of a bundle's weights: when, with which versions, data and config, and how far
+    training got."""
+
     created_utc: str = Field(description="ISO 8601, UTC")
     livedecon_version: str
     torch_version: str
@@ -166,6 +171,9 @@ class SimRecord(_Manifest):
 
 
 class BundleManifest(_Manifest):
+    """model.json: a bundle's network, sampling, normalisation, PSF, training record and weights
+    hash."""
+
     format: int = BUNDLE_FORMAT
     name: str = Field(pattern=NAME_PATTERN, description="also the bundle's directory name")
     network: Annotated[

@@ -55,6 +55,8 @@ from livedecon.engines.training import (
 
 
 class DpsLoss(StrictModel):
+    """The DPS loss terms: the stages' weighting, SSIM, sparsity, Hessian and fidelity target."""
+
     denoise_weight: float = Field(0.5, ge=0, le=1, description="stage 1's share of the loss")
     ssim_weight: float = Field(0.1, ge=0)
     sparsity_weight: float = Field(0.002, ge=0, description="L1 of the estimate (model units)")
@@ -68,6 +70,8 @@ class DpsLoss(StrictModel):
 
 
 class DpsConfig(StrictModel):
+    """How DPS trains: network, loss, recorruption, schedule, patches and budget."""
+
     network: DpsSpec = DpsSpec()
     loss: DpsLoss = DpsLoss()
     recorruption: RecorruptionConfig = RecorruptionConfig(alpha_range=(0.5, 1.0))
@@ -198,6 +202,8 @@ class _DpsObjective:
 
 @dataclass
 class DpsResult:
+    """A trained DPS network, its normalisation, loss history and SIM settings."""
+
     model: DpsNet
     scale_e: float  # photoelectrons per model unit
     losses: list[float]

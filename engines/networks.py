@@ -179,6 +179,8 @@ class ZSDeconvNet2D(nn.Module):
 
 
 class ChannelAttention3D(nn.Module):
+    """Squeeze-and-excitation: scales each channel by a weight from its global average."""
+
     def __init__(self, width: int, reduction: int) -> None:
         super().__init__()
         hidden = max(width // reduction, 1)
@@ -212,6 +214,9 @@ class RCAB3D(nn.Module):
 
 
 class RCANStage3D(nn.Module):
+    """One RCAN3D stage: head, residual channel-attention blocks, tail (with lateral 2x upsampling
+    when asked)."""
+
     def __init__(self, spec: Network3DSpec, upsample: bool) -> None:
         super().__init__()
         w = spec.width
@@ -322,6 +327,7 @@ def build_network(spec: NetworkSpec) -> Network:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of `model`."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -11,6 +11,8 @@ import tifffile
 
 @dataclass(frozen=True)
 class OmeImage:
+    """An image's pixels, axes and physical sampling."""
+
     data: np.ndarray
     axes: str
     pixel_size_um: float
@@ -91,6 +93,7 @@ class TiffLayout:
 
 
 def tiff_layout(path: str | Path) -> TiffLayout:
+    """Shape, dtype, axes and sampling of a TIFF's first series, without reading its pixels."""
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         pixel_um, z_step = _ome_sampling(tif, path) if tif.is_ome else (None, None)

@@ -40,6 +40,7 @@ def _ome(group: Any) -> Any:
 
 
 def is_image(group: Any) -> bool:
+    """Whether a zarr group is an OME-Zarr image (has multiscales)."""
     return "multiscales" in _ome(group)
 
 

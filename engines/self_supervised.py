@@ -32,6 +32,9 @@ HESSIAN_WEIGHT_2D, HESSIAN_WEIGHT_3D = 0.02, 0.1  # the reference code's default
 
 
 class RecorruptionConfig(StrictModel):
+    """Recorrupting a noisy image into a noisier input and its target: noise scales, read-noise
+    variance and background."""
+
     beta1_range: tuple[float, float] = Field((0.5, 1.5), description="shot-noise scale range")
     alpha_range: tuple[float, float] = Field((1.0, 2.0), description="noise split range")
     beta2: float | None = Field(
@@ -41,6 +44,8 @@ class RecorruptionConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
+    """The ZS-DeconvNet loss: stage weighting, Hessian, norm, preconditioning and sparsity."""
+
     denoise_weight: float = Field(0.5, ge=0, le=1, description="mu")
     hessian_weight: float | None = Field(
         None, ge=0, description="lambda; None: the reference's 0.02 in 2D, 0.1 in 3D"
@@ -62,6 +67,7 @@ class LossConfig(StrictModel):
 
 
 def box_mean_5x5(y: torch.Tensor) -> torch.Tensor:
+    """Mean over each pixel's 5x5 neighbourhood, edges replicated."""
     return F.avg_pool2d(F.pad(y, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
 
 

@@ -188,6 +188,8 @@ def default_recipe(network: str | None = None, device: str | None = None) -> Tra
 
 @dataclass
 class TrainingResult:
+    """A trained network with its normalisation, loss history and the config as trained."""
+
     model: ZSDeconvNetwork
     scale_e: float  # photoelectrons per model unit
     iterations_done: int
@@ -197,6 +199,7 @@ class TrainingResult:
 
 
 def normalisation_scale(frames_e: Sequence[np.ndarray], percentile: float) -> float:
+    """Photoelectrons per model unit: the given percentile of the training frames."""
     values = np.concatenate([np.asarray(f, dtype=np.float32).ravel() for f in frames_e])
     scale = float(np.percentile(values, percentile))
     if not np.isfinite(scale) or scale <= 0:
