@@ -31,6 +31,8 @@ PIXEL_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class Volume:
+    """A volume read for Self-Net with its voxel size and where it came from."""
+
     data: np.ndarray  # (Z, Y, X) float32
     pixel_um: float
     z_step_um: float
@@ -73,6 +75,7 @@ def read_volume(path: Path, pixel_um: float | None, z_step_um: float | None) -> 
 
 
 def simulated_volume(scene: AnisotropicScene) -> Volume:
+    """The simulator's anisotropic volume of a scene, in photoelectrons, as a Volume."""
     rendered = render_anisotropic(scene)
     description = f"simulated: {scene.model_dump_json()}"
     return Volume(rendered.electrons, scene.pixel_um, scene.z_step_um, description)

@@ -36,6 +36,7 @@ from livedecon.engines.sim_training import SimTrainingConfig, restore_sim, train
 
 
 def sim_scenes(structures: tuple[str, ...], peaks: tuple[float, ...], size_px: int) -> list[Scene]:
+    """The SIM bench's TIRF scenes: one per structure and peak signal, seeds of their own."""
     return [
         Scene(structure=s, optics="tirf", peak_photons=p, size_px=size_px, seed=3000 + 10 * i)
         for i, s in enumerate(structures)
@@ -74,6 +75,8 @@ def _scores(image: np.ndarray, acquisition: SimAcquisition, pixel_um: float) -> 
 
 
 def run_scene(scene: Scene) -> dict[str, object]:
+    """One SIM scene: estimate the pattern, reconstruct, score against the truth and the
+    simulator's true parameters."""
     acquisition = render_sim(scene)
     electrons = acquisition.electrons - scene.background_e
     args = (acquisition.psf_2x, acquisition.fine_pixel_um, acquisition.cutoff_per_um)
@@ -112,6 +115,8 @@ def reconstruction_speed(size_px: int, repeats: int = 3) -> dict[str, float]:
 
 
 class SimBenchResults(TypedDict):
+    """What `livedecon bench sim` writes: a row per scene and the reconstruction speed."""
+
     rows: list[dict[str, object]]  # one per scene (run_scene)
     speed: dict[str, float]  # reconstruction_speed
 
@@ -119,6 +124,7 @@ class SimBenchResults(TypedDict):
 def run_sim_bench(
     scenes: list[Scene], speed_px: int, progress: Callable[[str], None] = lambda _: None
 ) -> SimBenchResults:
+    """Every scene's row, then the reconstruction speed at speed_px x speed_px."""
     rows = []
     for scene in scenes:
         progress(scene.name)

@@ -31,6 +31,9 @@ PSF_PX = 63  # detection PSF on the 2x grid
 
 
 class SimIllumination(StrictModel):
+    """The simulated SIM pattern: angles x phases of sinusoidal light, its frequency,
+    modulation and the random errors a real instrument has."""
+
     angles: int = Field(3, ge=1, le=8)
     phases: int = Field(3, ge=3, le=9)
     first_angle_deg: float = Field(12.0, description="angle of the first pattern's wave vector")

@@ -99,6 +99,7 @@ def simulate_stack(
 
 
 def write_manifest(out_dir: Path, entries: Mapping[str, object]) -> Path:
+    """Write simulation.json, what a simulated dataset holds, beside its files."""
     path = out_dir / "simulation.json"
     path.write_text(json.dumps(entries, indent=2))
     return path

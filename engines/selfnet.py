@@ -63,6 +63,8 @@ def _conv(c_in: int, c_out: int, k: int) -> list[nn.Module]:
 
 
 class ResidualBlock(nn.Module):
+    """Two reflection-padded 3x3 convolutions with a LeakyReLU between, added to the input."""
+
     def __init__(self, width: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
@@ -246,6 +248,7 @@ def torch_infer(model: nn.Module) -> Infer:
 
 
 def parameter_count(spec: SelfNetSpec) -> int:
+    """Trainable parameters of one Self-Net generator of this spec."""
     return sum(p.numel() for p in SelfNetGenerator(spec).parameters())
 
 
@@ -256,4 +259,5 @@ def macs_per_pixel(spec: SelfNetSpec) -> int:
 
 
 def isotropic_shape(shape: tuple[int, int, int], ratio: float) -> tuple[int, int, int]:
+    """(Z, Y, X) of a volume's isotropic result: its depth upsampled by the axial ratio."""
     return (upsampled_depth(shape[0], ratio), shape[1], shape[2])

@@ -40,6 +40,7 @@ def volume_normalisation(volume: np.ndarray) -> Normalisation:
 
 
 def delta_psf() -> np.ndarray:
+    """The one-voxel PSF a Self-Net bundle carries: it deconvolves nothing."""
     return np.ones((1, 1, 1), np.float32)
 
 

@@ -76,6 +76,7 @@ class SelfNetTrainingConfig(StrictModel):
 
 
 def charbonnier(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mean Charbonnier distance sqrt((a - b)^2 + eps^2): L1 with a smooth minimum."""
     return torch.sqrt((a - b) ** 2 + eps * eps).mean()
 
 
@@ -85,6 +86,7 @@ def pixel_loss(a: torch.Tensor, b: torch.Tensor, cfg: SelfNetTrainingConfig) -> 
 
 
 def lsgan(score: torch.Tensor, real: bool) -> torch.Tensor:
+    """Least-squares GAN loss of discriminator scores against real (1) or generated (0)."""
     return ((score - (1.0 if real else 0.0)) ** 2).mean()
 
 
@@ -158,6 +160,9 @@ def patch_size(cfg: SelfNetTrainingConfig, volume: np.ndarray, ratio: float) -> 
 
 @dataclass
 class SelfNetNets:
+    """The five networks trained together: two degradation generators, the restorer and two
+    discriminators."""
+
     g_ab: SelfNetGenerator
     g_ba: SelfNetGenerator
     restorer: SelfNetRestorer
@@ -177,6 +182,8 @@ class SelfNetNets:
 
 @dataclass
 class SelfNetResult:
+    """A finished (or interrupted) training: the restorer, how far it got, its loss history."""
+
     restorer: SelfNetRestorer
     iterations: int
     final_loss: float | None

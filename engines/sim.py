@@ -35,6 +35,9 @@ MAX_MIXING_CONDITION = 2.0
 
 
 class SimSettings(StrictModel):
+    """How to reconstruct: the pattern sequence (angles x phases) and the Wiener filter's
+    constant, apodisation and notch."""
+
     angles: int = Field(3, ge=1, le=8)
     phases: int = Field(3, ge=3, le=9)
     wiener: float | None = Field(
@@ -85,6 +88,8 @@ class SimParameters(StrictModel):
 
 
 class SimResult(StrictModel, arbitrary_types_allowed=True):
+    """A reconstruction: the SR image, the widefield mean and the parameters it used."""
+
     image: np.ndarray  # SR image on the 2x grid, photoelectrons per output pixel
     widefield: np.ndarray  # mean of the raw frames (camera grid), photoelectrons
     parameters: SimParameters

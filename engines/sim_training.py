@@ -42,12 +42,16 @@ SIM_PSF_PX = 31
 
 
 class SimRecorruption(StrictModel):
+    """ZS-DeconvNet-SIM's recorruption of the raw frames: the published ranges, the pairs."""
+
     alpha_range: tuple[float, float] = Field((0.2, 0.5), description="noise split range")
     beta1_range: tuple[float, float] = Field((1.5, 3.0), description="shot-noise scale range")
     pairs: int = Field(24, ge=1, le=1000, description="recorrupted SR pairs to train on")
 
 
 class SimTrainingConfig(StrictModel):
+    """How ZS-DeconvNet-SIM trains: network, recorruption, losses, schedule and budget."""
+
     network: Network2DSpec = Network2DSpec(
         kind=NetworkKind.ZS_DECONVNET_2D_FAST,
         unet=UNetSpec(levels=3, convs_per_block=2, base_width=16),
@@ -69,6 +73,8 @@ class SimTrainingConfig(StrictModel):
 
 @dataclass
 class SimTrainingResult:
+    """A trained ZS-DeconvNet-SIM with its scale, SIM PSF and the reconstruction it learned."""
+
     model: ZSDeconvNet2D
     scale_e: float  # photoelectrons per model unit of the SR images
     sim_psf: np.ndarray
