@@ -28,7 +28,7 @@ from scipy import ndimage, signal
 
 from livedecon.calibration.config import Camera, Optics, Sample
 from livedecon.calibration.forward_model import camera_counts
-from livedecon.calibration.metrics import _apodize, _decorrelation_curve, _peak, psnr
+from livedecon.calibration.metrics import _apodize, _decorrelation_curve, _peak, psnr, ssim
 from livedecon.calibration.psf import fwhm_px, theoretical_psf
 from livedecon.calibration.sample import SyntheticSample
 from livedecon.engines.configfile import StrictModel
@@ -61,6 +61,10 @@ class AnisotropicScene(StrictModel):
         1.0, gt=0, le=1, description="fraction of the depth, centred, that holds specimen"
     )
     seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.modality}-{self.peak_photons:g}ph-x{self.ratio}"
 
     @property
     def z_step_um(self) -> float:
@@ -225,17 +229,24 @@ def isotropy(volume: np.ndarray, pixel_um: float, slices: int = 8) -> Isotropy:
     return Isotropy(float(lateral), float(axial))
 
 
-def fitted_psnr(estimate: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR after the least-squares fit a*x+b of the estimate onto the truth (methods differ
-    in scale and offset; what is compared is the structure)."""
-    e = np.asarray(estimate, dtype=np.float64).ravel()
-    t = np.asarray(truth, dtype=np.float64).ravel()
-    a, b = np.polyfit(e, t, 1)
-    return psnr((a * e + b).reshape(np.shape(truth)), truth)
+def _fitted_inner(
+    estimate: np.ndarray, truth: np.ndarray, border: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both volumes without `border` planes and pixels at each edge, the estimate fitted
+    (least squares a*x+b) onto the truth."""
+    inner = (slice(border, -border),) * 3
+    e = np.asarray(estimate, dtype=np.float64)[inner]
+    t = np.asarray(truth, dtype=np.float64)[inner]
+    a, b = np.polyfit(e.ravel(), t.ravel(), 1)
+    return a * e + b, t
 
 
 def axial_psnr(estimate: np.ndarray, truth: np.ndarray, border: int = 4) -> float:
     """Fitted PSNR over the xz and yz slices (the whole volume, seen axially), without
     `border` planes and pixels at each edge where no method has data on both sides."""
-    inner = (slice(border, -border),) * 3
-    return fitted_psnr(np.asarray(estimate)[inner], np.asarray(truth)[inner])
+    return psnr(*_fitted_inner(estimate, truth, border))
+
+
+def axial_ssim(estimate: np.ndarray, truth: np.ndarray, border: int = 4) -> float:
+    """3D SSIM of the fitted estimate against the truth over the same inner volume."""
+    return ssim(*_fitted_inner(estimate, truth, border))

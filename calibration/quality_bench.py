@@ -16,14 +16,15 @@ scene's dim puncta (a restoration that erases real structure is wrong however sh
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import Field
 from scipy import signal
 
+from livedecon.calibration.anisotropic import AnisotropicScene
 from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.config import Camera, MicroscopeConfig, Optics, Sample
 from livedecon.calibration.forward_model import UPSAMPLING, ForwardModel, camera_counts
@@ -48,6 +49,7 @@ from livedecon.engines.training import (
 )
 
 Structure = Literal["sparse", "dense", "puncta", "mixed", "volume"]
+STRUCTURES: tuple[Structure, ...] = get_args(Structure)
 OpticsName = Literal["tirf", "widefield"]
 
 OPTICS: dict[str, Optics] = {
@@ -277,6 +279,8 @@ def plane_alternation(stack: np.ndarray, edge_planes: int = 2) -> float:
 
 @dataclass
 class Score:
+    """One method's figures on one scene (a row of the bench's table and JSON)."""
+
     method: str
     scene: str
     psnr: float
@@ -398,6 +402,7 @@ Restorer = Callable[[RenderedScene], tuple[np.ndarray, dict[str, float | str]]]
 
 
 def run_method(name: str, restorer: Restorer, rendered: RenderedScene) -> Score:
+    """Run one restorer on a rendered scene and score its estimate, timing the whole run."""
     started = time.perf_counter()
     estimate, notes = restorer(rendered)
     return score(name, estimate, rendered, time.perf_counter() - started, **notes)
@@ -441,6 +446,9 @@ def dps_restorer(config: DpsConfig) -> Restorer:
 SIM_METHODS_2D = ("sim-wiener", "zs-sim", "dps-sim")  # the scene's SIM acquisition (sim_bench)
 METHODS_2D = ("raw", "rl", "fast", "full", "dps", *SIM_METHODS_2D)
 METHODS_3D = ("raw", "rl", "3d")
+SELFNET_METHODS = ("cubic", "selfnet-fast", "selfnet")  # on anisotropic volumes (selfnet_bench)
+BASELINE = "rl"  # what the networks' gains are measured against
+SELFNET_BASELINE = "cubic"  # Self-Net's: it makes axial slices sharp, not deconvolves
 
 
 def recipe_for(method: str, budget: str, budget_min: float | None) -> TrainingConfig:
@@ -467,9 +475,20 @@ def run_bench(
     budget: str = "cpu",
     budget_min: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
+    volumes: Sequence[AnisotropicScene] = (),
 ) -> list[dict[str, object]]:
-    """Score every method on every scene; rows as dictionaries (one per scene and method)."""
+    """Score every method on every scene; rows as dictionaries (one per scene and method).
+    `volumes`: anisotropic volumes for the Self-Net rows (cubic, selfnet-fast, selfnet)."""
     rows: list[dict[str, object]] = []
+    wanted = tuple(m for m in methods if m in SELFNET_METHODS)
+    if volumes and wanted:
+        # selfnet_bench scores in this module's terms, so it imports this module
+        from livedecon.calibration.selfnet_bench import quality_scores, selfnet_recipe
+
+        for volume in volumes:
+            progress(f"volume-{volume.name}: {', '.join(wanted)}")
+            for result in quality_scores(volume, wanted, selfnet_recipe(budget, budget_min)):
+                rows.append({**result.as_dict(), "peak_photons": volume.peak_photons})
     for scene in scenes:
         rendered = render(scene)
         available = METHODS_3D if scene.is_3d else METHODS_2D
@@ -499,27 +518,36 @@ def run_bench(
 
 
 def summarise(rows: list[dict[str, object]], max_peak: float = 50.0) -> dict[str, dict]:
-    """Per network: mean and worst PSNR gain over Richardson-Lucy on the scenes at peak signal
-    <= max_peak, and on how many scenes its dim-puncta recall falls below RL's."""
+    """Per network: mean and worst PSNR gain over its baseline (Richardson-Lucy; cubic
+    interpolation for Self-Net) on the scenes at peak signal <= max_peak, on how many scenes
+    its dim-puncta recall falls below the baseline's, and Self-Net's mean isotropy ratio over
+    the scenes where it is measured."""
     by_scene: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_scene.setdefault(str(row["scene"]), {})[str(row["method"])] = row
     summary: dict[str, dict] = {}
-    for method in sorted({str(r["method"]) for r in rows} - {"raw", "rl"}):
-        gains, recall_losses = [], 0
+    baselines = {"raw", BASELINE, SELFNET_BASELINE}
+    for method in sorted({str(r["method"]) for r in rows} - baselines):
+        baseline = SELFNET_BASELINE if method in SELFNET_METHODS else BASELINE
+        gains, recall_losses, isotropy = [], 0, []
         for scene_rows in by_scene.values():
-            if method not in scene_rows or "rl" not in scene_rows:
+            if method not in scene_rows or baseline not in scene_rows:
                 continue
-            net, rl = scene_rows[method], scene_rows["rl"]
+            net, base = scene_rows[method], scene_rows[baseline]
             if float(net["peak_photons"]) <= max_peak:
-                gains.append(float(net["psnr"]) - float(rl["psnr"]))
-            if net["dim_recall"] is not None and rl["dim_recall"] is not None:
-                recall_losses += float(net["dim_recall"]) < float(rl["dim_recall"])
+                gains.append(float(net["psnr"]) - float(base["psnr"]))
+            if "isotropy" in net["notes"]:  # at any light: it is measured only where bright
+                isotropy.append(float(net["notes"]["isotropy"]))
+            if net["dim_recall"] is not None and base["dim_recall"] is not None:
+                recall_losses += float(net["dim_recall"]) < float(base["dim_recall"])
         if gains:
             summary[method] = {
+                "baseline": baseline,
                 "mean_gain_db": float(np.mean(gains)),
                 "worst_gain_db": float(np.min(gains)),
                 "scenes": len(gains),
-                "scenes_recall_below_rl": recall_losses,
+                "scenes_recall_below_baseline": recall_losses,
             }
+            if isotropy:
+                summary[method]["mean_isotropy"] = float(np.mean(isotropy))
     return summary

@@ -1,11 +1,14 @@
-"""`livedecon bench selfnet`: Self-Net against cubic interpolation on simulated volumes.
+"""Self-Net against cubic interpolation on simulated volumes: `livedecon bench selfnet`, and
+the Self-Net rows of `livedecon bench quality`.
 
-Kept apart from calibration/quality_bench.py (2D and 3D ZS-DeconvNet scenes): a Self-Net row
-is scored on the axial view of a volume against an isotropic truth, which that bench's
-scores do not cover. Every row trains on the scene's own volume (the method), then restores
-it; scores: fitted PSNR of the xz/yz view against the isotropic truth, the isotropy ratio by
-directional decorrelation, training time and inference speed (voxels out per second, torch
-float32 on CPU, one thread unless the caller set more).
+A Self-Net row is scored on the axial view of a volume against an isotropic truth, which the
+ZS-DeconvNet scenes' scores (calibration/quality_bench.py) do not cover; `quality_scores`
+puts its figures in that bench's `Score` (axial PSNR and SSIM, axial resolution, the isotropy
+ratio in the notes), with cubic interpolation as the baseline in place of Richardson-Lucy.
+Every row trains on the scene's own volume (the method), then restores it; scores: fitted
+PSNR of the xz/yz view against the isotropic truth, the isotropy ratio by directional
+decorrelation, training time and inference speed (voxels out per second, torch float32 on
+CPU, one thread unless the caller set more).
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import numpy as np
 
 from livedecon.calibration.anisotropic import (
     AnisotropicScene,
+    Modality,
     axial_psnr,
+    axial_ssim,
     isotropy,
     render_anisotropic,
 )
+from livedecon.calibration.quality_bench import Score
 from livedecon.engines.selfnet import (
     SelfNetSpec,
     cubic_axial,
@@ -31,15 +37,21 @@ from livedecon.engines.selfnet import (
 )
 from livedecon.engines.selfnet_bundle import volume_normalisation
 from livedecon.engines.selfnet_training import SelfNetTrainingConfig, train_selfnet
+from livedecon.engines.training import CPU_BUDGET_MIN
 
 SPECS = {"selfnet-fast": fast_selfnet_spec, "selfnet": SelfNetSpec}
+SELFNET_METHODS = ("cubic", *SPECS)  # bench quality's Self-Net rows; cubic is their baseline
+SELFNET_MODALITIES: tuple[Modality, ...] = ("widefield", "confocal", "light-sheet")
 
 
 @dataclass
 class SelfNetRow:
+    """One method on one anisotropic volume: axial scores, isotropy, size, time and speed."""
+
     scene: str
     method: str
     axial_psnr_db: float
+    axial_ssim: float
     isotropy: float
     lateral_um: float
     axial_um: float
@@ -47,6 +59,7 @@ class SelfNetRow:
     train_s: float = 0.0
     iterations: int = 0
     voxels_per_s: float = 0.0
+    seconds: float = 0.0  # the method's wall time: training and restoring
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -55,7 +68,13 @@ class SelfNetRow:
 def _row(scene: str, method: str, volume: np.ndarray, truth: np.ndarray, pixel: float):
     iso = isotropy(volume, pixel)
     return SelfNetRow(
-        scene, method, axial_psnr(volume, truth), iso.ratio, iso.lateral_um, iso.axial_um
+        scene,
+        method,
+        axial_psnr(volume, truth),
+        axial_ssim(volume, truth),
+        iso.ratio,
+        iso.lateral_um,
+        iso.axial_um,
     )
 
 
@@ -64,16 +83,18 @@ def bench_scene(
 ) -> list[SelfNetRow]:
     """Rows for one scene: the truth (the ceiling), cubic interpolation, each network."""
     rendered = render_anisotropic(scene)
-    name = f"{scene.modality}-{scene.peak_photons:g}ph-x{scene.ratio}"
+    name = scene.name
     norm = volume_normalisation(rendered.electrons)
     units = norm.electrons(rendered.electrons) / norm.scale_e
     truth, pixel = rendered.truth, scene.pixel_um
     ceiling = _row(name, "truth", truth, truth, pixel)
     ceiling.axial_psnr_db = float("inf")  # the truth against itself
-    rows = [
-        ceiling,
-        _row(name, "cubic", cubic_axial(units, scene.ratio), truth, pixel),
-    ]
+    started = time.perf_counter()
+    interpolated = cubic_axial(units, scene.ratio)
+    cubic_s = time.perf_counter() - started
+    cubic = _row(name, "cubic", interpolated, truth, pixel)
+    cubic.seconds = cubic_s
+    rows = [ceiling, cubic]
     for method in methods:
         spec = SPECS[method]()
         result = train_selfnet(units, scene.ratio, cfg.model_copy(update={"network": spec}))
@@ -84,11 +105,13 @@ def bench_scene(
         row.parameters = parameter_count(spec)
         row.train_s, row.iterations = result.seconds, result.iterations
         row.voxels_per_s = restored.size / seconds
+        row.seconds = result.seconds + seconds
         rows.append(row)
     return rows
 
 
 def format_rows(rows: list[SelfNetRow]) -> str:
+    """The rows as a Markdown table, as the README quotes them."""
     lines = [
         "| scene | method | axial PSNR (dB) | isotropy | lateral um | axial um | params |"
         " train s | Mvoxel/s |",
@@ -101,3 +124,68 @@ def format_rows(rows: list[SelfNetRow]) -> str:
             f" {r.train_s:.0f} | {r.voxels_per_s / 1e6:.2f} |"
         )
     return "\n".join(lines)
+
+
+# -- bench quality's Self-Net rows ------------------------------------------------------------
+
+
+def anisotropic_scenes(
+    modalities: tuple[Modality, ...], peaks: tuple[float, ...]
+) -> list[AnisotropicScene]:
+    """bench quality's volumes for Self-Net: 16 x 64 x 64, z step 3 lateral pixels, one per
+    modality and peak signal, seeds apart from every other bench scene's."""
+    return [
+        AnisotropicScene(modality=m, peak_photons=p, seed=3000 + 10 * i)
+        for i, m in enumerate(modalities)
+        for p in peaks
+    ]
+
+
+def selfnet_recipe(budget: str, budget_min: float | None) -> SelfNetTrainingConfig:
+    """Self-Net under a budget. "cpu": the short-run settings measured on 2 cores (32 x 32
+    patches, learning rate 1e-3, 1,500 iterations: the fast network's isotropy levels off
+    there) under the CPU time cap; "gpu": the paper's settings (the config's defaults)."""
+    if budget == "gpu":
+        return SelfNetTrainingConfig(budget_min=budget_min)
+    return SelfNetTrainingConfig(
+        iterations=1500,
+        steps_per_epoch=375,
+        patch_px=32,
+        discriminator_width=32,
+        learning_rate=1e-3,
+        budget_min=budget_min or CPU_BUDGET_MIN,
+    )
+
+
+def as_score(row: SelfNetRow) -> Score:
+    """A Self-Net bench row in bench quality's terms: PSNR and SSIM are axial (the volume as
+    xz/yz slices against the isotropic truth), resolution is axial; the isotropy ratio and
+    the lateral resolution go in the notes where decorrelation measures both."""
+    notes: dict[str, float | str] = {}
+    # decorrelation finds no lateral resolution in noise-limited xy slices (below about 100
+    # photons here): then the ratio is not measured rather than infinite
+    if np.isfinite(row.lateral_um) and np.isfinite(row.axial_um):
+        notes = {"isotropy": round(row.isotropy, 3), "lateral_nm": round(1000 * row.lateral_um)}
+    if row.iterations:
+        notes |= {"train_s": round(row.train_s, 1), "iterations": row.iterations}
+    return Score(
+        method=row.method,
+        scene=f"volume-{row.scene}",
+        psnr=row.axial_psnr_db,
+        ssim=row.axial_ssim,
+        resolution_nm=1000 * row.axial_um if np.isfinite(row.axial_um) else None,
+        ringing=None,
+        dim_recall=None,
+        seconds=row.seconds,
+        view="axial",
+        notes=notes,
+    )
+
+
+def quality_scores(
+    scene: AnisotropicScene, methods: tuple[str, ...], cfg: SelfNetTrainingConfig
+) -> list[Score]:
+    """bench quality's rows for one volume: cubic interpolation and each Self-Net network
+    asked for (the isotropic truth's own row is left out: its PSNR is infinite)."""
+    rows = bench_scene(scene, [m for m in methods if m in SPECS], cfg)
+    return [as_score(r) for r in rows if r.method in methods]

@@ -116,15 +116,25 @@ def bench_quality_command(
     methods: Annotated[
         str,
         typer.Option(
-            help="comma list of raw, rl, fast, full, 3d, dps, and the SIM rows sim-wiener,"
+            help="comma list of raw, rl, fast, full, 3d, dps; the SIM rows sim-wiener,"
             " zs-sim, dps-sim (the same specimen's SIM acquisition, its peak photons per raw"
-            " frame)"
+            " frame); the Self-Net rows cubic, selfnet-fast, selfnet (anisotropic volumes)"
         ),
-    ] = "raw,rl,fast,full,3d",
+    ] = "raw,rl,fast,full,3d,cubic,selfnet-fast,selfnet",
     structures: Annotated[
-        str, typer.Option(help="comma list of sparse, dense, puncta, mixed, volume")
-    ] = "sparse,dense,puncta,mixed,volume",
-    optics: Annotated[str, typer.Option(help="comma list of tirf, widefield")] = "tirf,widefield",
+        str,
+        typer.Option(
+            help="comma list of sparse, dense, puncta, mixed, volume, and anisotropic (Self-Net's"
+            " volumes, z step 3x the pixel)"
+        ),
+    ] = "sparse,dense,puncta,mixed,volume,anisotropic",
+    optics: Annotated[
+        str,
+        typer.Option(
+            help="comma list of tirf, widefield (2D scenes), widefield, confocal, light-sheet"
+            " (anisotropic volumes)"
+        ),
+    ] = "tirf,widefield,confocal",
     peaks: Annotated[str, typer.Option(help="peak signals in photons")] = "5,15,50,200",
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench_quality.json"),
 ) -> None:
@@ -136,10 +146,13 @@ def bench_quality_command(
     from livedecon.calibration.quality_bench import (
         METHODS_2D,
         METHODS_3D,
+        SELFNET_METHODS,
+        STRUCTURES,
         default_scenes,
         run_bench,
         summarise,
     )
+    from livedecon.calibration.selfnet_bench import SELFNET_MODALITIES, anisotropic_scenes
 
     if budget not in ("cpu", "gpu"):
         raise _fail(f"--budget must be cpu or gpu, got {budget!r}")
@@ -149,22 +162,35 @@ def bench_quality_command(
         peak_values = tuple(float(p) for p in peaks.split(",") if p)
     except ValueError:
         raise _fail("--peaks takes numbers: 5,15,50") from None
-    wanted = {k: set(v.split(",")) for k, v in (("s", structures), ("o", optics))}
+    wanted = {k: set(v.split(",")) - {""} for k, v in (("s", structures), ("o", optics))}
+    for option, given, known_values in (
+        ("--structures", wanted["s"], (*STRUCTURES, "anisotropic")),
+        ("--optics", wanted["o"], ("tirf", *SELFNET_MODALITIES)),
+    ):
+        if stray := sorted(given - set(known_values)):
+            raise _fail(f"{option}: unknown {', '.join(stray)}; known: {', '.join(known_values)}")
     scenes = [
         s
         for s in default_scenes(peak_values)
         if s.structure in wanted["s"] and (s.is_3d or s.optics in wanted["o"])
     ]
+    modalities = tuple(m for m in SELFNET_MODALITIES if m in wanted["o"])
+    volumes = anisotropic_scenes(modalities, peak_values) if "anisotropic" in wanted["s"] else []
     chosen = tuple(m for m in methods.split(",") if m)
-    known = dict.fromkeys((*METHODS_2D, *METHODS_3D))
+    known = dict.fromkeys((*METHODS_2D, *METHODS_3D, *SELFNET_METHODS))
     unknown = [m for m in chosen if m not in known]
     if unknown:
         raise _fail(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(known)}")
-    if not scenes or not chosen:
+    if not (scenes or volumes) or not chosen:
         raise _fail("no scene or no method selected")
     with console.status("bench quality") as status:
         rows = run_bench(
-            scenes, chosen, budget, budget_min, lambda what: status.update(f"bench quality: {what}")
+            scenes,
+            chosen,
+            budget,
+            budget_min,
+            lambda what: status.update(f"bench quality: {what}"),
+            volumes,
         )
     table = Table(title=f"livedecon bench quality (budget {budget})")
     # iter: RL's best iteration count, or a network's training iterations (a busy machine
@@ -196,16 +222,33 @@ def bench_quality_command(
     (console if console.is_terminal else Console(width=140)).print(table)
     summary = summarise(rows)
     for method, figures in summary.items():
-        console.print(
-            f"{method}: {figures['mean_gain_db']:+.2f} dB over RL on average (worst"
-            f" {figures['worst_gain_db']:+.2f}) over {figures['scenes']} scenes at <= 50 photons;"
-            f" dim recall below RL's on {figures['scenes_recall_below_rl']} scenes"
+        baseline = {"rl": "RL", "cubic": "cubic interpolation"}[figures["baseline"]]
+        line = (
+            f"{method}: {figures['mean_gain_db']:+.2f} dB over {baseline} on average (worst"
+            f" {figures['worst_gain_db']:+.2f}) over {figures['scenes']} scenes at <= 50 photons"
         )
+        if "mean_isotropy" in figures:
+            line += f"; isotropy ratio {figures['mean_isotropy']:.2f} on average"
+        else:
+            line += f"; dim recall below {baseline}'s on"
+            line += f" {figures['scenes_recall_below_baseline']} scenes"
+        console.print(line)
     for r in rows:
         if r["alternation"] is not None:
             console.print(
                 f"{r['scene']} {r['method']}: in-focus plane {r['psnr_focus']:.2f} dB,"
                 f" plane alternation {r['alternation']:.1%}"
+            )
+        elif r["view"] == "axial":  # Self-Net rows: the table's resolution is the axial one
+            notes = r["notes"] if isinstance(r["notes"], dict) else {}
+            measured = "isotropy" in notes
+            console.print(
+                f"{r['scene']} {r['method']}: isotropy ratio"
+                + (
+                    f" {notes['isotropy']:.2f} (lateral {notes['lateral_nm']} nm)"
+                    if measured
+                    else " not measured (noise-limited xy slices)"
+                )
             )
     out.write_text(
         json.dumps(

@@ -96,3 +96,17 @@ def test_bench_quality_refuses_an_unknown_budget(tmp_path):
     result = _livedecon("bench", "quality", "--budget", "tpu", "--out", tmp_path / "q.json")
     assert result.returncode != 0
     assert "--budget must be cpu or gpu" in result.stdout + result.stderr
+
+
+def test_bench_quality_refuses_unknown_structures_and_optics(tmp_path):
+    out = tmp_path / "q.json"
+    for option, value, known in (
+        ("--structures", "mixed,tubes", "anisotropic"),
+        ("--optics", "tirf,spinning-disk", "light-sheet"),
+    ):
+        result = _livedecon("bench", "quality", option, value, "--out", out)
+        assert result.returncode != 0
+        said = result.stdout + result.stderr
+        assert f"{option}: unknown {value.split(',')[1]}" in said
+        assert known in said
+    assert not out.exists()
