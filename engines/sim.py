@@ -22,6 +22,7 @@ them in cycles per micrometre too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from pydantic import Field
@@ -171,25 +172,40 @@ def separate_bands(spectra: np.ndarray, phases: np.ndarray) -> np.ndarray:
     return np.tensordot(unmix, spectra, axes=(1, 0))
 
 
-def _ramp(shape: tuple[int, int], k: np.ndarray, signed: bool = False) -> np.ndarray:
-    """exp(2 pi i k.r) for k in cycles per pixel; `signed`: r wraps to negative past the
-    middle, as for a kernel centred at index 0."""
-    y, x = np.arange(shape[0])[:, None], np.arange(shape[1])[None, :]
+def _ramp_axes(
+    shape: tuple[int, int], k: np.ndarray, signed: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two factors of exp(2 pi i k.r) = exp(2 pi i k_y y) exp(2 pi i k_x x), as a column
+    and a row; `signed`: r wraps to negative past the middle, as for a kernel centred at
+    index 0. Separable, so a ramp costs two short exponentials and a product."""
+    y, x = np.arange(shape[0]), np.arange(shape[1])
     if signed:
         y = (y + shape[0] // 2) % shape[0] - shape[0] // 2
         x = (x + shape[1] // 2) % shape[1] - shape[1] // 2
-    return np.exp(2j * np.pi * (k[0] * y + k[1] * x))
+    return np.exp(2j * np.pi * k[0] * y)[:, None], np.exp(2j * np.pi * k[1] * x)[None, :]
 
 
-def _correlation_at(a: np.ndarray, b: np.ndarray, k: np.ndarray) -> complex:
-    """sum_q conj(A(q)) B(q + k) / N for real-space a, b, at any (sub-pixel) shift k."""
-    return complex(np.sum(np.conj(a) * b * np.conj(_ramp(a.shape, k))))
+def _ramp(shape: tuple[int, int], k: np.ndarray, signed: bool = False) -> np.ndarray:
+    """exp(2 pi i k.r) for k in cycles per pixel (see _ramp_axes)."""
+    column, row = _ramp_axes(shape, k, signed)
+    return column * row
+
+
+def _correlation_at(product: np.ndarray, k: np.ndarray) -> complex:
+    """sum_q conj(A(q)) B(q + k) / N for real-space a, b given as product = conj(a) * b, at
+    any (sub-pixel) shift k: sum_r product(r) exp(-2 pi i k.r), one factor per axis."""
+    column, row = _ramp_axes(product.shape, k)
+    return complex(np.conj(column[:, 0]) @ (product @ np.conj(row[0])))
+
+
+def _shift_image(image: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """B(q + k) from the real-space image of a band B: a phase ramp (sub-pixel exact)."""
+    return fft.fft2(image * np.conj(_ramp(image.shape, k)), workers=-1)
 
 
 def _shift_band(band: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """B(q + k) for a band B(q): a phase ramp on its real-space image (sub-pixel exact)."""
-    image = fft.ifft2(band, workers=-1)
-    return fft.fft2(image * np.conj(_ramp(band.shape, k)), workers=-1)
+    """B(q + k) for a band B(q)."""
+    return _shift_image(fft.ifft2(band, workers=-1), k)
 
 
 def _shifted_otf(psf: np.ndarray, k: np.ndarray, cutoff: float) -> np.ndarray:
@@ -208,6 +224,12 @@ class _Prepared:
     psf: np.ndarray
     otf: np.ndarray
     cutoff: float  # cycles per output pixel
+    radius: np.ndarray  # |q| of each output frequency, cycles per pixel
+
+    @cached_property
+    def strong(self) -> np.ndarray:
+        """Where band 0 is trusted for the modulation: the OTF well above 0, away from DC."""
+        return (self.otf > 0.005) & (self.radius > 0.15 * self.cutoff)
 
 
 # -- parameters ------------------------------------------------------------------------------
@@ -216,9 +238,10 @@ class _Prepared:
 def _refine_peak(a: np.ndarray, b: np.ndarray, start: np.ndarray) -> np.ndarray:
     """Sub-pixel maximum of |correlation| around a grid peak: a shrinking grid search."""
     best, step = start.astype(float), 0.5 / max(a.shape)
+    product = np.conj(a) * b
     for _ in range(7):
         grid = [best + step * np.array([dy, dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-        values = [abs(_correlation_at(a, b, k)) for k in grid]
+        values = [abs(_correlation_at(product, k)) for k in grid]
         best = grid[int(np.argmax(values))]
         step /= 2
     return best
@@ -264,15 +287,19 @@ def _pattern_vector(bands: np.ndarray, prepared: _Prepared, ring: tuple[float, .
 def _refine_by_modulation(bands: np.ndarray, prepared: _Prepared, k: np.ndarray) -> np.ndarray:
     """The k near `k` where |c(k)| is largest: a shrinking 3 x 3 grid search from 1/4 pixel."""
 
+    plus = fft.ifft2(bands[1], workers=-1)  # B+ in real space, moved by each candidate
+
     def strength(candidate: np.ndarray) -> float:
         otf_k = _shifted_otf(prepared.psf, candidate, prepared.cutoff)
-        moved = _shift_band(bands[1], candidate)
-        return abs(_modulation(bands[0], moved, prepared.otf, otf_k, prepared.cutoff))
+        moved = _shift_image(plus, candidate)
+        return abs(_modulation(bands[0], moved, prepared, otf_k))
 
     best, step = k, 0.25 / max(prepared.otf.shape)
+    best_value = strength(best)  # each round's centre is the last round's best: kept
     for _ in range(6):
         grid = [best + step * np.array([dy, dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-        best = grid[int(np.argmax([strength(candidate) for candidate in grid]))]
+        values = [best_value if i == 4 else strength(c) for i, c in enumerate(grid)]
+        best, best_value = grid[int(np.argmax(values))], max(values)
         step /= 2
     return best
 
@@ -280,18 +307,16 @@ def _refine_by_modulation(bands: np.ndarray, prepared: _Prepared, k: np.ndarray)
 def _frame_phase(spectrum: np.ndarray, otf: np.ndarray, k: np.ndarray) -> float:
     """Phase of one raw frame's pattern: the argument of its autocorrelation at k0."""
     image = fft.ifft2(spectrum * otf, workers=-1)
-    return float(np.angle(_correlation_at(image, image, k)))
+    return float(np.angle(_correlation_at(np.abs(image) ** 2, k)))
 
 
 def _modulation(
-    b0: np.ndarray, b_plus_shifted: np.ndarray, otf: np.ndarray, otf_k: np.ndarray, cutoff: float
+    b0: np.ndarray, b_plus_shifted: np.ndarray, prepared: _Prepared, otf_k: np.ndarray
 ) -> complex:
     """m/2 e^{i delta}: B+(q + k0) OTF(q) against B0(q) OTF(q + k0) where both are strong."""
-    fy, fx = _frequencies(otf.shape)
-    radius = np.hypot(fy, fx)
-    overlap = (otf > 0.005) & (otf_k > 0.005) & (radius > 0.15 * cutoff)
+    overlap = prepared.strong & (otf_k > 0.005)
     x = (b0 * otf_k)[overlap]
-    y = (b_plus_shifted * otf)[overlap]
+    y = (b_plus_shifted * prepared.otf)[overlap]
     denominator = np.sum(np.abs(x) ** 2)
     return complex(np.sum(np.conj(x) * y) / denominator) if denominator > 0 else 0j
 
@@ -314,8 +339,9 @@ def _prepare(
     spectra = _upsampled_spectra(_fade_borders(_checked(frames, settings), settings.border_px))
     psf = psf_at_origin(psf_2x, spectra.shape[-2:])
     fy, fx = _frequencies(psf.shape)
-    otf = np.where(np.hypot(fy, fx) <= cutoff, np.abs(fft.fft2(psf, workers=-1)), 0.0)
-    return _Prepared(spectra, psf, otf, cutoff)
+    radius = np.hypot(fy, fx)
+    otf = np.where(radius <= cutoff, np.abs(fft.fft2(psf, workers=-1)), 0.0)
+    return _Prepared(spectra, psf, otf, cutoff, radius)
 
 
 def estimate_parameters(
@@ -367,7 +393,7 @@ def estimate_parameters(
         phi = np.array([_frame_phase(s, otf, k) for s in raw])
         bands = separate_bands(raw, phi)
         otf_k = _shifted_otf(prepared.psf, k, cutoff)
-        m = 2 * abs(_modulation(bands[0], _shift_band(bands[1], k), otf, otf_k, cutoff))
+        m = 2 * abs(_modulation(bands[0], _shift_band(bands[1], k), prepared, otf_k))
         unusable = np.linalg.cond(_mixing(phi)) > MAX_MIXING_CONDITION
         if not seen or m < settings.min_modulation or unusable:
             m, phi = 0.0, nominal  # no pattern found: this angle counts as widefield only
