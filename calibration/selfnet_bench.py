@@ -36,8 +36,11 @@ from livedecon.engines.selfnet import (
     torch_infer,
 )
 from livedecon.engines.selfnet_bundle import volume_normalisation
-from livedecon.engines.selfnet_training import SelfNetTrainingConfig, train_selfnet
-from livedecon.engines.training import CPU_BUDGET_MIN
+from livedecon.engines.selfnet_training import (
+    SelfNetTrainingConfig,
+    default_selfnet_recipe,
+    train_selfnet,
+)
 
 SPECS = {"selfnet-fast": fast_selfnet_spec, "selfnet": SelfNetSpec}
 SELFNET_METHODS = ("cubic", *SPECS)  # bench quality's Self-Net rows; cubic is their baseline
@@ -142,19 +145,10 @@ def anisotropic_scenes(
 
 
 def selfnet_recipe(budget: str, budget_min: float | None) -> SelfNetTrainingConfig:
-    """Self-Net under a budget. "cpu": the short-run settings measured on 2 cores (32 x 32
-    patches, learning rate 1e-3, 1,500 iterations: the fast network's isotropy levels off
-    there) under the CPU time cap; "gpu": the paper's settings (the config's defaults)."""
-    if budget == "gpu":
-        return SelfNetTrainingConfig(budget_min=budget_min)
-    return SelfNetTrainingConfig(
-        iterations=1500,
-        steps_per_epoch=375,
-        patch_px=32,
-        discriminator_width=32,
-        learning_rate=1e-3,
-        budget_min=budget_min or CPU_BUDGET_MIN,
-    )
+    """Self-Net under a budget: what `livedecon train` picks on a CPU ("cpu") or a GPU
+    ("gpu"); `budget_min` overrides the time cap."""
+    recipe = default_selfnet_recipe("cuda" if budget == "gpu" else "cpu")
+    return recipe.model_copy(update={"budget_min": budget_min or recipe.budget_min})
 
 
 def as_score(row: SelfNetRow) -> Score:

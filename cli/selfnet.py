@@ -29,13 +29,14 @@ SELFNET_NETWORKS = ("selfnet", "selfnet-fast")
 def selfnet_settings(
     network: str, config: Path | None, overrides: Mapping[str, object]
 ) -> SelfNetTrainingConfig:
-    """The training config: `config` (TOML) or the defaults of `network`, with overrides."""
+    """The training config: `config` (TOML), or the recipe that fits this machine
+    (`default_selfnet_recipe`) with the network named, then the overrides."""
     from livedecon.engines.configfile import load_config
     from livedecon.engines.selfnet import SelfNetSpec, fast_selfnet_spec
-    from livedecon.engines.selfnet_training import SelfNetTrainingConfig
+    from livedecon.engines.selfnet_training import SelfNetTrainingConfig, default_selfnet_recipe
 
     try:
-        base = load_config(config, SelfNetTrainingConfig) if config else SelfNetTrainingConfig()
+        base = load_config(config, SelfNetTrainingConfig) if config else default_selfnet_recipe()
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     if config is None:
