@@ -147,17 +147,25 @@ def _fade_borders(frames: np.ndarray, width: int) -> np.ndarray:
 
 
 def _upsampled_spectra(frames: np.ndarray) -> np.ndarray:
-    """Spectra of the frames on the 2x grid (zero-padded): the same image, flux kept."""
+    """Spectra of the frames on the 2x grid (zero-padded): the same image, flux kept. Each
+    frequency goes straight to its place on the larger grid (non-negative ones first, the
+    rest at the end), which holds for odd frame sizes too; centring with fftshift and back
+    does not (an odd size landed every frequency one bin off, DC included)."""
     n, ny, nx = frames.shape
-    spectra = fft.fftshift(fft.fft2(frames, workers=-1), axes=(-2, -1))
-    out = np.zeros((n, UPSCALE * ny, UPSCALE * nx), dtype=complex)
-    oy, ox = (UPSCALE * ny - ny) // 2, (UPSCALE * nx - nx) // 2
-    out[:, oy : oy + ny, ox : ox + nx] = spectra
-    out = fft.ifftshift(out, axes=(-2, -1))
+    spectra = fft.fft2(frames, workers=-1)
+    big_y, big_x = UPSCALE * ny, UPSCALE * nx
+    out = np.zeros((n, big_y, big_x), dtype=complex)
+    py, px = (ny + 1) // 2, (nx + 1) // 2  # the non-negative frequencies along each axis
+    rows = [(slice(0, py), slice(0, py)), (slice(py, ny), slice(big_y - (ny - py), big_y))]
+    cols = [(slice(0, px), slice(0, px)), (slice(px, nx), slice(big_x - (nx - px), big_x))]
+    for (src_y, dst_y), (src_x, dst_x) in ((r, c) for r in rows for c in cols):
+        out[:, dst_y, dst_x] = spectra[:, src_y, src_x]
     # camera pixel i is centred on output coordinate 2i + 1/2 (it covers 2i and 2i + 1), the
-    # zero-padded image on 2i: move it half an output pixel so both grids agree
-    fy, fx = _frequencies(out.shape[-2:])
-    return out * np.exp(-1j * np.pi * (fy + fx))
+    # zero-padded image on 2i: move it half an output pixel so both grids agree (separable)
+    fy, fx = _frequencies((big_y, big_x))
+    out *= np.exp(-1j * np.pi * fy)
+    out *= np.exp(-1j * np.pi * fx)
+    return out
 
 
 def _mixing(phases: np.ndarray) -> np.ndarray:
