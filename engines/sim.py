@@ -21,6 +21,9 @@ them in cycles per micrometre too.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -504,6 +507,77 @@ def _wrapped(k: np.ndarray) -> np.ndarray:
     return (k + 0.5) % 1.0 - 0.5
 
 
+@dataclass(frozen=True)
+class _WienerTerms:
+    """What the generalised Wiener filter takes from the pattern (vectors and modulation),
+    the PSF and the frame size, not from the data or the phases: each angle's bands with
+    their shift and weight (notch^2 x transfer), the denominator, the apodisation. A live
+    stream keeps its pattern, so these are built once (`_terms_for`) and reused."""
+
+    bands: list[list[tuple[int, np.ndarray, np.ndarray]]]  # per angle: (band, shift, weight)
+    denominator: np.ndarray
+    apodization: np.ndarray
+
+
+def _build_terms(
+    prepared: _Prepared, settings: SimSettings, parameters: SimParameters
+) -> _WienerTerms:
+    psf, otf, cutoff = prepared.psf, prepared.otf, prepared.cutoff
+    shape = otf.shape
+    denominator = np.zeros(shape)
+    bands: list[list[tuple[int, np.ndarray, np.ndarray]]] = []
+    reach = 0.0
+    for a in range(settings.angles):
+        k = np.asarray(parameters.k[a])
+        half_m = parameters.modulation[a] / 2
+        # each band on the specimen's frequencies: data M_j = H_j S, with its transfer H_j
+        # (B+ moved by k0 sees (m/2) OTF(q + k0)); each notched at the band's own centre.
+        # No pattern found for an angle: its mean is a widefield image, band 0 alone
+        shifts = [(0, 0 * k, 1.0)] + ([(1, k, half_m), (2, -k, half_m)] if half_m > 0 else [])
+        if half_m > 0:  # the support extends only where a pattern was found
+            reach = max(reach, float(np.hypot(*k)))
+        terms = []
+        for band, shift, weight in shifts:
+            transfer = weight * (_shifted_otf(psf, shift, cutoff) if shift.any() else otf)
+            notch = _notch(shape, _wrapped(-shift), cutoff, settings)
+            terms.append((band, shift, notch**2 * transfer))
+            denominator += (notch * transfer) ** 2
+        bands.append(terms)
+    fy, fx = _frequencies(shape)
+    support = settings.apodization * (cutoff + reach)
+    return _WienerTerms(bands, denominator, np.clip(1 - np.hypot(fy, fx) / support, 0, None))
+
+
+_TERMS_KEPT = 2  # live streams share one pattern per (position, channel); each set is ~10 maps
+_terms_cache: OrderedDict[tuple[object, ...], _WienerTerms] = OrderedDict()
+_terms_lock = threading.Lock()
+
+
+def _terms_for(
+    prepared: _Prepared, psf_2x: np.ndarray, settings: SimSettings, parameters: SimParameters
+) -> _WienerTerms:
+    """The filter terms of this pattern, PSF, frame size and settings: from the last few
+    built, or built now."""
+    key = (
+        prepared.otf.shape,
+        prepared.cutoff,
+        hashlib.sha1(np.ascontiguousarray(psf_2x, dtype=np.float64).tobytes()).hexdigest(),
+        settings.model_dump_json(exclude={"wiener"}),
+        tuple(tuple(k) for k in parameters.k),
+        tuple(parameters.modulation),
+    )
+    with _terms_lock:
+        if key in _terms_cache:
+            _terms_cache.move_to_end(key)
+            return _terms_cache[key]
+    terms = _build_terms(prepared, settings, parameters)
+    with _terms_lock:
+        _terms_cache[key] = terms
+        while len(_terms_cache) > _TERMS_KEPT:
+            _terms_cache.popitem(last=False)
+    return terms
+
+
 def reconstruct(
     frames: np.ndarray,
     psf_2x: np.ndarray,
@@ -519,39 +593,16 @@ def reconstruct(
     if parameters is None:
         parameters = estimate_parameters(frames, psf_2x, output_pixel_um, cutoff_per_um, settings)
     prepared = _prepare(frames, psf_2x, output_pixel_um, cutoff_per_um, settings)
-    spectra, psf, otf, cutoff = prepared.spectra, prepared.psf, prepared.otf, prepared.cutoff
-    shape = spectra.shape[-2:]
-    numerator = np.zeros(shape, dtype=complex)
-    denominator = np.zeros(shape)
-    reach = 0.0
-    for a in range(settings.angles):
-        raw = spectra[a * settings.phases : (a + 1) * settings.phases]
-        k = np.asarray(parameters.k[a])
-        bands = separate_bands(raw, np.asarray(parameters.phases[a]))
-        half_m = parameters.modulation[a] / 2
-        if half_m > 0:  # the support extends only where a pattern was found
-            reach = max(reach, float(np.hypot(*k)))
-        # each band on the specimen's frequencies: data M_j = H_j S, with its transfer H_j
-        # (B+ moved by k0 sees (m/2) OTF(q + k0)); both notched at the band's own centre
-        if half_m == 0:  # no pattern found for this angle: its mean is a widefield image
-            numerator += _notch(shape, 0 * k, cutoff, settings) ** 2 * otf * bands[0]
-            denominator += (_notch(shape, 0 * k, cutoff, settings) * otf) ** 2
-            continue
-        for band, shift, weight in (
-            (bands[0], 0 * k, 1.0),
-            (bands[1], k, half_m),
-            (bands[2], -k, half_m),
-        ):
-            moved = _shift_band(band, shift) if shift.any() else band
-            transfer = weight * (_shifted_otf(psf, shift, cutoff) if shift.any() else otf)
-            notch = _notch(shape, _wrapped(-shift), cutoff, settings)
-            numerator += notch**2 * transfer * moved
-            denominator += (notch * transfer) ** 2
+    terms = _terms_for(prepared, psf_2x, settings, parameters)
+    numerator = np.zeros(prepared.otf.shape, dtype=complex)
+    for a, angle_terms in enumerate(terms.bands):
+        raw = prepared.spectra[a * settings.phases : (a + 1) * settings.phases]
+        separated = separate_bands(raw, np.asarray(parameters.phases[a]))
+        for band, shift, weight in angle_terms:
+            moved = _shift_band(separated[band], shift) if shift.any() else separated[band]
+            numerator += weight * moved
     w = settings.wiener if settings.wiener is not None else wiener_constant(prepared)
-    estimate = numerator / (denominator + w**2)
-    fy, fx = _frequencies(shape)
-    support = settings.apodization * (cutoff + reach)
-    estimate *= np.clip(1 - np.hypot(fy, fx) / support, 0, None)
+    estimate = numerator / (terms.denominator + w**2) * terms.apodization
     # photometry: the DC term is the raw frames' flux (before their borders were faded),
     # unattenuated by notch or Wiener constant
     estimate[0, 0] = float(np.mean(np.sum(frames, axis=(-2, -1))))
