@@ -36,7 +36,7 @@ def _acquire(events: list[dict[str, Any]], label: str, progress: Progress) -> np
 
     frames: list[np.ndarray] = []
 
-    def keep(image: np.ndarray, metadata: dict) -> None:
+    def keep(image: np.ndarray, metadata: dict[str, Any]) -> None:
         frames.append(np.array(image, copy=True))
         progress(label, len(frames), len(events))
         # nothing is returned: the frames are saved by the calibration run, not pycromanager

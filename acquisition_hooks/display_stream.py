@@ -85,8 +85,8 @@ class DisplayStream(threading.Thread):
         self,
         endpoint: str,
         topics: Iterable[Topic] = DEFAULT_TOPICS,
-        context: zmq.Context | None = None,
-        secure: Callable[[zmq.Socket], None] | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        secure: Callable[[zmq.Socket[bytes]], None] | None = None,
         lag_window: int = 4096,
     ) -> None:
         super().__init__(name="livedecon-display-stream", daemon=True)
@@ -179,7 +179,7 @@ class DisplayStream(threading.Thread):
         finally:
             socket.close(linger=0)
 
-    def _apply_topics(self, socket: zmq.Socket, subscribed: set[Topic]) -> set[Topic]:
+    def _apply_topics(self, socket: zmq.Socket[bytes], subscribed: set[Topic]) -> set[Topic]:
         with self._lock:
             if not self._topics_changed:
                 return subscribed
@@ -193,7 +193,7 @@ class DisplayStream(threading.Thread):
                 del self._fresh[key]
         return wanted
 
-    def _drain(self, socket: zmq.Socket) -> None:
+    def _drain(self, socket: zmq.Socket[bytes]) -> None:
         """Everything queued now, keeping the newest per stream."""
         while True:
             try:
@@ -257,8 +257,8 @@ class StatusPoller(threading.Thread):
         endpoint: str,
         interval_s: float = 1.0,
         timeout_s: float = 0.5,
-        secure: Callable[[zmq.Socket], None] | None = None,
-        context: zmq.Context | None = None,
+        secure: Callable[[zmq.Socket[bytes]], None] | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         super().__init__(name="livedecon-status-poller", daemon=True)
         self.endpoint, self.interval_s, self.timeout_s = endpoint, interval_s, timeout_s

@@ -183,7 +183,9 @@ class PycromanagerHooks:
             return {"image_saved_fn": self.saved, "notification_callback_fn": self.notify}
         return {"image_process_fn": self.process, "notification_callback_fn": self.notify}
 
-    def process(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, dict]:
+    def process(
+        self, image: np.ndarray, metadata: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         try:
             if not self._started:
                 self._start()

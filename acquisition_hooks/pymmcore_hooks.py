@@ -206,7 +206,7 @@ class LivedeconHandler:
         sequence: Any,
         summary: Mapping[str, Any] | None = None,
         options: SequenceOptions | None = None,
-    ) -> tuple[Plan, dict]:
+    ) -> tuple[Plan, dict[int, int]]:
         """The plan of `sequence` with its options, and the images per timepoint."""
         options = options or sequence_options(sequence)
         pixel_size = summary_pixel_size_um(summary)

@@ -24,7 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zmq
@@ -95,6 +95,15 @@ class TimepointTracker:
         return [t for t in sorted(self._seen) if t not in self._done]
 
 
+# What the acquisition's calls hand the sender thread, one kind per call.
+_Item = (
+    tuple[Literal["start"]]
+    | tuple[Literal["frame"], np.ndarray, Axes, float | None]
+    | tuple[Literal["timepoint"], Axes]
+    | tuple[Literal["end"], float | None]
+)
+
+
 class DaemonStream:
     """One acquisition's connection to the daemon, whose calls never block or raise in the
     acquisition thread (see the module doc)."""
@@ -108,7 +117,7 @@ class DaemonStream:
         window: int = 64,
         retry_s: float = 2.0,
         shared_memory_min_bytes: int | None = None,
-        secure: Callable[[zmq.Socket], None] | None = None,
+        secure: Callable[[zmq.Socket[bytes]], None] | None = None,
         images_per_timepoint: dict[int, int] | None = None,
         queue_frames: int = 32,
         stall_s: float = 0.5,
@@ -133,7 +142,7 @@ class DaemonStream:
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()
         # the hand-off: items for the sender, frames among them bounded by queue_frames
-        self._items: deque[tuple] = deque()
+        self._items: deque[_Item] = deque()
         self._queued_frames = 0
         self._ready = threading.Condition()
         self._busy_since: float | None = None  # when the sender's current daemon call began
@@ -224,7 +233,7 @@ class DaemonStream:
             "max_us": samples[-1] * 1e6,
         }
 
-    def _put(self, item: tuple) -> None:
+    def _put(self, item: _Item) -> None:
         with self._ready:
             if self._ended:
                 return
@@ -247,13 +256,13 @@ class DaemonStream:
                     self.counters.missed_offline += kind == "frame"
                     continue
                 try:
-                    if kind == "start":
+                    if item[0] == "start":
                         self._open_part(self.base_id)
-                    elif kind == "frame":
+                    elif item[0] == "frame":
                         self._send_frame(*item[1:])
-                    elif kind == "timepoint":
+                    elif item[0] == "timepoint":
                         self._timepoint_done(item[1])
-                    elif kind == "end":
+                    elif item[0] == "end":
                         if not self._closed.is_set():
                             self.final_state = self._finish(item[1])
                         return

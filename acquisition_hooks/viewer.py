@@ -95,7 +95,7 @@ class LivedeconWidget(QWidget):
         control: str | None = DEFAULT_CONTROL,
         max_hz: float = 60.0,
         volume: bool = False,
-        secure: Callable[[zmq.Socket], None] | None = None,
+        secure: Callable[[zmq.Socket[bytes]], None] | None = None,
         parent: QWidget | None = None,
     ) -> None:
         """`publish`/`control`: the daemon's endpoints (control None: no status polling);
@@ -140,7 +140,9 @@ class LivedeconWidget(QWidget):
         self.auto_contrast_button.clicked.connect(self.auto_contrast)
         layout.addWidget(self.auto_contrast_button)
 
-        def checkbox(text: str, checked: bool, on_toggle, tip: str = "") -> QCheckBox:
+        def checkbox(
+            text: str, checked: bool, on_toggle: Callable[[], None], tip: str = ""
+        ) -> QCheckBox:
             box = QCheckBox(text)
             box.setChecked(checked)
             box.setToolTip(tip)
@@ -320,7 +322,7 @@ def open_viewer(
     control: str | None = DEFAULT_CONTROL,
     max_hz: float = 60.0,
     volume: bool = False,
-    secure: Callable[[zmq.Socket], None] | None = None,
+    secure: Callable[[zmq.Socket[bytes]], None] | None = None,
     title: str = "livedecon live view",
 ) -> tuple[napari.Viewer, LivedeconWidget]:
     """A napari window with the widget docked (the caller runs the Qt event loop)."""
@@ -335,7 +337,7 @@ def run_viewer(
     control: str | None = DEFAULT_CONTROL,
     max_hz: float = 60.0,
     volume: bool = False,
-    secure: Callable[[zmq.Socket], None] | None = None,
+    secure: Callable[[zmq.Socket[bytes]], None] | None = None,
 ) -> None:
     """`livedecon view`: the window, until the user closes it."""
     _, widget = open_viewer(publish, control, max_hz, volume, secure)

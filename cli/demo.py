@@ -101,7 +101,7 @@ class Latencies(threading.Thread):
     def __init__(self, endpoint: str, topic: Topic) -> None:
         super().__init__(name="demo-latency", daemon=True)
         self.samples_ms: list[float] = []
-        self._socket: zmq.Socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         self._socket.connect(endpoint)
         self._socket.subscribe(topic.value.encode())
         self._stopping = threading.Event()
@@ -170,7 +170,9 @@ def _quality(
     return float(np.mean(raw_scores)), float(np.mean(restored_scores))
 
 
-def _sim_quality(scope: SimulatedMicroscope, raw_path: Path, restored: list[Path]) -> tuple:
+def _sim_quality(
+    scope: SimulatedMicroscope, raw_path: Path, restored: list[Path]
+) -> tuple[float, float]:
     """Mean fitted PSNR (a x + b onto the truth, as `bench sim` scores) of each sequence's
     widefield image (the mean of its frames, interpolated to 2x) and of its SR image, against
     the specimen at SIM resolution."""
@@ -273,7 +275,9 @@ def run_demo(
             process = hooks.acquisition_kwargs["image_process_fn"]
             seen = [0]
 
-            def counted(image: np.ndarray, metadata: dict) -> tuple[np.ndarray, dict]:
+            def counted(
+                image: np.ndarray, metadata: dict[str, Any]
+            ) -> tuple[np.ndarray, dict[str, Any]]:
                 seen[0] += 1
                 progress("acquiring", seen[0], len(events))
                 return process(image, metadata)

@@ -26,6 +26,8 @@ from livedecon.engines.configfile import ConfigError
 from livedecon.engines.enums import Backend, Precision
 
 if TYPE_CHECKING:
+    from livedecon.cli.demo import DemoSummary
+    from livedecon.engines.bundle import ModelBundle
     from livedecon.engines.networks import Network2DSpec, Network3DSpec
 
 app = typer.Typer(
@@ -462,7 +464,7 @@ def export(
 
 
 def _export_bioimageio(
-    loaded, out: Path, sample: Path | None, authors: list[str], license_id: str
+    loaded: ModelBundle, out: Path, sample: Path | None, authors: list[str], license_id: str
 ) -> None:
     from livedecon.engines.bioimageio_package import export_bioimageio
     from livedecon.engines.ome_tiff import read_raw_tiff
@@ -554,7 +556,7 @@ def demo(
         def step(what: str, done: int, total: int) -> None:
             progress.update(task, description=what, completed=done, total=total or None)
 
-        def report(summary) -> None:
+        def report(summary: DemoSummary) -> None:
             _print_demo(summary, out)
             console.print("close the viewer window to exit")
 
@@ -571,7 +573,7 @@ def demo(
         _print_demo(summary, out)
 
 
-def _print_demo(summary, out: Path) -> None:
+def _print_demo(summary: DemoSummary, out: Path) -> None:
     from dataclasses import asdict
 
     from rich.table import Table

@@ -118,7 +118,7 @@ class AcquisitionAdaptation:
     reports: list[TimepointReport] = field(default_factory=list)
     _adapter: Adapter | None = None
     _current: dict[int, list[np.ndarray]] = field(default_factory=dict)
-    _history: deque = field(default_factory=lambda: deque(maxlen=100))
+    _history: deque[list[np.ndarray]] = field(default_factory=lambda: deque(maxlen=100))
     _pending: TimepointReport | None = None
     _validation: list[np.ndarray] = field(default_factory=list)
     _train: list[np.ndarray] | None = None  # given to the adapter at the next step

@@ -329,7 +329,8 @@ def write_record(output: Path, record: ChunkRecord) -> None:
 
 # --- worker side ----------------------------------------------------------------------------
 
-_ENGINES: dict[tuple, tuple[ModelBundle, Runtime]] = {}
+# per (bundle directory, weights hash, backend, threads)
+_ENGINES: dict[tuple[str, str, Backend, int], tuple[ModelBundle, Runtime]] = {}
 _ENGINE_LOCK = threading.Lock()
 ENGINE_OPENS = [0]  # per process: how often an engine was opened (tests: once per worker)
 

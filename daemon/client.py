@@ -70,8 +70,8 @@ class DaemonClient:
         timeout_s: float = 5.0,
         window: int = 64,
         shared_memory_min_bytes: int | None = None,
-        secure: Callable[[zmq.Socket], None] | None = None,
-        context: zmq.Context | None = None,
+        secure: Callable[[zmq.Socket[bytes]], None] | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         """`shared_memory_min_bytes`: frames this large or larger travel through a
         shared-memory ring (daemon on the same host); None: always over the socket."""
@@ -95,7 +95,7 @@ class DaemonClient:
         self._next_frame_id = 0
         self._socket = self._connect()
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self) -> zmq.Socket[bytes]:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a daemon that is not there
@@ -247,7 +247,9 @@ class DaemonClient:
         self._raise_pending()
         return reply
 
-    def _send(self, frames: list, kind: Kind, frame_id: int | None, deadline: float) -> None:
+    def _send(
+        self, frames: list[bytes | memoryview], kind: Kind, frame_id: int | None, deadline: float
+    ) -> None:
         while True:
             try:
                 self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)

@@ -26,10 +26,10 @@ LIVEDECON = (sys.executable, "-m", "livedecon.cli")
 class DaemonProcess:
     """A daemon running as a child process: its config, log and a client factory."""
 
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     config: DaemonConfig
     log_path: Path
-    secure: Callable[[zmq.Socket], None] | None = None
+    secure: Callable[[zmq.Socket[bytes]], None] | None = None
 
     @property
     def ingest(self) -> str:
@@ -65,7 +65,7 @@ def spawn_daemon(
     config: DaemonConfig,
     work_dir: Path,
     wait_s: float = 120,
-    secure: Callable[[zmq.Socket], None] | None = None,
+    secure: Callable[[zmq.Socket[bytes]], None] | None = None,
     log_level: str = "info",
 ) -> DaemonProcess:
     """Start a daemon with `config` (written to `work_dir`); returns once it answers."""

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from livedecon.daemon.adaptation_scheduler import (
     AcquisitionAdaptation,
     TimepointReport,
+    Weights,
     adaptation_for,
 )
 from livedecon.daemon.journal import AcquisitionRecord, Journal
@@ -66,8 +68,8 @@ class Acquisition:
     journal: Journal | None
     last_frame_id: int = -1
     # per (position, channel): plane shape and dtype, fixed by its first acknowledged frame
-    streams: dict[tuple, tuple[tuple[int, ...], str]] = field(default_factory=dict)
-    file_names: dict[str, tuple] = field(default_factory=dict)  # casefolded name -> stream
+    streams: dict[Stream, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    file_names: dict[str, Stream] = field(default_factory=dict)  # casefolded name -> stream
     acknowledged: int = 0
     restored: int = 0
     written: int = 0
@@ -265,16 +267,19 @@ class Stack:
     last_s: float = field(default_factory=time.monotonic)
 
 
+StackKey = tuple[str, int | str, int, int | str]  # (acquisition, position, time, channel)
+
+
 class StackAssembler:
     """Single planes of 3D acquisitions gathered into z-stacks keyed by acquisition, position,
     time and channel; the plan says how many planes make a stack."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self._open: dict[tuple, Stack] = {}
+        self._open: dict[StackKey, Stack] = {}
 
     @staticmethod
-    def key(job: Job) -> tuple:
+    def key(job: Job) -> StackKey:
         axes = job.header.axes or Axes()
         return (job.acquisition.id, axes.position, axes.time, axes.channel)
 
@@ -412,7 +417,9 @@ class Worker(threading.Thread):
         self._held: Job | None = None  # taken while batching, but belongs to the next batch
         self._adapting: dict[str, Acquisition] = {}  # acquisitions with steps to run
         # accepted weights being prepared off this thread, committed here between batches
-        self._swaps: deque[tuple[Future, Acquisition, TimepointReport, float]] = deque()
+        self._swaps: deque[
+            tuple[Future[Callable[[], None]], Acquisition, TimepointReport, float]
+        ] = deque()
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="weights")
         self._last_step = (0.0, 0.0)  # perf_counter start and end of the latest step
         self._stopping = threading.Event()
@@ -508,7 +515,7 @@ class Worker(threading.Thread):
             self.metrics.observe("swap_prepare", report.prepare_ms / 1e3)
             log.info("adaptation of %s: %s", acquisition.id, report)
 
-    def _serve(self, acquisition: Acquisition, weights: dict, version: int) -> None:
+    def _serve(self, acquisition: Acquisition, weights: Weights, version: int) -> None:
         acquisition.adaptable().update_weights(weights, version)
         assert acquisition.adaptation is not None
         acquisition.adaptation.serving_version = version
@@ -519,7 +526,7 @@ class Worker(threading.Thread):
         if job.kind is Kind.FRAME and start < job.received_s < end:
             self.metrics.observe("training_delay", end - job.received_s)
 
-    def _control_adaptation(self, acquisition: Acquisition, request: dict) -> None:
+    def _control_adaptation(self, acquisition: Acquisition, request: dict[str, Any]) -> None:
         if request.get("action") == "rollback":
             assert acquisition.adaptation is not None
             # weights still being prepared for this acquisition must not land after it

@@ -31,16 +31,19 @@ class Publisher(threading.Thread):
 
     def __init__(
         self,
-        context: zmq.Context,
+        context: zmq.Context[zmq.Socket[bytes]],
         endpoint: str,
         metrics: Metrics,
-        secure: Callable[[zmq.Socket], None] | None = None,
+        secure: Callable[[zmq.Socket[bytes]], None] | None = None,
     ) -> None:
         super().__init__(name="publisher", daemon=True)
         self.metrics = metrics
         self._context, self._endpoint, self._secure = context, endpoint, secure
         self._wake_address = f"inproc://livedecon-publisher-wake-{next(_ids)}"
-        self._slots: dict[tuple, tuple[Publication, np.ndarray, float]] = {}
+        # per stream (topic, acquisition, channel, position): the newest image, when ready
+        self._slots: dict[
+            tuple[Topic, str, int | str, int | str], tuple[Publication, np.ndarray, float]
+        ] = {}
         self._lock = threading.Lock()
         self._subscribed: set[bytes] = set()
         self._stopping = threading.Event()
@@ -114,7 +117,7 @@ class Publisher(threading.Thread):
             xpub.close()
             wake.close()
 
-    def _subscriptions(self, xpub: zmq.Socket) -> None:
+    def _subscriptions(self, xpub: zmq.Socket[bytes]) -> None:
         while True:
             try:
                 message = xpub.recv(zmq.NOBLOCK)
@@ -125,7 +128,7 @@ class Publisher(threading.Thread):
             elif message[:1] == b"\x00":
                 self._subscribed.discard(message[1:])
 
-    def _send_pending(self, xpub: zmq.Socket) -> None:
+    def _send_pending(self, xpub: zmq.Socket[bytes]) -> None:
         with self._lock:
             pending, self._slots = self._slots, {}
         for publication, pixels, ready_s in pending.values():

@@ -33,8 +33,8 @@ def make_keys(directory: Path, client_name: str = "client") -> dict[str, Path]:
 
 
 def server_security(
-    context: zmq.Context, keys_dir: Path
-) -> tuple[Callable[[zmq.Socket], None], ThreadAuthenticator]:
+    context: zmq.Context[zmq.Socket[bytes]], keys_dir: Path
+) -> tuple[Callable[[zmq.Socket[bytes]], None], ThreadAuthenticator]:
     """A function that makes a socket a CURVE server, and the running authenticator that
     admits only the clients whose public keys are in `authorized_clients/`."""
     secret_file = keys_dir / "server.key_secret"
@@ -50,7 +50,7 @@ def server_security(
     authenticator.start()
     authenticator.configure_curve(domain="*", location=str(authorized))
 
-    def secure(socket: zmq.Socket) -> None:
+    def secure(socket: zmq.Socket[bytes]) -> None:
         socket.curve_secretkey = secret
         socket.curve_publickey = public
         socket.curve_server = True
@@ -58,14 +58,16 @@ def server_security(
     return secure, authenticator
 
 
-def client_security(server_public: Path, client_secret: Path) -> Callable[[zmq.Socket], None]:
+def client_security(
+    server_public: Path, client_secret: Path
+) -> Callable[[zmq.Socket[bytes]], None]:
     """A function that makes a socket a CURVE client of the server with that public key."""
     server_key, _ = zmq.auth.load_certificate(server_public)
     public, secret = zmq.auth.load_certificate(client_secret)
     if secret is None:
         raise ValueError(f"{client_secret}: not a secret key file")
 
-    def secure(socket: zmq.Socket) -> None:
+    def secure(socket: zmq.Socket[bytes]) -> None:
         socket.curve_secretkey = secret
         socket.curve_publickey = public
         socket.curve_serverkey = server_key

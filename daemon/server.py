@@ -48,6 +48,7 @@ from livedecon.daemon.processing import (
     ModelProcessor,
     PassThrough,
     Processor,
+    Stream,
     open_isotropic,
     open_processor,
 )
@@ -116,7 +117,7 @@ class Daemon:
         self._chains: dict[tuple[str, str, float], IsotropicProcessor] = {}
         self._segments: dict[str, shared_memory.SharedMemory] = {}
         self._stopping = threading.Event()
-        self._refusal_window: list = [0.0, 0, 0]  # window start, lines logged, not logged
+        self._refusal_window: list[float] = [0.0, 0, 0]  # window start, logged, not logged
         self._secure, self._authenticator = None, None
         if config.endpoints.curve_keys_dir is not None:
             self._secure, self._authenticator = server_security(
@@ -182,7 +183,7 @@ class Daemon:
             router.close()
             self._drain()
 
-    def _loop(self, router: zmq.Socket) -> None:
+    def _loop(self, router: zmq.Socket[bytes]) -> None:
         next_log = time.monotonic() + self.config.telemetry.log_interval_s
         next_idle_check = time.monotonic() + 1.0
         last_logged: dict[str, int] = {}
@@ -245,7 +246,7 @@ class Daemon:
 
     # -- messages ----------------------------------------------------------------------------
 
-    def _on_message(self, router: zmq.Socket, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, router: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
         received = time.perf_counter()
         # DEALER clients send [identity, header, payload]; REQ ones add an empty delimiter.
         envelope = 2 if len(frames) > 1 and len(frames[1].bytes) == 0 else 1
@@ -587,7 +588,7 @@ class Daemon:
     @staticmethod
     def _check_against_plan(
         acquisition: Acquisition, header: Header, pixels: Any
-    ) -> tuple[tuple, tuple, str | None] | None:
+    ) -> tuple[Stream, tuple[tuple[int, ...], str], str | None] | None:
         """Refuse what the plan or the output files cannot take. For the first frame of a
         (position, channel): what to record once it is acknowledged (stream, its shape and
         dtype, its output file's casefolded name)."""

@@ -220,7 +220,7 @@ def bench_daemon(
             for name, plan, options, n, quiet_s in cases:
                 progress(name)
 
-                def connect(options: dict = options) -> tuple[DaemonClient, Display]:
+                def connect(options: dict[str, Any] = options) -> tuple[DaemonClient, Display]:
                     client = daemon.client(timeout_s=120, **options)
                     return client, Display(config.endpoints.publish)
 

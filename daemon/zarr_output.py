@@ -57,9 +57,9 @@ class ZarrImage:
         self.path = zarr_path(tiff_path)
         self.acquisition = acquisition
         self.is_3d = acquisition.plan.mode == "3d"
-        self._array: zarr.Array | None = None
+        self._array: zarr.Array[Any] | None = None
 
-    def _open(self, shape: tuple[int, int], dtype: np.dtype) -> zarr.Array:
+    def _open(self, shape: tuple[int, int], dtype: np.dtype) -> zarr.Array[Any]:
         if self._array is not None:
             return self._array
         if (self.path / "zarr.json").exists():  # continued: not complete until closed again

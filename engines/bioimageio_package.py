@@ -375,7 +375,7 @@ def export_bioimageio(
         in_px, out_px = _nm(m.input_pixel_um), _nm(m.input_pixel_um) / upscale
         input_id = v0_5.TensorId(INPUT_ID)
 
-        def lateral(ref: bool, scale: float) -> list:
+        def lateral(ref: bool, scale: float) -> list[v0_5.AnyAxis]:
             if not ref:
                 if m.is_3d:  # RCAN: no pooling, any lateral size
                     size = v0_5.ParameterizedSize(min=MIN_LATERAL_3D, step=1)
@@ -395,8 +395,8 @@ def export_bioimageio(
                 for a in ("y", "x")
             ]
 
-        def axes(ref: bool, scale: float, channel: str) -> list:
-            head = [
+        def axes(ref: bool, scale: float, channel: str) -> list[v0_5.AnyAxis]:
+            head: list[v0_5.AnyAxis] = [
                 v0_5.BatchAxis(),
                 v0_5.ChannelAxis(channel_names=[v0_5.Identifier(channel)]),
             ]

@@ -216,7 +216,7 @@ def _fit(
     make_pairs: PairMaker,
     config: DpsConfig,
     on_step: Callable[[int], None] | None = None,
-) -> list:
+) -> list[float]:
     margin = exact_margin(model.spec.psf_px // 2, model.upscale)
     if config.patch_px < 2 * margin + SSIM_WINDOW_PX:
         raise ValueError(
@@ -248,7 +248,9 @@ def train_dps(
     background = estimate_background(frames_e) / scale
     recorruption = config.recorruption.model_copy(update={"beta2": read_noise_e**2})
 
-    def make_pairs(batch_e: torch.Tensor, generator: torch.Generator | None) -> tuple:
+    def make_pairs(
+        batch_e: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         noisier, cleaner = recorrupt(batch_e, recorruption, generator)
         return noisier / scale, cleaner / scale
 
@@ -285,7 +287,9 @@ def train_dps_sim(
         config.seed,
     )
 
-    def make_pairs(batch: torch.Tensor, _generator: torch.Generator | None) -> tuple:
+    def make_pairs(
+        batch: torch.Tensor, _generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return split_sr_pairs(batch)
 
     torch.manual_seed(config.seed)

@@ -335,7 +335,7 @@ def conv_flops(model: nn.Module, example: torch.Tensor) -> int:
     """Multiply-accumulates x2 of every convolution for one forward pass of `example`."""
     total = 0
 
-    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+    def hook(module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         nonlocal total
         assert isinstance(module, nn.Conv2d | nn.Conv3d)  # hooked on convolutions only
         kernel = module.weight[0].numel()  # c_in/groups * k...

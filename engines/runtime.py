@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from livedecon.engines.enums import Backend, Precision
 from livedecon.engines.export import DECONVOLVED, INPUT, RESTORED, export_onnx
 from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network, input_multiple
 from livedecon.engines.selfnet import SelfNetSpec
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 
 def _served(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -179,7 +182,7 @@ class OnnxRuntime:
         model.load_state_dict(dict(weights))
         export_onnx(model, path, self.is_3d)
 
-    def _load(self, path: Path):  # -> onnxruntime.InferenceSession
+    def _load(self, path: Path) -> onnxruntime.InferenceSession:
         options = self._ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
