@@ -194,7 +194,7 @@ class SimulatedCamera(SimpleCameraDevice):
     def dtype(self) -> np.dtype:
         return np.dtype(np.uint8 if self._model.microscope.camera.bit_depth <= 8 else np.uint16)
 
-    def snap(self, buffer: np.ndarray) -> Mapping:
+    def snap(self, buffer: np.ndarray) -> Mapping[str, Any]:
         t_s, z_um = self._clock.now(), self._focus.get_position_um()
         tags: dict[str, float] = {}
         with self.model_lock:

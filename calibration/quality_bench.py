@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import Field
@@ -299,7 +299,11 @@ class Score:
 
 
 def score(
-    method: str, estimate: np.ndarray, rendered: RenderedScene, seconds: float, **notes
+    method: str,
+    estimate: np.ndarray,
+    rendered: RenderedScene,
+    seconds: float,
+    **notes: float | str,
 ) -> Score:
     """All figures of one method's estimate (2x grid, e- per fine pixel)."""
     value, fitted, view = best_view(estimate, rendered)
@@ -517,15 +521,17 @@ def run_bench(
     return rows
 
 
-def summarise(rows: list[dict[str, object]], max_peak: float = 50.0) -> dict[str, dict]:
+def summarise(
+    rows: list[dict[str, object]], max_peak: float = 50.0
+) -> dict[str, dict[str, object]]:
     """Per network: mean and worst PSNR gain over its baseline (Richardson-Lucy; cubic
     interpolation for Self-Net) on the scenes at peak signal <= max_peak, on how many scenes
     its dim-puncta recall falls below the baseline's, and Self-Net's mean isotropy ratio over
     the scenes where it is measured."""
-    by_scene: dict[str, dict[str, dict]] = {}
+    by_scene: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:
         by_scene.setdefault(str(row["scene"]), {})[str(row["method"])] = row
-    summary: dict[str, dict] = {}
+    summary: dict[str, dict[str, object]] = {}
     baselines = {"raw", BASELINE, SELFNET_BASELINE}
     for method in sorted({str(r["method"]) for r in rows} - baselines):
         baseline = SELFNET_BASELINE if method in SELFNET_METHODS else BASELINE

@@ -68,7 +68,9 @@ class SelfNetRow:
         return asdict(self)
 
 
-def _row(scene: str, method: str, volume: np.ndarray, truth: np.ndarray, pixel: float):
+def _row(
+    scene: str, method: str, volume: np.ndarray, truth: np.ndarray, pixel: float
+) -> SelfNetRow:
     iso = isotropy(volume, pixel)
     return SelfNetRow(
         scene,

@@ -18,7 +18,7 @@ from livedecon.calibration.anisotropic import AnisotropicScene, render_anisotrop
 from livedecon.calibration.inputs import sha256
 from livedecon.engines.bundle import ModelBundle, TrainingRecord
 from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
-from livedecon.engines.selfnet import axial_ratio, check_volume
+from livedecon.engines.selfnet import Infer, axial_ratio, check_volume
 from livedecon.engines.selfnet_bundle import (
     restore_isotropic,
     selfnet_bundle,
@@ -39,7 +39,7 @@ class Volume:
     description: str
 
 
-def _given_or_recorded(name: str, given: float | None, recorded: float | None, path: Path):
+def _given_or_recorded(name: str, given: float | None, recorded: float | None, path: Path) -> float:
     if given is not None and recorded is not None and abs(recorded / given - 1) > PIXEL_TOLERANCE:
         raise ValueError(f"{path}: {name} recorded as {recorded} um, but {given} um given")
     value = given if given is not None else recorded
@@ -111,7 +111,7 @@ def train_selfnet_bundle(
 
 def restore_volume_file(
     bundle: ModelBundle,
-    infer,
+    infer: Infer,
     in_path: Path,
     out_path: Path,
     z_step_um: float | None = None,

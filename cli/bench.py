@@ -222,7 +222,7 @@ def bench_quality_command(
     (console if console.is_terminal else Console(width=140)).print(table)
     summary = summarise(rows)
     for method, figures in summary.items():
-        baseline = {"rl": "RL", "cubic": "cubic interpolation"}[figures["baseline"]]
+        baseline = {"rl": "RL", "cubic": "cubic interpolation"}[str(figures["baseline"])]
         line = (
             f"{method}: {figures['mean_gain_db']:+.2f} dB over {baseline} on average (worst"
             f" {figures['worst_gain_db']:+.2f}) over {figures['scenes']} scenes at <= 50 photons"

@@ -19,7 +19,7 @@ set, which a self-supervised run on one volume does not have.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -212,7 +212,7 @@ class SelfNetResult:
     interrupted: bool = False
 
 
-def _adam(params, cfg: SelfNetTrainingConfig) -> torch.optim.Adam:
+def _adam(params: Iterable[torch.nn.Parameter], cfg: SelfNetTrainingConfig) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
 
 
