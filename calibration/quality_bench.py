@@ -213,7 +213,9 @@ def _dim_puncta(
 # -- scoring -----------------------------------------------------------------------------
 
 
-def _inner(image: np.ndarray) -> np.ndarray:
+def scored_region(image: np.ndarray) -> np.ndarray:
+    """The part of an image (or stack) every score sees: BORDER_FINE_PX left out at each
+    edge, where no method has data on both sides."""
     b = BORDER_FINE_PX
     return image[..., b:-b, b:-b]
 
@@ -233,9 +235,9 @@ def _through(estimate: np.ndarray, psf: np.ndarray) -> np.ndarray:
 def best_view(estimate: np.ndarray, rendered: RenderedScene) -> tuple[float, np.ndarray, str]:
     """(fitted PSNR, fitted image, view) of the better view of the estimate: "as-is" or
     "through" the reference PSF."""
-    reference = _inner(rendered.reference)
+    reference = scored_region(rendered.reference)
     views = {"as-is": estimate, "through": _through(estimate, rendered.reference_psf)}
-    fitted = {name: fit_to(_inner(v), reference) for name, v in views.items()}
+    fitted = {name: fit_to(scored_region(v), reference) for name, v in views.items()}
     scores = {name: psnr(f, reference) for name, f in fitted.items()}
     best = max(scores, key=lambda name: scores[name])
     return scores[best], fitted[best], best
@@ -307,19 +309,19 @@ def score(
 ) -> Score:
     """All figures of one method's estimate (2x grid, e- per fine pixel)."""
     value, fitted, view = best_view(estimate, rendered)
-    reference = _inner(rendered.reference)
+    reference = scored_region(rendered.reference)
     focus = alternation = None
     plane = estimate
     if rendered.scene.is_3d:
         centre = estimate.shape[0] // 2
         plane = estimate[centre]
-        focus_ref = _inner(rendered.reference[centre])
+        focus_ref = scored_region(rendered.reference[centre])
         seen = _through(estimate, rendered.reference_psf)[centre]
-        focus = max(psnr(fit_to(_inner(v), focus_ref), focus_ref) for v in (plane, seen))
-        alternation = plane_alternation(_inner(estimate))
+        focus = max(psnr(fit_to(scored_region(v), focus_ref), focus_ref) for v in (plane, seen))
+        alternation = plane_alternation(scored_region(estimate))
         reference, fitted = reference[centre], fitted[centre]
     # on the camera grid after 2x2 binning: noise on the fine grid would pass for detail
-    inner = _inner(plane)
+    inner = scored_region(plane)
     binned = inner.reshape(inner.shape[0] // 2, 2, inner.shape[1] // 2, 2).sum(axis=(1, 3))
     resolution = decorrelation_resolution(binned, UPSAMPLING * rendered.fine_pixel_um)
     optics = OPTICS[rendered.scene.optics]
@@ -333,7 +335,9 @@ def score(
             else rendered.electrons
         )
         try:
-            ringing_figures = ringing(_inner(plane), centres, fwhm_fine, _inner(raw_fine))
+            ringing_figures = ringing(
+                scored_region(plane), centres, fwhm_fine, scored_region(raw_fine)
+            )
             ring = max(ringing_figures.values())
         except ValueError:
             ring = None

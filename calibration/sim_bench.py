@@ -24,8 +24,8 @@ from livedecon.calibration.quality_bench import (
     RenderedScene,
     Restorer,
     Scene,
-    _inner,
     fit_to,
+    scored_region,
 )
 from livedecon.calibration.resolution_targets import PairKind, pair_target, smallest_resolved
 from livedecon.calibration.sim_run import default_sim_config
@@ -66,10 +66,10 @@ def parameter_errors(found: SimParameters, truth: SimParameters) -> dict[str, fl
 def _scores(image: np.ndarray, acquisition: SimAcquisition, pixel_um: float) -> dict[str, float]:
     """Fitted PSNR against the truth at SIM resolution (a camera-grid image is interpolated
     onto the 2x grid first) and decorrelation resolution on the image's own grid."""
-    reference = _inner(acquisition.reference)
+    reference = scored_region(acquisition.reference)
     on_fine_grid = upsample_2x(image) if pixel_um > acquisition.fine_pixel_um else image
     return {
-        "psnr": psnr(fit_to(_inner(on_fine_grid), reference), reference),
+        "psnr": psnr(fit_to(scored_region(on_fine_grid), reference), reference),
         "resolution_nm": 1000 * decorrelation_resolution(image, pixel_um),
     }
 

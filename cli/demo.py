@@ -41,7 +41,7 @@ from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.config import MicroscopeConfig, load_microscope
 from livedecon.calibration.forward_model import counts_to_electrons
 from livedecon.calibration.metrics import psnr
-from livedecon.calibration.quality_bench import Scene, _inner, fit_to
+from livedecon.calibration.quality_bench import Scene, fit_to, scored_region
 from livedecon.configs import shipped_config_path
 from livedecon.daemon.daemon_config import Endpoints, load_daemon_config
 from livedecon.daemon.launcher import free_tcp_endpoint, spawn_daemon
@@ -180,7 +180,7 @@ def _sim_quality(
 
     lit = scope.sim
     assert lit is not None  # a SIM demo's microscope
-    reference = _inner(lit.reference)
+    reference = scored_region(lit.reference)
     with contextlib.redirect_stdout(io.StringIO()):  # ndstorage prints its progress
         raw_data = Dataset(str(raw_path))
     raw_scores, restored_scores = [], []
@@ -192,8 +192,10 @@ def _sim_quality(
                     for i in range(len(lit.frame_metadata))
                 ]
                 wide = counts_to_electrons(np.mean(frames, axis=0), scope.config.camera)
-                raw_scores.append(psnr(fit_to(_inner(upsample_2x(wide)), reference), reference))
-                restored_scores.append(psnr(fit_to(_inner(image), reference), reference))
+                raw_scores.append(
+                    psnr(fit_to(scored_region(upsample_2x(wide)), reference), reference)
+                )
+                restored_scores.append(psnr(fit_to(scored_region(image), reference), reference))
     finally:
         raw_data.close()
     return float(np.mean(raw_scores)), float(np.mean(restored_scores))

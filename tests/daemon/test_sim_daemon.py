@@ -21,7 +21,7 @@ from tiny_specs import TINY_SIM
 
 from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.metrics import psnr
-from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
+from livedecon.calibration.quality_bench import OPTICS, Scene, fit_to, scored_region
 from livedecon.calibration.sim_run import train_sim_bundle
 from livedecon.calibration.sim_simulator import SimIllumination, render_sim
 from livedecon.daemon.client import DaemonError
@@ -96,16 +96,16 @@ def test_each_group_becomes_one_sr_image_written_published_and_recoverable(
     local = SimProcessor(sim_plan().sim, OPTIC.pixel_size_um)
     expected = local.process([frames])[0][0]
     np.testing.assert_allclose(planes[0][1], expected, rtol=1e-5, atol=1e-4 * expected.max())
-    reference = _inner(acquisition.reference)
+    reference = scored_region(acquisition.reference)
     widefield = (frames.astype(np.float32).mean(axis=0) - SCENE.offset_adu) * SCENE.gain_e_per_adu
     scores = {
-        name: psnr(fit_to(_inner(image), reference), reference)
+        name: psnr(fit_to(scored_region(image), reference), reference)
         for name, image in (("sim", planes[0][1]), ("widefield", upsample_2x(widefield)))
     }
     assert scores["sim"] > scores["widefield"] + 1.0, scores
     # a missing frame: its angle counts as widefield only, the image stays finite and close
     assert np.isfinite(planes[1][1]).all()
-    assert psnr(fit_to(_inner(planes[1][1]), reference), reference) > scores["widefield"]
+    assert psnr(fit_to(scored_region(planes[1][1]), reference), reference) > scores["widefield"]
 
     by_topic = {(p.topic, p.axes.time): (p, pixels) for p, pixels in published}
     restored, sr = by_topic[(Topic.RESTORED, 0)]
@@ -253,12 +253,12 @@ def test_a_stream_follows_its_pattern_as_it_drifts(acquisition):
     still reconstructs well, where the first pattern's phases alone lose dB."""
     period = 1 / np.hypot(*acquisition.truth_parameters.k[0])
     drifted = render_sim(SCENE, SimIllumination(shift_px=(0.15 * period, 0.2 * period)))
-    reference = _inner(drifted.reference)
+    reference = scored_region(drifted.reference)
     scores = {}
     for refresh in (True, False):
         plan = sim_plan().sim.model_copy(update={"refresh_phases": refresh})
         processor = SimProcessor(plan, OPTIC.pixel_size_um)
         processor.process([acquisition.counts], [(0, 0)])  # the stream's pattern
         image = processor.process([drifted.counts], [(0, 0)])[0][0]
-        scores[refresh] = psnr(fit_to(_inner(image), reference), reference)
+        scores[refresh] = psnr(fit_to(scored_region(image), reference), reference)
     assert scores[True] > scores[False] + 1.5, scores

@@ -104,7 +104,7 @@ def test_dps_beats_wiener_sim_at_low_light():
 
     from livedecon.calibration.metrics import psnr
     from livedecon.calibration.psf import theoretical_psf
-    from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
+    from livedecon.calibration.quality_bench import OPTICS, Scene, fit_to, scored_region
     from livedecon.calibration.sim_simulator import render_sim
     from livedecon.engines.sim import reconstruct
 
@@ -124,10 +124,10 @@ def test_dps_beats_wiener_sim_at_low_light():
     ).image
     half = OPTICS["tirf"].model_copy(update={"emission_um": OPTICS["tirf"].emission_um / 2})
     reference_psf = theoretical_psf(half, acquisition.fine_pixel_um, 41)[0]
-    reference = _inner(acquisition.reference)
+    reference = scored_region(acquisition.reference)
 
     def best(image: np.ndarray) -> float:
         seen = signal.fftconvolve(image, reference_psf / reference_psf.sum(), mode="same")
-        return max(psnr(fit_to(_inner(v), reference), reference) for v in (image, seen))
+        return max(psnr(fit_to(scored_region(v), reference), reference) for v in (image, seen))
 
     assert best(restore_dps(result, wiener)) > best(wiener) + 1.5

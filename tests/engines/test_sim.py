@@ -10,7 +10,7 @@ from scipy import signal
 from livedecon.calibration.baseline import upsample_2x
 from livedecon.calibration.metrics import decorrelation_resolution, psnr
 from livedecon.calibration.psf import theoretical_psf
-from livedecon.calibration.quality_bench import OPTICS, Scene, _inner, fit_to
+from livedecon.calibration.quality_bench import OPTICS, Scene, fit_to, scored_region
 from livedecon.calibration.sim_simulator import SimIllumination, render_sim
 from livedecon.engines.sim import SimSettings, estimate_parameters, reconstruct, refresh_phases
 from livedecon.engines.sim_training import (
@@ -32,8 +32,8 @@ def _electrons(acquisition) -> np.ndarray:
 
 
 def _fitted_psnr(image: np.ndarray, acquisition) -> float:
-    reference = _inner(acquisition.reference)
-    return psnr(fit_to(_inner(image), reference), reference)
+    reference = scored_region(acquisition.reference)
+    return psnr(fit_to(scored_region(image), reference), reference)
 
 
 def test_the_simulator_lights_the_scene_with_three_angles_of_three_phases(bright):
