@@ -160,7 +160,8 @@ def _checked_tensorrt(
     spec, weights = bundle.manifest.network, bundle.state_dict
     trt_precision = trt_rt.checked_precision(precision)
     variants: list[tuple[str, tuple[str, ...]]] = [("engine", ())]
-    if precision == Precision.FP16:
+    if precision == Precision.FP16 and not bundle.manifest.is_selfnet:
+        # Self-Net has no heads named apart: its fp16 engine passes the gate or fails it
         variants.append(("engine-fp32-heads", FP32_HEADS[bundle.manifest.is_3d]))
     failure: AccuracyGateError | None = None
     for stem, fp32_layers in variants:
@@ -206,13 +207,6 @@ def open_runtime(
     intra-op CPU threads of onnxruntime (default: all cores; several engines per machine, as
     batch workers are, share the cores instead)."""
     choice = choose_backend(backend)
-    if bundle.manifest.is_selfnet and choice.backend == Backend.TENSORRT:
-        # The TensorRT runtime binds ZS-DeconvNet's two outputs; Self-Net has one.
-        if backend != Backend.AUTO:
-            raise RuntimeError("backend tensorrt does not serve Self-Net bundles yet")
-        choice = Choice(
-            Backend.TORCH_CUDA, "auto: torch-cuda (tensorrt does not serve Self-Net yet)"
-        )
     name = choice.backend
     precision = precision or DEFAULT_PRECISION[name]
     spec, weights = bundle.manifest.network, bundle.state_dict

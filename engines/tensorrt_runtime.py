@@ -42,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from livedecon.engines.atomic_write import write_atomically
 from livedecon.engines.enums import Backend, Precision
-from livedecon.engines.export import DECONVOLVED, DENOISED, INPUT, export_onnx
+from livedecon.engines.export import INPUT, export_onnx, output_names
 from livedecon.engines.networks import Network3DSpec, NetworkSpec, build_network, input_multiple
 from livedecon.engines.runtime import _check_batch
 
@@ -551,6 +551,9 @@ class TensorRTRuntime:
         if profile.is_3d != self.is_3d:
             raise ValueError(f"a {'3D' if self.is_3d else '2D'} network needs a matching profile")
         self.multiple = input_multiple(spec)
+        # the graph's outputs (ZS-DeconvNet: denoised, deconvolved; Self-Net: restored); the
+        # last is what infer returns
+        self.outputs = output_names(build_network(spec))
         self.onnx_path, self.plan_path = Path(onnx_path), Path(plan_path)
         self.device = torch.device(device)
         self.weights_updates = 0
@@ -600,7 +603,7 @@ class TensorRTRuntime:
                 f"{self.plan_path} was built for profile {built}, not {wanted}: delete it or use"
                 " another plan path"
             )
-        for name in (INPUT, DENOISED, DECONVOLVED):
+        for name in (INPUT, *self.outputs):
             if engine.get_tensor_dtype(name) != trt.float32:
                 raise RuntimeError(f"engine tensor {name!r} is not float32")
 
@@ -622,7 +625,7 @@ class TensorRTRuntime:
         if not context.set_input_shape(INPUT, self.profile.max):
             raise RuntimeError(f"engine refuses its own max shape {self.profile.max}")
         sizes = {INPUT: math.prod(self.profile.max)}
-        for name in (DENOISED, DECONVOLVED):
+        for name in self.outputs:
             sizes[name] = math.prod(tuple(context.get_tensor_shape(name)))
         self._buffers = {
             name: torch.empty(size, dtype=torch.float32, device=self.device)
@@ -716,7 +719,7 @@ class TensorRTRuntime:
             views[INPUT].copy_(host)
             if not context.set_input_shape(INPUT, batch.shape):
                 raise RuntimeError(f"engine refused input shape {batch.shape}")
-            for name in (DENOISED, DECONVOLVED):
+            for name in self.outputs:
                 shape = tuple(context.get_tensor_shape(name))
                 views[name] = self._buffers[name][: math.prod(shape)].view(shape)
             for name, view in views.items():
@@ -724,7 +727,7 @@ class TensorRTRuntime:
             if not context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed; the TensorRT log says why")
             self._stream.synchronize()
-            return views[DECONVOLVED].cpu().numpy()
+            return views[self.outputs[-1]].cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_specs import TINY_2D, TINY_3D
+from tiny_specs import TINY_2D, TINY_3D, TINY_SELFNET
 
-from livedecon.engines.export import export_onnx, initializer_names
+from livedecon.engines.export import export_onnx, initializer_names, output_names
 from livedecon.engines.networks import Network3DSpec, build_network
 from livedecon.engines.runtime import TorchRuntime
 from livedecon.engines.tensorrt_runtime import (
@@ -32,7 +32,18 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 def _weights(spec, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return build_network(spec).state_dict()
+    return _model(spec).state_dict()
+
+
+def _model(spec) -> torch.nn.Module:
+    """The network with its initial weights; Self-Net's last layers start at zero (an
+    identity), so they are drawn at random here to make the graph's path count."""
+    model = build_network(spec).eval()
+    if spec == TINY_SELFNET:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0.0, 0.1)
+    return model
 
 
 def _psnr(reference: np.ndarray, test: np.ndarray) -> float:
@@ -125,7 +136,7 @@ def test_profile_fits():
 # --------------------------------------------------------------------------- refit names
 
 
-@pytest.mark.parametrize("spec", [TINY_2D, TINY_3D], ids=["2d", "3d"])
+@pytest.mark.parametrize("spec", [TINY_2D, TINY_3D, TINY_SELFNET], ids=["2d", "3d", "selfnet"])
 def test_refit_map_on_real_exported_initializer_names(spec, tmp_path):
     model = build_network(spec)
     path = export_onnx(model, tmp_path / "m.onnx", isinstance(spec, Network3DSpec))
@@ -203,14 +214,16 @@ def test_match_layers_by_name_or_prefix():
         (TINY_2D, (), (2, 1, 32, 48)),
         (TINY_2D, ("/tail/",), (2, 1, 32, 48)),
         (TINY_3D, ("/deconvolver/tail/",), (1, 1, 4, 16, 24)),
+        (TINY_SELFNET, (), (2, 1, 32, 48)),  # reflection padding in FP16
     ],
-    ids=["2d", "2d-fp32-tail", "3d-fp32-tail"],
+    ids=["2d", "2d-fp32-tail", "3d-fp32-tail", "selfnet"],
 )
 def test_mixed_precision_graph_keeps_io_names_and_accuracy(spec, fp32_nodes, shape, tmp_path):
     """The TensorRT 11 FP16 path, checked with onnxruntime: FP32 I/O, FP16 weights outside the
     islands, unchanged initializer names (the refit map) and outputs close to torch."""
     is_3d = isinstance(spec, Network3DSpec)
-    model = build_network(spec).eval()
+    torch.manual_seed(0)
+    model = _model(spec)
     src = export_onnx(model, tmp_path / "m.onnx", is_3d)
     dst = mixed_precision_onnx(src, tmp_path / "m.fp16.onnx", fp32_nodes)
     graph = onnx.load(str(dst)).graph
@@ -224,12 +237,14 @@ def test_mixed_precision_graph_keeps_io_names_and_accuracy(spec, fp32_nodes, sha
 
     batch = np.random.default_rng(0).random(shape, dtype=np.float32)
     session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-    denoised, deconvolved = session.run(["denoised", "deconvolved"], {"raw": batch})
+    names = output_names(model)
+    outputs = session.run(list(names), {"raw": batch})
     with torch.no_grad():
-        ref_denoised, ref_deconvolved = (t.numpy() for t in model(torch.from_numpy(batch)))
-    assert deconvolved.dtype == np.float32
-    assert _psnr(ref_deconvolved, deconvolved) > 40
-    assert _psnr(ref_denoised, denoised) > 40
+        expected = model(torch.from_numpy(batch))
+    references = [t.numpy() for t in (expected if len(names) > 1 else (expected,))]
+    for name, out, reference in zip(names, outputs, references, strict=True):
+        assert out.dtype == np.float32, name
+        assert _psnr(reference, out) > 40, name
 
 
 def test_mixed_precision_rejects_unknown_islands(tmp_path):
@@ -305,6 +320,24 @@ def test_fp16_engine_is_close_to_torch(fp32_layers, tmp_path):
     )
     batch = _batch()
     assert _psnr(TorchRuntime(TINY_2D, weights).infer(batch), runtime.infer(batch)) > 40
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_selfnet_engine_serves_its_one_output(precision, tmp_path):
+    """Self-Net's graph has one output, `restored`, and reflection padding: the engine binds
+    the outputs the network exports and matches torch."""
+    weights = _weights(TINY_SELFNET, 0)
+    profile = profile_for([(32, 48)], multiple=1, max_batch=2)
+    runtime = TensorRTRuntime(
+        TINY_SELFNET, weights, tmp_path / "s.onnx", tmp_path / "s.plan", profile, precision
+    )
+    assert runtime.outputs == ("restored",)
+    batch = _batch()
+    expected = TorchRuntime(TINY_SELFNET, weights).infer(batch)
+    out = runtime.infer(batch)
+    assert out.shape == expected.shape
+    assert _psnr(expected, out) > (60 if precision == "fp32" else 40)
 
 
 @pytest.mark.tensorrt
