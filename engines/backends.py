@@ -207,6 +207,13 @@ def open_runtime(
     intra-op CPU threads of onnxruntime (default: all cores; several engines per machine, as
     batch workers are, share the cores instead)."""
     choice = choose_backend(backend)
+    if (
+        bundle.manifest.is_selfnet
+        and choice.backend == Backend.TENSORRT
+        and backend == Backend.AUTO
+    ):
+        # A Self-Net engine has not been built on a real TensorRT yet: asked for by name only
+        choice = Choice(Backend.TORCH_CUDA, "auto: torch-cuda (tensorrt for Self-Net: on request)")
     name = choice.backend
     precision = precision or DEFAULT_PRECISION[name]
     spec, weights = bundle.manifest.network, bundle.state_dict
