@@ -138,10 +138,11 @@ def anisotropic_scenes(
     modalities: tuple[Modality, ...], peaks: tuple[float, ...]
 ) -> list[AnisotropicScene]:
     """bench quality's volumes for Self-Net: 16 x 64 x 64, z step 3 lateral pixels, one per
-    modality and peak signal, seeds apart from every other bench scene's."""
+    modality and peak signal. A modality's seed is fixed by its place in SELFNET_MODALITIES,
+    so a volume is the same whichever others are chosen with it."""
     return [
-        AnisotropicScene(modality=m, peak_photons=p, seed=3000 + 10 * i)
-        for i, m in enumerate(modalities)
+        AnisotropicScene(modality=m, peak_photons=p, seed=3000 + 10 * SELFNET_MODALITIES.index(m))
+        for m in modalities
         for p in peaks
     ]
 

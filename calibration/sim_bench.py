@@ -21,6 +21,7 @@ from livedecon.calibration.metrics import decorrelation_resolution, psnr
 from livedecon.calibration.quality_bench import (
     OPTICS,
     SIM_METHODS_2D,
+    STRUCTURES,
     RenderedScene,
     Restorer,
     Scene,
@@ -36,10 +37,18 @@ from livedecon.engines.sim_training import SimTrainingConfig, restore_sim, train
 
 
 def sim_scenes(structures: tuple[str, ...], peaks: tuple[float, ...], size_px: int) -> list[Scene]:
-    """The SIM bench's TIRF scenes: one per structure and peak signal, seeds of their own."""
+    """The SIM bench's TIRF scenes: one per structure and peak signal, seeds of their own,
+    fixed by the structure's place in STRUCTURES (a scene does not change with the others
+    chosen beside it)."""
     return [
-        Scene(structure=s, optics="tirf", peak_photons=p, size_px=size_px, seed=3000 + 10 * i)
-        for i, s in enumerate(structures)
+        Scene(
+            structure=s,
+            optics="tirf",
+            peak_photons=p,
+            size_px=size_px,
+            seed=3000 + 10 * STRUCTURES.index(s),
+        )
+        for s in structures
         for p in peaks
     ]
 
