@@ -15,6 +15,7 @@ scene's dim puncta (a restoration that erases real structure is wrong however sh
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -495,7 +496,8 @@ def run_bench(
 
         for volume in volumes:
             progress(f"volume-{volume.name}: {', '.join(wanted)}")
-            for result in quality_scores(volume, wanted, selfnet_recipe(budget, budget_min)):
+            selfnet = functools.partial(selfnet_recipe, budget, budget_min)
+            for result in quality_scores(volume, wanted, selfnet):
                 rows.append({**result.as_dict(), "peak_photons": volume.peak_photons})
     for scene in scenes:
         rendered = render(scene)

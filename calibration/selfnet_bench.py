@@ -14,6 +14,7 @@ CPU, one thread unless the caller set more).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -147,10 +148,10 @@ def anisotropic_scenes(
     ]
 
 
-def selfnet_recipe(budget: str, budget_min: float | None) -> SelfNetTrainingConfig:
-    """Self-Net under a budget: what `livedecon train` picks on a CPU ("cpu") or a GPU
-    ("gpu"); `budget_min` overrides the time cap."""
-    recipe = default_selfnet_recipe("cuda" if budget == "gpu" else "cpu")
+def selfnet_recipe(budget: str, budget_min: float | None, network: str) -> SelfNetTrainingConfig:
+    """A Self-Net network under a budget: what `livedecon train` picks on a CPU ("cpu") or a
+    GPU ("gpu"); `budget_min` overrides the time cap."""
+    recipe = default_selfnet_recipe(network, "cuda" if budget == "gpu" else "cpu")
     return recipe.model_copy(update={"budget_min": budget_min or recipe.budget_min})
 
 
@@ -180,9 +181,14 @@ def as_score(row: SelfNetRow) -> Score:
 
 
 def quality_scores(
-    scene: AnisotropicScene, methods: tuple[str, ...], cfg: SelfNetTrainingConfig
+    scene: AnisotropicScene,
+    methods: tuple[str, ...],
+    recipe: Callable[[str], SelfNetTrainingConfig],
 ) -> list[Score]:
     """bench quality's rows for one volume: cubic interpolation and each Self-Net network
-    asked for (the isotropic truth's own row is left out: its PSNR is infinite)."""
-    rows = bench_scene(scene, [m for m in methods if m in SPECS], cfg)
+    asked for, trained with `recipe(network)` (the isotropic truth's own row is left out:
+    its PSNR is infinite)."""
+    rows = [r for r in bench_scene(scene, [], recipe("selfnet-fast")) if r.method == "cubic"]
+    for network in (m for m in methods if m in SPECS):
+        rows += [r for r in bench_scene(scene, [network], recipe(network)) if r.method == network]
     return [as_score(r) for r in rows if r.method in methods]

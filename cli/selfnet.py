@@ -29,19 +29,18 @@ SELFNET_NETWORKS = ("selfnet", "selfnet-fast")
 def selfnet_settings(
     network: str, config: Path | None, overrides: Mapping[str, object]
 ) -> SelfNetTrainingConfig:
-    """The training config: `config` (TOML), or the recipe that fits this machine
-    (`default_selfnet_recipe`) with the network named, then the overrides."""
+    """The training config: `config` (TOML), or the recipe that fits this machine for the
+    network named (`default_selfnet_recipe`), then the overrides."""
     from livedecon.engines.configfile import load_config
-    from livedecon.engines.selfnet import SelfNetSpec, fast_selfnet_spec
     from livedecon.engines.selfnet_training import SelfNetTrainingConfig, default_selfnet_recipe
 
     try:
-        base = load_config(config, SelfNetTrainingConfig) if config else default_selfnet_recipe()
+        if config:
+            base = load_config(config, SelfNetTrainingConfig)
+        else:
+            base = default_selfnet_recipe(network)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    if config is None:
-        spec = fast_selfnet_spec() if network == "selfnet-fast" else SelfNetSpec()
-        base = base.model_copy(update={"network": spec})
     values = {k: v for k, v in overrides.items() if v is not None}
     try:
         return SelfNetTrainingConfig.model_validate(base.model_dump() | values)
