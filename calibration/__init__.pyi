@@ -1,12 +1,12 @@
 # The public API of livedecon.calibration (lazy at run time: see __init__.py).
-from .calibration_bundle import CalibrationBundle
-from .config import Camera, MicroscopeConfig, Optics, Sample, load_microscope
-from .forward_model import ForwardModel, counts_to_electrons
-from .inputs import CalibrationInputs
-from .metrics import decorrelation_resolution, psnr, ringing, ssim
-from .noise_estimate import NoiseEstimate, NoiseEstimateError, estimate_noise
-from .quality_bench import Scene, run_bench
-from .run import CalibrationError, CalibrationSettings, run_calibration
+from ._calibration_bundle import CalibrationBundle
+from ._config import Camera, MicroscopeConfig, Optics, Sample, load_microscope
+from ._forward_model import ForwardModel, counts_to_electrons
+from ._inputs import CalibrationInputs
+from ._metrics import decorrelation_resolution, psnr, ringing, ssim
+from ._noise_estimate import NoiseEstimate, NoiseEstimateError, estimate_noise
+from ._quality_bench import Scene, run_bench
+from ._run import CalibrationError, CalibrationSettings, run_calibration
 
 __all__ = [
     "CalibrationBundle",

@@ -1,7 +1,7 @@
 """`livedecon bench ...`: the benchmarks' commands; each prints a table and writes JSON.
 
-The measuring lives with what it measures (engines/runtime_bench.py, calibration/quality_bench.py,
-daemon/transport_bench.py, daemon/batch.py); these commands parse options, call it and print.
+The measuring lives with what it measures (engines/_runtime_bench.py, calibration/_quality_bench.py,
+daemon/_transport_bench.py, daemon/_batch.py); these commands parse options, call it and print.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def bench_engines_command(
 
     from rich.table import Table
 
-    from livedecon.engines.runtime_bench import MODELS, bench_engines
+    from livedecon.engines._runtime_bench import MODELS, bench_engines
 
     chosen = [m for m in models.split(",") if m]
     unknown = set(chosen) - set(MODELS)
@@ -143,7 +143,7 @@ def bench_quality_command(
     import torch
     from rich.table import Table
 
-    from livedecon.calibration.quality_bench import (
+    from livedecon.calibration._quality_bench import (
         METHODS_2D,
         METHODS_3D,
         SELFNET_METHODS,
@@ -152,7 +152,7 @@ def bench_quality_command(
         run_bench,
         summarise,
     )
-    from livedecon.calibration.selfnet_bench import SELFNET_MODALITIES, anisotropic_scenes
+    from livedecon.calibration._selfnet_bench import SELFNET_MODALITIES, anisotropic_scenes
 
     if budget not in ("cpu", "gpu"):
         raise _fail(f"--budget must be cpu or gpu, got {budget!r}")
@@ -273,7 +273,7 @@ def bench_daemon_command(
     (display only, shared memory, with writing) and the model, beside a bare pyzmq relay."""
     from rich.table import Table
 
-    from livedecon.daemon.transport_bench import bench_daemon
+    from livedecon.daemon._transport_bench import bench_daemon
 
     with console.status("benchmarking") as status:
         rows = bench_daemon(
@@ -327,7 +327,7 @@ def bench_batch_command(
     """`livedecon batch` throughput (input voxels/s) on local clusters of 1 and 2 workers."""
     from rich.table import Table
 
-    from livedecon.daemon.batch import bench_batch
+    from livedecon.daemon._batch import bench_batch
 
     try:
         sizes = [int(n) for n in workers.split(",") if n]
@@ -379,7 +379,7 @@ def bench_sim_command(
     and bead pairs that widefield, Wiener SIM, ZS-DeconvNet-SIM and DPS each resolve."""
     from rich.table import Table
 
-    from livedecon.calibration.sim_bench import run_sim_bench, sim_scenes
+    from livedecon.calibration._sim_bench import run_sim_bench, sim_scenes
 
     try:
         peak_values = tuple(float(p) for p in peaks.split(",") if p)
@@ -435,7 +435,7 @@ def bench_sim_command(
 def _pair_targets_table(peak: float, iterations: int) -> dict[str, dict[str, float | None]]:
     from rich.table import Table
 
-    from livedecon.calibration.sim_bench import TARGET_METHODS, run_pair_targets
+    from livedecon.calibration._sim_bench import TARGET_METHODS, run_pair_targets
 
     found = {}
     with console.status("bench sim: pair targets") as status:

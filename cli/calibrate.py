@@ -12,14 +12,14 @@ from rich.progress import Progress, TaskID
 
 from livedecon.cli.output import console
 from livedecon.cli.output import fail as _fail
-from livedecon.engines.configfile import ConfigError
-from livedecon.engines.enums import Backend
+from livedecon.engines._configfile import ConfigError
+from livedecon.engines._enums import Backend
 
 if TYPE_CHECKING:
-    from livedecon.calibration.calibration_bundle import CalibrationBundle
-    from livedecon.calibration.config import MicroscopeConfig
-    from livedecon.calibration.inputs import CalibrationInputs
-    from livedecon.calibration.run import CalibrationSettings
+    from livedecon.calibration._calibration_bundle import CalibrationBundle
+    from livedecon.calibration._config import MicroscopeConfig
+    from livedecon.calibration._inputs import CalibrationInputs
+    from livedecon.calibration._run import CalibrationSettings
 
 
 def _progress(step: str, done: int, total: int) -> None:
@@ -77,11 +77,11 @@ def calibrate(
 ) -> None:
     """Calibrate a microscope: camera (offset, gain, read noise, hot pixels), PSF (beads and
     theory), a first zero-shot model, a calibration bundle the daemon serves, and a report."""
-    from livedecon.calibration.config import load_microscope
-    from livedecon.calibration.inputs import CalibrationInputs
-    from livedecon.calibration.run import CalibrationError, CalibrationSettings, run_calibration
+    from livedecon.calibration._config import load_microscope
+    from livedecon.calibration._inputs import CalibrationInputs
+    from livedecon.calibration._run import CalibrationError, CalibrationSettings, run_calibration
     from livedecon.configs import shipped_config_path
-    from livedecon.engines.configfile import load_config
+    from livedecon.engines._configfile import load_config
 
     try:
         scope = load_microscope(microscope or shipped_config_path("microscope_sim.toml"))
@@ -125,14 +125,14 @@ def calibrate(
 def _record_live(
     scope_config: MicroscopeConfig, settings: CalibrationSettings, simulated: bool, yes: bool
 ) -> CalibrationInputs:
-    from livedecon.acquisition_hooks.calibration_capture import (
+    from livedecon.acquisition_hooks._calibration_capture import (
         capture_calibration,
         simulated_prompt,
     )
 
     bars, step = _capture_progress()
     if simulated:
-        from livedecon.acquisition_hooks.simulated_microscope import SimulatedMicroscope
+        from livedecon.acquisition_hooks._simulated_microscope import SimulatedMicroscope
 
         with SimulatedMicroscope(scope_config, clock="wall") as scope:
             scope.attach_pycromanager()

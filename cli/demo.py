@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from livedecon.acquisition_hooks.pycromanager_hooks import SIM_AXIS, livedecon_hooks, sim_events
-from livedecon.acquisition_hooks.simulated_microscope import (
+from livedecon.acquisition_hooks._pycromanager_hooks import SIM_AXIS, livedecon_hooks, sim_events
+from livedecon.acquisition_hooks._simulated_microscope import (
     FOCUS_KEY,
     SAMPLE_TIME_KEY,
     SIM_EXPOSURE_MS,
@@ -37,19 +37,19 @@ from livedecon.acquisition_hooks.simulated_microscope import (
     SIM_LABEL,
     SimulatedMicroscope,
 )
-from livedecon.calibration.baseline import upsample_2x
-from livedecon.calibration.config import MicroscopeConfig, load_microscope
-from livedecon.calibration.forward_model import counts_to_electrons
-from livedecon.calibration.metrics import psnr
-from livedecon.calibration.quality_bench import Scene, fit_to, scored_region
+from livedecon.calibration._baseline import upsample_2x
+from livedecon.calibration._config import MicroscopeConfig, load_microscope
+from livedecon.calibration._forward_model import counts_to_electrons
+from livedecon.calibration._metrics import psnr
+from livedecon.calibration._quality_bench import Scene, fit_to, scored_region
 from livedecon.configs import shipped_config_path
-from livedecon.daemon.daemon_config import Endpoints, load_daemon_config
-from livedecon.daemon.launcher import free_tcp_endpoint, spawn_daemon
-from livedecon.daemon.protocol import Topic, decode_publication
-from livedecon.daemon.sim_processing import sim_plan_for
-from livedecon.daemon.writer import output_files, read_planes
-from livedecon.engines.bundle import ModelBundle, find_bundle
-from livedecon.engines.enums import Backend
+from livedecon.daemon._daemon_config import Endpoints, load_daemon_config
+from livedecon.daemon._launcher import free_tcp_endpoint, spawn_daemon
+from livedecon.daemon._protocol import Topic, decode_publication
+from livedecon.daemon._sim_processing import sim_plan_for
+from livedecon.daemon._writer import output_files, read_planes
+from livedecon.engines._bundle import ModelBundle, find_bundle
+from livedecon.engines._enums import Backend
 
 log = logging.getLogger(__name__)
 SIM_SCORING = (
@@ -335,7 +335,7 @@ def run_demo_with_viewer(
     try:
         import napari
 
-        from livedecon.acquisition_hooks.viewer import open_viewer
+        from livedecon.acquisition_hooks._viewer import open_viewer
     except ImportError as exc:
         raise RuntimeError(str(exc)) from None
     endpoints = settings.endpoints or Endpoints(

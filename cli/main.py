@@ -22,13 +22,13 @@ from livedecon.cli.selfnet import (
     staging_path,
     train_selfnet_command,
 )
-from livedecon.engines.configfile import ConfigError
-from livedecon.engines.enums import Backend, Precision
+from livedecon.engines._configfile import ConfigError
+from livedecon.engines._enums import Backend, Precision
 
 if TYPE_CHECKING:
     from livedecon.cli.demo import DemoSummary
-    from livedecon.engines.bundle import ModelBundle
-    from livedecon.engines.networks import Network2DSpec, Network3DSpec
+    from livedecon.engines._bundle import ModelBundle
+    from livedecon.engines._networks import Network2DSpec, Network3DSpec
 
 app = typer.Typer(
     help="livedecon: real-time restoration of fluorescence microscopy during acquisition.",
@@ -63,9 +63,9 @@ def simulate(
 ) -> None:
     """Write a synthetic 2D time series and a 3D stack, each with its ground truth (OME-TIFF);
     with --sim also a SIM acquisition (TIRF, 256 x 256) with its truth and true pattern."""
-    from livedecon.calibration.config import load_microscope
-    from livedecon.calibration.forward_model import sample_planes_um
-    from livedecon.calibration.simulation import (
+    from livedecon.calibration._config import load_microscope
+    from livedecon.calibration._forward_model import sample_planes_um
+    from livedecon.calibration._simulation import (
         simulate_stack,
         simulate_time_series,
         write_manifest,
@@ -92,8 +92,8 @@ def simulate(
         stack = simulate_stack(scope_3d, out, exposure_ms, step)
     entries = {"series_2d": series, "stack_3d": stack}
     if sim:
-        from livedecon.calibration.quality_bench import Scene
-        from livedecon.calibration.sim_simulator import render_sim, write_sim_acquisition
+        from livedecon.calibration._quality_bench import Scene
+        from livedecon.calibration._sim_simulator import render_sim, write_sim_acquisition
 
         with console.status("rendering the SIM acquisition"):
             scene = Scene(structure="mixed", peak_photons=sim_photons, size_px=256, seed=4000)
@@ -121,7 +121,7 @@ def _has_camera_section(path: Path) -> bool:
 
 
 def _network_spec(network: str) -> Network2DSpec | Network3DSpec:
-    from livedecon.engines.networks import Network2DSpec, Network3DSpec, fast_2d_spec
+    from livedecon.engines._networks import Network2DSpec, Network3DSpec, fast_2d_spec
 
     specs: dict[str, Callable[[], Network2DSpec | Network3DSpec]] = {
         "fast": fast_2d_spec,
@@ -213,8 +213,8 @@ def train(
     import shutil
     import time
 
-    from livedecon.calibration.config import load_microscope
-    from livedecon.calibration.first_model import (
+    from livedecon.calibration._config import load_microscope
+    from livedecon.calibration._first_model import (
         CAMERA_SOURCES,
         load_training_tiffs,
         simulated_training_data,
@@ -222,10 +222,10 @@ def train(
         training_psf,
     )
     from livedecon.configs import shipped_config_path
-    from livedecon.engines.bundle import BundleError
-    from livedecon.engines.configfile import load_config
-    from livedecon.engines.networks import count_parameters
-    from livedecon.engines.training import TrainingConfig, default_recipe
+    from livedecon.engines._bundle import BundleError
+    from livedecon.engines._configfile import load_config
+    from livedecon.engines._networks import count_parameters
+    from livedecon.engines._training import TrainingConfig, default_recipe
 
     if network is not None and network not in NETWORKS:
         raise _fail(f"--network must be one of {', '.join(NETWORKS)}, got {network!r}")
@@ -358,10 +358,10 @@ def restore(
         sim_options = (sim_angles, sim_phases, sim_order)
         return restore_sim_command(input_tif, output_tif, microscope, *sim_options, then, backend)
 
-    from livedecon.engines.backends import AccuracyGateError, open_runtime
-    from livedecon.engines.bioimageio_package import bundle_from_package, is_bioimageio_package
-    from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
-    from livedecon.engines.offline import restore_file
+    from livedecon.engines._backends import AccuracyGateError, open_runtime
+    from livedecon.engines._bioimageio_package import bundle_from_package, is_bioimageio_package
+    from livedecon.engines._bundle import BundleError, ModelBundle, find_bundle
+    from livedecon.engines._offline import restore_file
 
     try:
         if is_bioimageio_package(bundle):  # the livedecon bundle attached to the package
@@ -445,8 +445,8 @@ def export(
 ) -> None:
     """Build (or reuse) the bundle's compiled artifact for a backend and check its accuracy;
     with --bioimageio, write the bundle as a bioimage.io model package instead."""
-    from livedecon.engines.backends import AccuracyGateError, open_runtime
-    from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
+    from livedecon.engines._backends import AccuracyGateError, open_runtime
+    from livedecon.engines._bundle import BundleError, ModelBundle, find_bundle
 
     try:
         path = find_bundle(bundle)
@@ -466,8 +466,8 @@ def export(
 def _export_bioimageio(
     loaded: ModelBundle, out: Path, sample: Path | None, authors: list[str], license_id: str
 ) -> None:
-    from livedecon.engines.bioimageio_package import export_bioimageio
-    from livedecon.engines.ome_tiff import read_raw_tiff
+    from livedecon.engines._bioimageio_package import export_bioimageio
+    from livedecon.engines._ome_tiff import read_raw_tiff
 
     counts = None
     m = loaded.manifest
@@ -544,7 +544,7 @@ def demo(
         sim=sim,
         sim_photons=sim_photons,
     )
-    from livedecon.acquisition_hooks.display_stream import viewer_unavailable
+    from livedecon.acquisition_hooks._display_stream import viewer_unavailable
 
     # default: the viewer where napari and a display are present; CI (no display) stays headless
     headless = "--headless" if viewer is False else viewer_unavailable()
@@ -630,8 +630,8 @@ def serve(
     from rich.logging import RichHandler
 
     from livedecon.configs import shipped_config_path
-    from livedecon.daemon.daemon_config import load_daemon_config
-    from livedecon.daemon.server import Daemon
+    from livedecon.daemon._daemon_config import load_daemon_config
+    from livedecon.daemon._server import Daemon
 
     logging.basicConfig(
         level=log_level.upper(),
@@ -678,9 +678,9 @@ def view(
     most 60 Hz), maximum projections of 3D stacks, and a status panel (latency, frames/s,
     model and weights version, adaptation). Start it before or after the daemon and the
     acquisition; it reconnects when the daemon restarts. Needs the `viewer` extra."""
-    from livedecon.acquisition_hooks.display_stream import viewer_unavailable
+    from livedecon.acquisition_hooks._display_stream import viewer_unavailable
     from livedecon.configs import shipped_config_path
-    from livedecon.daemon.daemon_config import load_daemon_config
+    from livedecon.daemon._daemon_config import load_daemon_config
 
     reason = viewer_unavailable()
     if reason is not None:
@@ -692,14 +692,14 @@ def view(
     secure = None
     keys = settings.endpoints.curve_keys_dir
     if keys is not None:  # a remote daemon admits only authorised CurveZMQ clients
-        from livedecon.daemon.security import client_security
+        from livedecon.daemon._security import client_security
 
         try:
             secure = client_security(keys / "server.key", client_key or keys / "client.key_secret")
         except (OSError, ValueError) as exc:
             raise _fail(f"CurveZMQ keys: {exc}") from None
     try:
-        from livedecon.acquisition_hooks.viewer import run_viewer
+        from livedecon.acquisition_hooks._viewer import run_viewer
     except ImportError as exc:
         raise _fail(str(exc)) from None
     run_viewer(
@@ -718,7 +718,7 @@ def keys(
 ) -> None:
     """Create CurveZMQ keys for a daemon reachable beyond this host: a server pair and an
     authorised client pair (give the client its secret key and the server's public key)."""
-    from livedecon.daemon.security import make_keys
+    from livedecon.daemon._security import make_keys
 
     for role, path in make_keys(directory, client).items():
         console.print(f"{role:14} {path}")
@@ -747,9 +747,9 @@ def reprocess_command(
     """After a crash: recreate every acknowledged plane that is not on disk (from the spill
     store, else the raw dataset) and finalise the output files. Exit code 1: some planes could
     not be recovered."""
-    from livedecon.daemon.reprocess import ReprocessError, reprocess
-    from livedecon.engines.backends import AccuracyGateError
-    from livedecon.engines.bundle import BundleError
+    from livedecon.daemon._reprocess import ReprocessError, reprocess
+    from livedecon.engines._backends import AccuracyGateError
+    from livedecon.engines._bundle import BundleError
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("reprocessing", total=None)
@@ -813,9 +813,9 @@ def batch(
 ) -> None:
     """Restore many files or one large dataset chunk by chunk on a dask cluster, into OME-Zarr;
     a rerun resumes where the last one stopped."""
-    from livedecon.daemon.batch import BatchOptions, connect, run_batch
-    from livedecon.daemon.batch_report import print_summary, progress_printer
-    from livedecon.engines.bundle import BundleError, find_bundle
+    from livedecon.daemon._batch import BatchOptions, connect, run_batch
+    from livedecon.daemon._batch_report import print_summary, progress_printer
+    from livedecon.engines._bundle import BundleError, find_bundle
 
     try:
         path = find_bundle(bundle)

@@ -15,13 +15,13 @@ from rich.progress import Progress
 
 from livedecon.cli.output import console
 from livedecon.cli.output import fail as _fail
-from livedecon.engines.configfile import ConfigError
+from livedecon.engines._configfile import ConfigError
 
 if TYPE_CHECKING:
-    from livedecon.engines.bundle import ModelBundle
-    from livedecon.engines.enums import Backend
-    from livedecon.engines.runtime import Runtime
-    from livedecon.engines.selfnet_training import SelfNetTrainingConfig
+    from livedecon.engines._bundle import ModelBundle
+    from livedecon.engines._enums import Backend
+    from livedecon.engines._runtime import Runtime
+    from livedecon.engines._selfnet_training import SelfNetTrainingConfig
 
 SELFNET_NETWORKS = ("selfnet", "selfnet-fast")
 
@@ -31,8 +31,8 @@ def selfnet_settings(
 ) -> SelfNetTrainingConfig:
     """The training config: `config` (TOML), or the recipe that fits this machine for the
     network named (`default_selfnet_recipe`), then the overrides."""
-    from livedecon.engines.configfile import load_config
-    from livedecon.engines.selfnet_training import SelfNetTrainingConfig, default_selfnet_recipe
+    from livedecon.engines._configfile import load_config
+    from livedecon.engines._selfnet_training import SelfNetTrainingConfig, default_selfnet_recipe
 
     try:
         if config:
@@ -60,14 +60,14 @@ def train_selfnet_command(
     overwrite: bool,
 ) -> None:
     """Train Self-Net on one volume TIFF (or a simulated confocal volume) and bundle it."""
-    from livedecon.calibration.anisotropic import AnisotropicScene
-    from livedecon.calibration.selfnet_run import (
+    from livedecon.calibration._anisotropic import AnisotropicScene
+    from livedecon.calibration._selfnet_run import (
         read_volume,
         simulated_volume,
         train_selfnet_bundle,
     )
-    from livedecon.engines.bundle import BundleError
-    from livedecon.engines.selfnet import SelfNetSpec, parameter_count
+    from livedecon.engines._bundle import BundleError
+    from livedecon.engines._selfnet import SelfNetSpec, parameter_count
 
     settings = selfnet_settings(network, config, overrides)
     if inputs and len(inputs) != 1:
@@ -116,9 +116,9 @@ def open_selfnet_chain(
 ) -> tuple[ModelBundle, Runtime]:
     """The Self-Net bundle and its checked runtime for the output of bundle `first` (a 3D
     bundle): refused before anything runs when the grids do not meet."""
-    from livedecon.engines.backends import AccuracyGateError, open_runtime
-    from livedecon.engines.bundle import BundleError, ModelBundle, find_bundle
-    from livedecon.engines.selfnet_bundle import check_chain
+    from livedecon.engines._backends import AccuracyGateError, open_runtime
+    from livedecon.engines._bundle import BundleError, ModelBundle, find_bundle
+    from livedecon.engines._selfnet_bundle import check_chain
 
     try:
         path = find_bundle(then)
@@ -134,7 +134,7 @@ def restore_selfnet_command(
     bundle: ModelBundle, runtime: Runtime, input_tif: Path, output_tif: Path, tile_px: int
 ) -> None:
     """Restore a volume TIFF with a loaded Self-Net bundle and a checked runtime."""
-    from livedecon.calibration.selfnet_run import restore_volume_file
+    from livedecon.calibration._selfnet_run import restore_volume_file
 
     started = time.perf_counter()
     try:
@@ -169,9 +169,9 @@ def bench_selfnet_command(
 
     import torch
 
-    from livedecon.calibration.anisotropic import AnisotropicScene
-    from livedecon.calibration.selfnet_bench import SPECS, bench_scene, format_rows
-    from livedecon.engines.selfnet_training import SelfNetTrainingConfig
+    from livedecon.calibration._anisotropic import AnisotropicScene
+    from livedecon.calibration._selfnet_bench import SPECS, bench_scene, format_rows
+    from livedecon.engines._selfnet_training import SelfNetTrainingConfig
 
     chosen = [m for m in methods.split(",") if m]
     unknown = [m for m in chosen if m not in SPECS]

@@ -1,7 +1,7 @@
 """`livedecon restore sim RAW OUT --microscope scope.toml [--then SIM-MODEL]`: raw SIM frames
 to SR images, and `livedecon train --network sim|dps`: a SIM model from a raw SIM file.
 
-The same reconstruction as the daemon's live SIM (daemon/sim_processing.py): every sequence
+The same reconstruction as the daemon's live SIM (daemon/_sim_processing.py): every sequence
 of angles x phases frames in the file becomes one SR image at half the camera pixel, restored
 by a SIM model (ZS-DeconvNet-SIM or DPS) when one is given.
 """
@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.progress import Progress
 
-from livedecon.calibration.sim_run import SimNetwork
+from livedecon.calibration._sim_run import SimNetwork
 from livedecon.cli.output import console
 from livedecon.cli.output import fail as _fail
-from livedecon.daemon.sim_processing import SimProcessor, sim_plan_for
-from livedecon.engines.configfile import ConfigError
-from livedecon.engines.enums import Backend
+from livedecon.daemon._sim_processing import SimProcessor, sim_plan_for
+from livedecon.engines._configfile import ConfigError
+from livedecon.engines._enums import Backend
 
 if TYPE_CHECKING:
-    from livedecon.calibration.config import MicroscopeConfig
-    from livedecon.daemon.processing import ModelProcessor
+    from livedecon.calibration._config import MicroscopeConfig
+    from livedecon.daemon._processing import ModelProcessor
 
 SIM_RECONSTRUCTION = "sim"  # the `restore` model name for the Wiener SIM reconstruction
 
@@ -50,8 +50,8 @@ def read_sim_input(
 ) -> SimInput:
     """Read every angles x phases sequence of a raw SIM file with a microscope's optics and
     camera; ValueError (and the like) for what cannot be reconstructed."""
-    from livedecon.calibration.config import load_microscope
-    from livedecon.engines.raw_input import read_raw_image
+    from livedecon.calibration._config import load_microscope
+    from livedecon.engines._raw_input import read_raw_image
 
     if microscope is None:
         raise ValueError("SIM needs --microscope: the optics (NA, emission) and camera")
@@ -72,7 +72,7 @@ def read_sim_input(
 def _read(input_tif: Path, *args: Any, **kwargs: Any) -> SimInput:
     from pydantic import ValidationError
 
-    from livedecon.engines.configfile import ConfigError
+    from livedecon.engines._configfile import ConfigError
 
     try:
         return read_sim_input(input_tif, *args, **kwargs)
@@ -84,10 +84,10 @@ def _network(then: str | None, backend: Backend) -> ModelProcessor | None:
     """The SIM model to restore the SR images with (`--then`), on its checked engine."""
     if then is None:
         return None
-    from livedecon.daemon.daemon_config import NO_CORRECTION
-    from livedecon.daemon.processing import open_processor
-    from livedecon.engines.backends import AccuracyGateError
-    from livedecon.engines.bundle import BundleError
+    from livedecon.daemon._daemon_config import NO_CORRECTION
+    from livedecon.daemon._processing import open_processor
+    from livedecon.engines._backends import AccuracyGateError
+    from livedecon.engines._bundle import BundleError
 
     try:
         return open_processor(then, backend, max_batch=1, correction=NO_CORRECTION)
@@ -107,7 +107,7 @@ def restore_sim_command(
 ) -> None:
     """Reconstruct every angles x phases sequence of a raw SIM file into an SR OME-TIFF;
     `then`: a SIM model restores each SR image after the reconstruction it learned behind."""
-    from livedecon.engines.ome_tiff import write_ome_tiff
+    from livedecon.engines._ome_tiff import write_ome_tiff
 
     data = _read(input_tif, microscope, angles, phases, order, _network(then, backend))
     processor = data.processor
@@ -151,12 +151,12 @@ def train_sim_command(
     overwrite: bool,
 ) -> None:
     """Train ZS-DeconvNet-SIM (`sim`) or DPS (`dps`) on the first sequence of a raw SIM file
-    and bundle it (engines/sim_bundle.py)."""
-    from livedecon.calibration.sim_run import default_sim_config, train_sim_bundle
-    from livedecon.engines.bundle import BundleError
-    from livedecon.engines.configfile import load_config
-    from livedecon.engines.dps import DpsConfig
-    from livedecon.engines.sim_training import SimTrainingConfig
+    and bundle it (engines/_sim_bundle.py)."""
+    from livedecon.calibration._sim_run import default_sim_config, train_sim_bundle
+    from livedecon.engines._bundle import BundleError
+    from livedecon.engines._configfile import load_config
+    from livedecon.engines._dps import DpsConfig
+    from livedecon.engines._sim_training import SimTrainingConfig
 
     if not inputs or len(inputs) != 1:
         raise _fail(

@@ -20,7 +20,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture
 def small_microscope():
     """The default simulated microscope shrunk to 64 x 64 pixels for fast tests."""
-    from livedecon.calibration.config import default_microscope
+    from livedecon.calibration._config import default_microscope
 
     scope = default_microscope()
     camera = scope.camera.model_copy(update={"width_px": 64, "height_px": 64})
@@ -40,7 +40,7 @@ def lamp1_path() -> Path:
 def pytest_collection_modifyitems(config, items):
     """`gpu` and `tensorrt` tests skip cleanly where the backend selection says they cannot
     run (the same check `backend="auto"` makes)."""
-    from livedecon.engines.backends import available_backends
+    from livedecon.engines._backends import available_backends
 
     absent = available_backends()
     reasons = {"gpu": absent["torch-cuda"], "tensorrt": absent["tensorrt"]}

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import zmq
 
-from livedecon.daemon.client import DaemonClient
-from livedecon.daemon.daemon_config import DaemonConfig
-from livedecon.daemon.launcher import DaemonProcess, free_tcp_endpoint, spawn_daemon
-from livedecon.daemon.protocol import Axes, Topic, decode_publication
+from livedecon.daemon._client import DaemonClient
+from livedecon.daemon._daemon_config import DaemonConfig
+from livedecon.daemon._launcher import DaemonProcess, free_tcp_endpoint, spawn_daemon
+from livedecon.daemon._protocol import Axes, Topic, decode_publication
 
 
 def process_memory_mb(daemon: DaemonProcess, field: str) -> float:

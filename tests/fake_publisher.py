@@ -12,7 +12,7 @@ import time
 import numpy as np
 import zmq
 
-from livedecon.daemon.protocol import Axes, Publication, Topic, encode_publication
+from livedecon.daemon._protocol import Axes, Publication, Topic, encode_publication
 
 
 def publish(endpoint: str, rate_hz: float, duration_s: float) -> list[float]:

@@ -9,10 +9,10 @@ import numpy as np
 import zarr
 from ndstorage import NDTiffDataset
 
-from livedecon.daemon.journal import AcquisitionRecord
-from livedecon.daemon.protocol import Plan
-from livedecon.daemon.writer import PlaneRecord, read_planes
-from livedecon.daemon.zarr_output import zarr_path
+from livedecon.daemon._journal import AcquisitionRecord
+from livedecon.daemon._protocol import Plan
+from livedecon.daemon._writer import PlaneRecord, read_planes
+from livedecon.daemon._zarr_output import zarr_path
 
 
 def acquisition(mode: str = "2d", z_count: int | None = None) -> AcquisitionRecord:

@@ -21,7 +21,7 @@ LAYERS = ("configs", "engines", "calibration", "daemon", "acquisition_hooks", "c
 RANK = {name: rank for rank, name in enumerate(LAYERS)}
 
 # Clients of the daemon (hooks, display stream, viewer) need only its client and protocol.
-DAEMON_FOR_CLIENTS = {"livedecon.daemon.client", "livedecon.daemon.protocol"}
+DAEMON_FOR_CLIENTS = {"livedecon.daemon._client", "livedecon.daemon._protocol"}
 # The engines know nothing of ZMQ, Micro-Manager or a display.
 NOT_IN_ENGINES = ("zmq", "pymmcore_plus", "pycromanager", "napari", "qtpy")
 
@@ -55,7 +55,7 @@ def _imported(path: Path, module_name: str) -> list[tuple[int, str]]:
                 module = ".".join([*base, node.module] if node.module else base)
             else:
                 module = node.module or ""
-            # `from livedecon.daemon import client` imports livedecon.daemon.client
+            # `from livedecon.daemon import _client` imports livedecon.daemon._client
             found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
     return found
 
@@ -138,7 +138,7 @@ def test_the_contract_sees_a_violation(tmp_path):
     source.write_text(
         "from livedecon.cli.main import app\n\ndef f():\n    from ..cli import demo\n"
     )
-    found = _imported(source, "livedecon.daemon.server")
+    found = _imported(source, "livedecon.daemon._server")
     assert found == [(1, "livedecon.cli.main.app"), (4, "livedecon.cli.demo")]
     assert {_folder_of(module) for _, module in found} == {"cli"}
     assert RANK["cli"] > RANK["daemon"]
@@ -161,11 +161,11 @@ NOT_IN_CORE = (
     "tqdm",
 )
 CLIENT_MODULES = (
-    "livedecon.daemon.protocol",
-    "livedecon.daemon.client",
-    "livedecon.acquisition_hooks.stream",
-    "livedecon.acquisition_hooks.pycromanager_hooks",
-    "livedecon.acquisition_hooks.pymmcore_hooks",
+    "livedecon.daemon._protocol",
+    "livedecon.daemon._client",
+    "livedecon.acquisition_hooks._stream",
+    "livedecon.acquisition_hooks._pycromanager_hooks",
+    "livedecon.acquisition_hooks._pymmcore_hooks",
 )
 
 

@@ -1,8 +1,8 @@
 """The smallest networks of each kind, shared by the tests that need a network but not its
 quality (export, runtimes, TensorRT logic, batch): a few hundred parameters, instant on a CPU."""
 
-from livedecon.engines.networks import DpsSpec, Network2DSpec, Network3DSpec, UNetSpec
-from livedecon.engines.selfnet import SelfNetSpec
+from livedecon.engines._networks import DpsSpec, Network2DSpec, Network3DSpec, UNetSpec
+from livedecon.engines._selfnet import SelfNetSpec
 
 TINY_2D = Network2DSpec(
     kind="zs-deconvnet-2d-fast",

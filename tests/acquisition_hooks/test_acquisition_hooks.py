@@ -16,22 +16,22 @@ import zarr
 from daemon_harness import start_daemon
 from ndstorage import Dataset
 
-from livedecon.acquisition_hooks.pycromanager_hooks import livedecon_hooks, plan_from_events
-from livedecon.acquisition_hooks.pymmcore_hooks import (
+from livedecon.acquisition_hooks._pycromanager_hooks import livedecon_hooks, plan_from_events
+from livedecon.acquisition_hooks._pymmcore_hooks import (
     LivedeconHandler,
     attach_livedecon,
     plan_from_sequence,
     sequence_options,
 )
-from livedecon.acquisition_hooks.simulated_microscope import SimulatedMicroscope
-from livedecon.acquisition_hooks.stream import TimepointTracker
-from livedecon.daemon.journal import read_acquisition_record
-from livedecon.daemon.launcher import spawn_daemon
-from livedecon.daemon.reprocess import reprocess
-from livedecon.daemon.writer import output_path, read_planes
-from livedecon.engines.bundle import ModelBundle, find_bundle
-from livedecon.engines.runtime import TorchRuntime
-from livedecon.engines.tiling import restore_electrons
+from livedecon.acquisition_hooks._simulated_microscope import SimulatedMicroscope
+from livedecon.acquisition_hooks._stream import TimepointTracker
+from livedecon.daemon._journal import read_acquisition_record
+from livedecon.daemon._launcher import spawn_daemon
+from livedecon.daemon._reprocess import reprocess
+from livedecon.daemon._writer import output_path, read_planes
+from livedecon.engines._bundle import ModelBundle, find_bundle
+from livedecon.engines._runtime import TorchRuntime
+from livedecon.engines._tiling import restore_electrons
 
 
 @pytest.fixture

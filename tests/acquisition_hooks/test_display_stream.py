@@ -10,7 +10,7 @@ import pytest
 import zmq
 from daemon_harness import start_daemon
 
-from livedecon.acquisition_hooks.display_stream import (
+from livedecon.acquisition_hooks._display_stream import (
     DaemonState,
     DisplayStream,
     StatusPoller,
@@ -21,8 +21,8 @@ from livedecon.acquisition_hooks.display_stream import (
     status_lines,
     viewer_unavailable,
 )
-from livedecon.daemon.launcher import free_tcp_endpoint
-from livedecon.daemon.protocol import Axes, Publication, Topic, encode_publication
+from livedecon.daemon._launcher import free_tcp_endpoint
+from livedecon.daemon._protocol import Axes, Publication, Topic, encode_publication
 
 
 def publication(

@@ -8,26 +8,26 @@ import numpy as np
 import pytest
 from daemon_harness import receive_all, start_daemon, subscriber
 
-from livedecon.acquisition_hooks.pycromanager_hooks import (
+from livedecon.acquisition_hooks._pycromanager_hooks import (
     SIM_AXIS,
     livedecon_hooks,
     plan_from_events,
     sim_events,
 )
-from livedecon.acquisition_hooks.pymmcore_hooks import LivedeconHandler
-from livedecon.acquisition_hooks.simulated_microscope import (
+from livedecon.acquisition_hooks._pymmcore_hooks import LivedeconHandler
+from livedecon.acquisition_hooks._simulated_microscope import (
     SIM_EXPOSURE_MS,
     SIM_GROUP,
     SIM_LABEL,
     SIM_PATTERN_KEY,
     SimulatedMicroscope,
 )
-from livedecon.calibration.baseline import upsample_2x
-from livedecon.calibration.metrics import psnr
-from livedecon.calibration.quality_bench import Scene, fit_to, scored_region
-from livedecon.daemon.protocol import SimPlan, Topic
-from livedecon.daemon.sim_processing import SimProcessor, sim_plan_for
-from livedecon.daemon.writer import output_path, read_planes
+from livedecon.calibration._baseline import upsample_2x
+from livedecon.calibration._metrics import psnr
+from livedecon.calibration._quality_bench import Scene, fit_to, scored_region
+from livedecon.daemon._protocol import SimPlan, Topic
+from livedecon.daemon._sim_processing import SimProcessor, sim_plan_for
+from livedecon.daemon._writer import output_path, read_planes
 
 SCENE = Scene(structure="dense", optics="tirf", peak_photons=100.0, size_px=64, seed=1234)
 SCENE_PIXEL_UM = 0.0626  # the TIRF scenes' camera pixel

@@ -5,13 +5,13 @@ import time
 import numpy as np
 import pytest
 
-from livedecon.acquisition_hooks.simulated_microscope import (
+from livedecon.acquisition_hooks._simulated_microscope import (
     CAMERA_TIME_KEY,
     FOCUS_KEY,
     SAMPLE_TIME_KEY,
     SimulatedMicroscope,
 )
-from livedecon.calibration.forward_model import counts_to_electrons
+from livedecon.calibration._forward_model import counts_to_electrons
 
 
 @pytest.fixture

@@ -22,12 +22,12 @@ import pytest
 import zmq
 from daemon_harness import start_daemon
 
-from livedecon.acquisition_hooks.display_stream import lag_summary_ms, robust_limits
-from livedecon.calibration.config import default_microscope
-from livedecon.calibration.forward_model import ForwardModel
-from livedecon.daemon.launcher import free_tcp_endpoint
-from livedecon.daemon.protocol import Axes, Plan, Publication, Topic, encode_publication
-from livedecon.daemon.writer import output_path, read_planes
+from livedecon.acquisition_hooks._display_stream import lag_summary_ms, robust_limits
+from livedecon.calibration._config import default_microscope
+from livedecon.calibration._forward_model import ForwardModel
+from livedecon.daemon._launcher import free_tcp_endpoint
+from livedecon.daemon._protocol import Axes, Plan, Publication, Topic, encode_publication
+from livedecon.daemon._writer import output_path, read_planes
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before Qt loads (conftest does too)
 # napari saves window geometry and preferences on close: not into the user's settings
@@ -48,7 +48,7 @@ with warnings.catch_warnings():  # napari's dependencies (npe2) still use pydant
     import napari
     from qtpy.QtCore import Qt
 
-    from livedecon.acquisition_hooks.viewer import LivedeconWidget, grid_of
+    from livedecon.acquisition_hooks._viewer import LivedeconWidget, grid_of
 
 PIXEL_UM = 0.065  # the shipped fast2d-sim bundle's camera pixel
 FAKE_PUBLISHER = Path(__file__).resolve().parents[1] / "fake_publisher.py"  # in tests/
@@ -415,7 +415,7 @@ def test_napari_users_add_the_dock_widget_from_the_plugins_menu(viewer):
 
 
 def test_livedecon_view_opens_a_window_with_the_widget_docked(qtbot):
-    from livedecon.acquisition_hooks.viewer import open_viewer
+    from livedecon.acquisition_hooks._viewer import open_viewer
 
     endpoint = free_tcp_endpoint()
     viewer, widget = open_viewer(endpoint, control=None, max_hz=30)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from livedecon.calibration.anisotropic import AnisotropicScene, render_anisotropic
-from livedecon.calibration.config import Optics
-from livedecon.calibration.psf import theoretical_psf
+from livedecon.calibration._anisotropic import AnisotropicScene, render_anisotropic
+from livedecon.calibration._config import Optics
+from livedecon.calibration._psf import theoretical_psf
 
 
 def test_a_light_sheet_lights_only_its_thickness():

@@ -2,7 +2,7 @@
 
 The simulator renders each bead as a point on its 2x grid and blurs it with the theoretical
 PSF, so the truth is known exactly: the theoretical PSF integrated over a camera pixel
-(computed here independently of calibration.beads, on an 8x finer grid with trapezoid
+(computed here independently of calibration._beads, on an 8x finer grid with trapezoid
 weights). Tolerances: lateral FWHM 5 %, axial 10 %. With 65 nm pixels the lateral FWHM is
 only 3.5 pixels, so a registration error of a tenth of a pixel broadens it by about 1 %, and
 leaving out the pixel integration would be 2 %; 5 % is a few times the spread seen over
@@ -17,25 +17,25 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from livedecon.calibration import beads as beads_module
-from livedecon.calibration.beads import (
+from livedecon.calibration import _beads as beads_module
+from livedecon.calibration._beads import (
     MeasuredPSF,
     measure_psf,
     pixel_integrated_psf,
     psf_fwhm_um,
     write_measured_psf,
 )
-from livedecon.calibration.config import (
+from livedecon.calibration._config import (
     MicroscopeConfig,
     Optics,
     Sample,
     default_microscope,
     load_microscope,
 )
-from livedecon.calibration.first_model import training_psf
-from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
-from livedecon.calibration.psf import theoretical_psf
-from livedecon.calibration.sample import SyntheticSample
+from livedecon.calibration._first_model import training_psf
+from livedecon.calibration._forward_model import ForwardModel, counts_to_electrons
+from livedecon.calibration._psf import theoretical_psf
+from livedecon.calibration._sample import SyntheticSample
 from livedecon.configs import shipped_config_path
 
 LATERAL_TOLERANCE = 0.05

@@ -13,15 +13,15 @@ import math
 import numpy as np
 import pytest
 
-from livedecon.calibration.camera import (
+from livedecon.calibration._camera import (
     CalibrationWarning,
     CameraCalibration,
     CameraRecord,
     CameraSummary,
     calibrate_camera,
 )
-from livedecon.calibration.config import Camera, default_microscope
-from livedecon.calibration.forward_model import CameraPattern, ForwardModel
+from livedecon.calibration._config import Camera, default_microscope
+from livedecon.calibration._forward_model import CameraPattern, ForwardModel
 
 EXPOSURE_MS = 50.0
 LEVELS_E = (50, 150, 400, 1000, 2500, 6000, 12000, 24000)  # photoelectrons per pixel

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from livedecon.calibration.config import default_microscope
-from livedecon.calibration.first_model import load_training_tiffs, training_psf
-from livedecon.calibration.psf import theoretical_psf
-from livedecon.engines.ome_tiff import write_ome_tiff
-from livedecon.engines.psf_kernel import PSFError
+from livedecon.calibration._config import default_microscope
+from livedecon.calibration._first_model import load_training_tiffs, training_psf
+from livedecon.calibration._psf import theoretical_psf
+from livedecon.engines._ome_tiff import write_ome_tiff
+from livedecon.engines._psf_kernel import PSFError
 
 
 def test_a_measured_psf_is_resampled_to_the_output_grid(tmp_path):

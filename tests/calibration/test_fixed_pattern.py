@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import scipy.fft
 
-from livedecon.calibration.camera import CameraCalibration, CameraSummary, calibrate_camera
-from livedecon.calibration.config import Camera, default_microscope
-from livedecon.calibration.fixed_pattern import (
+from livedecon.calibration._camera import CameraCalibration, CameraSummary, calibrate_camera
+from livedecon.calibration._config import Camera, default_microscope
+from livedecon.calibration._fixed_pattern import (
     OffsetGainCorrection,
     StripeFilter,
     _LineNotch,
     suppress_stripes,
 )
-from livedecon.calibration.forward_model import ForwardModel
-from livedecon.calibration.metrics import psnr, ssim
+from livedecon.calibration._forward_model import ForwardModel
+from livedecon.calibration._metrics import psnr, ssim
 
 EXPOSURE_MS = 50.0
 

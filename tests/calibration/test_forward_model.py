@@ -3,13 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from livedecon.calibration.config import Camera
-from livedecon.calibration.forward_model import (
+from livedecon.calibration._config import Camera
+from livedecon.calibration._forward_model import (
     ForwardModel,
     camera_counts,
     counts_to_electrons,
 )
-from livedecon.calibration.psf import fwhm_px, theoretical_psf
+from livedecon.calibration._psf import fwhm_px, theoretical_psf
 from livedecon.configs import shipped_config_path
 
 
@@ -112,7 +112,7 @@ def test_psf_width_matches_diffraction_limit(small_microscope):
 
 
 def test_thick_sample_focus_selects_planes():
-    from livedecon.calibration.config import load_microscope
+    from livedecon.calibration._config import load_microscope
 
     scope = load_microscope(shipped_config_path("microscope_widefield_3d.toml"))
     camera = scope.camera.model_copy(update={"width_px": 48, "height_px": 48})

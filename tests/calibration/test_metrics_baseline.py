@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from livedecon.calibration.baseline import best_richardson_lucy, upsample_2x
-from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
-from livedecon.calibration.metrics import (
+from livedecon.calibration._baseline import best_richardson_lucy, upsample_2x
+from livedecon.calibration._forward_model import ForwardModel, counts_to_electrons
+from livedecon.calibration._metrics import (
     decorrelation_resolution,
     find_puncta,
     psnr,
     ringing,
     ssim,
 )
-from livedecon.calibration.psf import theoretical_psf
+from livedecon.calibration._psf import theoretical_psf
 
 
 def test_psnr_and_ssim_rank_estimates():

@@ -7,15 +7,15 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from livedecon.calibration.config import Camera
-from livedecon.calibration.first_model import load_training_tiffs
-from livedecon.calibration.forward_model import camera_counts
-from livedecon.calibration.noise_estimate import (
+from livedecon.calibration._config import Camera
+from livedecon.calibration._first_model import load_training_tiffs
+from livedecon.calibration._forward_model import camera_counts
+from livedecon.calibration._noise_estimate import (
     NoiseEstimateError,
     camera_disagreement,
     estimate_noise,
 )
-from livedecon.calibration.quality_bench import Scene, render
+from livedecon.calibration._quality_bench import Scene, render
 
 
 @pytest.fixture(scope="module")

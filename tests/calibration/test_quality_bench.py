@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from livedecon.calibration.anisotropic import AnisotropicScene
-from livedecon.calibration.quality_bench import (
+from livedecon.calibration._anisotropic import AnisotropicScene
+from livedecon.calibration._quality_bench import (
     Scene,
     best_richardson_lucy,
     best_view,
@@ -20,7 +20,7 @@ from livedecon.calibration.quality_bench import (
     score,
     summarise,
 )
-from livedecon.calibration.sim_bench import sim_restorer
+from livedecon.calibration._sim_bench import sim_restorer
 
 
 @pytest.fixture(scope="module")

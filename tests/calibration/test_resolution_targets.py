@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from livedecon.calibration.resolution_targets import (
+from livedecon.calibration._resolution_targets import (
     LINE_PX,
     SEPARATIONS_NM,
     pair_target,

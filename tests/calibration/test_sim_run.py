@@ -1,6 +1,6 @@
 """SIM bundles: ZS-DeconvNet-SIM and DPS trained from one raw SIM sequence
-(calibration/sim_run.py), bundled with the reconstruction they learned behind
-(engines/sim_bundle.py), served by every CPU engine alike, and refused where they do not fit.
+(calibration/_sim_run.py), bundled with the reconstruction they learned behind
+(engines/_sim_bundle.py), served by every CPU engine alike, and refused where they do not fit.
 """
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 from tiny_specs import TINY_2D, TINY_DPS, TINY_SIM
 
-from livedecon.calibration.quality_bench import OPTICS, Scene
-from livedecon.calibration.sim_run import train_sim_bundle
-from livedecon.calibration.sim_simulator import render_sim
-from livedecon.engines.backends import open_runtime
-from livedecon.engines.bioimageio_package import export_bioimageio
-from livedecon.engines.bundle import BundleError, ModelBundle
-from livedecon.engines.dps import DpsConfig
-from livedecon.engines.enums import Backend
-from livedecon.engines.networks import build_network
-from livedecon.engines.sim import SimSettings
-from livedecon.engines.sim_bundle import check_sim_chain, sim_bundle
-from livedecon.engines.sim_training import SimRecorruption, SimTrainingConfig
-from livedecon.engines.training import estimate_background
+from livedecon.calibration._quality_bench import OPTICS, Scene
+from livedecon.calibration._sim_run import train_sim_bundle
+from livedecon.calibration._sim_simulator import render_sim
+from livedecon.engines._backends import open_runtime
+from livedecon.engines._bioimageio_package import export_bioimageio
+from livedecon.engines._bundle import BundleError, ModelBundle
+from livedecon.engines._dps import DpsConfig
+from livedecon.engines._enums import Backend
+from livedecon.engines._networks import build_network
+from livedecon.engines._sim import SimSettings
+from livedecon.engines._sim_bundle import check_sim_chain, sim_bundle
+from livedecon.engines._sim_training import SimRecorruption, SimTrainingConfig
+from livedecon.engines._training import estimate_background
 
 SCENE = Scene(structure="dense", optics="tirf", peak_photons=100.0, size_px=64, seed=1234)
 OPTIC = OPTICS["tirf"]

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from daemon_harness import start_daemon
 
-from livedecon.calibration.config import default_microscope
-from livedecon.calibration.forward_model import ForwardModel
-from livedecon.calibration.metrics import psnr
-from livedecon.daemon.protocol import AdaptationPlan, Axes, Plan
-from livedecon.daemon.writer import output_path, read_planes
+from livedecon.calibration._config import default_microscope
+from livedecon.calibration._forward_model import ForwardModel
+from livedecon.calibration._metrics import psnr
+from livedecon.daemon._protocol import AdaptationPlan, Axes, Plan
+from livedecon.daemon._writer import output_path, read_planes
 
 EXPOSURE_MS = 20.0
 TIMEPOINTS, FRAMES = 6, 4  # per timepoint: 4 frames, 20 s of sample time apart

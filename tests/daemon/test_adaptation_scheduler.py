@@ -12,16 +12,16 @@ import pytest
 import torch
 from daemon_harness import start_daemon
 
-from livedecon.daemon.adaptation_scheduler import (
+from livedecon.daemon._adaptation_scheduler import (
     TimepointReport,
     adaptation_for,
     check_candidate,
 )
-from livedecon.daemon.pipeline import Worker
-from livedecon.daemon.processing import open_processor
-from livedecon.daemon.protocol import AdaptationPlan, Axes, Plan
-from livedecon.daemon.telemetry import Metrics
-from livedecon.daemon.writer import output_path, read_planes
+from livedecon.daemon._pipeline import Worker
+from livedecon.daemon._processing import open_processor
+from livedecon.daemon._protocol import AdaptationPlan, Axes, Plan
+from livedecon.daemon._telemetry import Metrics
+from livedecon.daemon._writer import output_path, read_planes
 
 PLAN = AdaptationPlan(mode="adapt", steps_per_timepoint=3, patch_px=32, batch_size=2)
 

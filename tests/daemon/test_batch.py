@@ -16,14 +16,14 @@ import torch
 import zarr
 from tiny_specs import TINY_2D, TINY_3D, TINY_SELFNET
 
-from livedecon.daemon import batch
-from livedecon.daemon.batch import BatchOptions, run_batch
-from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
-from livedecon.engines.networks import Network3DSpec, build_network
-from livedecon.engines.offline import restore_file
-from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
-from livedecon.engines.runtime import TorchRuntime
-from livedecon.engines.tiling import infer_tiled
+from livedecon.daemon import _batch as batch
+from livedecon.daemon._batch import BatchOptions, run_batch
+from livedecon.engines._bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
+from livedecon.engines._networks import Network3DSpec, build_network
+from livedecon.engines._offline import restore_file
+from livedecon.engines._ome_tiff import read_ome_tiff, write_ome_tiff
+from livedecon.engines._runtime import TorchRuntime
+from livedecon.engines._tiling import infer_tiled
 
 PIXEL = 0.1
 OPTIONS = BatchOptions(chunk_px=32, halo_px=16, frames_per_chunk=2)
@@ -183,7 +183,7 @@ def test_a_volume_split_in_depth_equals_the_whole_stack_restore(bundles, tmp_pat
     each side, blended along z with the same window (in-process workers share the engine)."""
     from distributed import Client, LocalCluster
 
-    from livedecon.engines.tiling import restore_electrons
+    from livedecon.engines._tiling import restore_electrons
 
     bundle = ModelBundle.load(bundles["3d"])
     options = OPTIONS.model_copy(update={"z_chunk": 4, "z_halo": 2, "backend": "torch"})
@@ -309,9 +309,9 @@ def test_a_worker_killed_mid_run_loses_no_chunk(client, bundles, tmp_path):
 
 def test_a_self_net_bundle_is_refused_not_run_on_frames(tmp_path):
     """Self-Net restores axial slices: tiling its frames would write a wrong volume."""
-    from livedecon.daemon.batch_inputs import plan_sources
-    from livedecon.engines.selfnet import SelfNetRestorer
-    from livedecon.engines.selfnet_bundle import selfnet_bundle, volume_normalisation
+    from livedecon.daemon._batch_inputs import plan_sources
+    from livedecon.engines._selfnet import SelfNetRestorer
+    from livedecon.engines._selfnet_bundle import selfnet_bundle, volume_normalisation
 
     volume = np.random.default_rng(0).gamma(2.0, 10.0, (8, 32, 32)).astype(np.float32)
     bundle = selfnet_bundle(

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from livedecon.calibration.config import MicroscopeConfig, default_microscope, load_microscope
-from livedecon.daemon.daemon_config import DaemonConfig, load_daemon_config
-from livedecon.engines.configfile import ConfigError
+from livedecon.calibration._config import MicroscopeConfig, default_microscope, load_microscope
+from livedecon.daemon._daemon_config import DaemonConfig, load_daemon_config
+from livedecon.engines._configfile import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -7,17 +7,17 @@ import logging
 import numpy as np
 import pytest
 
-from livedecon.calibration.calibration_bundle import CalibrationBundle, CalibrationRecord
-from livedecon.calibration.camera import calibrate_camera
-from livedecon.calibration.forward_model import ForwardModel
-from livedecon.daemon.correction import input_correction
-from livedecon.daemon.daemon_config import Correction
+from livedecon.calibration._calibration_bundle import CalibrationBundle, CalibrationRecord
+from livedecon.calibration._camera import calibrate_camera
+from livedecon.calibration._forward_model import ForwardModel
+from livedecon.daemon._correction import input_correction
+from livedecon.daemon._daemon_config import Correction
 
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
     """A calibration bundle (camera only) of a 64 x 64 sCMOS with hot pixels and stripes."""
-    from livedecon.calibration.config import default_microscope
+    from livedecon.calibration._config import default_microscope
 
     scope = default_microscope()
     camera = scope.camera.model_copy(

@@ -12,10 +12,10 @@ import zmq
 from daemon_harness import process_memory_mb, receive_all, send_and_flush, start_daemon, subscriber
 from plane_records import assert_same_as_tiff
 
-from livedecon.daemon.client import DaemonClient, DaemonError, DaemonUnavailable
-from livedecon.daemon.journal import read_journal
-from livedecon.daemon.launcher import DaemonProcess
-from livedecon.daemon.protocol import (
+from livedecon.daemon._client import DaemonClient, DaemonError, DaemonUnavailable
+from livedecon.daemon._journal import read_journal
+from livedecon.daemon._launcher import DaemonProcess
+from livedecon.daemon._protocol import (
     PROTOCOL_VERSION,
     Axes,
     ErrorCode,
@@ -23,11 +23,11 @@ from livedecon.daemon.protocol import (
     Topic,
     frame_header,
 )
-from livedecon.daemon.writer import in_units, output_path, read_planes
-from livedecon.daemon.zarr_output import is_complete, zarr_path
-from livedecon.engines.bundle import ModelBundle, find_bundle
-from livedecon.engines.runtime import TorchRuntime
-from livedecon.engines.tiling import restore_electrons
+from livedecon.daemon._writer import in_units, output_path, read_planes
+from livedecon.daemon._zarr_output import is_complete, zarr_path
+from livedecon.engines._bundle import ModelBundle, find_bundle
+from livedecon.engines._runtime import TorchRuntime
+from livedecon.engines._tiling import restore_electrons
 
 PIXEL_UM = 0.065  # the shipped fast2d-sim bundle's camera pixel
 
@@ -277,7 +277,7 @@ def test_overload_spills_to_disk_loses_nothing_and_keeps_memory_bounded(tmp_path
 
 
 def test_curve_keys_refuse_an_unauthenticated_client(tmp_path):
-    from livedecon.daemon.security import client_security, make_keys
+    from livedecon.daemon._security import client_security, make_keys
 
     keys = make_keys(tmp_path / "keys")
     secure = client_security(keys["server_public"], keys["client_secret"])

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from daemon_harness import send_and_flush, start_daemon
 
-from livedecon.acquisition_hooks.stream import DaemonStream
-from livedecon.daemon.client import DaemonError
-from livedecon.daemon.journal import read_journal
-from livedecon.daemon.protocol import Axes, Plan
-from livedecon.daemon.writer import output_path, read_planes
+from livedecon.acquisition_hooks._stream import DaemonStream
+from livedecon.daemon._client import DaemonError
+from livedecon.daemon._journal import read_journal
+from livedecon.daemon._protocol import Axes, Plan
+from livedecon.daemon._writer import output_path, read_planes
 
 MB = 2**20
 

@@ -15,10 +15,10 @@ import numpy as np
 import zmq
 from daemon_harness import start_daemon
 
-from livedecon.daemon.journal import ACQUISITION_FILE, read_acquisition_record, read_journal
-from livedecon.daemon.protocol import PROTOCOL_VERSION, ErrorCode
-from livedecon.daemon.reprocess import _acknowledged
-from livedecon.daemon.writer import written_keys
+from livedecon.daemon._journal import ACQUISITION_FILE, read_acquisition_record, read_journal
+from livedecon.daemon._protocol import PROTOCOL_VERSION, ErrorCode
+from livedecon.daemon._reprocess import _acknowledged
+from livedecon.daemon._writer import written_keys
 
 MESSAGES = 1500
 SHAPE = (16, 16)

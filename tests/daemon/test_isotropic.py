@@ -19,13 +19,13 @@ from plane_records import zarr_planes
 from pydantic import ValidationError
 from tiny_specs import TINY_SELFNET
 
-from livedecon.daemon.client import DaemonError
-from livedecon.daemon.processing import open_isotropic, open_processor, source_planes
-from livedecon.daemon.protocol import AdaptationPlan, Axes, Plan, Topic
-from livedecon.daemon.writer import output_path, read_planes
-from livedecon.engines.bundle import ModelBundle, TrainingRecord, find_bundle
-from livedecon.engines.selfnet import SelfNetRestorer, upsampled_depth
-from livedecon.engines.selfnet_bundle import selfnet_bundle, volume_normalisation
+from livedecon.daemon._client import DaemonError
+from livedecon.daemon._processing import open_isotropic, open_processor, source_planes
+from livedecon.daemon._protocol import AdaptationPlan, Axes, Plan, Topic
+from livedecon.daemon._writer import output_path, read_planes
+from livedecon.engines._bundle import ModelBundle, TrainingRecord, find_bundle
+from livedecon.engines._selfnet import SelfNetRestorer, upsampled_depth
+from livedecon.engines._selfnet_bundle import selfnet_bundle, volume_normalisation
 
 FIRST = ModelBundle.load(find_bundle("fast3d-sim")).manifest
 Z_COUNT = 5

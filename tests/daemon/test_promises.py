@@ -17,16 +17,16 @@ import pytest
 import zmq
 from daemon_harness import send_and_flush, start_daemon
 
-from livedecon.daemon.client import DaemonError
-from livedecon.daemon.diskspace import FreeSpace, sub_path
-from livedecon.daemon.journal import (
+from livedecon.daemon._client import DaemonError
+from livedecon.daemon._diskspace import FreeSpace, sub_path
+from livedecon.daemon._journal import (
     MAX_NAME,
     Journal,
     JournalEntry,
     read_journal,
     safe_name,
 )
-from livedecon.daemon.protocol import (
+from livedecon.daemon._protocol import (
     PROTOCOL_VERSION,
     Axes,
     ErrorCode,
@@ -34,7 +34,7 @@ from livedecon.daemon.protocol import (
     ProtocolError,
     parse_header,
 )
-from livedecon.daemon.writer import output_files, output_path, read_planes
+from livedecon.daemon._writer import output_files, output_path, read_planes
 
 HOSTILE = [
     "..",
@@ -392,10 +392,10 @@ def test_a_plane_that_cannot_be_written_is_reported_and_recovered_by_reprocess(t
 def test_an_acquisition_finishes_even_when_finalising_its_files_fails(tmp_path, monkeypatch):
     from test_writer import acquisition, info, plane
 
-    from livedecon.daemon.pipeline import Acquisition, WriteItem, WriterThread
-    from livedecon.daemon.processing import PassThrough
-    from livedecon.daemon.telemetry import Metrics
-    from livedecon.daemon.writer import AcquisitionWriter
+    from livedecon.daemon._pipeline import Acquisition, WriteItem, WriterThread
+    from livedecon.daemon._processing import PassThrough
+    from livedecon.daemon._telemetry import Metrics
+    from livedecon.daemon._writer import AcquisitionWriter
 
     def failing_close(self):
         raise OSError(errno.EIO, "Input/output error")
@@ -417,7 +417,7 @@ def test_an_acquisition_finishes_even_when_finalising_its_files_fails(tmp_path, 
 
 
 def test_a_stream_whose_start_is_refused_for_now_asks_again(tmp_path):
-    from livedecon.acquisition_hooks.stream import DaemonStream
+    from livedecon.acquisition_hooks._stream import DaemonStream
 
     daemon = start_daemon(tmp_path, limits={"max_active_acquisitions": 1})
     image = np.ones((8, 8), np.uint16)
@@ -445,7 +445,7 @@ def test_a_stream_whose_start_is_refused_for_now_asks_again(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc to list mappings")
 def test_the_daemon_maps_a_bounded_number_of_client_segments(tmp_path):
-    from livedecon.daemon.server import SEGMENTS_KEPT
+    from livedecon.daemon._server import SEGMENTS_KEPT
 
     daemon = start_daemon(tmp_path)
     image = np.ones((8, 8), np.uint16)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from livedecon.daemon.protocol import (
+from livedecon.daemon._protocol import (
     PROTOCOL_VERSION,
     Axes,
     ErrorCode,

@@ -13,17 +13,17 @@ from plane_records import ndtiff
 from typer.testing import CliRunner
 
 from livedecon.cli.main import app
-from livedecon.daemon.journal import (
+from livedecon.daemon._journal import (
     AcquisitionRecord,
     Journal,
     JournalEntry,
     write_acquisition_record,
 )
-from livedecon.daemon.processing import PassThrough, open_processor
-from livedecon.daemon.protocol import Axes, Plan, frame_header
-from livedecon.daemon.reprocess import ReprocessError, reprocess
-from livedecon.daemon.spill import SpillStore
-from livedecon.daemon.writer import (
+from livedecon.daemon._processing import PassThrough, open_processor
+from livedecon.daemon._protocol import Axes, Plan, frame_header
+from livedecon.daemon._reprocess import ReprocessError, reprocess
+from livedecon.daemon._spill import SpillStore
+from livedecon.daemon._writer import (
     AcquisitionWriter,
     PlaneRecord,
     output_path,
@@ -31,7 +31,7 @@ from livedecon.daemon.writer import (
     stored_plane,
     units_per_count,
 )
-from livedecon.engines.bundle import find_bundle
+from livedecon.engines._bundle import find_bundle
 
 ACQ = "acq-1"
 PIXEL_UM = 0.065

@@ -1,6 +1,6 @@
 """Live SIM in the daemon: every group of angles x phases raw frames becomes one SR image.
 
-A real daemon process receives simulated SIM frames (calibration/sim_simulator.py) plane by
+A real daemon process receives simulated SIM frames (calibration/_sim_simulator.py) plane by
 plane and as a whole sequence, one group with a frame that never comes; it writes one SR image
 per group at half the camera pixel, publishes it beside the widefield image, and `reprocess`
 makes the same images again from the raw dataset.
@@ -19,22 +19,22 @@ from plane_records import ndtiff
 from pydantic import ValidationError
 from tiny_specs import TINY_SIM
 
-from livedecon.calibration.baseline import upsample_2x
-from livedecon.calibration.metrics import psnr
-from livedecon.calibration.quality_bench import OPTICS, Scene, fit_to, scored_region
-from livedecon.calibration.sim_run import train_sim_bundle
-from livedecon.calibration.sim_simulator import SimIllumination, render_sim
-from livedecon.daemon.client import DaemonError
-from livedecon.daemon.journal import read_acquisition_record
-from livedecon.daemon.processing import open_processor
-from livedecon.daemon.protocol import Axes, Plan, SimPlan, Topic
-from livedecon.daemon.reprocess import reprocess
-from livedecon.daemon.sim_processing import SimProcessor
-from livedecon.daemon.writer import output_path, read_planes
-from livedecon.engines.bundle import ModelBundle
-from livedecon.engines.enums import Backend
-from livedecon.engines.sim import SimParameters
-from livedecon.engines.sim_training import SimRecorruption, SimTrainingConfig
+from livedecon.calibration._baseline import upsample_2x
+from livedecon.calibration._metrics import psnr
+from livedecon.calibration._quality_bench import OPTICS, Scene, fit_to, scored_region
+from livedecon.calibration._sim_run import train_sim_bundle
+from livedecon.calibration._sim_simulator import SimIllumination, render_sim
+from livedecon.daemon._client import DaemonError
+from livedecon.daemon._journal import read_acquisition_record
+from livedecon.daemon._processing import open_processor
+from livedecon.daemon._protocol import Axes, Plan, SimPlan, Topic
+from livedecon.daemon._reprocess import reprocess
+from livedecon.daemon._sim_processing import SimProcessor
+from livedecon.daemon._writer import output_path, read_planes
+from livedecon.engines._bundle import ModelBundle
+from livedecon.engines._enums import Backend
+from livedecon.engines._sim import SimParameters
+from livedecon.engines._sim_training import SimRecorruption, SimTrainingConfig
 
 SCENE = Scene(structure="dense", optics="tirf", peak_photons=100.0, size_px=64, seed=1234)
 OPTIC = OPTICS["tirf"]

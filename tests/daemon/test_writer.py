@@ -16,7 +16,7 @@ import tifffile
 from ome_types import validate_xml
 from plane_records import acquisition, info
 
-from livedecon.daemon.writer import (
+from livedecon.daemon._writer import (
     OME_NS,
     AcquisitionWriter,
     OutputBusyError,
@@ -134,7 +134,7 @@ CHILD = """
 import sys
 import numpy as np
 from pathlib import Path
-from livedecon.daemon.writer import PlaneFile, PlaneRecord
+from livedecon.daemon._writer import PlaneFile, PlaneRecord
 target = PlaneFile(Path(sys.argv[1]))
 for i in range(100000):
     record = PlaneRecord(frame_id=i, time=i, z=0, channel=0, position=0, bundle_id="b",

@@ -11,10 +11,10 @@ import zarr
 from plane_records import acquisition, assert_same_as_tiff, info, zarr_planes
 from yaozarrs import validate_zarr_store
 
-from livedecon.daemon.journal import write_acquisition_record
-from livedecon.daemon.reprocess import reprocess
-from livedecon.daemon.writer import AcquisitionWriter, output_path
-from livedecon.daemon.zarr_output import ZarrImage, ZarrMirror, is_complete, zarr_path
+from livedecon.daemon._journal import write_acquisition_record
+from livedecon.daemon._reprocess import reprocess
+from livedecon.daemon._writer import AcquisitionWriter, output_path
+from livedecon.daemon._zarr_output import ZarrImage, ZarrMirror, is_complete, zarr_path
 
 
 def test_planes_in_any_order_make_a_valid_ngff_image_with_physical_scale(tmp_path):

@@ -57,7 +57,7 @@ def test_export_reports_its_choice_and_gate_and_refuses_bad_input(tmp_path):
     bad = _livedecon("export", "fast2d-sim", "--shapes", "big")
     assert bad.returncode == 2
     assert "--shapes" in bad.stdout
-    from livedecon.engines.backends import available_backends
+    from livedecon.engines._backends import available_backends
 
     why = available_backends()["tensorrt"]
     if why:  # the usual case on CPU machines: asking for TensorRT fails with the reason

@@ -14,7 +14,7 @@ import tifffile
 import yaml
 from cli_harness import run_livedecon
 
-from livedecon.engines.bundle import ModelBundle, TrainingRecord, shipped_bundle_path
+from livedecon.engines._bundle import ModelBundle, TrainingRecord, shipped_bundle_path
 
 pytest.importorskip("bioimageio.core", reason="needs the bioimageio extra")
 
@@ -119,9 +119,9 @@ def test_restore_refuses_a_package_without_a_livedecon_bundle(package_2d, tmp_pa
 
 
 def test_selfnet_bundles_are_refused_clearly(tmp_path):
-    from livedecon.engines.bioimageio_package import export_bioimageio
-    from livedecon.engines.selfnet import SelfNetRestorer, SelfNetSpec
-    from livedecon.engines.selfnet_bundle import selfnet_bundle, volume_normalisation
+    from livedecon.engines._bioimageio_package import export_bioimageio
+    from livedecon.engines._selfnet import SelfNetRestorer, SelfNetSpec
+    from livedecon.engines._selfnet_bundle import selfnet_bundle, volume_normalisation
 
     volume = np.random.default_rng(0).uniform(1, 10, (8, 32, 32)).astype(np.float32)
     bundle = selfnet_bundle(
@@ -139,7 +139,7 @@ def test_selfnet_bundles_are_refused_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_exported_shipped_3d_bundle_passes_bioimageio_test(tmp_path):
-    from livedecon.engines.bioimageio_package import export_bioimageio
+    from livedecon.engines._bioimageio_package import export_bioimageio
 
     bundle = ModelBundle.load(shipped_bundle_path("fast3d-sim"))
     report = export_bioimageio(bundle, tmp_path / "fast3d-sim.zip")

@@ -12,12 +12,12 @@ import pytest
 import tomli_w
 from daemon_harness import start_daemon
 
-from livedecon.calibration.calibration_bundle import CalibrationBundle
-from livedecon.calibration.config import default_microscope
-from livedecon.calibration.forward_model import ForwardModel
-from livedecon.daemon.launcher import LIVEDECON
-from livedecon.daemon.protocol import Axes, Plan
-from livedecon.daemon.writer import output_path, read_planes
+from livedecon.calibration._calibration_bundle import CalibrationBundle
+from livedecon.calibration._config import default_microscope
+from livedecon.calibration._forward_model import ForwardModel
+from livedecon.daemon._launcher import LIVEDECON
+from livedecon.daemon._protocol import Axes, Plan
+from livedecon.daemon._writer import output_path, read_planes
 
 GAIN, READ_NOISE = 0.8, 2.0  # the simulated camera's truth, away from the default guesses
 
@@ -129,7 +129,7 @@ def test_the_daemon_serves_a_calibration_bundle_with_its_corrections(live_run, t
     planes = read_planes(output_path(daemon.config.output_dir / "calibrated", 0, 0))
     assert [r.bundle_id for r, _ in planes] == [bundle.record.model.bundle_id] * 2
     # the served output is the model on the corrected frame (hot pixels gone)
-    from livedecon.daemon.processing import open_processor
+    from livedecon.daemon._processing import open_processor
 
     local = open_processor(out, "onnxruntime", frame_shapes=((192, 192),))
     for (_, plane), frame in zip(planes, frames, strict=True):

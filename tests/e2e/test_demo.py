@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from livedecon.daemon.launcher import LIVEDECON
+from livedecon.daemon._launcher import LIVEDECON
 
 
 def run_demo(out, *options: str) -> dict:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from livedecon.calibration.forward_model import counts_to_electrons
-from livedecon.engines.ome_tiff import read_ome_tiff
+from livedecon.calibration._forward_model import counts_to_electrons
+from livedecon.engines._ome_tiff import read_ome_tiff
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -83,7 +83,7 @@ def test_stack_shapes_and_z_step(simulated):
 
 
 def test_truth_and_noisy_data_align(simulated):
-    from livedecon.calibration.config import MicroscopeConfig
+    from livedecon.calibration._config import MicroscopeConfig
 
     manifest = json.loads((simulated / "simulation.json").read_text())["series_2d"]
     camera = MicroscopeConfig.model_validate(manifest["microscope"]).camera
@@ -101,9 +101,9 @@ def test_truth_and_noisy_data_align(simulated):
 
 
 def test_the_sim_acquisition_holds_its_frames_truth_and_pattern(simulated):
-    from livedecon.calibration.psf import theoretical_psf
-    from livedecon.calibration.quality_bench import OPTICS
-    from livedecon.engines.sim import SimParameters, estimate_parameters
+    from livedecon.calibration._psf import theoretical_psf
+    from livedecon.calibration._quality_bench import OPTICS
+    from livedecon.engines._sim import SimParameters, estimate_parameters
 
     manifest = json.loads((simulated / "simulation.json").read_text())["sim_2d"]
     raw = read_ome_tiff(simulated / manifest["raw"])
@@ -140,7 +140,7 @@ def test_config_error_is_one_clear_message(tmp_path):
 def test_restore_sim_reconstructs_the_simulated_sim_acquisition(simulated, tmp_path):
     """`livedecon restore sim RAW OUT --microscope`: the daemon's reconstruction, offline,
     sharper than widefield against the truth; a file that is no whole sequence is refused."""
-    from livedecon.calibration.metrics import decorrelation_resolution
+    from livedecon.calibration._metrics import decorrelation_resolution
     from livedecon.configs import shipped_config_path
 
     manifest = json.loads((simulated / "simulation.json").read_text())["sim_2d"]

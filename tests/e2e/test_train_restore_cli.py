@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from cli_harness import run_livedecon
 
-from livedecon.calibration.config import default_microscope
-from livedecon.calibration.forward_model import ForwardModel
-from livedecon.engines.bundle import ModelBundle
-from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
+from livedecon.calibration._config import default_microscope
+from livedecon.calibration._forward_model import ForwardModel
+from livedecon.engines._bundle import ModelBundle
+from livedecon.engines._ome_tiff import read_ome_tiff, write_ome_tiff
 
 TINY_CONFIG = """
 iterations = 6
@@ -186,11 +186,11 @@ def test_3d_train_and_restore_of_a_z_stack(tmp_path):
 
 
 def test_restore_file_with_onnxruntime_and_tiles_matches_the_torch_reference(tmp_path):
-    from livedecon.calibration.config import default_microscope
-    from livedecon.engines.bundle import shipped_bundle_path
-    from livedecon.engines.offline import restore_file
-    from livedecon.engines.runtime import OnnxRuntime
-    from livedecon.engines.training import restore
+    from livedecon.calibration._config import default_microscope
+    from livedecon.engines._bundle import shipped_bundle_path
+    from livedecon.engines._offline import restore_file
+    from livedecon.engines._runtime import OnnxRuntime
+    from livedecon.engines._training import restore
 
     bundle = ModelBundle.load(shipped_bundle_path("fast2d-sim"))
     scope = default_microscope()
@@ -211,7 +211,7 @@ def test_train_without_camera_values_uses_and_records_the_frames_own_noise(tmp_p
     """A microscope config with optics only: `train` estimates the camera from the frames,
     says so, and the bundle converts counts with the estimate (here: gain 0.5 e-/ADU scaled
     by 1/4, as if the file had been rescaled)."""
-    from livedecon.calibration.quality_bench import Scene, render
+    from livedecon.calibration._quality_bench import Scene, render
 
     scene = render(Scene(structure="mixed", peak_photons=50, size_px=128, seed=3))
     frame = tmp_path / "scaled.tif"

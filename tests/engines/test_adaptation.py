@@ -5,13 +5,13 @@ import pytest
 import torch
 from cpu_threads import TEST_THREADS
 
-from livedecon.calibration.config import default_microscope
-from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
-from livedecon.calibration.psf import theoretical_psf
-from livedecon.engines.adaptation import AdaptationConfig, Adapter, fine_tune
-from livedecon.engines.networks import Network2DSpec, UNetSpec
-from livedecon.engines.psf_kernel import prepare_psf
-from livedecon.engines.training import TrainingConfig, train
+from livedecon.calibration._config import default_microscope
+from livedecon.calibration._forward_model import ForwardModel, counts_to_electrons
+from livedecon.calibration._psf import theoretical_psf
+from livedecon.engines._adaptation import AdaptationConfig, Adapter, fine_tune
+from livedecon.engines._networks import Network2DSpec, UNetSpec
+from livedecon.engines._psf_kernel import prepare_psf
+from livedecon.engines._training import TrainingConfig, train
 
 TINY = Network2DSpec(unet=UNetSpec(levels=2, convs_per_block=1, base_width=8), tail_width=16)
 CONFIG = AdaptationConfig(learning_rate=1e-3, patch_px=32, batch_size=4, validation_batches=2)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from livedecon.engines import atomic_write
-from livedecon.engines.atomic_write import replace_atomically, write_atomically
+from livedecon.engines import _atomic_write as atomic_write
+from livedecon.engines._atomic_write import replace_atomically, write_atomically
 
 
 def test_writes_whole_and_syncs_file_and_directory(tmp_path, monkeypatch):

@@ -9,16 +9,17 @@ import pytest
 import torch
 from tiny_specs import TINY_2D
 
-from livedecon.engines import artifacts, backends
-from livedecon.engines.backends import (
+from livedecon.engines import _artifacts as artifacts
+from livedecon.engines import _backends as backends
+from livedecon.engines._backends import (
     AccuracyGateError,
     accuracy_gate,
     choose_backend,
     open_runtime,
 )
-from livedecon.engines.bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
-from livedecon.engines.networks import build_network
-from livedecon.engines.runtime import TorchRuntime
+from livedecon.engines._bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
+from livedecon.engines._networks import build_network
+from livedecon.engines._runtime import TorchRuntime
 
 
 def _bundle(seed: int = 0) -> ModelBundle:
@@ -172,7 +173,7 @@ def test_tensorrt_through_open_runtime_passes_the_gate_and_caches_its_plan(saved
 def test_fp16_tensorrt_missing_the_gate_falls_back_to_fp32_heads(saved, monkeypatch):
     """The selection logic around TensorRT, with TensorRT itself replaced by a stand-in whose
     all-FP16 engine strays and whose FP32-heads engine does not (TensorRT cannot run here)."""
-    from livedecon.engines import tensorrt_runtime as trt_rt
+    from livedecon.engines import _tensorrt_runtime as trt_rt
 
     bundle, path = saved
     built = []

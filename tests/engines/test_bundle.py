@@ -11,8 +11,8 @@ import safetensors.torch
 import tifffile
 import torch
 
-from livedecon.engines import bundle as bundle_module
-from livedecon.engines.bundle import (
+from livedecon.engines import _bundle as bundle_module
+from livedecon.engines._bundle import (
     BUNDLE_FORMAT,
     BundleError,
     ModelBundle,
@@ -22,7 +22,7 @@ from livedecon.engines.bundle import (
     shipped_bundle_path,
     weights_sha256,
 )
-from livedecon.engines.networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
+from livedecon.engines._networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
 
 SPEC_2D = Network2DSpec(unet=UNetSpec(levels=2, convs_per_block=1, base_width=4), tail_width=8)
 SPEC_3D = Network3DSpec(width=8, residual_groups=1, blocks_per_group=1, attention_reduction=4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from livedecon.engines.dps import (
+from livedecon.engines._dps import (
     DpsConfig,
     DpsLoss,
     DpsNet,
@@ -17,7 +17,7 @@ from livedecon.engines.dps import (
     train_dps,
     train_dps_sim,
 )
-from livedecon.engines.networks import UNetSpec
+from livedecon.engines._networks import UNetSpec
 
 TINY = DpsSpec(unet=UNetSpec(levels=2, convs_per_block=1, base_width=4), feedback_width=4)
 
@@ -102,11 +102,11 @@ def test_dps_beats_wiener_sim_at_low_light():
     scored as the quality bench scores."""
     from scipy import signal
 
-    from livedecon.calibration.metrics import psnr
-    from livedecon.calibration.psf import theoretical_psf
-    from livedecon.calibration.quality_bench import OPTICS, Scene, fit_to, scored_region
-    from livedecon.calibration.sim_simulator import render_sim
-    from livedecon.engines.sim import reconstruct
+    from livedecon.calibration._metrics import psnr
+    from livedecon.calibration._psf import theoretical_psf
+    from livedecon.calibration._quality_bench import OPTICS, Scene, fit_to, scored_region
+    from livedecon.calibration._sim_simulator import render_sim
+    from livedecon.engines._sim import reconstruct
 
     acquisition = render_sim(Scene(structure="mixed", peak_photons=30, size_px=128, seed=1070))
     electrons = acquisition.electrons - acquisition.scene.background_e

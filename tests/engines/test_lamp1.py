@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from livedecon.calibration.baseline import upsample_2x
-from livedecon.calibration.config import load_microscope
-from livedecon.calibration.first_model import load_training_tiffs, training_psf
-from livedecon.calibration.metrics import decorrelation_resolution, find_puncta, ringing
+from livedecon.calibration._baseline import upsample_2x
+from livedecon.calibration._config import load_microscope
+from livedecon.calibration._first_model import load_training_tiffs, training_psf
+from livedecon.calibration._metrics import decorrelation_resolution, find_puncta, ringing
 from livedecon.configs import shipped_config_path
-from livedecon.engines.networks import Network2DSpec, UNetSpec, fast_2d_spec
-from livedecon.engines.training import TrainingConfig, restore, train
+from livedecon.engines._networks import Network2DSpec, UNetSpec, fast_2d_spec
+from livedecon.engines._training import TrainingConfig, restore, train
 
 # Ringing bound: neither a dark halo nor a bright ring around puncta deeper than 2% of their
 # amplitude (median over the 20 brightest isolated puncta). For scale, on this frame: raw 0,

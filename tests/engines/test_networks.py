@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from livedecon.engines.networks import (
+from livedecon.engines._networks import (
     Network2DSpec,
     Network3DSpec,
     UNetSpec,

@@ -3,15 +3,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from livedecon.calibration.psf import fwhm_px, theoretical_psf
-from livedecon.engines.psf_kernel import PSFError, prepare_psf
+from livedecon.calibration._psf import fwhm_px, theoretical_psf
+from livedecon.engines._psf_kernel import PSFError, prepare_psf
 
 TARGET_UM = 0.0325  # the 2x output grid of the default 65 nm camera
 
 
 @pytest.fixture(scope="module")
 def optics():
-    from livedecon.calibration.config import default_microscope
+    from livedecon.calibration._config import default_microscope
 
     return default_microscope().optics
 

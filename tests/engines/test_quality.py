@@ -11,7 +11,7 @@ import pytest
 import torch
 from cpu_threads import TEST_THREADS
 
-from livedecon.calibration.quality_bench import (
+from livedecon.calibration._quality_bench import (
     Scene,
     best_richardson_lucy,
     network_restorer,
@@ -20,8 +20,8 @@ from livedecon.calibration.quality_bench import (
     run_method,
     score,
 )
-from livedecon.engines.networks import Network3DSpec
-from livedecon.engines.training import default_recipe
+from livedecon.engines._networks import Network3DSpec
+from livedecon.engines._training import default_recipe
 
 ALTERNATION_BOUND = 0.02  # odd/even plane brightness beyond the raw stack's own
 

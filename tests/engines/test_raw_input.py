@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from ndstorage import Dataset
 
-from livedecon.acquisition_hooks.simulated_microscope import SimulatedMicroscope
-from livedecon.engines.raw_input import raw_format, read_raw_image
+from livedecon.acquisition_hooks._simulated_microscope import SimulatedMicroscope
+from livedecon.engines._raw_input import raw_format, read_raw_image
 
 PIXEL_UM = 0.065
 
@@ -100,9 +100,9 @@ def test_a_plain_tiff_still_reads_and_takes_the_expected_pixel(tmp_path):
 
 
 def test_restore_reads_an_ndtiff_as_it_reads_the_same_frames_in_a_tiff(tmp_path, scope):
-    from livedecon.engines.bundle import ModelBundle, find_bundle
-    from livedecon.engines.offline import restore_file
-    from livedecon.engines.ome_tiff import read_ome_tiff
+    from livedecon.engines._bundle import ModelBundle, find_bundle
+    from livedecon.engines._offline import restore_file
+    from livedecon.engines._ome_tiff import read_ome_tiff
 
     path = _ndtiff(tmp_path, scope)
     frames = read_raw_image(path, PIXEL_UM, "test").data[:, :2]

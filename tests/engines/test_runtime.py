@@ -8,11 +8,11 @@ import torch
 from cpu_threads import TEST_THREADS
 from tiny_specs import TINY_2D, TINY_3D
 
-from livedecon.engines.bundle import ModelBundle, shipped_bundle_path
-from livedecon.engines.export import export_onnx, initializer_names
-from livedecon.engines.networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
-from livedecon.engines.runtime import OnnxRuntime, TorchRuntime
-from livedecon.engines.tiling import infer_tiled
+from livedecon.engines._bundle import ModelBundle, shipped_bundle_path
+from livedecon.engines._export import export_onnx, initializer_names
+from livedecon.engines._networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
+from livedecon.engines._runtime import OnnxRuntime, TorchRuntime
+from livedecon.engines._tiling import infer_tiled
 
 
 def _weights(spec, seed: int) -> dict[str, torch.Tensor]:
@@ -72,8 +72,8 @@ def shipped():
 
 
 def test_tiled_output_matches_the_whole_frame(shipped):
-    from livedecon.calibration.config import default_microscope
-    from livedecon.calibration.forward_model import ForwardModel
+    from livedecon.calibration._config import default_microscope
+    from livedecon.calibration._forward_model import ForwardModel
 
     torch.set_num_threads(TEST_THREADS)
     scope = default_microscope()
@@ -107,8 +107,8 @@ def test_no_seam_on_a_smooth_gradient(shipped):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_torch_cuda_matches_the_float32_reference(precision):
-    from livedecon.engines.backends import GATE_DB, psnr_against
-    from livedecon.engines.runtime import TorchCudaRuntime
+    from livedecon.engines._backends import GATE_DB, psnr_against
+    from livedecon.engines._runtime import TorchCudaRuntime
 
     bundle = ModelBundle.load(shipped_bundle_path("fast2d-sim"))
     spec, weights = bundle.manifest.network, bundle.state_dict

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from livedecon.engines.self_supervised import (
+from livedecon.engines._self_supervised import (
     LossConfig,
     RecorruptionConfig,
     auto_precondition,

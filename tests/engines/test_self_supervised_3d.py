@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from livedecon.engines.networks import Network3DSpec, ZSDeconvNet3D
-from livedecon.engines.self_supervised import (
+from livedecon.engines._networks import Network3DSpec, ZSDeconvNet3D
+from livedecon.engines._self_supervised import (
     LossConfig,
     gap_amending_term,
     hessian_penalty_3d,

@@ -17,18 +17,18 @@ import tifffile
 import torch
 from typer.testing import CliRunner
 
-from livedecon.calibration.anisotropic import (
+from livedecon.calibration._anisotropic import (
     AnisotropicScene,
     axial_psnr,
     isotropy,
     render_anisotropic,
 )
-from livedecon.calibration.selfnet_run import read_volume
-from livedecon.engines.backends import open_runtime
-from livedecon.engines.bundle import BundleError, ModelBundle, TrainingRecord
-from livedecon.engines.ome_tiff import read_ome_tiff, write_ome_tiff
-from livedecon.engines.runtime import OnnxRuntime, TorchRuntime
-from livedecon.engines.selfnet import (
+from livedecon.calibration._selfnet_run import read_volume
+from livedecon.engines._backends import open_runtime
+from livedecon.engines._bundle import BundleError, ModelBundle, TrainingRecord
+from livedecon.engines._ome_tiff import read_ome_tiff, write_ome_tiff
+from livedecon.engines._runtime import OnnxRuntime, TorchRuntime
+from livedecon.engines._selfnet import (
     SelfNetRestorer,
     SelfNetSpec,
     axial_ratio,
@@ -38,12 +38,12 @@ from livedecon.engines.selfnet import (
     restore_volume,
     torch_infer,
 )
-from livedecon.engines.selfnet_bundle import (
+from livedecon.engines._selfnet_bundle import (
     restore_isotropic,
     selfnet_bundle,
     volume_normalisation,
 )
-from livedecon.engines.selfnet_training import SelfNetTrainingConfig, train_selfnet
+from livedecon.engines._selfnet_training import SelfNetTrainingConfig, train_selfnet
 
 TINY = SelfNetSpec(width=8, blocks=1)
 PIXEL_UM, RATIO = 0.1, 3
@@ -170,7 +170,7 @@ def test_open_runtime_gates_selfnet(tmp_path: Path):
 
 
 def test_daemon_refuses_selfnet_bundles_clearly(tmp_path: Path):
-    from livedecon.daemon.processing import open_processor
+    from livedecon.daemon._processing import open_processor
 
     path = _bundle(SelfNetRestorer(TINY), confocal_volume().electrons).save(tmp_path / "sn")
     with pytest.raises(BundleError, match="serves after a 3D model"):
@@ -288,7 +288,7 @@ def test_cli_chain_3d_then_selfnet(tmp_path: Path):
     """`livedecon restore fast3d-sim raw --then SELFNET`: ZS-DeconvNet 3D (2x lateral), then
     Self-Net on its output grid; an isotropic volume at the 3D bundle's output pixel."""
     from livedecon.cli.main import app
-    from livedecon.engines.bundle import find_bundle
+    from livedecon.engines._bundle import find_bundle
 
     first = ModelBundle.load(find_bundle("fast3d-sim")).manifest
     pixel, z_step = first.output_pixel_um, first.z_step_um

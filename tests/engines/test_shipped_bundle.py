@@ -7,14 +7,14 @@ import pytest
 import torch
 from cpu_threads import TEST_THREADS
 
-from livedecon.calibration.baseline import best_richardson_lucy, upsample_2x
-from livedecon.calibration.config import default_microscope, load_microscope
-from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
-from livedecon.calibration.metrics import psnr, ssim
+from livedecon.calibration._baseline import best_richardson_lucy, upsample_2x
+from livedecon.calibration._config import default_microscope, load_microscope
+from livedecon.calibration._forward_model import ForwardModel, counts_to_electrons
+from livedecon.calibration._metrics import psnr, ssim
 from livedecon.configs import shipped_config_path
-from livedecon.daemon.processing import open_processor
-from livedecon.engines.bundle import ModelBundle, shipped_bundle_path
-from livedecon.engines.training import restore
+from livedecon.daemon._processing import open_processor
+from livedecon.engines._bundle import ModelBundle, shipped_bundle_path
+from livedecon.engines._training import restore
 
 EXPOSURE_MS = 20.0
 
@@ -68,7 +68,7 @@ def test_shipped_3d_bundle_keeps_each_planes_photons_and_beats_raw():
 
 
 def test_unknown_shipped_bundle_lists_the_known_ones():
-    from livedecon.engines.bundle import BundleError
+    from livedecon.engines._bundle import BundleError
 
     with pytest.raises(BundleError, match="fast2d-sim"):
         shipped_bundle_path("no-such-model")

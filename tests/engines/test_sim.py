@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from livedecon.calibration.baseline import upsample_2x
-from livedecon.calibration.metrics import decorrelation_resolution, psnr
-from livedecon.calibration.psf import theoretical_psf
-from livedecon.calibration.quality_bench import OPTICS, Scene, fit_to, scored_region
-from livedecon.calibration.sim_simulator import SimIllumination, render_sim
-from livedecon.engines.sim import SimSettings, estimate_parameters, reconstruct, refresh_phases
-from livedecon.engines.sim_training import (
+from livedecon.calibration._baseline import upsample_2x
+from livedecon.calibration._metrics import decorrelation_resolution, psnr
+from livedecon.calibration._psf import theoretical_psf
+from livedecon.calibration._quality_bench import OPTICS, Scene, fit_to, scored_region
+from livedecon.calibration._sim_simulator import SimIllumination, render_sim
+from livedecon.engines._sim import SimSettings, estimate_parameters, reconstruct, refresh_phases
+from livedecon.engines._sim_training import (
     SimRecorruption,
     SimTrainingConfig,
     restore_sim,

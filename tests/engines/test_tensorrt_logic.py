@@ -11,10 +11,10 @@ import pytest
 import torch
 from tiny_specs import TINY_2D, TINY_3D, TINY_SELFNET
 
-from livedecon.engines.export import export_onnx, initializer_names, output_names
-from livedecon.engines.networks import Network3DSpec, build_network
-from livedecon.engines.runtime import TorchRuntime
-from livedecon.engines.tensorrt_runtime import (
+from livedecon.engines._export import export_onnx, initializer_names, output_names
+from livedecon.engines._networks import Network3DSpec, build_network
+from livedecon.engines._runtime import TorchRuntime
+from livedecon.engines._tensorrt_runtime import (
     ShapeProfile,
     TensorRTRuntime,
     build_engine,

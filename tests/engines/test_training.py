@@ -5,14 +5,14 @@ import pytest
 import torch
 from cpu_threads import TEST_THREADS
 
-from livedecon.calibration.baseline import best_richardson_lucy, upsample_2x
-from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
-from livedecon.calibration.metrics import psnr, ssim
-from livedecon.calibration.psf import theoretical_psf
-from livedecon.engines import training
-from livedecon.engines.networks import Network2DSpec, UNetSpec, fast_2d_spec
-from livedecon.engines.psf_kernel import prepare_psf
-from livedecon.engines.training import TrainingConfig, restore, train
+from livedecon.calibration._baseline import best_richardson_lucy, upsample_2x
+from livedecon.calibration._forward_model import ForwardModel, counts_to_electrons
+from livedecon.calibration._metrics import psnr, ssim
+from livedecon.calibration._psf import theoretical_psf
+from livedecon.engines import _training as training
+from livedecon.engines._networks import Network2DSpec, UNetSpec, fast_2d_spec
+from livedecon.engines._psf_kernel import prepare_psf
+from livedecon.engines._training import TrainingConfig, restore, train
 
 EXPOSURE_MS = 20.0
 TINY = Network2DSpec(unet=UNetSpec(levels=2, convs_per_block=2, base_width=8), tail_width=32)
@@ -22,7 +22,7 @@ TINY = Network2DSpec(unet=UNetSpec(levels=2, convs_per_block=2, base_width=8), t
 def data():
     """128 x 128 frames of the default microscope's specimen at its usual density (a quarter
     of the field, a quarter of the structures), the PSF on the 2x grid, a held-out frame."""
-    from livedecon.calibration.config import default_microscope
+    from livedecon.calibration._config import default_microscope
 
     scope = default_microscope()
     camera = scope.camera.model_copy(update={"width_px": 128, "height_px": 128})

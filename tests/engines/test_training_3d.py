@@ -5,13 +5,13 @@ import pytest
 import torch
 from cpu_threads import TEST_THREADS
 
-from livedecon.calibration.config import load_microscope
-from livedecon.calibration.forward_model import ForwardModel, counts_to_electrons
-from livedecon.calibration.psf import theoretical_psf
+from livedecon.calibration._config import load_microscope
+from livedecon.calibration._forward_model import ForwardModel, counts_to_electrons
+from livedecon.calibration._psf import theoretical_psf
 from livedecon.configs import shipped_config_path
-from livedecon.engines.networks import Network3DSpec
-from livedecon.engines.psf_kernel import prepare_psf
-from livedecon.engines.training import TrainingConfig, restore, train
+from livedecon.engines._networks import Network3DSpec
+from livedecon.engines._psf_kernel import prepare_psf
+from livedecon.engines._training import TrainingConfig, restore, train
 
 TINY_3D = Network3DSpec(width=8, residual_groups=1, blocks_per_group=1, attention_reduction=4)
 

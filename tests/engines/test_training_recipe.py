@@ -10,8 +10,8 @@ import pytest
 import torch
 from cpu_threads import TEST_THREADS
 
-from livedecon.engines.networks import Network2DSpec, UNetSpec
-from livedecon.engines.training import (
+from livedecon.engines._networks import Network2DSpec, UNetSpec
+from livedecon.engines._training import (
     CPU_BUDGET_MIN,
     TrainingConfig,
     capped_by_passes,
