@@ -5,18 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from scipy import ndimage
 from skimage.restoration import richardson_lucy
 
 from livedecon.calibration._metrics import psnr
-
-
-def upsample_2x(image: np.ndarray) -> np.ndarray:
-    """Linear interpolation onto the 2x grid, flux preserved (each value shared by 4 pixels)."""
-    image = np.asarray(image, dtype=np.float64)
-    # pixel centres: camera pixel i covers fine pixels 2i and 2i+1
-    zoomed = ndimage.zoom(image, 2, order=1, mode="nearest", grid_mode=True)
-    return zoomed / 4.0
+from livedecon.engines._refinement import upsample_2x  # one home: the refinement needs it
 
 
 def richardson_lucy_2x(

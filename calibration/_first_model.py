@@ -214,4 +214,5 @@ def train_bundle(
         psf=psf,
         psf_record=psf_record,
         training=training,
+        refine_iterations=config.refinement,
     )

@@ -342,6 +342,15 @@ def restore(
     sim_order: Annotated[
         str, typer.Option(help="sim: frame order, angle-phase (angle by angle) or phase-angle")
     ] = "angle-phase",
+    refine: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=64,
+            help="2D bundles: Richardson-Lucy steps against each frame after the network"
+            " (default: the bundle's own; 0: the network alone)",
+        ),
+    ] = None,
 ) -> None:
     """Restore raw frames (or z-stacks, with a 3D bundle) with a model bundle, or a
     bioimage.io package written by `livedecon export --bioimageio`; a Self-Net bundle makes a
@@ -370,6 +379,8 @@ def restore(
         else:
             path = find_bundle(bundle)
         loaded = ModelBundle.load(path)
+        if refine is not None:
+            loaded = loaded.with_refinement(refine)
         # 3D stacks are tiled laterally only; 64 planes is the deepest a TensorRT profile takes
         shape = (64, tile_px, tile_px) if loaded.manifest.is_3d else (tile_px, tile_px)
         runtime, choice = open_runtime(loaded, path, backend, frame_shapes=[shape], max_batch=4)

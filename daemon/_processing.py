@@ -301,24 +301,26 @@ class ModelProcessor:
         multiple = input_multiple(self.bundle.manifest.network)
         share = self.bundle.flux_share
         fits = max(items[0].shape[-2:]) <= self.tile_px
+        electrons = [self.electrons(item) for item in items]
         if fits and all(item.shape == items[0].shape for item in items):
-            batch = np.stack([self.electrons(item) for item in items])
-            out = restore_batch_electrons(
-                self.runtime.infer, batch, norm.scale_e, multiple, self.upscale, share
+            out = list(
+                restore_batch_electrons(
+                    self.runtime.infer,
+                    np.stack(electrons),
+                    norm.scale_e,
+                    multiple,
+                    self.upscale,
+                    share,
+                )
             )
-            return list(out)
-        return [
-            restore_electrons(
-                self.runtime.infer,
-                self.electrons(item),
-                norm.scale_e,
-                multiple,
-                self.upscale,
-                self.tile_px,
-                share,
-            )
-            for item in items
-        ]
+        else:
+            out = [
+                restore_electrons(
+                    self.runtime.infer, e, norm.scale_e, multiple, self.upscale, self.tile_px, share
+                )
+                for e in electrons
+            ]
+        return [self.bundle.refine(o, e) for o, e in zip(out, electrons, strict=True)]
 
 
 @dataclass

@@ -44,6 +44,8 @@ from livedecon.engines._networks import (
     build_network,
 )
 from livedecon.engines._ome_tiff import write_ome_tiff
+from livedecon.engines._refinement import MAX_ITERATIONS as MAX_REFINE_ITERATIONS
+from livedecon.engines._refinement import refine
 from livedecon.engines._selfnet import SelfNetSpec
 from livedecon.engines._sim import SimSettings
 
@@ -191,6 +193,13 @@ class BundleManifest(_Manifest):
     sim: SimRecord | None = Field(
         None, description="SIM models only: the reconstruction whose SR images they restore"
     )
+    refine_iterations: int = Field(
+        0,
+        ge=0,
+        le=MAX_REFINE_ITERATIONS,
+        description="2D models: Richardson-Lucy steps against the frame after the network, so"
+        " dim structure the network dropped comes back (engines/_refinement.py); 0: none",
+    )
     weights_version: int = Field(1, ge=1, description="bumped by every weights update")
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -239,6 +248,8 @@ class BundleManifest(_Manifest):
                 f"psf.pixel_size_um {self.psf.pixel_size_um} must equal output_pixel_um"
                 f" {self.output_pixel_um} (the PSF lives on the output grid)"
             )
+        if self.refine_iterations and (self.takes_volumes or self.is_sim):
+            raise ValueError("refine_iterations is for 2D models of camera frames only")
         if self.is_selfnet:
             self._selfnet_grids()
         elif self.output_z_step_um is not None:
@@ -367,6 +378,18 @@ class ModelBundle:
         share is 1."""
         return float(self.psf[self.psf.shape[0] // 2].sum()) if self.psf.ndim == 3 else 1.0
 
+    def refine(self, estimate: np.ndarray, electrons: np.ndarray) -> np.ndarray:
+        """A restored 2D frame refined against its own photons `electrons` (the network's
+        input): `refine_iterations` Richardson-Lucy steps through this bundle's PSF, with the
+        camera's read noise and the removed background in the model. Unchanged where the
+        bundle asks for none."""
+        iterations = self.manifest.refine_iterations
+        if iterations == 0:
+            return estimate
+        norm = self.manifest.normalisation
+        noise = norm.read_noise_e or 0.0
+        return refine(estimate, electrons, self.psf, iterations, noise, norm.background_e)
+
     def build_model(self, device: torch.device | str = "cpu") -> Network:
         """A fresh float32 network in eval mode holding these weights."""
         model = build_network(self.manifest.network)
@@ -387,10 +410,12 @@ class ModelBundle:
         psf_record: PSFRecord,
         training: TrainingRecord,
         sim: SimRecord | None = None,
+        refine_iterations: int = 0,
     ) -> ModelBundle:
         """Bundle a trained network; `network` defaults to the model's own `spec`. A Self-Net
         model's output is isotropic: its output z step is the lateral pixel. `sim`: a network
-        on SR-SIM images, and the reconstruction it was trained behind."""
+        on SR-SIM images, and the reconstruction it was trained behind. `refine_iterations`:
+        Richardson-Lucy steps after the network when it restores (2D models)."""
         spec = network if network is not None else model.spec
         state = _stored(model.state_dict())
         manifest = _validated(
@@ -404,6 +429,7 @@ class ModelBundle:
             psf=psf_record,
             training=training,
             sim=sim,
+            refine_iterations=refine_iterations,
             weights_sha256=weights_sha256(state),
         )
         return cls(manifest, state, psf)
@@ -424,6 +450,13 @@ class ModelBundle:
             update["training"] = training
         manifest = _validated(**{**self.manifest.model_dump(), **update})
         return ModelBundle(manifest, state, self.psf)
+
+    def with_refinement(self, iterations: int) -> ModelBundle:
+        """The same bundle refining its restorations with `iterations` Richardson-Lucy steps
+        (0: the network alone); refused for bundles other than 2D camera-frame models."""
+        update = {"refine_iterations": iterations}
+        manifest = _validated(**{**self.manifest.model_dump(), **update})
+        return ModelBundle(manifest, self.state_dict, self.psf)
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the bundle to `directory` (the bundle itself, not its parent) and return it.

@@ -57,17 +57,16 @@ def restore_file(
     restored = []
     for i, item in enumerate(items):
         electrons = norm.electrons(item)
-        restored.append(
-            restore_electrons(
-                runtime.infer,
-                electrons,
-                norm.scale_e,
-                runtime.multiple,
-                upscale,
-                tile_px,
-                bundle.flux_share,
-            )
+        estimate = restore_electrons(
+            runtime.infer,
+            electrons,
+            norm.scale_e,
+            runtime.multiple,
+            upscale,
+            tile_px,
+            bundle.flux_share,
         )
+        restored.append(bundle.refine(estimate, electrons))
         if progress:
             progress(i + 1, len(items))
     out = np.stack(restored).reshape(*counts.shape[:-2], *restored[0].shape[-2:])

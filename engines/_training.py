@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, Self, TypeVar
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm import tqdm
 
@@ -36,6 +36,7 @@ from livedecon.engines._networks import (
     build_network,
     fast_2d_spec,
 )
+from livedecon.engines._refinement import MAX_ITERATIONS as MAX_REFINE_ITERATIONS
 from livedecon.engines._self_supervised import (
     LossConfig,
     RecorruptionConfig,
@@ -51,6 +52,10 @@ from livedecon.engines._tiling import restore_electrons
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+# Richardson-Lucy steps after a 2D network by default. Measured (README, "Refinement against
+# the frame"), on the bench's 16 scenes at 15 and 50 photons: 2 steps +0.08 dB on average
+# (+0.21 at 15 photons, -0.29 at worst), dim recall never lower; 4 steps +0.05, 8 steps 0.00
+REFINE_ITERATIONS_2D = 2
 
 
 class TrainingConfig(StrictModel):
@@ -103,11 +108,37 @@ class TrainingConfig(StrictModel):
         " the deconvolution loss's forward model, so the network restores the specimen alone;"
         " off: the reference's model, where the deconvolved image must also carry it",
     )
+    refine_iterations: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_REFINE_ITERATIONS,
+        description="restoring: Richardson-Lucy steps against the frame after the network"
+        " (engines/_refinement.py), stored in the bundle; 0: the network alone (the"
+        f" reference); None: {REFINE_ITERATIONS_2D} for 2D models, none for 3D",
+    )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _refinement_fits(self) -> Self:
+        if self.refine_iterations and self.is_3d:
+            raise ValueError("refine_iterations is for 2D models only")
+        if self.refine_iterations and self.background == "estimate":
+            raise ValueError(
+                "refine_iterations needs background 'off': with 'estimate' the network's"
+                " output lacks a background the refinement cannot know"
+            )
+        return self
 
     @property
     def is_3d(self) -> bool:
         return isinstance(self.network, Network3DSpec)
+
+    @property
+    def refinement(self) -> int:
+        """The Richardson-Lucy steps a bundle of this recipe takes after its network."""
+        if self.refine_iterations is not None:
+            return self.refine_iterations
+        return 0 if self.is_3d or self.background == "estimate" else REFINE_ITERATIONS_2D
 
     def patch_shape(self) -> tuple[int, ...]:
         lateral = (self.patch_px, self.patch_px)
