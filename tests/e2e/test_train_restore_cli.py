@@ -12,6 +12,7 @@ from livedecon.calibration._config import default_microscope
 from livedecon.calibration._forward_model import ForwardModel
 from livedecon.engines._bundle import ModelBundle
 from livedecon.engines._ome_tiff import read_ome_tiff, write_ome_tiff
+from livedecon.engines._training import REFINE_ITERATIONS_2D
 
 TINY_CONFIG = """
 iterations = 6
@@ -66,6 +67,7 @@ def test_train_writes_a_loadable_bundle_with_provenance(trained):
     assert m.psf.source == "theoretical"
     assert m.output_pixel_um == pytest.approx(0.0325)
     assert m.normalisation.scale_e > 0
+    assert m.refine_iterations == REFINE_ITERATIONS_2D  # the 2D recipe's default
     assert not (bundle_dir.parent / ".tiny-bundle.training").exists()  # finished: no checkpoints
     assert not any(
         p.name.startswith(".") and "partial" in p.name for p in bundle_dir.parent.iterdir()
@@ -105,6 +107,11 @@ def test_restore_writes_upsampled_photoelectrons_with_metadata(trained, tmp_path
     bundle = ModelBundle.load(bundle_dir)
     raw_e = bundle.manifest.normalisation.electrons(counts[0]).sum()
     assert 0.5 < image.data[0].sum() / raw_e < 2.0
+    # --refine 0: the network alone, which the bundle's refinement changes
+    alone = run_livedecon("restore", bundle_dir, raw, tmp_path / "alone.ome.tif", "--refine", "0")
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    network = read_ome_tiff(tmp_path / "alone.ome.tif").data
+    assert np.abs(network - image.data).mean() > 0.01 * np.abs(network).mean()
 
 
 def test_restore_refuses_bad_input(trained, tmp_path):
@@ -183,6 +190,9 @@ def test_3d_train_and_restore_of_a_z_stack(tmp_path):
     refused = run_livedecon("restore", bundle, flat, tmp_path / "o.tif")
     assert refused.returncode == 2
     assert "has no Z, Y, X" in refused.stdout
+    no_refinement = run_livedecon("restore", bundle, raw, tmp_path / "o.tif", "--refine", "1")
+    assert no_refinement.returncode == 2
+    assert "2D models of camera frames only" in no_refinement.stdout
 
 
 def test_restore_file_with_onnxruntime_and_tiles_matches_the_torch_reference(tmp_path):
