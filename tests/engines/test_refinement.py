@@ -25,7 +25,7 @@ from livedecon.engines._enums import Backend
 from livedecon.engines._networks import build_network
 from livedecon.engines._offline import restore_file
 from livedecon.engines._ome_tiff import read_ome_tiff, write_ome_tiff
-from livedecon.engines._refinement import refine
+from livedecon.engines._refinement import refine, upsample_2x, upsample_2x_torch
 from livedecon.engines._training import REFINE_ITERATIONS_2D, TrainingConfig
 
 FINE = 96  # 2x grid of a 48 x 48 frame
@@ -96,6 +96,12 @@ def test_refinement_keeps_the_frames_photons():
         rise = (refined.sum() - frame.sum()) / frame.size  # e- per camera pixel
         assert abs(rise) < 0.05 * BACKGROUND_E
         assert refined.min() >= 0
+
+
+def test_the_frame_is_shared_onto_the_fine_grid_as_richardson_lucy_shares_it():
+    frame = camera_frame()[:7, :9].astype(np.float32)  # odd sizes: edges on both sides
+    on_device = upsample_2x_torch(torch.from_numpy(frame)).numpy()
+    np.testing.assert_allclose(on_device, upsample_2x(frame), atol=1e-5)
 
 
 def test_zero_iterations_is_the_estimate_itself():
