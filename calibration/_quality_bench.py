@@ -41,7 +41,7 @@ from livedecon.engines._configfile import StrictModel
 from livedecon.engines._dps import DpsConfig, DpsSpec, restore_dps, train_dps
 from livedecon.engines._networks import UNetSpec
 from livedecon.engines._psf_kernel import prepare_psf
-from livedecon.engines._refinement import refine
+from livedecon.engines._refinement import finish
 from livedecon.engines._training import (
     CPU_BUDGET_MIN,
     TrainingConfig,
@@ -428,8 +428,16 @@ def network_restorer(config: TrainingConfig, seed: int = 0) -> Restorer:
         result = train([rendered.electrons], rendered.psf, settings, None, noise, False)
         trained = time.perf_counter() - started
         estimate = restore(result.model, rendered.electrons, result.scale_e)
-        if not rendered.scene.is_3d:  # as a bundle of this recipe restores
-            estimate = refine(estimate, rendered.electrons, rendered.psf, config.refinement, noise)
+        # as a bundle of this recipe restores (the bench's frames have no background removed)
+        estimate = finish(
+            estimate,
+            rendered.electrons,
+            rendered.psf,
+            config.refinement,
+            noise,
+            0.0,
+            config.serves_denoised,
+        )
         background = rendered.scene.background_e / UPSAMPLING**2
         notes: dict[str, float | str] = {
             "train_s": round(trained, 1),

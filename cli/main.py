@@ -347,8 +347,9 @@ def restore(
         typer.Option(
             min=0,
             max=64,
-            help="2D bundles: Richardson-Lucy steps against each frame after the network"
-            " (default: the bundle's own; 0: the network alone)",
+            help="Richardson-Lucy steps after the network: in 2D against each frame, in 3D on"
+            " the denoised stack a bundle serves (default: the bundle's own; 0: the network"
+            " alone)",
         ),
     ] = None,
 ) -> None:

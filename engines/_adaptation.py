@@ -113,7 +113,9 @@ class Adapter:
         if weights is not None:
             model = copy.deepcopy(self.model)
             model.load_state_dict(dict(weights))
-        model.eval()
+        # training mode under no_grad: the loss scores both trained outputs (a 3D network that
+        # serves its denoised stack does so in eval mode only); no layer differs otherwise
+        model.train()
         sampler = PatchSampler(data_e, self.patch_shape, seed=12345)
         generator = torch.Generator().manual_seed(12345)
         total = 0.0

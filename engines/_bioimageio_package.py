@@ -316,6 +316,10 @@ def export_bioimageio(
             " reconstruction (its settings are in the bundle), which a bioimage.io consumer"
             " does not make; only ZS-DeconvNet 2D and 3D bundles can be exported to bioimage.io"
         )
+    # The package holds the network (its deconvolution stage, in 3D); the Richardson-Lucy
+    # steps a bundle may take after it are livedecon's, and the attached bundle keeps them.
+    attached_bundle, bundle = bundle, bundle.network_alone()
+    m = bundle.manifest
     out_zip = Path(out_zip)
     if out_zip.suffix.lower() != ".zip":
         raise ValueError(f"{out_zip}: a bioimage.io package is a .zip file")
@@ -365,7 +369,7 @@ def export_bioimageio(
             tifffile.imwrite(files[name + "_sample"], image.astype(np.float32))
         _cover(bundle, sample, files["cover"])
         attached = work / "bundle"
-        bundle.save(attached)
+        attached_bundle.save(attached)
 
         # counts -> model units: ((counts - offset) * gain - background) / scale_e
         pre_gain = norm.camera_gain_e_per_adu / norm.scale_e

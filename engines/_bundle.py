@@ -45,7 +45,7 @@ from livedecon.engines._networks import (
 )
 from livedecon.engines._ome_tiff import write_ome_tiff
 from livedecon.engines._refinement import MAX_ITERATIONS as MAX_REFINE_ITERATIONS
-from livedecon.engines._refinement import refine
+from livedecon.engines._refinement import finish
 from livedecon.engines._selfnet import SelfNetSpec
 from livedecon.engines._sim import SimSettings
 
@@ -197,8 +197,9 @@ class BundleManifest(_Manifest):
         0,
         ge=0,
         le=MAX_REFINE_ITERATIONS,
-        description="2D models: Richardson-Lucy steps against the frame after the network, so"
-        " dim structure the network dropped comes back (engines/_refinement.py); 0: none",
+        description="Richardson-Lucy steps after the network (engines/_refinement.py). 2D"
+        " models: against the frame, so dim structure the network dropped comes back. 3D"
+        " models that serve their denoised stack: its deconvolution. 0: none",
     )
     weights_version: int = Field(1, ge=1, description="bumped by every weights update")
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -229,6 +230,12 @@ class BundleManifest(_Manifest):
         return self.input_pixel_um * (2 if self.is_sim else 1)
 
     @property
+    def serves_denoised(self) -> bool:
+        """A 3D network whose runtime output is its denoised stack, which Richardson-Lucy
+        deconvolves (`refine_iterations` steps)."""
+        return isinstance(self.network, Network3DSpec) and self.network.serve == "denoised"
+
+    @property
     def takes_volumes(self) -> bool:
         return self.is_3d or self.is_selfnet
 
@@ -248,8 +255,13 @@ class BundleManifest(_Manifest):
                 f"psf.pixel_size_um {self.psf.pixel_size_um} must equal output_pixel_um"
                 f" {self.output_pixel_um} (the PSF lives on the output grid)"
             )
-        if self.refine_iterations and (self.takes_volumes or self.is_sim):
-            raise ValueError("refine_iterations is for 2D models of camera frames only")
+        if self.refine_iterations and (self.is_selfnet or self.is_sim):
+            raise ValueError("refine_iterations is for ZS-DeconvNet models of camera frames")
+        if self.refine_iterations and self.is_3d and not self.serves_denoised:
+            raise ValueError(
+                "refine_iterations in 3D deconvolves a denoised stack: the network must serve"
+                " it (network.serve = 'denoised')"
+            )
         if self.is_selfnet:
             self._selfnet_grids()
         elif self.output_z_step_um is not None:
@@ -379,16 +391,23 @@ class ModelBundle:
         return float(self.psf[self.psf.shape[0] // 2].sum()) if self.psf.ndim == 3 else 1.0
 
     def refine(self, estimate: np.ndarray, electrons: np.ndarray) -> np.ndarray:
-        """A restored 2D frame refined against its own photons `electrons` (the network's
-        input): `refine_iterations` Richardson-Lucy steps through this bundle's PSF, with the
-        camera's read noise and the removed background in the model. Unchanged where the
-        bundle asks for none."""
-        iterations = self.manifest.refine_iterations
-        if iterations == 0:
+        """The runtime's output finished with `refine_iterations` Richardson-Lucy steps through
+        this bundle's PSF. 2D: against its own photons `electrons` (the network's input), with
+        the camera's read noise and the removed background in the model. 3D: the served
+        denoised stack deconvolved. Unchanged where the bundle asks for none."""
+        manifest = self.manifest
+        if manifest.refine_iterations == 0:
             return estimate
-        norm = self.manifest.normalisation
-        noise = norm.read_noise_e or 0.0
-        return refine(estimate, electrons, self.psf, iterations, noise, norm.background_e)
+        norm = manifest.normalisation
+        return finish(
+            estimate,
+            electrons,
+            self.psf,
+            manifest.refine_iterations,
+            norm.read_noise_e or 0.0,
+            norm.background_e,
+            manifest.serves_denoised,
+        )
 
     def build_model(self, device: torch.device | str = "cpu") -> Network:
         """A fresh float32 network in eval mode holding these weights."""
@@ -452,9 +471,20 @@ class ModelBundle:
         return ModelBundle(manifest, state, self.psf)
 
     def with_refinement(self, iterations: int) -> ModelBundle:
-        """The same bundle refining its restorations with `iterations` Richardson-Lucy steps
-        (0: the network alone); refused for bundles other than 2D camera-frame models."""
+        """The same bundle finishing its restorations with `iterations` Richardson-Lucy steps
+        (0: the network alone); refused for Self-Net and SIM models, and for 3D models that
+        serve their deconvolution stage's estimate."""
         update = {"refine_iterations": iterations}
+        manifest = _validated(**{**self.manifest.model_dump(), **update})
+        return ModelBundle(manifest, self.state_dict, self.psf)
+
+    def network_alone(self) -> ModelBundle:
+        """The same weights serving the network's own estimate: a 3D bundle's deconvolution
+        stage in place of its denoised stack and Richardson-Lucy; otherwise this bundle."""
+        if not self.manifest.serves_denoised:
+            return self
+        spec = self.manifest.network.model_copy(update={"serve": "deconvolved"})
+        update = {"network": spec.model_dump(), "refine_iterations": 0}
         manifest = _validated(**{**self.manifest.model_dump(), **update})
         return ModelBundle(manifest, self.state_dict, self.psf)
 

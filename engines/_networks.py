@@ -7,7 +7,8 @@ Each network maps a raw frame (N, 1, Y, X) or stack (N, 1, Z, Y, X) in model uni
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, TypeAlias, overload
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal, TypeAlias, TypeVar, overload
 
 import numpy as np
 import torch
@@ -69,6 +70,13 @@ class Network3DSpec(StrictModel):
         description="planes apart the network sees, as in training (odd/even pairs are two"
         " steps apart); a stack is restored as that many interleaved sub-stacks, so the"
         " network never meets a plane spacing it was not trained on",
+    )
+    serve: Literal["deconvolved", "denoised"] = Field(
+        "deconvolved",
+        description="what inference returns as its second output: the deconvolution stage's"
+        " estimate, or the denoising stage's stack shared onto the 2x grid for Richardson-Lucy"
+        " to deconvolve (engines/_refinement.py; the deconvolution stage still trains, its"
+        " loss shapes the denoiser, and is skipped at inference)",
     )
 
 
@@ -254,8 +262,11 @@ class ZSDeconvNet3D(nn.Module):
         self.deconvolver = RCANStage3D(self.spec, upsample=self.spec.upsample)
 
     def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both stages on a stack at the training plane spacing."""
+        """Both stages on a stack at the training plane spacing (at inference, a network that
+        serves its denoised stack returns it twice, the second time on the output grid)."""
         denoised = self.denoiser(x)
+        if self.spec.serve == "denoised" and not self.training:
+            return denoised, _lateral_zoom(denoised, self.upscale)
         return denoised, self.deconvolver(denoised)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,6 +281,14 @@ class ZSDeconvNet3D(nn.Module):
         n = x.shape[0]
         denoised, deconvolved = self.stages(torch.cat([even, odd], dim=0))
         return _interleave(denoised, n, depth), _interleave(deconvolved, n, depth)
+
+
+def _lateral_zoom(stack: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, C, Z, Y, X) linearly interpolated to `factor` times Y and X (pixel centres kept,
+    edges extended); intensities unchanged, as the deconvolution stage's output is."""
+    if factor == 1:
+        return stack
+    return F.interpolate(stack, scale_factor=(1, factor, factor), mode="trilinear")
 
 
 def _interleave(both: torch.Tensor, n: int, depth: int) -> torch.Tensor:
@@ -292,9 +311,18 @@ class DpsSpec(StrictModel):
 
 
 NetworkSpec = Network2DSpec | Network3DSpec | SelfNetSpec | DpsSpec
+T = TypeVar("T")
 ZSDeconvNetwork = ZSDeconvNet2D | ZSDeconvNet3D
 # what build_network makes (DpsNet imports this module, so it is named, not imported, here)
 Network: TypeAlias = "ZSDeconvNet2D | ZSDeconvNet3D | SelfNetRestorer | DpsNet"
+
+
+def inference_weights(spec: NetworkSpec, weights: Mapping[str, T]) -> dict[str, T]:
+    """The weights an exported graph of `spec` holds: all but the deconvolution stage's when a
+    3D network serves its denoised stack (inference skips that stage; training keeps it)."""
+    if isinstance(spec, Network3DSpec) and spec.serve == "denoised":
+        return {k: v for k, v in weights.items() if not k.startswith("deconvolver.")}
+    return dict(weights)
 
 
 def input_multiple(spec: NetworkSpec) -> int:

@@ -43,7 +43,13 @@ from onnx import TensorProto, helper, numpy_helper
 from livedecon.engines._atomic_write import write_atomically
 from livedecon.engines._enums import Backend, Precision
 from livedecon.engines._export import INPUT, export_onnx, output_names
-from livedecon.engines._networks import Network3DSpec, NetworkSpec, build_network, input_multiple
+from livedecon.engines._networks import (
+    Network3DSpec,
+    NetworkSpec,
+    build_network,
+    inference_weights,
+    input_multiple,
+)
 from livedecon.engines._runtime import _check_batch
 
 TrtPrecision = Literal[Precision.FP16, Precision.FP32]  # what TensorRT builds here
@@ -611,7 +617,8 @@ class TensorRTRuntime:
         trt = self._trt
         refitter = trt.Refitter(engine, _logger(trt))
         engine_names = list(refitter.get_all_weights())
-        self._name_map = refit_name_map(weights.keys(), engine_names)
+        served = inference_weights(self.spec, weights)  # what the graph holds
+        self._name_map = refit_name_map(served.keys(), engine_names)
         self._dtypes: dict[str, Any] = {}
         self._counts: dict[str, int] = {}
         for engine_name in self._name_map.values():

@@ -10,6 +10,8 @@ TINY_2D = Network2DSpec(
     tail_width=8,
 )
 TINY_3D = Network3DSpec(width=4, residual_groups=1, blocks_per_group=1, attention_reduction=2)
+# what 3D recipes serve by default: the denoised stack, for Richardson-Lucy to deconvolve
+TINY_3D_DENOISED = TINY_3D.model_copy(update={"serve": "denoised"})
 TINY_SELFNET = SelfNetSpec(width=8, blocks=1)
 # SIM models work on the SR grid: no upsampling
 TINY_SIM = TINY_2D.model_copy(update={"upsample": False})

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 import yaml
 from cli_harness import run_livedecon
 
@@ -135,6 +136,23 @@ def test_selfnet_bundles_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="Self-Net"):
         export_bioimageio(bundle, tmp_path / "sn.zip")
     assert not (tmp_path / "sn.zip").exists()
+
+
+def test_a_3d_bundle_serving_its_denoised_stack_packages_its_deconvolution_stage():
+    """The package holds the network alone (RL after it is livedecon's), as in 2D."""
+    shipped = ModelBundle.load(shipped_bundle_path("fast3d-sim"))
+    alone = shipped.network_alone()
+    assert shipped.manifest.serves_denoised
+    assert not alone.manifest.serves_denoised
+    assert alone.manifest.refine_iterations == 0
+    assert alone.manifest.weights_sha256 == shipped.manifest.weights_sha256
+    stack = np.random.default_rng(0).random((1, 1, 4, 16, 16), dtype=np.float32)
+    with torch.no_grad():
+        served = shipped.build_model()(torch.from_numpy(stack))[1]
+        packaged = alone.build_model()(torch.from_numpy(stack))[1]
+        deconvolved = shipped.build_model().train()(torch.from_numpy(stack))[1]
+    torch.testing.assert_close(packaged, deconvolved)
+    assert not torch.allclose(packaged, served)
 
 
 @pytest.mark.slow

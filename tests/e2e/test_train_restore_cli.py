@@ -12,7 +12,7 @@ from livedecon.calibration._config import default_microscope
 from livedecon.calibration._forward_model import ForwardModel
 from livedecon.engines._bundle import ModelBundle
 from livedecon.engines._ome_tiff import read_ome_tiff, write_ome_tiff
-from livedecon.engines._training import REFINE_ITERATIONS_2D
+from livedecon.engines._training import REFINE_ITERATIONS_2D, REFINE_ITERATIONS_3D
 
 TINY_CONFIG = """
 iterations = 6
@@ -190,9 +190,36 @@ def test_3d_train_and_restore_of_a_z_stack(tmp_path):
     refused = run_livedecon("restore", bundle, flat, tmp_path / "o.tif")
     assert refused.returncode == 2
     assert "has no Z, Y, X" in refused.stdout
-    no_refinement = run_livedecon("restore", bundle, raw, tmp_path / "o.tif", "--refine", "1")
-    assert no_refinement.returncode == 2
-    assert "2D models of camera frames only" in no_refinement.stdout
+    # the recipe's default: the denoised stack served, then deconvolved by Richardson-Lucy
+    assert manifest.serves_denoised
+    assert manifest.refine_iterations == REFINE_ITERATIONS_3D
+    varied = np.random.default_rng(0).poisson(30, stack.shape).astype(np.uint16) + 100
+    raw = write_ome_tiff(tmp_path / "varied.ome.tif", varied, "ZYX", 0.0925, z_step_um=0.2)
+    outputs = {}
+    for steps in ("0", "2"):
+        done = run_livedecon("restore", bundle, raw, tmp_path / f"r{steps}.tif", "--refine", steps)
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs[steps] = read_ome_tiff(tmp_path / f"r{steps}.tif").data
+    assert np.abs(outputs["2"] - outputs["0"]).mean() > 1e-3 * np.abs(outputs["0"]).mean()
+    reference = tmp_path / "reference3d"
+    (tmp_path / "reference.toml").write_text("refine_iterations = 0" + TINY_3D_CONFIG)
+    trained = run_livedecon(
+        "train",
+        reference,
+        "--microscope",
+        scope,
+        "--config",
+        tmp_path / "reference.toml",
+        "--simulated-frames",
+        "1",
+        "--iterations",
+        "2",
+    )
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert not ModelBundle.load(reference).manifest.serves_denoised
+    refused = run_livedecon("restore", reference, raw, tmp_path / "o.tif", "--refine", "1")
+    assert refused.returncode == 2
+    assert "network.serve = 'denoised'" in " ".join(refused.stdout.split())
 
 
 def test_restore_file_with_onnxruntime_and_tiles_matches_the_torch_reference(tmp_path):

@@ -32,12 +32,13 @@ def two_threads():
 
 
 def test_3d_network_beats_raw_without_plane_alternation():
-    """A tiny 3D network, 150 iterations (about 50 s on 2 cores), trained on pairs by
-    recorruption (every plane, the full 3D PSF), on a widefield volume at 30 photons peak:
+    """A tiny 3D network, 150 iterations (about 30 s on 2 cores), trained on pairs by
+    recorruption (every plane, the full 3D PSF), on a widefield volume at 30 photons peak,
+    restored as the recipe's bundle does (the denoised stack, then 2 Richardson-Lucy steps):
     above raw in 3D and in the focal plane, no odd/even alternation. Measured: raw 31.92 dB
-    (focal plane 23.36), network 35.28 (27.88); alternation raw 0.017, network 0.0014. With
-    odd/even pairs the same run gave 33.10 (25.26) and 0.018. (Richardson-Lucy at its best,
-    96 iterations, 37.27 dB: see the README.)"""
+    (focal plane 23.36), network 36.70 (29.30); alternation raw 0.017, network 0.0033. Its
+    deconvolution stage instead (refine_iterations = 0) gave 35.28 (27.88), and odd/even pairs
+    33.10 (25.26). (Richardson-Lucy at its best, 96 iterations, 37.27 dB: see the README.)"""
     rendered = render(
         Scene(structure="volume", optics="widefield", peak_photons=30, size_px=48, seed=2001)
     )
@@ -62,8 +63,8 @@ def test_3d_network_beats_raw_without_plane_alternation():
         f" (focus {net.psnr_focus:.2f}); alternation raw {raw.alternation:.4f}"
         f" network {net.alternation:.4f}"
     )
-    assert net.psnr > raw.psnr + 2.0
-    assert net.psnr_focus > raw.psnr_focus
+    assert net.psnr > raw.psnr + 4.0
+    assert net.psnr_focus > raw.psnr_focus + 4.0
     assert net.alternation <= raw.alternation + ALTERNATION_BOUND
 
 

@@ -1,6 +1,7 @@
-"""Refinement against the frame: Richardson-Lucy steps from the network's estimate bring back
-dim structure the estimate lost, keep the frame's photons, run wherever a bundle restores
-(offline, the daemon's processor), and refuse what they cannot do."""
+"""Richardson-Lucy after the network. 2D: steps from the network's estimate bring back dim
+structure the estimate lost, keep the frame's photons, run wherever a bundle restores (offline,
+the daemon's processor), and refuse what they cannot do. 3D: a network that serves its denoised
+stack has it deconvolved, background kept out of the model's blur."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from scipy import signal
-from tiny_specs import TINY_2D, TINY_3D
+from tiny_specs import TINY_2D, TINY_3D, TINY_3D_DENOISED
 
 from livedecon.daemon._processing import open_processor
 from livedecon.engines._bundle import (
@@ -25,8 +26,18 @@ from livedecon.engines._enums import Backend
 from livedecon.engines._networks import build_network
 from livedecon.engines._offline import restore_file
 from livedecon.engines._ome_tiff import read_ome_tiff, write_ome_tiff
-from livedecon.engines._refinement import refine, upsample_2x, upsample_2x_torch
-from livedecon.engines._training import REFINE_ITERATIONS_2D, TrainingConfig
+from livedecon.engines._refinement import (
+    deconvolve_denoised,
+    refine,
+    upsample_2x,
+    upsample_2x_torch,
+)
+from livedecon.engines._training import (
+    REFINE_ITERATIONS_2D,
+    REFINE_ITERATIONS_3D,
+    TrainingConfig,
+    restore,
+)
 
 FINE = 96  # 2x grid of a 48 x 48 frame
 BRIGHT, DIM = (30, 30), (62, 66)
@@ -123,7 +134,10 @@ def test_a_psf_larger_than_the_frame_is_cut_to_fit():
         (np.ones((8, 8)), np.ones((4, 4)), np.ones((3, 3)), 65, "0 to 64"),
         (np.ones((12, 12)), np.ones((4, 4)), np.ones((3, 3)), 2, "at 1x or 2x"),
         (np.ones((8, 9)), np.ones((4, 4)), np.ones((3, 3)), 2, "at 1x or 2x"),
-        (np.ones((2, 8, 8)), np.ones((2, 4, 4)), np.ones((3, 3, 3)), 2, "2D frames"),
+        (np.ones((2, 8, 8)), np.ones((2, 4, 4)), np.ones((3, 3)), 2, "3D stack with a 3D PSF"),
+        (np.ones((8, 8)), np.ones((4, 4)), np.ones((3, 3, 3)), 2, "2D frame with a 2D PSF"),
+        (np.ones((2, 8, 8)), np.ones((3, 4, 4)), np.ones((3, 3, 3)), 2, "at 1x or 2x"),
+        (np.ones((1, 2, 8, 8)), np.ones((1, 2, 4, 4)), np.ones((1, 3, 3, 3)), 2, "2D frame"),
     ],
 )
 def test_what_refinement_cannot_do_is_refused(estimate, frame, psf, iterations, message):
@@ -131,19 +145,27 @@ def test_what_refinement_cannot_do_is_refused(estimate, frame, psf, iterations, 
         refine(estimate, frame, psf, iterations)
 
 
-def test_recipes_refine_2d_models_only():
+def test_recipes_refine_in_2d_and_deconvolve_the_denoised_stack_in_3d():
     assert TrainingConfig().refinement == REFINE_ITERATIONS_2D
     assert TrainingConfig(refine_iterations=0).refinement == 0  # the reference method
-    assert TrainingConfig(network=TINY_3D, patch_slices=4).refinement == 0
-    with pytest.raises(ValidationError, match="2D models only"):
-        TrainingConfig(network=TINY_3D, patch_slices=4, refine_iterations=2)
+    assert not TrainingConfig().serves_denoised
+    in_3d = TrainingConfig(network=TINY_3D, patch_slices=4)
+    assert in_3d.refinement == REFINE_ITERATIONS_3D
+    assert in_3d.serves_denoised
+    assert in_3d.served_network.serve == "denoised"
+    reference = TrainingConfig(network=TINY_3D, patch_slices=4, refine_iterations=0)
+    assert not reference.serves_denoised  # the deconvolution stage serves
+    told = TINY_3D.model_copy(update={"serve": "deconvolved"})
+    told = type(TINY_3D)(**told.model_dump())  # as a config file that names it
+    with pytest.raises(ValidationError, match="deconvolves the denoised stack"):
+        TrainingConfig(network=told, patch_slices=4)
     with pytest.raises(ValidationError, match="background 'off'"):
         TrainingConfig(background="estimate", refine_iterations=2)
 
 
 def _bundle(refine_iterations: int, spec=TINY_2D) -> ModelBundle:
     torch.manual_seed(0)
-    is_3d = spec is TINY_3D
+    is_3d = spec in (TINY_3D, TINY_3D_DENOISED)
     return ModelBundle.from_model(
         build_network(spec),
         name="refining",
@@ -164,11 +186,14 @@ def _bundle(refine_iterations: int, spec=TINY_2D) -> ModelBundle:
     )
 
 
-def test_a_3d_bundle_that_asks_for_refinement_is_refused():
-    with pytest.raises(BundleError, match="2D models of camera frames only"):
+def test_a_3d_bundle_refines_only_a_denoised_stack_it_serves():
+    with pytest.raises(BundleError, match=r"network\.serve = 'denoised'"):
         _bundle(2, TINY_3D)
-    with pytest.raises(BundleError, match="2D models of camera frames only"):
+    with pytest.raises(BundleError, match=r"network\.serve = 'denoised'"):
         _bundle(0, TINY_3D).with_refinement(1)
+    serving = _bundle(2, TINY_3D_DENOISED)
+    assert serving.manifest.serves_denoised
+    assert serving.with_refinement(0).manifest.refine_iterations == 0
 
 
 def test_a_bundles_refinement_can_be_changed_and_is_saved(tmp_path: Path):
@@ -196,3 +221,72 @@ def test_offline_restore_and_the_daemons_processor_refine_alike(tmp_path: Path):
     expected = refine(network, electrons, _bundle(4).psf, 4, 1.5)
     np.testing.assert_allclose(outputs[4], expected, rtol=1e-4, atol=1e-3)
     assert np.abs(outputs[4] - network).mean() > 0.1 * np.abs(network).mean()
+
+
+def blurred_points_3d(background: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(truth, noise-free widefield stack, 3D PSF) on one grid: two points 5 pixels apart."""
+    truth = np.zeros((9, 40, 40))
+    truth[4, 20, 17] = truth[4, 20, 22] = 500.0
+    z, y, x = np.mgrid[-3:4, -7:8, -7:8]
+    sigma = 1.5 + 0.8 * np.abs(z)  # wider out of focus
+    psf = np.exp(-(y**2 + x**2) / (2 * sigma**2)) / sigma**2
+    psf /= psf.sum()
+    stack = signal.fftconvolve(truth, psf, mode="same") + background
+    return truth, np.clip(stack, 0, None).astype(np.float32), psf.astype(np.float32)
+
+
+def test_a_denoised_stack_is_deconvolved_and_keeps_its_background_level():
+    """Two steps separate two points its blur merges, in the focal plane; the background is
+    the stack's flat floor before and after; the photons stay."""
+    truth, stack, psf = blurred_points_3d(background=2.0)
+    out = deconvolve_denoised(stack, psf, REFINE_ITERATIONS_3D)
+    assert out.shape == stack.shape
+
+    def dip(image: np.ndarray) -> float:  # the midpoint against the two peaks
+        row = image[4, 20]
+        return float(row[19:21].mean() / min(row[17], row[22]))
+
+    assert dip(out) < dip(stack) - 0.02  # 0.67 -> 0.64 in two steps
+    assert np.median(out[:, :4, :4]) == pytest.approx(2.0, abs=0.05)
+    assert out.sum() == pytest.approx(stack.sum(), rel=0.02)
+    assert (
+        np.corrcoef(out.ravel(), truth.ravel())[0, 1]
+        > np.corrcoef(stack.ravel(), truth.ravel())[0, 1]
+    )
+    assert deconvolve_denoised(stack, psf, 0) is stack
+
+
+def test_a_3d_network_serves_its_denoised_stack_on_the_output_grid_at_inference_only():
+    torch.manual_seed(0)
+    model = build_network(TINY_3D_DENOISED)
+    x = torch.rand(1, 1, 5, 8, 8)
+    model.train()
+    _, trained_output = model(x)
+    model.eval()
+    with torch.no_grad():
+        denoised, served = model(x)
+        deconvolved = model.deconvolver(denoised)
+    assert served.shape == deconvolved.shape == (1, 1, 5, 16, 16)
+    assert not torch.allclose(served, deconvolved)
+    on_camera_grid = denoised[0, 0].numpy()
+    # the shared-onto-the-grid stack, before restoring divides each value among 4 pixels
+    expected = np.stack([upsample_2x(plane) * 4 for plane in on_camera_grid])
+    np.testing.assert_allclose(served[0, 0].numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert trained_output.shape == served.shape  # training still sees the deconvolver
+
+
+def test_restoring_with_a_denoised_serving_3d_bundle_deconvolves_its_stack(tmp_path: Path):
+    """restore_file, the daemon's processor, and the torch model then deconvolve_denoised."""
+    bundle = _bundle(2, TINY_3D_DENOISED)
+    directory = bundle.save(tmp_path / "b")
+    counts = np.random.default_rng(1).poisson(20, (5, 16, 16)).astype(np.uint16) + 100
+    raw = write_ome_tiff(tmp_path / "raw.ome.tif", counts, "ZYX", 0.1, z_step_um=0.2)
+    offline = read_ome_tiff(restore_file(bundle, raw, tmp_path / "out.ome.tif")).data
+    processor = open_processor(directory, Backend.TORCH, frame_shapes=(counts.shape[1:],))
+    live = processor.process([counts])[0]
+    np.testing.assert_allclose(live, offline, rtol=1e-4, atol=1e-4)
+    norm = bundle.manifest.normalisation
+    served = restore(bundle.build_model(), norm.electrons(counts), norm.scale_e)
+    expected = deconvolve_denoised(served * bundle.flux_share, bundle.psf, 2)
+    np.testing.assert_allclose(offline, expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(offline - served * bundle.flux_share).mean() > 0.01 * np.abs(expected).mean()

@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 import torch
 from cpu_threads import TEST_THREADS
-from tiny_specs import TINY_2D, TINY_3D
+from tiny_specs import TINY_2D, TINY_3D, TINY_3D_DENOISED
 
 from livedecon.engines._bundle import ModelBundle, shipped_bundle_path
 from livedecon.engines._export import export_onnx, initializer_names
-from livedecon.engines._networks import Network2DSpec, Network3DSpec, UNetSpec, build_network
+from livedecon.engines._networks import (
+    Network2DSpec,
+    Network3DSpec,
+    UNetSpec,
+    build_network,
+    inference_weights,
+)
 from livedecon.engines._runtime import OnnxRuntime, TorchRuntime
 from livedecon.engines._tiling import infer_tiled
 
@@ -21,13 +27,21 @@ def _weights(spec, seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "spec", [TINY_2D, Network2DSpec(unet=UNetSpec(levels=2, base_width=4), tail_width=8), TINY_3D]
+    "spec",
+    [
+        TINY_2D,
+        Network2DSpec(unet=UNetSpec(levels=2, base_width=4), tail_width=8),
+        TINY_3D,
+        TINY_3D_DENOISED,
+    ],
 )
 def test_export_keeps_torch_names_and_matches_torch(spec, tmp_path):
     is_3d = isinstance(spec, Network3DSpec)
-    model = build_network(spec)
+    model = build_network(spec).eval()
     path = export_onnx(model, tmp_path / "m.onnx", is_3d)  # onnx.checker runs inside
-    assert set(initializer_names(path)) == set(model.state_dict())
+    # every weight the graph uses, under its torch name (a denoised-serving graph skips the
+    # deconvolution stage)
+    assert set(initializer_names(path)) == set(inference_weights(spec, model.state_dict()))
     shape = (2, 1, 6, 16, 24) if is_3d else (3, 1, 32, 48)
     batch = np.random.default_rng(0).random(shape, dtype=np.float32)
     onnx_out = OnnxRuntime(spec, model.state_dict(), tmp_path).infer(batch)

@@ -9,10 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_specs import TINY_2D, TINY_3D, TINY_SELFNET
+from tiny_specs import TINY_2D, TINY_3D, TINY_3D_DENOISED, TINY_SELFNET
 
 from livedecon.engines._export import export_onnx, initializer_names, output_names
-from livedecon.engines._networks import Network3DSpec, build_network
+from livedecon.engines._networks import Network3DSpec, build_network, inference_weights
 from livedecon.engines._runtime import TorchRuntime
 from livedecon.engines._tensorrt_runtime import (
     ShapeProfile,
@@ -136,13 +136,23 @@ def test_profile_fits():
 # --------------------------------------------------------------------------- refit names
 
 
-@pytest.mark.parametrize("spec", [TINY_2D, TINY_3D, TINY_SELFNET], ids=["2d", "3d", "selfnet"])
+@pytest.mark.parametrize(
+    "spec",
+    [TINY_2D, TINY_3D, TINY_3D_DENOISED, TINY_SELFNET],
+    ids=["2d", "3d", "3d-serving-denoised", "selfnet"],
+)
 def test_refit_map_on_real_exported_initializer_names(spec, tmp_path):
+    """Every weight the graph holds is refitted (a denoised-serving 3D graph has no
+    deconvolution stage, and the refit leaves its weights out rather than failing)."""
     model = build_network(spec)
     path = export_onnx(model, tmp_path / "m.onnx", isinstance(spec, Network3DSpec))
     engine_names = [*initializer_names(path), "onnx::Conv_123", "/tail/tail.4/Constant_output_0"]
-    mapping = refit_name_map(model.state_dict().keys(), engine_names)
-    assert mapping == {name: name for name in model.state_dict()}
+    served = inference_weights(spec, model.state_dict())
+    mapping = refit_name_map(served.keys(), engine_names)
+    assert mapping == {name: name for name in served}
+    skipped = set(model.state_dict()) - set(served)
+    assert bool(skipped) == (spec is TINY_3D_DENOISED)
+    assert all(name.startswith("deconvolver.") for name in skipped)
 
 
 def test_refit_map_tolerates_separators_and_suffixes():
