@@ -108,10 +108,15 @@ def _device() -> str:
 @bench_app.command("quality")
 def bench_quality_command(
     budget: Annotated[
-        str, typer.Option(help="training budget: cpu (about 10 min per model), gpu (reference)")
+        str,
+        typer.Option(
+            help="training budget: cpu (the 2-core recipe: fast and 3d end at their passes cap,"
+            " 2-3 min each on quiet cores, full at 10 min), gpu (reference)"
+        ),
     ] = "cpu",
     budget_min: Annotated[
-        float | None, typer.Option(min=0.1, help="override the per-model time cap (minutes)")
+        float | None,
+        typer.Option(min=0.1, help="a per-model wall-time cap (minutes), for every network"),
     ] = None,
     methods: Annotated[
         str,

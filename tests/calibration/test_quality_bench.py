@@ -15,12 +15,14 @@ from livedecon.calibration._quality_bench import (
     fit_to,
     plane_alternation,
     raw_estimate,
+    recipe_for,
     render,
     run_bench,
     score,
     summarise,
 )
 from livedecon.calibration._sim_bench import sim_restorer
+from livedecon.engines._training import CPU_BUDGET_MIN
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +116,13 @@ def test_the_selfnet_rows_score_an_anisotropic_volume_axially_against_cubic():
     assert summary["baseline"] == "cubic"
     assert summary["mean_gain_db"] == pytest.approx(net["psnr"] - cubic["psnr"])
     assert summary["mean_isotropy"] == pytest.approx(net["notes"]["isotropy"])
+
+
+def test_the_fast_cpu_networks_train_to_their_passes_cap_not_the_clock():
+    """So a busy machine does not score a shorter training; a budget given is honoured."""
+    for method in ("fast", "3d"):
+        recipe = recipe_for(method, "cpu", None)
+        assert recipe.max_passes is not None
+        assert recipe.budget_min is None
+        assert recipe_for(method, "cpu", 2.0).budget_min == 2.0
+    assert recipe_for("full", "cpu", None).budget_min == CPU_BUDGET_MIN  # slower: the clock
