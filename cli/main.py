@@ -348,8 +348,8 @@ def restore(
             min=0,
             max=64,
             help="Richardson-Lucy steps after the network: in 2D against each frame, in 3D on"
-            " the denoised stack a bundle serves (default: the bundle's own; 0: the network"
-            " alone)",
+            " the network's denoised stack (default: the bundle's own; 0: the network alone,"
+            " in 3D its deconvolution stage)",
         ),
     ] = None,
 ) -> None:

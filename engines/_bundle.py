@@ -257,10 +257,10 @@ class BundleManifest(_Manifest):
             )
         if self.refine_iterations and (self.is_selfnet or self.is_sim):
             raise ValueError("refine_iterations is for ZS-DeconvNet models of camera frames")
-        if self.refine_iterations and self.is_3d and not self.serves_denoised:
+        if self.is_3d and self.serves_denoised != bool(self.refine_iterations):
             raise ValueError(
-                "refine_iterations in 3D deconvolves a denoised stack: the network must serve"
-                " it (network.serve = 'denoised')"
+                "a 3D model serves its denoised stack (network.serve = 'denoised') exactly when"
+                " Richardson-Lucy deconvolves it (refine_iterations > 0)"
             )
         if self.is_selfnet:
             self._selfnet_grids()
@@ -471,22 +471,21 @@ class ModelBundle:
         return ModelBundle(manifest, state, self.psf)
 
     def with_refinement(self, iterations: int) -> ModelBundle:
-        """The same bundle finishing its restorations with `iterations` Richardson-Lucy steps
-        (0: the network alone); refused for Self-Net and SIM models, and for 3D models that
-        serve their deconvolution stage's estimate."""
-        update = {"refine_iterations": iterations}
+        """The same weights finishing their restorations with `iterations` Richardson-Lucy
+        steps; 0: the network alone. A 3D bundle then serves its denoised stack for them to
+        deconvolve, or with 0 its deconvolution stage (the same weights hold both). Refused
+        for Self-Net and SIM models."""
+        update: dict[str, Any] = {"refine_iterations": iterations}
+        if isinstance(self.manifest.network, Network3DSpec):
+            serve = "denoised" if iterations else "deconvolved"
+            update["network"] = self.manifest.network.model_copy(update={"serve": serve})
         manifest = _validated(**{**self.manifest.model_dump(), **update})
         return ModelBundle(manifest, self.state_dict, self.psf)
 
     def network_alone(self) -> ModelBundle:
         """The same weights serving the network's own estimate: a 3D bundle's deconvolution
         stage in place of its denoised stack and Richardson-Lucy; otherwise this bundle."""
-        if not self.manifest.serves_denoised:
-            return self
-        spec = self.manifest.network.model_copy(update={"serve": "deconvolved"})
-        update = {"network": spec.model_dump(), "refine_iterations": 0}
-        manifest = _validated(**{**self.manifest.model_dump(), **update})
-        return ModelBundle(manifest, self.state_dict, self.psf)
+        return self.with_refinement(0) if self.manifest.serves_denoised else self
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the bundle to `directory` (the bundle itself, not its parent) and return it.

@@ -125,10 +125,12 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _refinement_fits(self) -> Self:
-        if self.refinement and _serves(self.network) == "deconvolved":
+        told = _serves(self.network)
+        if told is not None and (told == "denoised") != bool(self.refinement):
             raise ValueError(
-                "refine_iterations in 3D deconvolves the denoised stack: leave network.serve"
-                " unset (or 'denoised'), or set refine_iterations = 0 for the deconvolution stage"
+                "a 3D network serves its denoised stack exactly when Richardson-Lucy deconvolves"
+                " it: leave network.serve unset (refine_iterations decides), or set"
+                " refine_iterations = 0 for the deconvolution stage"
             )
         if self.refine_iterations and self.background == "estimate":
             raise ValueError(
@@ -152,10 +154,11 @@ class TrainingConfig(StrictModel):
 
     @property
     def served_network(self) -> Network2DSpec | Network3DSpec:
-        """The network as its bundle serves it: a 3D network with refinement serves its
-        denoised stack (unless the config says otherwise, which the validator refuses)."""
-        if isinstance(self.network, Network3DSpec) and self.refinement:
-            return self.network.model_copy(update={"serve": "denoised"})
+        """The network as its bundle serves it: a 3D network serves its denoised stack when
+        the recipe refines (Richardson-Lucy deconvolves it), else its deconvolution stage."""
+        if isinstance(self.network, Network3DSpec):
+            serve = "denoised" if self.refinement else "deconvolved"
+            return self.network.model_copy(update={"serve": serve})
         return self.network
 
     @property

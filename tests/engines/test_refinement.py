@@ -155,10 +155,11 @@ def test_recipes_refine_in_2d_and_deconvolve_the_denoised_stack_in_3d():
     assert in_3d.served_network.serve == "denoised"
     reference = TrainingConfig(network=TINY_3D, patch_slices=4, refine_iterations=0)
     assert not reference.serves_denoised  # the deconvolution stage serves
-    told = TINY_3D.model_copy(update={"serve": "deconvolved"})
-    told = type(TINY_3D)(**told.model_dump())  # as a config file that names it
-    with pytest.raises(ValidationError, match="deconvolves the denoised stack"):
-        TrainingConfig(network=told, patch_slices=4)
+    assert reference.served_network.serve == "deconvolved"
+    for serve, steps in (("deconvolved", None), ("denoised", 0)):  # as a config file names it
+        told = type(TINY_3D)(**{**TINY_3D.model_dump(), "serve": serve})
+        with pytest.raises(ValidationError, match="exactly when"):
+            TrainingConfig(network=told, patch_slices=4, refine_iterations=steps)
     with pytest.raises(ValidationError, match="background 'off'"):
         TrainingConfig(background="estimate", refine_iterations=2)
 
@@ -186,14 +187,21 @@ def _bundle(refine_iterations: int, spec=TINY_2D) -> ModelBundle:
     )
 
 
-def test_a_3d_bundle_refines_only_a_denoised_stack_it_serves():
-    with pytest.raises(BundleError, match=r"network\.serve = 'denoised'"):
+def test_a_3d_bundles_refinement_decides_what_its_network_serves():
+    """The same weights hold both stages: refining serves the denoised stack for RL to
+    deconvolve, 0 steps the deconvolution stage; a manifest that mixes them is refused."""
+    with pytest.raises(BundleError, match="exactly when"):
         _bundle(2, TINY_3D)
-    with pytest.raises(BundleError, match=r"network\.serve = 'denoised'"):
-        _bundle(0, TINY_3D).with_refinement(1)
-    serving = _bundle(2, TINY_3D_DENOISED)
-    assert serving.manifest.serves_denoised
-    assert serving.with_refinement(0).manifest.refine_iterations == 0
+    with pytest.raises(BundleError, match="exactly when"):
+        _bundle(0, TINY_3D_DENOISED)
+    reference = _bundle(0, TINY_3D)
+    refining = reference.with_refinement(1)
+    assert refining.manifest.serves_denoised
+    assert refining.manifest.refine_iterations == 1
+    assert refining.manifest.weights_sha256 == reference.manifest.weights_sha256
+    alone = refining.with_refinement(0)
+    assert not alone.manifest.serves_denoised
+    assert alone.manifest == refining.network_alone().manifest == reference.manifest
 
 
 def test_a_bundles_refinement_can_be_changed_and_is_saved(tmp_path: Path):
