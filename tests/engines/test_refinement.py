@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from pydantic import ValidationError
 from scipy import signal
@@ -289,7 +290,10 @@ def test_restoring_with_a_denoised_serving_3d_bundle_deconvolves_its_stack(tmp_p
     directory = bundle.save(tmp_path / "b")
     counts = np.random.default_rng(1).poisson(20, (5, 16, 16)).astype(np.uint16) + 100
     raw = write_ome_tiff(tmp_path / "raw.ome.tif", counts, "ZYX", 0.1, z_step_um=0.2)
-    offline = read_ome_tiff(restore_file(bundle, raw, tmp_path / "out.ome.tif")).data
+    written = restore_file(bundle, raw, tmp_path / "out.ome.tif")
+    offline = read_ome_tiff(written).data
+    with tifffile.TiffFile(written) as tif:  # the provenance says what ran after the network
+        assert "then 2 Richardson-Lucy steps on its denoised stack" in (tif.ome_metadata or "")
     processor = open_processor(directory, Backend.TORCH, frame_shapes=(counts.shape[1:],))
     live = processor.process([counts])[0]
     np.testing.assert_allclose(live, offline, rtol=1e-4, atol=1e-4)
