@@ -42,6 +42,7 @@ from livedecon.engines._networks import (
     Network3DSpec,
     NetworkSpec,
     build_network,
+    serves_denoised,
 )
 from livedecon.engines._ome_tiff import write_ome_tiff
 from livedecon.engines._refinement import MAX_ITERATIONS as MAX_REFINE_ITERATIONS
@@ -233,7 +234,7 @@ class BundleManifest(_Manifest):
     def serves_denoised(self) -> bool:
         """A 3D network whose runtime output is its denoised stack, which Richardson-Lucy
         deconvolves (`refine_iterations` steps)."""
-        return isinstance(self.network, Network3DSpec) and self.network.serve == "denoised"
+        return serves_denoised(self.network)
 
     @property
     def takes_volumes(self) -> bool:

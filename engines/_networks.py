@@ -317,10 +317,16 @@ ZSDeconvNetwork = ZSDeconvNet2D | ZSDeconvNet3D
 Network: TypeAlias = "ZSDeconvNet2D | ZSDeconvNet3D | SelfNetRestorer | DpsNet"
 
 
+def serves_denoised(spec: NetworkSpec) -> bool:
+    """A 3D ZS-DeconvNet whose inference returns its denoised stack (on the output grid) for
+    Richardson-Lucy to deconvolve, in place of its deconvolution stage's estimate."""
+    return isinstance(spec, Network3DSpec) and spec.serve == "denoised"
+
+
 def inference_weights(spec: NetworkSpec, weights: Mapping[str, T]) -> dict[str, T]:
     """The weights an exported graph of `spec` holds: all but the deconvolution stage's when a
     3D network serves its denoised stack (inference skips that stage; training keeps it)."""
-    if isinstance(spec, Network3DSpec) and spec.serve == "denoised":
+    if serves_denoised(spec):
         return {k: v for k, v in weights.items() if not k.startswith("deconvolver.")}
     return dict(weights)
 

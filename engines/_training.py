@@ -35,6 +35,7 @@ from livedecon.engines._networks import (
     ZSDeconvNetwork,
     build_network,
     fast_2d_spec,
+    serves_denoised,
 )
 from livedecon.engines._refinement import MAX_ITERATIONS as MAX_REFINE_ITERATIONS
 from livedecon.engines._self_supervised import (
@@ -164,8 +165,7 @@ class TrainingConfig(StrictModel):
     @property
     def serves_denoised(self) -> bool:
         """Its bundle deconvolves the denoised stack with Richardson-Lucy (3D)."""
-        served = self.served_network
-        return isinstance(served, Network3DSpec) and served.serve == "denoised"
+        return serves_denoised(self.served_network)
 
     def patch_shape(self) -> tuple[int, ...]:
         lateral = (self.patch_px, self.patch_px)
