@@ -26,17 +26,16 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage, signal
 
-from livedecon.calibration._config import Camera, Optics, Sample
-from livedecon.calibration._forward_model import camera_counts
+from livedecon.calibration._config import Optics, Sample
+from livedecon.calibration._forward_model import SimulatedCamera, camera_counts
 from livedecon.calibration._metrics import _apodize, _decorrelation_curve, _peak, psnr, ssim
 from livedecon.calibration._psf import fwhm_px, theoretical_psf
 from livedecon.calibration._sample import SyntheticSample
-from livedecon.engines._configfile import StrictModel
 
 Modality = Literal["widefield", "confocal", "light-sheet"]
 
 
-class AnisotropicScene(StrictModel):
+class AnisotropicScene(SimulatedCamera):
     """One simulated anisotropic acquisition."""
 
     modality: Modality = "widefield"
@@ -52,9 +51,6 @@ class AnisotropicScene(StrictModel):
     puncta_per_100um2: float = 40.0
     peak_photons: float = Field(60.0, gt=0, description="brightest expected signal, e-")
     background_e: float = Field(2.0, ge=0)
-    read_noise_e: float = 1.5
-    gain_e_per_adu: float = 0.5
-    offset_adu: float = 100.0
     noise: bool = True
     empty: bool = Field(False, description="no specimen: background and noise only")
     occupied: float = Field(
@@ -86,15 +82,6 @@ class AnisotropicScene(StrictModel):
             pixel_size_um=self.pixel_um,
             z_step_um=self.z_step_um,
             **extra,
-        )
-
-    def camera(self) -> Camera:
-        return Camera(
-            offset_adu=self.offset_adu,
-            gain_e_per_adu=self.gain_e_per_adu,
-            read_noise_e=self.read_noise_e,
-            width_px=self.size_px,
-            height_px=self.size_px,
         )
 
 

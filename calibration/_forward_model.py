@@ -15,13 +15,33 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from livedecon.calibration._config import Camera, MicroscopeConfig
 from livedecon.calibration._psf import theoretical_psf
 from livedecon.calibration._sample import SyntheticSample
+from livedecon.engines._configfile import StrictModel
 
 UPSAMPLING = 2  # the truth grid is this much finer than the camera grid
 BORDER_UM = 2.0  # zero margin around the field so blur does not wrap across edges
+
+
+class SimulatedCamera(StrictModel):
+    """The square camera of a simulated scene; scene models extend it with their specimen."""
+
+    size_px: int = Field(128, ge=16, le=2048)
+    read_noise_e: float = 1.5
+    gain_e_per_adu: float = 0.5
+    offset_adu: float = 100.0
+
+    def camera(self) -> Camera:
+        return Camera(
+            offset_adu=self.offset_adu,
+            gain_e_per_adu=self.gain_e_per_adu,
+            read_noise_e=self.read_noise_e,
+            width_px=self.size_px,
+            height_px=self.size_px,
+        )
 
 
 @dataclass(frozen=True)

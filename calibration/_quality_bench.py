@@ -28,7 +28,12 @@ from scipy import signal
 from livedecon.calibration._anisotropic import AnisotropicScene
 from livedecon.calibration._baseline import upsample_2x
 from livedecon.calibration._config import Camera, MicroscopeConfig, Optics, Sample
-from livedecon.calibration._forward_model import UPSAMPLING, ForwardModel, camera_counts
+from livedecon.calibration._forward_model import (
+    UPSAMPLING,
+    ForwardModel,
+    SimulatedCamera,
+    camera_counts,
+)
 from livedecon.calibration._metrics import (
     decorrelation_resolution,
     find_puncta,
@@ -37,7 +42,6 @@ from livedecon.calibration._metrics import (
     ssim,
 )
 from livedecon.calibration._psf import theoretical_psf
-from livedecon.engines._configfile import StrictModel
 from livedecon.engines._dps import DpsConfig, DpsSpec, restore_dps, train_dps
 from livedecon.engines._networks import UNetSpec
 from livedecon.engines._psf_kernel import prepare_psf
@@ -76,7 +80,7 @@ PSF_PLANES_3D = 9  # the 3D PSFs' planes at the scene's z step
 DIM_FRACTION = 1 / 3  # the dimmest third of the puncta are the "dim puncta" to recall
 
 
-class Scene(StrictModel):
+class Scene(SimulatedCamera):
     """One simulated acquisition of the quality bench: structure, optics, light and camera."""
 
     structure: Structure
@@ -86,9 +90,6 @@ class Scene(StrictModel):
     size_px: int = Field(128, ge=32, le=2048)
     slices: int = Field(16, ge=4, description="3D scenes: planes of the z-stack")
     seed: int = Field(1000, description="sample and noise seed; never used to train anything")
-    read_noise_e: float = 1.5
-    gain_e_per_adu: float = 0.5
-    offset_adu: float = 100.0
 
     @property
     def is_3d(self) -> bool:
@@ -97,15 +98,6 @@ class Scene(StrictModel):
     @property
     def name(self) -> str:
         return f"{self.structure}-{self.optics}-{self.peak_photons:g}ph"
-
-    def camera(self) -> Camera:
-        return Camera(
-            offset_adu=self.offset_adu,
-            gain_e_per_adu=self.gain_e_per_adu,
-            read_noise_e=self.read_noise_e,
-            width_px=self.size_px,
-            height_px=self.size_px,
-        )
 
 
 def default_scenes(peaks: tuple[float, ...] = (5, 15, 50, 200)) -> list[Scene]:

@@ -43,7 +43,12 @@ from livedecon.engines._self_supervised import (
     ssim_torch,
 )
 from livedecon.engines._sim import SimParameters, SimSettings
-from livedecon.engines._sim_training import SimRecorruption, sim_training_pairs, split_sr_pairs
+from livedecon.engines._sim_training import (
+    SimRecorruption,
+    SimSchedule,
+    sim_training_pairs,
+    split_sr_pairs,
+)
 from livedecon.engines._tiling import restore_electrons
 from livedecon.engines._training import (
     PatchSampler,
@@ -69,7 +74,7 @@ class DpsLoss(StrictModel):
     )
 
 
-class DpsConfig(StrictModel):
+class DpsConfig(SimSchedule):
     """How DPS trains: network, loss, recorruption, schedule, patches and budget."""
 
     network: DpsSpec = DpsSpec()
@@ -77,14 +82,6 @@ class DpsConfig(StrictModel):
     recorruption: RecorruptionConfig = RecorruptionConfig(alpha_range=(0.5, 1.0))
     sim_recorruption: SimRecorruption = SimRecorruption()
     iterations: int = Field(1200, ge=1)
-    budget_min: float | None = Field(
-        None, gt=0, description="stop after this wall time; the schedule follows whichever ends"
-    )
-    patch_px: int = Field(64, ge=16)
-    batch_size: int = Field(4, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    scale_percentile: float = Field(99.9, gt=0, le=100)
-    seed: int = 0
 
 
 class DpsNet(nn.Module):

@@ -49,7 +49,21 @@ class SimRecorruption(StrictModel):
     pairs: int = Field(24, ge=1, le=1000, description="recorrupted SR pairs to train on")
 
 
-class SimTrainingConfig(StrictModel):
+class SimSchedule(StrictModel):
+    """The schedule and budget both SIM networks (ZS-DeconvNet-SIM, DPS) train under."""
+
+    iterations: int = Field(600, ge=1)
+    budget_min: float | None = Field(
+        None, gt=0, description="stop after this wall time; the schedule follows whichever ends"
+    )
+    patch_px: int = Field(64, ge=16)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    scale_percentile: float = Field(99.9, gt=0, le=100)
+    seed: int = 0
+
+
+class SimTrainingConfig(SimSchedule):
     """How ZS-DeconvNet-SIM trains: network, recorruption, losses, schedule and budget."""
 
     network: Network2DSpec = Network2DSpec(
@@ -60,15 +74,6 @@ class SimTrainingConfig(StrictModel):
     )
     recorruption: SimRecorruption = SimRecorruption()
     loss: LossConfig = LossConfig(norm="l2", hessian_weight=0.002)
-    iterations: int = Field(600, ge=1)
-    budget_min: float | None = Field(
-        None, gt=0, description="stop after this wall time; the schedule follows whichever ends"
-    )
-    patch_px: int = Field(64, ge=16)
-    batch_size: int = Field(4, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    scale_percentile: float = Field(99.9, gt=0, le=100)
-    seed: int = 0
 
 
 @dataclass
