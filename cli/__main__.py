@@ -1,6 +1,6 @@
 """`python -m livedecon.cli ...` runs the `livedecon` command line (the daemon's launcher uses
 it to start `livedecon serve` as a child process)."""
 
-from livedecon.cli.main import app
+from livedecon.cli import app
 
 app()

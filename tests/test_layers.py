@@ -135,11 +135,9 @@ def test_engines_know_nothing_of_zmq_micromanager_or_a_display():
 def test_the_contract_sees_a_violation(tmp_path):
     """The checker itself: an upward import and a relative one are both found."""
     source = tmp_path / "server.py"
-    source.write_text(
-        "from livedecon.cli.main import app\n\ndef f():\n    from ..cli import demo\n"
-    )
+    source.write_text("from livedecon.cli import app\n\ndef f():\n    from ..cli import _demo\n")
     found = _imported(source, "livedecon.daemon._server")
-    assert found == [(1, "livedecon.cli.main.app"), (4, "livedecon.cli.demo")]
+    assert found == [(1, "livedecon.cli.app"), (4, "livedecon.cli._demo")]
     assert {_folder_of(module) for _, module in found} == {"cli"}
     assert RANK["cli"] > RANK["daemon"]
 

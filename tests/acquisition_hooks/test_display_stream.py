@@ -289,7 +289,7 @@ def test_a_window_opens_only_where_there_is_a_display(monkeypatch):
 def test_livedecon_view_says_why_it_cannot_open_a_window(monkeypatch):
     from typer.testing import CliRunner
 
-    from livedecon.cli.main import app
+    from livedecon.cli import app
 
     monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
     result = CliRunner().invoke(app, ["view"])

@@ -292,7 +292,7 @@ def test_unreadable_input_chunk_is_reported_and_the_rest_is_restored(client, bun
 def test_cli_batch_on_an_existing_scheduler(client, bundles, tmp_path):
     from typer.testing import CliRunner
 
-    from livedecon.cli.main import app
+    from livedecon.cli import app
 
     write_ome_tiff(tmp_path / "raw" / "s.ome.tif", _counts((2, 32, 48), 9), "TYX", PIXEL)
     args = ["batch", str(bundles["2d"]), str(tmp_path / "raw" / "*.tif"),

@@ -304,7 +304,7 @@ def test_after_kill_9_reprocess_completes_every_acknowledged_frame(tmp_path):
     from ndstorage import NDTiffDataset
     from typer.testing import CliRunner
 
-    from livedecon.cli.main import app
+    from livedecon.cli import app
 
     n = 60
     images = frames(n, (64, 64), seed=9)

@@ -125,7 +125,7 @@ def test_a_write_failing_after_the_ack_is_reported_and_recoverable(small_disk, t
     from ndstorage import NDTiffDataset
     from typer.testing import CliRunner
 
-    from livedecon.cli.main import app
+    from livedecon.cli import app
 
     images = [np.full((64, 64), 100 + i, np.uint16) for i in range(8)]
     raw = NDTiffDataset(str(tmp_path / "raw"), name="raw", writable=True, summary_metadata={})

@@ -355,7 +355,7 @@ def test_a_plane_that_cannot_be_written_is_reported_and_recovered_by_reprocess(t
     from ndstorage import NDTiffDataset
     from typer.testing import CliRunner
 
-    from livedecon.cli.main import app
+    from livedecon.cli import app
 
     images = [np.full((16, 16), 10 + i, np.uint16) for i in range(4)]
     raw = NDTiffDataset(str(tmp_path / "raw"), name="raw", writable=True, summary_metadata={})

@@ -12,7 +12,7 @@ import tifffile
 from plane_records import ndtiff
 from typer.testing import CliRunner
 
-from livedecon.cli.main import app
+from livedecon.cli import app
 from livedecon.daemon._journal import (
     AcquisitionRecord,
     Journal,

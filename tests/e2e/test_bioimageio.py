@@ -88,7 +88,7 @@ def _restore(*args: str | Path):
     """`livedecon restore` in this process (the subprocess start-up is paid by the export)."""
     from typer.testing import CliRunner
 
-    from livedecon.cli.main import app
+    from livedecon.cli import app
 
     return CliRunner().invoke(app, ["restore", *map(str, args)], env={"COLUMNS": "200"})
 

@@ -8,7 +8,7 @@ import pytest
 import typer
 from rich.console import Console
 
-from livedecon.cli import output
+from livedecon.cli import _output as output
 
 
 def test_an_error_line_never_wraps_and_keeps_its_brackets(monkeypatch):

@@ -255,7 +255,7 @@ def test_tiled_restoration_matches_whole():
 
 
 def test_cli_trains_and_restores_a_volume(tmp_path: Path):
-    from livedecon.cli.main import app
+    from livedecon.cli import app
 
     rendered = confocal_volume()
     raw = tmp_path / "vol.ome.tif"
@@ -287,7 +287,7 @@ def test_cli_trains_and_restores_a_volume(tmp_path: Path):
 def test_cli_chain_3d_then_selfnet(tmp_path: Path):
     """`livedecon restore fast3d-sim raw --then SELFNET`: ZS-DeconvNet 3D (2x lateral), then
     Self-Net on its output grid; an isotropic volume at the 3D bundle's output pixel."""
-    from livedecon.cli.main import app
+    from livedecon.cli import app
     from livedecon.engines._bundle import find_bundle
 
     first = ModelBundle.load(find_bundle("fast3d-sim")).manifest

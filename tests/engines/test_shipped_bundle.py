@@ -56,7 +56,7 @@ def test_shipped_3d_bundle_keeps_each_planes_photons_and_beats_raw():
     obs = ForwardModel(scope, noise_seed=99).acquire_stack(300.0, focus, EXPOSURE_MS)
     background = scope.sample.background_photons_px_s * EXPOSURE_MS / 1000
     processor = open_processor("fast3d-sim", backend="torch")
-    # a uniform background is, to the 3D model, light from the whole volume (cli/demo.py)
+    # a uniform background is, to the 3D model, light from the whole volume (cli/_demo.py)
     restored = processor.process([obs.counts])[0] - background / 4 * processor.bundle.flux_share
     electrons = counts_to_electrons(obs.counts, scope.camera)
     raw = np.clip(np.stack([upsample_2x(e) for e in electrons]) - background / 4, 0, None)

@@ -11,11 +11,11 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
-from livedecon.cli.bench import bench_app
-from livedecon.cli.calibrate import calibrate
-from livedecon.cli.output import console
-from livedecon.cli.output import fail as _fail
-from livedecon.cli.selfnet import (
+from livedecon.cli._bench import bench_app
+from livedecon.cli._calibrate import calibrate
+from livedecon.cli._output import console
+from livedecon.cli._output import fail as _fail
+from livedecon.cli._selfnet import (
     SELFNET_NETWORKS,
     open_selfnet_chain,
     restore_selfnet_command,
@@ -26,7 +26,7 @@ from livedecon.engines._configfile import ConfigError
 from livedecon.engines._enums import Backend, Precision
 
 if TYPE_CHECKING:
-    from livedecon.cli.demo import DemoSummary
+    from livedecon.cli._demo import DemoSummary
     from livedecon.engines._bundle import ModelBundle
     from livedecon.engines._networks import Network2DSpec, Network3DSpec
 
@@ -242,7 +242,7 @@ def train(
         "budget_min": budget_min,
     }
     if network in SIM_NETWORKS:
-        from livedecon.cli.sim import train_sim_command
+        from livedecon.cli._sim import train_sim_command
 
         sim_options = (sim_angles, sim_phases, sim_order)
         return train_sim_command(
@@ -362,7 +362,7 @@ def restore(
     import tempfile
     import time
 
-    from livedecon.cli.sim import SIM_RECONSTRUCTION, restore_sim_command
+    from livedecon.cli._sim import SIM_RECONSTRUCTION, restore_sim_command
 
     if bundle == SIM_RECONSTRUCTION:
         sim_options = (sim_angles, sim_phases, sim_order)
@@ -541,7 +541,7 @@ def demo(
 ) -> None:
     """The live demo: a daemon, the simulated microscope and a pycromanager acquisition
     streaming through it; prints latency and quality against the simulator's ground truth."""
-    from livedecon.cli.demo import DemoSettings, run_demo
+    from livedecon.cli._demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         out,
@@ -576,7 +576,7 @@ def demo(
             if headless:
                 summary = run_demo(settings, step)
             else:
-                from livedecon.cli.demo import run_demo_with_viewer
+                from livedecon.cli._demo import run_demo_with_viewer
 
                 summary = run_demo_with_viewer(settings, step, report)
         except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as exc:

@@ -18,8 +18,8 @@ import numpy as np
 from rich.progress import Progress
 
 from livedecon.calibration._sim_run import SimNetwork
-from livedecon.cli.output import console
-from livedecon.cli.output import fail as _fail
+from livedecon.cli._output import console
+from livedecon.cli._output import fail as _fail
 from livedecon.daemon._sim_processing import SimProcessor, sim_plan_for
 from livedecon.engines._configfile import ConfigError
 from livedecon.engines._enums import Backend

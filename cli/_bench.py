@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from livedecon.cli.output import console
-from livedecon.cli.output import fail as _fail
-from livedecon.cli.selfnet import bench_selfnet_command
+from livedecon.cli._output import console, print_table
+from livedecon.cli._output import fail as _fail
+from livedecon.cli._selfnet import bench_selfnet_command
 
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
 bench_app.command("selfnet")(bench_selfnet_command)
@@ -40,8 +39,6 @@ def bench_engines_command(
     """Latency p50/p95 per frame and frames/s of every backend present, per model and size."""
     import json
 
-    from rich.table import Table
-
     from livedecon.engines._runtime_bench import MODELS, bench_engines
 
     chosen = [m for m in models.split(",") if m]
@@ -63,37 +60,26 @@ def bench_engines_command(
             budget_s,
             progress=lambda what: status.update(f"benchmarking {what}"),
         )
-    table = Table(title="livedecon bench engines (one frame per call)")
-    for column in (
-        "backend",
-        "precision",
-        "model",
-        "input",
-        "runs",
-        "p50 ms",
-        "p95 ms",
-        "frames/s",
-    ):
-        table.add_column(
-            column,
-            justify="right" if column[0] in "prf" and column != "precision" else "left",
-            no_wrap=True,
-        )
-    for r in rows:
-        table.add_row(
-            str(r["backend"]),
-            str(r["precision"]),
-            str(r["model"]),
-            str(r["input"]),
-            str(r["runs"]),
-            f"{r['p50_ms']:.1f}",
-            f"{r['p95_ms']:.1f}",
-            f"{r['frames_per_s']:.2f}",
-        )
-    # Piped output (a log, CI) gets the whole table rather than an 80-column cut.
-    (console if console.is_terminal else Console(width=120)).print(table)
+    print_table(
+        "livedecon bench engines (one frame per call)",
+        ("backend", "precision", "model", "input", "runs", "p50 ms", "p95 ms", "frames/s"),
+        (
+            (
+                *(str(r[key]) for key in ("backend", "precision", "model", "input", "runs")),
+                f"{r['p50_ms']:.1f}",
+                f"{r['p95_ms']:.1f}",
+                f"{r['frames_per_s']:.2f}",
+            )
+            for r in rows
+        ),
+        left=("backend", "precision", "model", "input"),
+    )
     out.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
     console.print(f"wrote {out}")
+
+
+def _cell(value: object, spec: str) -> str:
+    return format(value, spec) if isinstance(value, float) else str(value)
 
 
 def _device() -> str:
@@ -146,7 +132,6 @@ def bench_quality_command(
     """Restoration quality against ground truth on simulated scenes: fitted PSNR against a
     2x-resolution reference, SSIM, resolution, ringing, dim-puncta recall, 3D alternation."""
     import torch
-    from rich.table import Table
 
     from livedecon.calibration._quality_bench import (
         METHODS_2D,
@@ -197,22 +182,18 @@ def bench_quality_command(
             lambda what: status.update(f"bench quality: {what}"),
             volumes,
         )
-    table = Table(title=f"livedecon bench quality (budget {budget})")
     # iter: RL's best iteration count, or a network's training iterations (a busy machine
     # reaches the time cap with fewer: the figure says how far a run got)
     columns = (
         "scene", "method", "PSNR dB", "view", "SSIM", "res nm", "ringing", "dim recall", "iter",
         "s",
     )  # fmt: skip
-    for column in columns:
-        left = column in ("scene", "method", "view")
-        table.add_column(column, justify="left" if left else "right")
 
     def fmt(value: object, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    for r in rows:
-        table.add_row(
+    cells = (
+        (
             str(r["scene"]),
             str(r["method"]),
             fmt(r["psnr"], ".2f"),
@@ -224,7 +205,16 @@ def bench_quality_command(
             fmt(notes.get("iterations") if isinstance(notes := r["notes"], dict) else None, ""),
             fmt(r["seconds"], ".0f"),
         )
-    (console if console.is_terminal else Console(width=140)).print(table)
+        for r in rows
+    )
+    print_table(
+        f"livedecon bench quality (budget {budget})",
+        columns,
+        cells,
+        left=("scene", "method", "view"),
+        width=140,
+        no_wrap=False,
+    )
     summary = summarise(rows)
     for method, figures in summary.items():
         baseline = {"rl": "RL", "cubic": "cubic interpolation"}[str(figures["baseline"])]
@@ -276,8 +266,6 @@ def bench_daemon_command(
 ) -> None:
     """Frames from this process through a daemon process and out of its publisher: pass-through
     (display only, shared memory, with writing) and the model, beside a bare pyzmq relay."""
-    from rich.table import Table
-
     from livedecon.daemon._transport_bench import bench_daemon
 
     with console.status("benchmarking") as status:
@@ -289,7 +277,6 @@ def bench_daemon_command(
             model,
             progress=lambda what: status.update(f"benchmarking {what}"),
         )
-    table = Table(title=f"livedecon bench daemon ({size}x{size} uint16, paced at {rate_hz:g} Hz)")
     columns = {
         "scenario": "scenario",
         "throughput_sent_per_s": "acked/s",
@@ -304,15 +291,13 @@ def bench_daemon_command(
         "spilled": "spilled",
         "written_mb_per_s": "written MB/s",
     }
-    for label in columns.values():
-        table.add_column(label, justify="left" if label == "scenario" else "right", no_wrap=True)
-    for row in rows:
-        cells = []
-        for key in columns:
-            value = row.get(key, "")
-            cells.append(f"{value:.2f}" if isinstance(value, float) else str(value))
-        table.add_row(*cells)
-    (console if console.is_terminal else Console(width=140)).print(table)
+    print_table(
+        f"livedecon bench daemon ({size}x{size} uint16, paced at {rate_hz:g} Hz)",
+        list(columns.values()),
+        ([_cell(row.get(key, ""), ".2f") for key in columns] for row in rows),
+        left=("scenario",),
+        width=170,
+    )
     console.print(
         "targets (display only, pass-through): >= 100 frames/s of 2048x2048, added p50 <= 2 ms, "
         "within 2x of bare pyzmq"
@@ -330,8 +315,6 @@ def bench_batch_command(
     out: Annotated[Path, typer.Option(help="JSON results")] = Path("bench_batch.json"),
 ) -> None:
     """`livedecon batch` throughput (input voxels/s) on local clusters of 1 and 2 workers."""
-    from rich.table import Table
-
     from livedecon.daemon._batch import bench_batch
 
     try:
@@ -342,7 +325,6 @@ def bench_batch_command(
         rows = bench_batch(
             sizes, model, frames, size, progress=lambda what: status.update(f"batch: {what}")
         )
-    table = Table(title=f"livedecon bench batch ({frames}x{size}x{size} uint16, {model})")
     columns = {
         "scenario": "scenario",
         "chunks": "chunks",
@@ -351,12 +333,12 @@ def bench_batch_command(
         "speedup": "x 1st",
         "failures": "failed",
     }
-    for label in columns.values():
-        table.add_column(label, justify="left" if label == "scenario" else "right", no_wrap=True)
-    for row in rows:
-        cells = [f"{row[k]:,.2f}" if isinstance(row[k], float) else str(row[k]) for k in columns]
-        table.add_row(*cells)
-    (console if console.is_terminal else Console(width=120)).print(table)
+    print_table(
+        f"livedecon bench batch ({frames}x{size}x{size} uint16, {model})",
+        list(columns.values()),
+        ([_cell(row[key], ",.2f") for key in columns] for row in rows),
+        left=("scenario",),
+    )
     out.write_text(json.dumps({"device": _device(), "rows": rows}, indent=2))
     console.print(f"wrote {out}")
 
@@ -382,8 +364,6 @@ def bench_sim_command(
     one, widefield against SIM reconstruction (fitted PSNR at SIM resolution, decorrelation
     resolution), and reconstruction speed. With --targets, the smallest separation of line
     and bead pairs that widefield, Wiener SIM, ZS-DeconvNet-SIM and DPS each resolve."""
-    from rich.table import Table
-
     from livedecon.calibration._sim_bench import run_sim_bench, sim_scenes
 
     try:
@@ -395,7 +375,6 @@ def bench_sim_command(
         raise _fail("no scene selected")
     with console.status("bench sim") as status:
         results = run_sim_bench(scenes, speed_size, lambda w: status.update(f"bench sim: {w}"))
-    table = Table(title="livedecon bench sim (Wiener SIM, parameters from the data)")
     columns = (
         "scene",
         "WF dB",
@@ -408,11 +387,10 @@ def bench_sim_command(
         "phase err",
         "m",
     )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "scene" else "right")
-    for r in results["rows"]:
+
+    def cells(r: dict[str, Any]) -> tuple[str, ...]:
         found = r["angles_found"]
-        table.add_row(
+        return (
             str(r["scene"]),
             f"{r['widefield_psnr']:.2f}",
             f"{r['sim_psnr']:.2f}",
@@ -424,7 +402,15 @@ def bench_sim_command(
             f"{r['phase_error_rad']:.2f} rad" if found else "-",
             f"{r['modulation']:.2f}" if found else "-",
         )
-    (console if console.is_terminal else Console(width=150)).print(table)
+
+    print_table(
+        "livedecon bench sim (Wiener SIM, parameters from the data)",
+        columns,
+        map(cells, results["rows"]),
+        left=("scene",),
+        width=150,
+        no_wrap=False,
+    )
     speed = results["speed"]
     console.print(
         f"reconstruction of 9 x {speed['size_px']}^2 with known parameters:"
@@ -438,8 +424,6 @@ def bench_sim_command(
 
 
 def _pair_targets_table(peak: float, iterations: int) -> dict[str, dict[str, float | None]]:
-    from rich.table import Table
-
     from livedecon.calibration._sim_bench import TARGET_METHODS, run_pair_targets
 
     found = {}
@@ -448,12 +432,14 @@ def _pair_targets_table(peak: float, iterations: int) -> dict[str, dict[str, flo
             found[kind] = run_pair_targets(
                 kind, peak, iterations, lambda w: status.update(f"bench sim: {w}")
             )
-    table = Table(title=f"smallest separation resolved (nm), {peak:g} photons per raw frame")
-    table.add_column("pairs")
-    for method in TARGET_METHODS:
-        table.add_column(method, justify="right")
-    for kind, row in found.items():
-        cells = ("-" if row[m] is None else f"{row[m]:.0f}" for m in TARGET_METHODS)
-        table.add_row(kind, *cells)
-    console.print(table)
+    print_table(
+        f"smallest separation resolved (nm), {peak:g} photons per raw frame",
+        ("pairs", *TARGET_METHODS),
+        (
+            (kind, *("-" if row[m] is None else f"{row[m]:.0f}" for m in TARGET_METHODS))
+            for kind, row in found.items()
+        ),
+        left=("pairs",),
+        no_wrap=False,
+    )
     return found

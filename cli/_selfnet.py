@@ -1,6 +1,6 @@
 """`livedecon train --network selfnet` and `livedecon restore` with a Self-Net bundle.
 
-Kept out of cli/main.py: the commands there only parse options and call these.
+Kept out of cli/_main.py: the commands there only parse options and call these.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import Progress
 
-from livedecon.cli.output import console
-from livedecon.cli.output import fail as _fail
+from livedecon.cli._output import console
+from livedecon.cli._output import fail as _fail
 from livedecon.engines._configfile import ConfigError
 
 if TYPE_CHECKING:

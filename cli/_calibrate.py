@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import Progress, TaskID
 
-from livedecon.cli.output import console
-from livedecon.cli.output import fail as _fail
+from livedecon.cli._output import console
+from livedecon.cli._output import fail as _fail
 from livedecon.engines._configfile import ConfigError
 from livedecon.engines._enums import Backend
 
