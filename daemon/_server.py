@@ -318,7 +318,8 @@ class Daemon:
                     f"shared-memory segment {slot.segment!r} does not exist on this host",
                 ) from None
             # The client owns the segment; the tracker would otherwise unlink it when we exit.
-            resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+            # It registered the POSIX name, which is the public name with its leading slash.
+            resource_tracker.unregister(f"/{segment.name}", "shared_memory")
             self._segments[slot.segment] = segment
             while len(self._segments) > SEGMENTS_KEPT:  # names from clients: bound what we map
                 oldest = next(iter(self._segments))
