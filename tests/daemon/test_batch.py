@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from tiny_specs import TINY_2D, TINY_3D, TINY_SELFNET
+from tiny_specs import TINY_2D, TINY_3D, TINY_3D_DENOISED, TINY_SELFNET
 
 from livedecon.daemon import _batch as batch
 from livedecon.daemon._batch import BatchOptions, run_batch
@@ -35,12 +35,12 @@ def _bundle(spec, directory: Path, refine_iterations: int = 0) -> Path:
     psf = np.zeros((3, 3, 3) if is_3d else (3, 3), np.float32)
     psf[(1,) * psf.ndim] = 1.0
     if refine_iterations:  # a PSF with some reach, so the refinement needs the tile's halo
-        psf = np.outer(*[np.array([1, 2, 1], np.float32)] * 2) / 16
+        taps = np.array([1, 2, 1], np.float32) / 4
+        psf = np.einsum(*[arg for _ in range(psf.ndim) for arg in (taps, [_])]).astype(np.float32)
+    kind = "tiny3d" if is_3d else "tiny2d"
     bundle = ModelBundle.from_model(
         build_network(spec),
-        name=f"tiny2d-refined{refine_iterations}"
-        if refine_iterations
-        else ("tiny3d" if is_3d else "tiny2d"),
+        name=f"{kind}-refined{refine_iterations}" if refine_iterations else kind,
         input_pixel_um=PIXEL,
         z_step_um=0.2 if is_3d else None,
         normalisation=Normalisation(
@@ -66,6 +66,7 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
         "2d": _bundle(TINY_2D, root),
         "3d": _bundle(TINY_3D, root),
         "2d-refined": _bundle(TINY_2D, root, refine_iterations=4),
+        "3d-denoised": _bundle(TINY_3D_DENOISED, root, refine_iterations=2),
     }
 
 
@@ -232,6 +233,46 @@ def test_a_volume_split_in_depth_equals_the_whole_stack_restore(bundles, tmp_pat
     whole = restore_electrons(_LocalEngine().infer, norm.electrons(stack), norm.scale_e, 1, 2)
     out = zarr.open_array(str(tmp_path / "deep.out.zarr"), path="0")[:]
     _assert_close(out, whole)
+
+
+def test_a_denoised_serving_3d_bundle_is_deconvolved_chunk_by_chunk_as_the_whole_stack(
+    bundles, tmp_path
+):
+    """A 3D bundle that serves its denoised stack deconvolves each tile with a background
+    taken from that tile (a low percentile): split laterally and in depth, dim tiles and
+    bright ones, the blended result must still be the whole stack's restore."""
+    from distributed import Client, LocalCluster
+
+    from livedecon.engines._tiling import restore_electrons
+
+    bundle = ModelBundle.load(bundles["3d-denoised"])
+    assert bundle.manifest.network.serve == "denoised"
+    assert bundle.manifest.refine_iterations == 2
+    options = OPTIONS.model_copy(update={"z_chunk": 4, "z_halo": 2, "backend": "torch"})
+    key = (str(bundles["3d-denoised"].resolve()), bundle.manifest.weights_sha256, "torch", 1)
+    batch._ENGINES[key] = (bundle, _LocalEngine())
+    stack = _counts((12, 48, 48), 17)
+    stack[:, :24] = 100 + (stack[:, :24] - 100) // 8  # one half dim, the other bright
+    raw = _write_ome_zarr(tmp_path / "v.ome.zarr", stack, "zyx", [0.2, PIXEL, PIXEL], (4, 48, 48))
+    try:
+        with (
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as local,
+        ):
+            summary = run_batch(local, bundles["3d-denoised"], [raw], tmp_path / "o.zarr", options)
+    finally:
+        del batch._ENGINES[key]
+    assert not summary.failures
+    norm = bundle.manifest.normalisation
+    electrons = norm.electrons(stack)
+    network = restore_electrons(
+        _LocalEngine().infer, electrons, norm.scale_e, 1, 2, flux_share=bundle.flux_share
+    )
+    whole = bundle.refine(network, electrons)
+    assert np.abs(whole - network).mean() > 0.01 * np.abs(network).mean()  # RL did something
+    _assert_close(zarr.open_array(str(tmp_path / "o.zarr"), path="0")[:], whole)
 
 
 def test_ndtiff_positions_become_ome_zarr_images(client, bundles, tmp_path):
