@@ -110,6 +110,12 @@ class Processor(Protocol):
         ...
 
     @property
+    def finishing(self) -> str:
+        """What runs after the network (BundleManifest.finishing), recorded with the
+        acquisition: the bundle id names the weights only. "": nothing, or no network."""
+        ...
+
+    @property
     def bundle_dir(self) -> Path | None:
         """The model bundle's directory, recorded for `reprocess`; None without a model."""
         ...
@@ -206,6 +212,7 @@ class PassThrough(NoModel):
     upscale: int = 1
     is_3d: bool | None = None
     units: str = CAMERA_COUNTS
+    finishing: str = ""
     bright_level: float = UINT16_BRIGHT_COUNTS  # uint16 output keeps the counts as they came
     delay_s: float = 0.0  # stands in for a slow engine in overload tests and benchmarks
 
@@ -250,6 +257,10 @@ class ModelProcessor:
     @property
     def weights_version(self) -> int:
         return self.bundle.manifest.weights_version
+
+    @property
+    def finishing(self) -> str:
+        return self.bundle.manifest.finishing
 
     @property
     def bright_level(self) -> float:
@@ -345,6 +356,10 @@ class IsotropicProcessor:
     @property
     def weights_version(self) -> int:
         return self.first.weights_version
+
+    @property
+    def finishing(self) -> str:
+        return self.first.finishing  # Self-Net runs on what the first model finished
 
     @property
     def upscale(self) -> int:

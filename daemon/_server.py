@@ -461,6 +461,7 @@ class Daemon:
             input_pixel_um=plan.pixel_size_um,
             output_pixel_um=plan.pixel_size_um / processor.upscale,
             units=processor.units,
+            finishing=processor.finishing,
             spill_dir=str(self.spill_root),
             ome_zarr=self.config.storage.ome_zarr,
             isotropic_bundle_path=(

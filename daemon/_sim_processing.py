@@ -125,6 +125,10 @@ class SimProcessor:
         return self.network.weights_version if self.network is not None else 0
 
     @property
+    def finishing(self) -> str:
+        return self.network.finishing if self.network is not None else ""
+
+    @property
     def bundle_dir(self) -> Path | None:
         return self.network.bundle_dir if self.network is not None else None
 

@@ -237,6 +237,17 @@ class BundleManifest(_Manifest):
         return serves_denoised(self.network)
 
     @property
+    def finishing(self) -> str:
+        """What runs after the network, for provenance (the bundle id names the weights only,
+        and `restore --refine` may change the steps): "" or e.g. "2 Richardson-Lucy steps on
+        its denoised stack"."""
+        steps = self.refine_iterations
+        if not steps:
+            return ""
+        on = "its denoised stack" if self.serves_denoised else "the frame"
+        return f"{steps} Richardson-Lucy steps on {on}"
+
+    @property
     def takes_volumes(self) -> bool:
         return self.is_3d or self.is_selfnet
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from livedecon.engines._bundle import BundleManifest, ModelBundle
+from livedecon.engines._bundle import ModelBundle
 from livedecon.engines._ome_tiff import write_ome_tiff
 from livedecon.engines._raw_input import read_raw_image
 from livedecon.engines._runtime import Runtime, TorchRuntime
@@ -78,17 +78,11 @@ def restore_file(
         z_step_um=z_step or manifest.z_step_um,
         description=(
             f"restored by livedecon bundle {bundle.bundle_id} (weights version"
-            f" {manifest.weights_version}{_finishing(manifest)}) from {in_path.name};"
+            f" {manifest.weights_version}{_then(manifest.finishing)}) from {in_path.name};"
             " photoelectrons per pixel"
         ),
     )
 
 
-def _finishing(manifest: BundleManifest) -> str:
-    """The Richardson-Lucy steps after the network, for the output's provenance (the bundle
-    id names the weights only, and `restore --refine` may change the steps)."""
-    steps = manifest.refine_iterations
-    if not steps:
-        return ""
-    on = "its denoised stack" if manifest.serves_denoised else "the frame"
-    return f", then {steps} Richardson-Lucy steps on {on}"
+def _then(finishing: str) -> str:
+    return f", then {finishing}" if finishing else ""

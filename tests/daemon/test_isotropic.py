@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from tiny_specs import TINY_SELFNET
 
 from livedecon.daemon._client import DaemonError
+from livedecon.daemon._journal import read_acquisition_record
 from livedecon.daemon._processing import open_isotropic, open_processor, source_planes
 from livedecon.daemon._protocol import AdaptationPlan, Axes, Plan, Topic
 from livedecon.daemon._writer import output_path, read_planes
@@ -96,6 +97,9 @@ def test_stacks_become_isotropic_volumes_written_and_projected(tmp_path: Path):
     ]
     assert planes[(0, 0)][0].bundle_id.startswith("fast3d-sim@")
     assert "+sn-test@" in planes[(0, 0)][0].bundle_id
+    # the bundle id names the weights only: the record says what ran after the network
+    record = read_acquisition_record(daemon.config.output_dir / "iso")
+    assert record.finishing == "2 Richardson-Lucy steps on its denoised stack"
     with tifffile.TiffFile(path) as tif:
         assert tif.series[0].shape == (2, depth, 2 * RAW_PX, 2 * RAW_PX)
         pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
