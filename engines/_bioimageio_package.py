@@ -40,6 +40,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
@@ -52,11 +53,16 @@ from livedecon.engines._bundle import (
     PSF,
     WEIGHTS,
     BundleError,
+    BundleManifest,
     ModelBundle,
+    Normalisation,
 )
 from livedecon.engines._export import DECONVOLVED, DENOISED, OPSET, export_onnx
 from livedecon.engines._networks import input_multiple
 from livedecon.engines._tiling import restore_electrons
+
+if TYPE_CHECKING:  # bioimageio.spec (the `bioimageio` extra) is imported to write a package only
+    from bioimageio.spec.model import v0_5
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 INPUT_ID = "raw"
@@ -300,10 +306,27 @@ def export_bioimageio(
     Raises ValueError for bundles the spec cannot describe (Self-Net, SIM) and for bad
     samples.
     """
-    from bioimageio.spec import save_bioimageio_package
-    from bioimageio.spec.model import v0_5
+    _check_exportable(bundle.manifest)
+    # The package holds the network (its deconvolution stage, in 3D); the Richardson-Lucy
+    # steps a bundle may take after it are livedecon's, and the attached bundle keeps them.
+    attached_bundle, bundle = bundle, bundle.network_alone()
+    out_zip = Path(out_zip)
+    if out_zip.suffix.lower() != ".zip":
+        raise ValueError(f"{out_zip}: a bioimage.io package is a .zip file")
+    sample = _checked_sample(bundle, sample_counts)
+    test_in = np.ascontiguousarray(_centre_crop(sample, _test_shape(bundle, sample)))
+    with tempfile.TemporaryDirectory(prefix="livedecon-bioimageio-") as tmp:
+        files = _write_files(bundle, attached_bundle, sample, test_in, Path(tmp))
+        _save(_model_description(bundle, files, authors, license_id), out_zip)
+    return PackageReport(
+        out_zip,
+        (DECONVOLVED, DENOISED),
+        tuple(test_in[None, None].shape),
+        ("onnx", "torchscript"),
+    )
 
-    m = bundle.manifest
+
+def _check_exportable(m: BundleManifest) -> None:
     if m.is_selfnet:
         raise ValueError(
             f"bundle {m.name!r} is a Self-Net model: it restores the axial slices of a"
@@ -316,13 +339,11 @@ def export_bioimageio(
             " reconstruction (its settings are in the bundle), which a bioimage.io consumer"
             " does not make; only ZS-DeconvNet 2D and 3D bundles can be exported to bioimage.io"
         )
-    # The package holds the network (its deconvolution stage, in 3D); the Richardson-Lucy
-    # steps a bundle may take after it are livedecon's, and the attached bundle keeps them.
-    attached_bundle, bundle = bundle, bundle.network_alone()
+
+
+def _checked_sample(bundle: ModelBundle, sample_counts: np.ndarray | None) -> np.ndarray:
+    """The sample as float32 counts of the network's dimensionality, all finite."""
     m = bundle.manifest
-    out_zip = Path(out_zip)
-    if out_zip.suffix.lower() != ".zip":
-        raise ValueError(f"{out_zip}: a bioimage.io package is a .zip file")
     if sample_counts is None:
         sample_counts = synthetic_counts(bundle, (8, 64, 64) if m.is_3d else (128, 128))
     sample = np.asarray(sample_counts, dtype=np.float32)
@@ -333,204 +354,239 @@ def export_bioimageio(
         )
     if not np.all(np.isfinite(sample)):
         raise ValueError("the sample holds NaN or infinite values")
+    return sample
+
+
+def _preprocessing(norm: Normalisation) -> tuple[float, float]:
+    """(gain, offset) of the one scale_linear from counts to model units:
+    ((counts - offset) * gain - background) / scale_e."""
+    gain = norm.camera_gain_e_per_adu / norm.scale_e
+    offset = -(norm.camera_offset_adu * norm.camera_gain_e_per_adu + norm.background_e)
+    return gain, offset / norm.scale_e
+
+
+def _write_files(
+    bundle: ModelBundle,
+    attached_bundle: ModelBundle,
+    sample: np.ndarray,
+    test_in: np.ndarray,
+    work: Path,
+) -> dict[str, Path]:
+    """Every file of the package, written into `work`: weights, test and sample tensors,
+    cover, README and the attached bundle (under "bundle")."""
+    m = bundle.manifest
+    files = {
+        "onnx": work / "weights.onnx",
+        "torchscript": work / "weights.torchscript.pt",
+        "test_input": work / "test_input.npy",
+        DENOISED: work / f"test_output_{DENOISED}.npy",
+        DECONVOLVED: work / f"test_output_{DECONVOLVED}.npy",
+        "cover": work / "cover.png",
+        "sample_input": work / "sample_input.tif",
+        DENOISED + "_sample": work / f"sample_output_{DENOISED}.tif",
+        DECONVOLVED + "_sample": work / f"sample_output_{DECONVOLVED}.tif",
+        "readme": work / "README.md",
+        "bundle": work / "bundle",
+    }
+    export_onnx(bundle.build_model(), files["onnx"], m.is_3d)
+    _torchscript(bundle, torch.from_numpy(test_in[None, None].copy()), files["torchscript"])
+    np.save(files["test_input"], test_in[None, None])
+    for name, image in zip((DENOISED, DECONVOLVED), _network_outputs(bundle, test_in), strict=True):
+        np.save(files[name], image[None, None].astype(np.float32))
+    # sample tensors (for people, TIFF): the sample itself, up to 256 pixels a side
+    multiple = input_multiple(m.network)
+    lateral = [min(n, 256) // multiple * multiple for n in sample.shape[-2:]]
+    sample_in = np.ascontiguousarray(_centre_crop(sample, (*sample.shape[:-2], *lateral)))
+    tifffile.imwrite(files["sample_input"], sample_in)
+    outputs = _network_outputs(bundle, sample_in)
+    for name, image in zip((DENOISED, DECONVOLVED), outputs, strict=True):
+        tifffile.imwrite(files[name + "_sample"], image.astype(np.float32))
+    _cover(bundle, sample, files["cover"])
+    attached_bundle.save(files["bundle"])
+    upscale = 2 if m.network.upsample else 1
+    outputs_doc = (
+        f"- output `{DECONVOLVED}`: the restoration (denoised, deconvolved, {upscale}x"
+        f" laterally), pixel {m.output_pixel_um} um, photoelectrons per output pixel;"
+        " use this one\n"
+        f"- output `{DENOISED}`: the first stage alone, on the input grid, photoelectrons"
+        " per input pixel"
+    )
+    files["readme"].write_text(_readme(bundle, outputs_doc, _preprocessing(m.normalisation)))
+    return files
+
+
+def _tensors(
+    bundle: ModelBundle, files: dict[str, Path]
+) -> tuple[list[v0_5.InputTensorDescr], list[v0_5.OutputTensorDescr]]:
+    """The input (raw counts, pre-processed to model units) and the two outputs
+    (post-processed to photoelectrons) as bioimage.io tensor descriptions."""
+    from bioimageio.spec.model import v0_5
+
+    m = bundle.manifest
     norm = m.normalisation
     upscale = 2 if m.network.upsample else 1
     multiple = input_multiple(m.network)
-    test_in = np.ascontiguousarray(_centre_crop(sample, _test_shape(bundle, sample)))
-    denoised, deconvolved = _network_outputs(bundle, test_in)
-    # sample tensors (for people, TIFF): the sample itself, up to 256 pixels a side
-    sample_lateral = [min(n, 256) // multiple * multiple for n in sample.shape[-2:]]
-    sample_in = np.ascontiguousarray(_centre_crop(sample, (*sample.shape[:-2], *sample_lateral)))
-    sample_out = dict(
-        zip((DENOISED, DECONVOLVED), _network_outputs(bundle, sample_in), strict=True)
-    )
+    unit = "nanometer"
+    in_px, out_px = _nm(m.input_pixel_um), _nm(m.input_pixel_um) / upscale
+    input_id = v0_5.TensorId(INPUT_ID)
 
-    with tempfile.TemporaryDirectory(prefix="livedecon-bioimageio-") as tmp:
-        work = Path(tmp)
-        files = {
-            "onnx": work / "weights.onnx",
-            "torchscript": work / "weights.torchscript.pt",
-            "test_input": work / "test_input.npy",
-            DENOISED: work / f"test_output_{DENOISED}.npy",
-            DECONVOLVED: work / f"test_output_{DECONVOLVED}.npy",
-            "cover": work / "cover.png",
-            "sample_input": work / "sample_input.tif",
-            DENOISED + "_sample": work / f"sample_output_{DENOISED}.tif",
-            DECONVOLVED + "_sample": work / f"sample_output_{DECONVOLVED}.tif",
-            "readme": work / "README.md",
-        }
-        export_onnx(bundle.build_model(), files["onnx"], m.is_3d)
-        _torchscript(bundle, torch.from_numpy(test_in[None, None].copy()), files["torchscript"])
-        np.save(files["test_input"], test_in[None, None])
-        np.save(files[DENOISED], denoised[None, None].astype(np.float32))
-        np.save(files[DECONVOLVED], deconvolved[None, None].astype(np.float32))
-        tifffile.imwrite(files["sample_input"], sample_in)
-        for name, image in sample_out.items():
-            tifffile.imwrite(files[name + "_sample"], image.astype(np.float32))
-        _cover(bundle, sample, files["cover"])
-        attached = work / "bundle"
-        attached_bundle.save(attached)
-
-        # counts -> model units: ((counts - offset) * gain - background) / scale_e
-        pre_gain = norm.camera_gain_e_per_adu / norm.scale_e
-        pre_offset = -(norm.camera_offset_adu * norm.camera_gain_e_per_adu + norm.background_e)
-        pre_offset /= norm.scale_e
-        unit = "nanometer"
-        in_px, out_px = _nm(m.input_pixel_um), _nm(m.input_pixel_um) / upscale
-        input_id = v0_5.TensorId(INPUT_ID)
-
-        def lateral(ref: bool, scale: float) -> list[v0_5.AnyAxis]:
-            if not ref:
-                if m.is_3d:  # RCAN: no pooling, any lateral size
-                    size = v0_5.ParameterizedSize(min=MIN_LATERAL_3D, step=1)
-                else:
-                    size = v0_5.ParameterizedSize(min=2 * multiple, step=multiple)
-                return [
-                    v0_5.SpaceInputAxis(id=v0_5.AxisId(a), size=size, scale=scale, unit=unit)
-                    for a in ("y", "x")
-                ]
+    def lateral(ref: bool, scale: float) -> list[v0_5.AnyAxis]:
+        if not ref:
+            if m.is_3d:  # RCAN: no pooling, any lateral size
+                size = v0_5.ParameterizedSize(min=MIN_LATERAL_3D, step=1)
+            else:
+                size = v0_5.ParameterizedSize(min=2 * multiple, step=multiple)
             return [
-                v0_5.SpaceOutputAxis(
-                    id=v0_5.AxisId(a),
-                    size=v0_5.SizeReference(tensor_id=input_id, axis_id=v0_5.AxisId(a)),
-                    scale=scale,
-                    unit=unit,
-                )
+                v0_5.SpaceInputAxis(id=v0_5.AxisId(a), size=size, scale=scale, unit=unit)
                 for a in ("y", "x")
             ]
-
-        def axes(ref: bool, scale: float, channel: str) -> list[v0_5.AnyAxis]:
-            head: list[v0_5.AnyAxis] = [
-                v0_5.BatchAxis(),
-                v0_5.ChannelAxis(channel_names=[v0_5.Identifier(channel)]),
-            ]
-            if m.is_3d:
-                assert m.z_step_um is not None  # the manifest guarantees it for 3D
-                z_nm = _nm(m.z_step_um)
-                z_size = (
-                    v0_5.SizeReference(tensor_id=input_id, axis_id=v0_5.AxisId("z"))
-                    if ref
-                    else v0_5.ParameterizedSize(min=MIN_DEPTH_3D, step=1)
-                )
-                z_axis = (v0_5.SpaceOutputAxis if ref else v0_5.SpaceInputAxis)(
-                    id=v0_5.AxisId("z"), size=z_size, scale=z_nm, unit=unit
-                )
-                head.append(z_axis)
-            return head + lateral(ref, scale)
-
-        photons = v0_5.IntervalOrRatioDataDescr(type="float32")
-        inputs = [
-            v0_5.InputTensorDescr(
-                id=input_id,
-                description="raw camera counts (ADU); the camera the model was trained for",
-                axes=axes(False, in_px, "raw"),
-                test_tensor=v0_5.FileDescr(source=files["test_input"]),
-                sample_tensor=v0_5.FileDescr(source=files["sample_input"]),
-                data=photons,
-                preprocessing=[
-                    v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32")),
-                    v0_5.ScaleLinearDescr(
-                        kwargs=v0_5.ScaleLinearKwargs(gain=pre_gain, offset=pre_offset)
-                    ),
-                ],
+        return [
+            v0_5.SpaceOutputAxis(
+                id=v0_5.AxisId(a),
+                size=v0_5.SizeReference(tensor_id=input_id, axis_id=v0_5.AxisId(a)),
+                scale=scale,
+                unit=unit,
             )
+            for a in ("y", "x")
         ]
-        outputs = [
-            v0_5.OutputTensorDescr(
-                id=v0_5.TensorId(DENOISED),
-                description="denoised, on the input grid; photoelectrons per input pixel",
-                axes=axes(True, in_px, DENOISED),
-                test_tensor=v0_5.FileDescr(source=files[DENOISED]),
-                sample_tensor=v0_5.FileDescr(source=files[DENOISED + "_sample"]),
-                data=photons,
-                postprocessing=[
-                    v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(gain=norm.scale_e))
-                ],
-            ),
-            v0_5.OutputTensorDescr(
-                id=v0_5.TensorId(DECONVOLVED),
-                description=f"denoised and deconvolved, {upscale}x laterally; photoelectrons"
-                " per output pixel",
-                axes=axes(True, out_px, DECONVOLVED),
-                test_tensor=v0_5.FileDescr(source=files[DECONVOLVED]),
-                sample_tensor=v0_5.FileDescr(source=files[DECONVOLVED + "_sample"]),
-                data=photons,
-                postprocessing=[
-                    v0_5.ScaleLinearDescr(
-                        kwargs=v0_5.ScaleLinearKwargs(
-                            gain=norm.scale_e * bundle.flux_share / upscale**2
-                        )
-                    )
-                ],
-            ),
+
+    def axes(ref: bool, scale: float, channel: str) -> list[v0_5.AnyAxis]:
+        head: list[v0_5.AnyAxis] = [
+            v0_5.BatchAxis(),
+            v0_5.ChannelAxis(channel_names=[v0_5.Identifier(channel)]),
         ]
-        outputs_doc = (
-            f"- output `{DECONVOLVED}`: the restoration (denoised, deconvolved, {upscale}x"
-            f" laterally), pixel {m.output_pixel_um} um, photoelectrons per output pixel;"
-            " use this one\n"
-            f"- output `{DENOISED}`: the first stage alone, on the input grid, photoelectrons"
-            " per input pixel"
-        )
-        files["readme"].write_text(_readme(bundle, outputs_doc, (pre_gain, pre_offset)))
-        kind = "3D" if m.is_3d else "2D"
-        descr = v0_5.ModelDescr(
-            name=f"livedecon {m.name} ZS-DeconvNet {kind}",
-            description=(
-                f"ZS-DeconvNet ({m.network.kind}): self-supervised denoising, deconvolution"
-                f" and {upscale}x super-resolution of {kind} widefield fluorescence, in fixed"
-                " photon units; exported from the livedecon bundle"
-                f" {m.bundle_id}"
-            ),
-            authors=[v0_5.Author(name=name) for name in authors],
-            cite=[v0_5.CiteEntry(text=CITATION_TEXT, doi=v0_5.Doi(CITATION_DOI))],
-            license=v0_5.LicenseId(license_id),
-            documentation=v0_5.FileDescr(source=files["readme"]),
-            covers=[v0_5.FileDescr(source=files["cover"])],
-            tags=[
-                "zs-deconvnet",
-                "denoising",
-                "deconvolution",
-                "super-resolution",
-                "self-supervised",
-                "fluorescence-light-microscopy",
-                kind.lower(),
-                "livedecon",
-            ],
-            attachments=[
-                v0_5.FileDescr(source=attached / name) for name in (MANIFEST, WEIGHTS, PSF)
-            ],
-            inputs=inputs,
-            outputs=outputs,
-            weights=v0_5.WeightsDescr(
-                onnx=v0_5.OnnxWeightsDescr(source=files["onnx"], opset_version=OPSET),
-                torchscript=v0_5.TorchscriptWeightsDescr(
-                    source=files["torchscript"],
-                    pytorch_version=v0_5.Version(torch.__version__.split("+")[0]),
-                    parent="onnx",
+        if m.is_3d:
+            assert m.z_step_um is not None  # the manifest guarantees it for 3D
+            z_size = (
+                v0_5.SizeReference(tensor_id=input_id, axis_id=v0_5.AxisId("z"))
+                if ref
+                else v0_5.ParameterizedSize(min=MIN_DEPTH_3D, step=1)
+            )
+            z_axis = (v0_5.SpaceOutputAxis if ref else v0_5.SpaceInputAxis)(
+                id=v0_5.AxisId("z"), size=z_size, scale=_nm(m.z_step_um), unit=unit
+            )
+            head.append(z_axis)
+        return head + lateral(ref, scale)
+
+    photons = v0_5.IntervalOrRatioDataDescr(type="float32")
+    pre_gain, pre_offset = _preprocessing(norm)
+    inputs = [
+        v0_5.InputTensorDescr(
+            id=input_id,
+            description="raw camera counts (ADU); the camera the model was trained for",
+            axes=axes(False, in_px, "raw"),
+            test_tensor=v0_5.FileDescr(source=files["test_input"]),
+            sample_tensor=v0_5.FileDescr(source=files["sample_input"]),
+            data=photons,
+            preprocessing=[
+                v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32")),
+                v0_5.ScaleLinearDescr(
+                    kwargs=v0_5.ScaleLinearKwargs(gain=pre_gain, offset=pre_offset)
                 ),
-            ),
-            config=v0_5.Config(
-                livedecon={
-                    "bundle_id": m.bundle_id,
-                    "bundle_files": [MANIFEST, WEIGHTS, PSF],
-                    "weights_sha256": m.weights_sha256,
-                    "normalisation": norm.model_dump(mode="json"),
-                }
-            ),
+            ],
         )
-        out_zip.parent.mkdir(parents=True, exist_ok=True)
-        partial = out_zip.with_name(f".{out_zip.name}.partial")
-        try:
-            save_bioimageio_package(descr, output_path=partial)
-            replace_atomically(partial, out_zip)
-        finally:
-            partial.unlink(missing_ok=True)
-    return PackageReport(
-        out_zip,
-        (DECONVOLVED, DENOISED),
-        tuple(test_in[None, None].shape),
-        ("onnx", "torchscript"),
+    ]
+    outputs = [
+        v0_5.OutputTensorDescr(
+            id=v0_5.TensorId(DENOISED),
+            description="denoised, on the input grid; photoelectrons per input pixel",
+            axes=axes(True, in_px, DENOISED),
+            test_tensor=v0_5.FileDescr(source=files[DENOISED]),
+            sample_tensor=v0_5.FileDescr(source=files[DENOISED + "_sample"]),
+            data=photons,
+            postprocessing=[
+                v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(gain=norm.scale_e))
+            ],
+        ),
+        v0_5.OutputTensorDescr(
+            id=v0_5.TensorId(DECONVOLVED),
+            description=f"denoised and deconvolved, {upscale}x laterally; photoelectrons"
+            " per output pixel",
+            axes=axes(True, out_px, DECONVOLVED),
+            test_tensor=v0_5.FileDescr(source=files[DECONVOLVED]),
+            sample_tensor=v0_5.FileDescr(source=files[DECONVOLVED + "_sample"]),
+            data=photons,
+            postprocessing=[
+                v0_5.ScaleLinearDescr(
+                    kwargs=v0_5.ScaleLinearKwargs(
+                        gain=norm.scale_e * bundle.flux_share / upscale**2
+                    )
+                )
+            ],
+        ),
+    ]
+    return inputs, outputs
+
+
+def _model_description(
+    bundle: ModelBundle, files: dict[str, Path], authors: tuple[str, ...], license_id: str
+) -> v0_5.ModelDescr:
+    """The package's rdf: what the model is, its tensors, weights, citation and the
+    attached livedecon bundle."""
+    from bioimageio.spec.model import v0_5
+
+    m = bundle.manifest
+    upscale = 2 if m.network.upsample else 1
+    kind = "3D" if m.is_3d else "2D"
+    inputs, outputs = _tensors(bundle, files)
+    return v0_5.ModelDescr(
+        name=f"livedecon {m.name} ZS-DeconvNet {kind}",
+        description=(
+            f"ZS-DeconvNet ({m.network.kind}): self-supervised denoising, deconvolution"
+            f" and {upscale}x super-resolution of {kind} widefield fluorescence, in fixed"
+            " photon units; exported from the livedecon bundle"
+            f" {m.bundle_id}"
+        ),
+        authors=[v0_5.Author(name=name) for name in authors],
+        cite=[v0_5.CiteEntry(text=CITATION_TEXT, doi=v0_5.Doi(CITATION_DOI))],
+        license=v0_5.LicenseId(license_id),
+        documentation=v0_5.FileDescr(source=files["readme"]),
+        covers=[v0_5.FileDescr(source=files["cover"])],
+        tags=[
+            "zs-deconvnet",
+            "denoising",
+            "deconvolution",
+            "super-resolution",
+            "self-supervised",
+            "fluorescence-light-microscopy",
+            kind.lower(),
+            "livedecon",
+        ],
+        attachments=[
+            v0_5.FileDescr(source=files["bundle"] / name) for name in (MANIFEST, WEIGHTS, PSF)
+        ],
+        inputs=inputs,
+        outputs=outputs,
+        weights=v0_5.WeightsDescr(
+            onnx=v0_5.OnnxWeightsDescr(source=files["onnx"], opset_version=OPSET),
+            torchscript=v0_5.TorchscriptWeightsDescr(
+                source=files["torchscript"],
+                pytorch_version=v0_5.Version(torch.__version__.split("+")[0]),
+                parent="onnx",
+            ),
+        ),
+        config=v0_5.Config(
+            livedecon={
+                "bundle_id": m.bundle_id,
+                "bundle_files": [MANIFEST, WEIGHTS, PSF],
+                "weights_sha256": m.weights_sha256,
+                "normalisation": m.normalisation.model_dump(mode="json"),
+            }
+        ),
     )
+
+
+def _save(descr: v0_5.ModelDescr, out_zip: Path) -> None:
+    """The package as one zip, written aside and moved into place."""
+    from bioimageio.spec import save_bioimageio_package
+
+    out_zip.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_zip.with_name(f".{out_zip.name}.partial")
+    try:
+        save_bioimageio_package(descr, output_path=partial)
+        replace_atomically(partial, out_zip)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _rdf_name(archive: zipfile.ZipFile) -> str | None:
