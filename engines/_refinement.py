@@ -22,6 +22,8 @@ noise left, so a low percentile of it estimates the background.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -119,8 +121,8 @@ def _iterate(
     floor = max(FLOOR * shift, MIN_FLOOR_E)
     current = torch.as_tensor(np.asarray(estimate, dtype=np.float32), device=device)
     current = padded(torch.clamp(current, min=floor))
-    otf = torch.as_tensor(_otf(psf, tuple(current.shape)), device=device)
     size = tuple(current.shape)
+    otf = _device_otf(np.ascontiguousarray(psf, np.float32).tobytes(), psf.shape, size, str(device))
 
     def blur(image: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
         return torch.fft.irfftn(torch.fft.rfftn(image) * transfer, s=size)
@@ -142,6 +144,17 @@ def _padding(psf_shape: tuple[int, ...], shape: tuple[int, ...]) -> list[tuple[i
         extra = fft.next_fast_len(n + 2 * reach, real=True) - n - 2 * reach
         pad.append((reach + extra // 2, reach + extra - extra // 2))
     return pad
+
+
+# Transfer functions kept on their device, by PSF and padded frame shape: a live stream refines
+# every frame of one shape with one PSF, and the OTF's FFT (on the CPU) would otherwise cost a
+# share of each frame's steps (one FFT beside four per step), and its copy to the GPU more.
+@functools.lru_cache(maxsize=4)
+def _device_otf(
+    psf_bytes: bytes, psf_shape: tuple[int, ...], shape: tuple[int, ...], device: str
+) -> torch.Tensor:
+    psf = np.frombuffer(psf_bytes, dtype=np.float32).reshape(psf_shape)
+    return torch.as_tensor(_otf(psf, shape), device=device)
 
 
 def _otf(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -16,6 +16,7 @@ from scipy import signal
 from tiny_specs import TINY_2D, TINY_3D, TINY_3D_DENOISED
 
 from livedecon.daemon._processing import open_processor
+from livedecon.engines import _refinement
 from livedecon.engines._bundle import (
     BundleError,
     ModelBundle,
@@ -114,6 +115,21 @@ def test_the_frame_is_shared_onto_the_fine_grid_as_richardson_lucy_shares_it():
     frame = camera_frame()[:7, :9].astype(np.float32)  # odd sizes: edges on both sides
     on_device = upsample_2x_torch(torch.from_numpy(frame)).numpy()
     np.testing.assert_allclose(on_device, upsample_2x(frame), atol=1e-5)
+
+
+def test_a_stream_of_frames_reuses_the_psfs_transfer_function_and_not_a_stale_one():
+    """One OTF per PSF and frame shape, kept on its device; another PSF gets its own."""
+    frame, estimate, psf = camera_frame(), network_like_estimate(), gaussian_psf()
+    _refinement._device_otf.cache_clear()
+    first = refine(estimate, frame, psf, 2, READ_NOISE_E, BACKGROUND_E)
+    again = refine(estimate, frame, psf, 2, READ_NOISE_E, BACKGROUND_E)
+    assert _refinement._device_otf.cache_info().hits >= 1
+    np.testing.assert_array_equal(again, first)
+    wider = gaussian_psf(sigma=2.5)
+    other = refine(estimate, frame, wider, 2, READ_NOISE_E, BACKGROUND_E)
+    _refinement._device_otf.cache_clear()
+    assert np.array_equal(refine(estimate, frame, wider, 2, READ_NOISE_E, BACKGROUND_E), other)
+    assert not np.allclose(other, first)
 
 
 def test_zero_iterations_is_the_estimate_itself():
