@@ -469,10 +469,11 @@ PASSES_BOUND = ("fast", "3d")  # CPU networks whose passes cap ends well inside 
 def recipe_for(method: str, budget: str, budget_min: float | None) -> TrainingConfig:
     """The training recipe a network gets under a budget ("cpu": the 2-core recipe, "gpu":
     the reference schedule on the GPU). On a CPU the fast and 3D networks end at the cap on
-    passes over the data (2-3 minutes per bench scene on 2 quiet cores), not at the wall-time
-    cap: a busy machine then takes longer instead of scoring a shorter training (a scene once
-    scored 27.93 dB under load against 28.90 quiet). The full network, slower, keeps the
-    wall-time cap. `budget_min` sets a wall-time cap for any of them."""
+    passes over the data (2-3 minutes per 2D bench scene, about 5 per volume, on 2 quiet
+    cores), not at the wall-time cap: a busy machine then takes longer instead of scoring a
+    shorter training (a scene once scored 27.93 dB under load against 28.90 quiet). The full
+    network, slower, keeps the wall-time cap. `budget_min` sets a wall-time cap for any of
+    them."""
     network = {"fast": "fast", "full": "full", "3d": "3d"}[method]
     recipe = default_recipe(network, "cuda" if budget == "gpu" else "cpu")
     passes_end_it = budget == "cpu" and method in PASSES_BOUND

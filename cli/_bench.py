@@ -97,7 +97,7 @@ def bench_quality_command(
         str,
         typer.Option(
             help="training budget: cpu (the 2-core recipe: fast and 3d end at their passes cap,"
-            " 2-3 min each on quiet cores, full at 10 min), gpu (reference)"
+            " fast 2-3 min, 3d about 5 on quiet cores, full at 10 min), gpu (reference)"
         ),
     ] = "cpu",
     budget_min: Annotated[

@@ -100,7 +100,7 @@ def test_the_default_recipe_fits_the_machine():
     assert cpu.loss.precondition == "auto"
     # small datasets stop early: long training on little data loses quality (README)
     assert cpu.max_passes == 1500
-    assert default_recipe("3d", device="cpu").max_passes == 300
+    assert default_recipe("3d", device="cpu").max_passes == 600
     assert default_recipe("full", device="cpu").network.residual
     gpu = default_recipe(device="cuda")
     assert gpu.network.kind == "zs-deconvnet-2d"
