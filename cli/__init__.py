@@ -3,8 +3,8 @@ the acquisition hooks. Nothing else in livedecon imports it (tests/test_layers.p
 
 `app` is the one public name (the `livedecon` entry point). The modules behind it are private:
 `_main` holds the app and the commands that only parse options and call the layers below;
-`_calibrate`, `_selfnet`, `_sim`, `_bench` and `_demo` the commands with more to compose;
-`_output` the one console every command prints through.
+`_calibrate`, `_selfnet_commands`, `_sim_commands`, `_bench` and `_demo` the commands with more
+to compose; `_output` the one console every command prints through.
 """
 
 import importlib.util

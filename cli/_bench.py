@@ -14,7 +14,7 @@ import typer
 
 from livedecon.cli._output import console, print_table
 from livedecon.cli._output import fail as _fail
-from livedecon.cli._selfnet import bench_selfnet_command
+from livedecon.cli._selfnet_commands import bench_selfnet_command
 
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
 bench_app.command("selfnet")(bench_selfnet_command)

@@ -15,7 +15,7 @@ from livedecon.cli._bench import bench_app
 from livedecon.cli._calibrate import calibrate
 from livedecon.cli._output import console
 from livedecon.cli._output import fail as _fail
-from livedecon.cli._selfnet import (
+from livedecon.cli._selfnet_commands import (
     SELFNET_NETWORKS,
     open_selfnet_chain,
     restore_selfnet_command,
@@ -242,7 +242,7 @@ def train(
         "budget_min": budget_min,
     }
     if network in SIM_NETWORKS:
-        from livedecon.cli._sim import train_sim_command
+        from livedecon.cli._sim_commands import train_sim_command
 
         sim_options = (sim_angles, sim_phases, sim_order)
         return train_sim_command(
@@ -362,7 +362,7 @@ def restore(
     import tempfile
     import time
 
-    from livedecon.cli._sim import SIM_RECONSTRUCTION, restore_sim_command
+    from livedecon.cli._sim_commands import SIM_RECONSTRUCTION, restore_sim_command
 
     if bundle == SIM_RECONSTRUCTION:
         sim_options = (sim_angles, sim_phases, sim_order)
