@@ -200,3 +200,19 @@ print("ok")
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert result.stdout.strip().endswith("ok"), result.stderr
+
+
+def test_no_two_folders_hold_a_module_of_the_same_name():
+    """A module's name says its job once: `metrics` for image quality and for telemetry in two
+    folders made a reader guess which one a traceback meant."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for folder in sorted(set(_package_dirs().values())):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            name = path.stem.strip("_")
+            if name in ("init", "main"):  # __init__, __main__: package plumbing
+                continue
+            if name in seen:
+                clashes.append(f"{seen[name].relative_to(ROOT)} ~ {path.relative_to(ROOT)}")
+            seen.setdefault(name, path)
+    assert not clashes, "\n".join(clashes)
