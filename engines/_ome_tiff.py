@@ -57,17 +57,38 @@ def write_ome_tiff(
     return path
 
 
+# micrometres per unit of an OME length (the units a pixel size is given in, in practice)
+UM_PER_UNIT = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
 def _ome_sampling(tif: tifffile.TiffFile, path: str | Path) -> tuple[float, float | None]:
-    """Pixel size and z step (um) recorded in an OME-TIFF's metadata."""
+    """Pixel size and z step (um) recorded in an OME-TIFF's metadata, read through ome-types
+    and converted from whatever length unit it states."""
+    from ome_types import from_xml
+
     xml = tif.ome_metadata
     if xml is None:
         raise ValueError(f"{path}: not an OME-TIFF (no OME metadata)")
-    pixels = tifffile.xml2dict(xml)["OME"]["Image"]
-    pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
-    if "PhysicalSizeX" not in pixels:
+    try:
+        images = from_xml(xml).images
+    except Exception as exc:  # ome-types raises XML and validation errors of several kinds
+        first = " ".join(str(exc).split())[:200]  # one line: validation errors run long
+        raise ValueError(f"{path}: its OME metadata cannot be read ({first})") from None
+    if not images:
+        raise ValueError(f"{path}: OME metadata describes no image")
+    pixels = images[0].pixels
+    if pixels.physical_size_x is None:
         raise ValueError(f"{path}: OME metadata has no PhysicalSizeX")
-    z_step = float(pixels["PhysicalSizeZ"]) if "PhysicalSizeZ" in pixels else None
-    return float(pixels["PhysicalSizeX"]), z_step
+    x = _micrometres(pixels.physical_size_x, pixels.physical_size_x_unit.value, path)
+    if pixels.physical_size_z is None:
+        return x, None
+    return x, _micrometres(pixels.physical_size_z, pixels.physical_size_z_unit.value, path)
+
+
+def _micrometres(value: float, unit: str, path: str | Path) -> float:
+    if unit not in UM_PER_UNIT:
+        raise ValueError(f"{path}: a pixel size in {unit!r}, a unit this reader does not convert")
+    return float(value) * UM_PER_UNIT[unit]
 
 
 def read_ome_tiff(path: str | Path) -> OmeImage:

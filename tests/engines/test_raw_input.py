@@ -113,3 +113,25 @@ def test_restore_reads_an_ndtiff_as_it_reads_the_same_frames_in_a_tiff(tmp_path,
     from_ndtiff = read_ome_tiff(restore_file(bundle, path, tmp_path / "b.ome.tif")).data
     assert from_ndtiff.shape == (2, 4, 128, 128)
     assert np.array_equal(from_ndtiff[:, :2], from_tiff)
+
+
+def test_an_ome_tiffs_pixel_size_is_read_in_its_own_unit(tmp_path):
+    """OME states the unit of each size; 65 nm is 0.065 um, not 65 um."""
+    path = tmp_path / "nm.ome.tif"
+    sampling = {"PhysicalSizeX": 65, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 65}
+    sampling |= {"PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.2, "PhysicalSizeZUnit": "µm"}
+    stack = np.zeros((3, 8, 8), np.uint16)
+    tifffile.imwrite(path, stack, ome=True, metadata={"axes": "ZYX", **sampling})
+    image = read_raw_image(path, 0.065, "test")
+    assert (image.pixel_size_um, image.z_step_um) == (pytest.approx(0.065), pytest.approx(0.2))
+
+
+def test_unreadable_ome_metadata_is_named(tmp_path):
+    path = tmp_path / "broken.ome.tif"
+    ome = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+    broken = f'<?xml version="1.0"?><OME xmlns="{ome}"><Image ID="Image:0"/></OME>'  # no Pixels
+    tifffile.imwrite(path, np.zeros((8, 8), np.uint16), description=broken)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome
+    with pytest.raises(ValueError, match="OME metadata cannot be read"):
+        read_raw_image(path, PIXEL_UM, "test")
