@@ -27,7 +27,7 @@ from pydantic import Field
 from scipy import ndimage, signal
 
 from livedecon.calibration._config import Optics, Sample
-from livedecon.calibration._forward_model import SimulatedCamera, camera_counts
+from livedecon.calibration._forward_model import SceneCamera, camera_counts
 from livedecon.calibration._metrics import _apodize, _decorrelation_curve, _peak, psnr, ssim
 from livedecon.calibration._psf import fwhm_px, theoretical_psf
 from livedecon.calibration._sample import SyntheticSample
@@ -35,7 +35,7 @@ from livedecon.calibration._sample import SyntheticSample
 Modality = Literal["widefield", "confocal", "light-sheet"]
 
 
-class AnisotropicScene(SimulatedCamera):
+class AnisotropicScene(SceneCamera):
     """One simulated anisotropic acquisition."""
 
     modality: Modality = "widefield"

@@ -26,7 +26,7 @@ UPSAMPLING = 2  # the truth grid is this much finer than the camera grid
 BORDER_UM = 2.0  # zero margin around the field so blur does not wrap across edges
 
 
-class SimulatedCamera(StrictModel):
+class SceneCamera(StrictModel):
     """The square camera of a simulated scene; scene models extend it with their specimen."""
 
     size_px: int = Field(128, ge=16, le=2048)

@@ -31,7 +31,7 @@ from livedecon.calibration._config import Camera, MicroscopeConfig, Optics, Samp
 from livedecon.calibration._forward_model import (
     UPSAMPLING,
     ForwardModel,
-    SimulatedCamera,
+    SceneCamera,
     camera_counts,
 )
 from livedecon.calibration._metrics import (
@@ -80,7 +80,7 @@ PSF_PLANES_3D = 9  # the 3D PSFs' planes at the scene's z step
 DIM_FRACTION = 1 / 3  # the dimmest third of the puncta are the "dim puncta" to recall
 
 
-class Scene(SimulatedCamera):
+class Scene(SceneCamera):
     """One simulated acquisition of the quality bench: structure, optics, light and camera."""
 
     structure: Structure

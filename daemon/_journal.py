@@ -114,8 +114,10 @@ class AcquisitionRecord(_Record):
     input_pixel_um: float
     output_pixel_um: float
     units: str = Field(description="what an output pixel value means")
-    finishing: str = Field(
-        "", description="what ran after the network, e.g. Richardson-Lucy steps ('': nothing)"
+    finishing: str | None = Field(
+        None,
+        description="what ran after the network, e.g. Richardson-Lucy steps ('': nothing;"
+        " None: recorded before the daemon said)",
     )
     spill_dir: str | None = Field(None, description="where the daemon spilled this acquisition")
     correction: Correction | None = Field(None, description="input corrections applied")

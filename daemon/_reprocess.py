@@ -261,6 +261,14 @@ def _open_processor(
             f" acquisition was restored with {record.bundle_id}: its weights changed since."
             " Restore the original bundle, or pass a processor explicitly to accept the new one"
         )
+    if record.finishing is not None and processor.finishing != record.finishing:
+        raise ReprocessError(
+            f"the bundle at {record.bundle_path} now finishes with"
+            f" {processor.finishing or 'nothing'!r} after its network, but this acquisition was"
+            f" restored with {record.finishing or 'nothing'!r}: its refinement changed since."
+            " Set the bundle's refine_iterations back, or pass a processor explicitly to accept"
+            " the new one"
+        )
     return processor
 
 

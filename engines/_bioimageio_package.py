@@ -33,6 +33,7 @@ procedure the model spec cannot describe.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import shutil
 import tempfile
@@ -306,6 +307,7 @@ def export_bioimageio(
     Raises ValueError for bundles the spec cannot describe (Self-Net, SIM) and for bad
     samples.
     """
+    importlib.import_module("bioimageio.spec")  # the `bioimageio` extra: fail before any work
     _check_exportable(bundle.manifest)
     # The package holds the network (its deconvolution stage, in 3D); the Richardson-Lucy
     # steps a bundle may take after it are livedecon's, and the attached bundle keeps them.

@@ -245,7 +245,7 @@ class BundleManifest(_Manifest):
         if not steps:
             return ""
         on = "its denoised stack" if self.serves_denoised else "the frame"
-        return f"{steps} Richardson-Lucy steps on {on}"
+        return f"{steps} Richardson-Lucy step{'s' if steps > 1 else ''} on {on}"
 
     @property
     def takes_volumes(self) -> bool:

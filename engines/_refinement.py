@@ -12,9 +12,10 @@ with the camera's read noise variance added to both sides (the Poisson-Gaussian 
 pixels with almost no photons do not dominate the ratio.
 
 3D: the network's deconvolution stage is the weak one. On the bench's volumes at 10, 30 and 100
-photons (CPU recipe), two RL steps on its own denoising stage's output scored 37.3, 40.7 and
-41.4 dB, where its deconvolution stage scored 36.9, 38.5 and 36.9 and 3D RL on the raw stack at
-its best iteration count 35.8, 40.7 and 39.8. So a 3D bundle may serve the denoised stack on
+photons (CPU recipe, 300 passes), two RL steps on its own denoising stage's output scored 37.3,
+40.7 and 41.4 dB, where its deconvolution stage scored 36.9, 38.5 and 36.9 and 3D RL on the raw
+stack at its best iteration count 35.8, 40.7 and 39.8 (the recipe's 600 passes now: 37.3, 41.2
+and 41.9). So a 3D bundle may serve the denoised stack on
 the 2x grid (`Network3DSpec.serve`) and deconvolve it here (`deconvolve_denoised`). RL needs
 the stack's background in its model (without it, 0.7-3.4 dB lower): the denoised stack has no
 noise left, so a low percentile of it estimates the background.
@@ -22,7 +23,8 @@ noise left, so a low percentile of it estimates the background.
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -122,7 +124,7 @@ def _iterate(
     current = torch.as_tensor(np.asarray(estimate, dtype=np.float32), device=device)
     current = padded(torch.clamp(current, min=floor))
     size = tuple(current.shape)
-    otf = _device_otf(np.ascontiguousarray(psf, np.float32).tobytes(), psf.shape, size, str(device))
+    otf = OTF_CACHE.get(psf, size, torch.device(device))
 
     def blur(image: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
         return torch.fft.irfftn(torch.fft.rfftn(image) * transfer, s=size)
@@ -146,15 +148,49 @@ def _padding(psf_shape: tuple[int, ...], shape: tuple[int, ...]) -> list[tuple[i
     return pad
 
 
-# Transfer functions kept on their device, by PSF and padded frame shape: a live stream refines
-# every frame of one shape with one PSF, and the OTF's FFT (on the CPU) would otherwise cost a
-# share of each frame's steps (one FFT beside four per step), and its copy to the GPU more.
-@functools.lru_cache(maxsize=4)
-def _device_otf(
-    psf_bytes: bytes, psf_shape: tuple[int, ...], shape: tuple[int, ...], device: str
-) -> torch.Tensor:
-    psf = np.frombuffer(psf_bytes, dtype=np.float32).reshape(psf_shape)
-    return torch.as_tensor(_otf(psf, shape), device=device)
+class OtfCache:
+    """Transfer functions kept on their device, by PSF, padded frame shape and device, the
+    least recently used dropped beyond `budget_bytes` (an OTF larger than that is not kept).
+
+    A live stream refines every frame of one shape with one PSF; the OTF's FFT (on the CPU)
+    would otherwise cost a share of each frame's steps (one FFT beside four per step), and its
+    copy to the GPU more. Thread-safe: two threads missing at once compute it twice."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.hits = 0
+        self._kept: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, psf: np.ndarray, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0": one card
+            device = torch.device("cuda", torch.cuda.current_device())
+        psf = np.ascontiguousarray(psf, dtype=np.float32)
+        key = (psf.tobytes(), psf.shape, shape, str(device))
+        with self._lock:
+            if key in self._kept:
+                self.hits += 1
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        otf = torch.as_tensor(_otf(psf, shape), device=device)
+        with self._lock:
+            if _bytes(otf) <= self.budget_bytes:
+                self._kept[key] = otf
+                while sum(map(_bytes, self._kept.values())) > self.budget_bytes:
+                    self._kept.popitem(last=False)
+        return otf
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
+            self.hits = 0
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+OTF_CACHE = OtfCache(budget_bytes=256 * 2**20)  # e.g. three 2048^2 frames' OTFs at 2x
 
 
 def _otf(psf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

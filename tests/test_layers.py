@@ -209,9 +209,9 @@ def test_no_two_folders_hold_a_module_of_the_same_name():
     clashes = []
     for folder in sorted(set(_package_dirs().values())):
         for path in sorted((ROOT / folder).glob("*.py")):
-            name = path.stem.strip("_")
-            if name in ("init", "main"):  # __init__, __main__: package plumbing
+            if path.name in ("__init__.py", "__main__.py"):  # package plumbing
                 continue
+            name = path.stem.lstrip("_")
             if name in seen:
                 clashes.append(f"{seen[name].relative_to(ROOT)} ~ {path.relative_to(ROOT)}")
             seen.setdefault(name, path)

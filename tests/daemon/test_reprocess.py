@@ -378,6 +378,18 @@ def test_a_real_bundle_restores_what_the_daemon_would_have(tmp_path: Path) -> No
         reprocess(directory, backend="onnxruntime")
     assert reprocess(directory, processor=processor).recreated_from_spill == 1
 
+    # the same weights, but other Richardson-Lucy steps after them than the daemon ran
+    assert processor.finishing == ""
+    refined = acq.model_copy(update={"finishing": "2 Richardson-Lucy steps on the frame"})
+    write_acquisition_record(directory, refined)
+    journal = Journal(directory)
+    journal.append(JournalEntry(frame_id=3, axes=Axes(time=3), dtype="uint16", shape=(64, 64)))
+    journal.close()
+    spill(directory, 3, Axes(time=3), frames[1][1])
+    with pytest.raises(ReprocessError, match="refinement changed"):
+        reprocess(directory, backend="onnxruntime")
+    assert reprocess(directory, processor=processor).recreated_from_spill == 1
+
 
 def test_uint16_output_is_recreated_as_the_daemon_stores_it(tmp_path: Path) -> None:
     """An acquisition saved as uint16: the recreated plane has the acquisition's one scale and

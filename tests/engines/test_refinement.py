@@ -120,16 +120,27 @@ def test_the_frame_is_shared_onto_the_fine_grid_as_richardson_lucy_shares_it():
 def test_a_stream_of_frames_reuses_the_psfs_transfer_function_and_not_a_stale_one():
     """One OTF per PSF and frame shape, kept on its device; another PSF gets its own."""
     frame, estimate, psf = camera_frame(), network_like_estimate(), gaussian_psf()
-    _refinement._device_otf.cache_clear()
+    _refinement.OTF_CACHE.clear()
     first = refine(estimate, frame, psf, 2, READ_NOISE_E, BACKGROUND_E)
     again = refine(estimate, frame, psf, 2, READ_NOISE_E, BACKGROUND_E)
-    assert _refinement._device_otf.cache_info().hits >= 1
+    assert _refinement.OTF_CACHE.hits == 1
     np.testing.assert_array_equal(again, first)
     wider = gaussian_psf(sigma=2.5)
     other = refine(estimate, frame, wider, 2, READ_NOISE_E, BACKGROUND_E)
-    _refinement._device_otf.cache_clear()
+    _refinement.OTF_CACHE.clear()
     assert np.array_equal(refine(estimate, frame, wider, 2, READ_NOISE_E, BACKGROUND_E), other)
     assert not np.allclose(other, first)
+
+
+def test_the_otf_cache_keeps_within_its_budget():
+    """Least recently used first out; an OTF larger than the whole budget is not kept."""
+    cache = _refinement.OtfCache(budget_bytes=2 * 68 * 33 * 8)  # two OTFs of <= 68 x 64 (c64)
+    psf, cpu = gaussian_psf(), torch.device("cpu")
+    for size in (64, 64, 66, 64, 68, 200):
+        cache.get(psf, (size, 64), cpu)
+    assert cache.hits == 2
+    kept = [key[2] for key in cache._kept]
+    assert kept == [(64, 64), (68, 64)]
 
 
 def test_zero_iterations_is_the_estimate_itself():
