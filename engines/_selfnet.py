@@ -8,8 +8,8 @@ upsampling to the lateral pixel size to a slice of lateral quality.
 
 Inference (`restore_volume`): reslice to xz and yz with cubic axial upsampling, restore every
 axial slice in batches, average the two. The network is fully convolutional and sees one 2D
-slice at a time, so a volume of any size is bounded in memory by the slice batch (and by
-lateral tiles for very wide slices, engines/_tiling.py).
+slice at a time, so restoring is bounded in memory by a band of slices, the slice batch and
+tiles of very large slices (engines/_tiling.py); the result itself is held whole.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from livedecon.engines._configfile import StrictModel
 from livedecon.engines._enums import NetworkKind
 
 Infer = Callable[[np.ndarray], np.ndarray]  # (N, 1, H, W) -> (N, 1, H, W), model units
+BAND_PX = 128  # rows (xz) or columns (yz) of a volume restored at once
 
 
 class SelfNetSpec(StrictModel):
@@ -208,19 +209,34 @@ def restore_volume(
     ratio: float,
     slice_batch: int = 8,
     tile_px: int | None = None,
+    band_px: int = BAND_PX,
 ) -> np.ndarray:
     """Isotropic volume (Z', Y, X) on the lateral pixel grid from a (Z, Y, X) volume in
     model units: cubic axial upsampling, every xz and every yz slice restored, averaged.
 
-    `tile_px`: slices wider than this go through the network in blended lateral tiles
-    (engines/_tiling.py), so memory stays bounded for any field of view.
+    Memory is bounded in all three dimensions. The xz slices are restored in bands of
+    `band_px` rows, the yz slices in bands of `band_px` columns: the cubic upsampling runs
+    along z only and each slice is restored whole, so a band needs no halo and the result is
+    the whole volume's exactly. Beside the result only one band's upsampled slices are held
+    (the whole volume at once took about three times the result). Within a slice, `tile_px`
+    sends slices wider or deeper than that through the network in blended tiles
+    (engines/_tiling.py).
     """
     volume = check_volume(volume)
-    up = cubic_axial(volume, ratio)  # (Z', Y, X)
+    if band_px < 1:
+        raise ValueError(f"band_px must be at least 1, got {band_px}")
     run = infer if tile_px is None else _tiled(infer, tile_px)
-    xz = _restore_slices(run, np.ascontiguousarray(up.transpose(1, 0, 2)), slice_batch)
-    yz = _restore_slices(run, np.ascontiguousarray(up.transpose(2, 0, 1)), slice_batch)
-    return 0.5 * (xz.transpose(1, 0, 2) + yz.transpose(1, 2, 0))
+    planes, rows, cols = isotropic_shape(volume.shape, ratio)
+    out = np.empty((planes, rows, cols), dtype=np.float32)
+    for y in range(0, rows, band_px):
+        up = cubic_axial(volume[:, y : y + band_px], ratio)  # (Z', band, X)
+        xz = _restore_slices(run, np.ascontiguousarray(up.transpose(1, 0, 2)), slice_batch)
+        out[:, y : y + band_px] = 0.5 * xz.transpose(1, 0, 2)
+    for x in range(0, cols, band_px):
+        up = cubic_axial(volume[:, :, x : x + band_px], ratio)  # (Z', Y, band)
+        yz = _restore_slices(run, np.ascontiguousarray(up.transpose(2, 0, 1)), slice_batch)
+        out[:, :, x : x + band_px] += 0.5 * yz.transpose(1, 2, 0)
+    return out
 
 
 def _tiled(infer: Infer, tile_px: int) -> Infer:

@@ -120,4 +120,6 @@ def restore_isotropic(
     ratio = axial_ratio(m.input_pixel_um, check_z_step(bundle, z_step_um))
     norm = m.normalisation
     units = norm.electrons(volume) / norm.scale_e
-    return restore_volume(infer, units, ratio, slice_batch, tile_px) * norm.scale_e
+    restored = restore_volume(infer, units, ratio, slice_batch, tile_px)
+    restored *= norm.scale_e  # in place: the result is the largest array here
+    return restored

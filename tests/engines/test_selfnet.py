@@ -254,6 +254,20 @@ def test_tiled_restoration_matches_whole():
     assert np.abs(tiled - whole).max() < 0.01 * np.abs(whole).max()
 
 
+def test_a_volume_restored_in_bands_is_the_whole_volumes_result():
+    """Bands of xz and yz slices need no halo: the same result, to float rounding, for bands
+    that do and do not divide the volume."""
+    torch.manual_seed(5)
+    infer = torch_infer(SelfNetRestorer(TINY).eval())
+    units = _units(confocal_volume().electrons)
+    whole = restore_volume(infer, units, RATIO, band_px=max(units.shape))
+    for band in (1, 7, 16):
+        banded = restore_volume(infer, units, RATIO, band_px=band)
+        np.testing.assert_allclose(banded, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    with pytest.raises(ValueError, match="band_px"):
+        restore_volume(infer, units, RATIO, band_px=0)
+
+
 def test_cli_trains_and_restores_a_volume(tmp_path: Path):
     from livedecon.cli import app
 
