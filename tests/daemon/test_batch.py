@@ -17,7 +17,7 @@ import zarr
 from tiny_specs import TINY_2D, TINY_3D, TINY_3D_DENOISED, TINY_SELFNET
 
 from livedecon.daemon import _batch as batch
-from livedecon.daemon._batch import BatchOptions, run_batch
+from livedecon.daemon._batch import BatchOptions, BatchSummary, run_batch
 from livedecon.engines._bundle import ModelBundle, Normalisation, PSFRecord, TrainingRecord
 from livedecon.engines._networks import Network3DSpec, build_network
 from livedecon.engines._offline import restore_file
@@ -202,21 +202,19 @@ class _LocalEngine:
         return {"backend": "local-test"}
 
 
-def test_a_volume_split_in_depth_equals_the_whole_stack_restore(bundles, tmp_path):
-    """A volume too deep for one engine call: chunks of 4 planes overlapping by 2 planes on
-    each side, blended along z with the same window (in-process workers share the engine)."""
+def _split_in_depth_with_a_local_engine(
+    bundle_dir: Path, stack: np.ndarray, tmp_path: Path
+) -> tuple[np.ndarray, BatchSummary]:
+    """`stack` through `livedecon batch` with the local test engine, in chunks of 4 planes
+    overlapping by 2 on each side and 32-pixel lateral chunks (in-process workers share the
+    engine); (output, summary)."""
     from distributed import Client, LocalCluster
 
-    from livedecon.engines._tiling import restore_electrons
-
-    bundle = ModelBundle.load(bundles["3d"])
+    bundle = ModelBundle.load(bundle_dir)
     options = OPTIONS.model_copy(update={"z_chunk": 4, "z_halo": 2, "backend": "torch"})
-    key = (str(bundles["3d"].resolve()), bundle.manifest.weights_sha256, "torch", 1)
+    key = (str(bundle_dir.resolve()), bundle.manifest.weights_sha256, "torch", 1)
     batch._ENGINES[key] = (bundle, _LocalEngine())
-    stack = _counts((12, 48, 48), 13)
-    raw = _write_ome_zarr(
-        tmp_path / "deep.ome.zarr", stack, "zyx", [0.2, PIXEL, PIXEL], (4, 48, 48)
-    )
+    raw = _write_ome_zarr(tmp_path / "v.ome.zarr", stack, "zyx", [0.2, PIXEL, PIXEL], (4, 48, 48))
     try:
         with (
             LocalCluster(
@@ -224,14 +222,22 @@ def test_a_volume_split_in_depth_equals_the_whole_stack_restore(bundles, tmp_pat
             ) as cluster,
             Client(cluster) as local,
         ):
-            summary = run_batch(local, bundles["3d"], [raw], tmp_path / "deep.out.zarr", options)
+            summary = run_batch(local, bundle_dir, [raw], tmp_path / "o.zarr", options)
     finally:
         del batch._ENGINES[key]
+    return zarr.open_array(str(tmp_path / "o.zarr"), path="0")[:], summary
+
+
+def test_a_volume_split_in_depth_equals_the_whole_stack_restore(bundles, tmp_path):
+    """A volume too deep for one engine call: chunks blended along z with the same window."""
+    from livedecon.engines._tiling import restore_electrons
+
+    stack = _counts((12, 48, 48), 13)
+    out, summary = _split_in_depth_with_a_local_engine(bundles["3d"], stack, tmp_path)
     assert not summary.failures
     assert summary.chunks_done == 3 * 2 * 2
-    norm = bundle.manifest.normalisation
+    norm = ModelBundle.load(bundles["3d"]).manifest.normalisation
     whole = restore_electrons(_LocalEngine().infer, norm.electrons(stack), norm.scale_e, 1, 2)
-    out = zarr.open_array(str(tmp_path / "deep.out.zarr"), path="0")[:]
     _assert_close(out, whole)
 
 
@@ -241,29 +247,14 @@ def test_a_denoised_serving_3d_bundle_is_deconvolved_chunk_by_chunk_as_the_whole
     """A 3D bundle that serves its denoised stack deconvolves each tile with a background
     taken from that tile (a low percentile): split laterally and in depth, dim tiles and
     bright ones, the blended result must still be the whole stack's restore."""
-    from distributed import Client, LocalCluster
-
     from livedecon.engines._tiling import restore_electrons
 
     bundle = ModelBundle.load(bundles["3d-denoised"])
     assert bundle.manifest.network.serve == "denoised"
     assert bundle.manifest.refine_iterations == 2
-    options = OPTIONS.model_copy(update={"z_chunk": 4, "z_halo": 2, "backend": "torch"})
-    key = (str(bundles["3d-denoised"].resolve()), bundle.manifest.weights_sha256, "torch", 1)
-    batch._ENGINES[key] = (bundle, _LocalEngine())
     stack = _counts((12, 48, 48), 17)
     stack[:, :24] = 100 + (stack[:, :24] - 100) // 8  # one half dim, the other bright
-    raw = _write_ome_zarr(tmp_path / "v.ome.zarr", stack, "zyx", [0.2, PIXEL, PIXEL], (4, 48, 48))
-    try:
-        with (
-            LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
-            ) as cluster,
-            Client(cluster) as local,
-        ):
-            summary = run_batch(local, bundles["3d-denoised"], [raw], tmp_path / "o.zarr", options)
-    finally:
-        del batch._ENGINES[key]
+    out, summary = _split_in_depth_with_a_local_engine(bundles["3d-denoised"], stack, tmp_path)
     assert not summary.failures
     norm = bundle.manifest.normalisation
     electrons = norm.electrons(stack)
@@ -272,7 +263,7 @@ def test_a_denoised_serving_3d_bundle_is_deconvolved_chunk_by_chunk_as_the_whole
     )
     whole = bundle.refine(network, electrons)
     assert np.abs(whole - network).mean() > 0.01 * np.abs(network).mean()  # RL did something
-    _assert_close(zarr.open_array(str(tmp_path / "o.zarr"), path="0")[:], whole)
+    _assert_close(out, whole)
 
 
 def test_ndtiff_positions_become_ome_zarr_images(client, bundles, tmp_path):
