@@ -367,28 +367,23 @@ def test_a_real_bundle_restores_what_the_daemon_would_have(tmp_path: Path) -> No
     np.testing.assert_array_equal(old, first)
     assert (info.bundle_id, info.weights_version) == (processor.bundle_id, 1)
 
-    # weights changed since the acquisition: refused unless a processor is given
-    stale = acq.model_copy(update={"bundle_id": "fast2d-sim@000000000000"})
-    write_acquisition_record(directory, stale)
-    journal = Journal(directory)
-    journal.append(JournalEntry(frame_id=2, axes=Axes(time=2), dtype="uint16", shape=(64, 64)))
-    journal.close()
-    spill(directory, 2, Axes(time=2), frames[1][1])
-    with pytest.raises(ReprocessError, match="weights changed"):
-        reprocess(directory, backend="onnxruntime")
-    assert reprocess(directory, processor=processor).recreated_from_spill == 1
-
-    # the same weights, but other Richardson-Lucy steps after them than the daemon ran
+    # refused unless a processor is given: the weights changed since the acquisition, or the
+    # same weights but other Richardson-Lucy steps after them than the daemon ran
     assert processor.finishing == ""
-    refined = acq.model_copy(update={"finishing": "2 Richardson-Lucy steps on the frame"})
-    write_acquisition_record(directory, refined)
-    journal = Journal(directory)
-    journal.append(JournalEntry(frame_id=3, axes=Axes(time=3), dtype="uint16", shape=(64, 64)))
-    journal.close()
-    spill(directory, 3, Axes(time=3), frames[1][1])
-    with pytest.raises(ReprocessError, match="refinement changed"):
-        reprocess(directory, backend="onnxruntime")
-    assert reprocess(directory, processor=processor).recreated_from_spill == 1
+    changes = (
+        ({"bundle_id": "fast2d-sim@000000000000"}, "weights changed"),
+        ({"finishing": "2 Richardson-Lucy steps on the frame"}, "refinement changed"),
+    )
+    for frame_id, (change, refusal) in enumerate(changes, start=2):
+        write_acquisition_record(directory, acq.model_copy(update=change))
+        journal = Journal(directory)
+        axes = Axes(time=frame_id)
+        journal.append(JournalEntry(frame_id=frame_id, axes=axes, dtype="uint16", shape=(64, 64)))
+        journal.close()
+        spill(directory, frame_id, axes, frames[1][1])
+        with pytest.raises(ReprocessError, match=refusal):
+            reprocess(directory, backend="onnxruntime")
+        assert reprocess(directory, processor=processor).recreated_from_spill == 1
 
 
 def test_uint16_output_is_recreated_as_the_daemon_stores_it(tmp_path: Path) -> None:
