@@ -15,10 +15,10 @@ pixels with almost no photons do not dominate the ratio.
 photons (CPU recipe, 300 passes), two RL steps on its own denoising stage's output scored 37.3,
 40.7 and 41.4 dB, where its deconvolution stage scored 36.9, 38.5 and 36.9 and 3D RL on the raw
 stack at its best iteration count 35.8, 40.7 and 39.8 (the recipe's 600 passes now: 37.3, 41.2
-and 41.9). So a 3D bundle may serve the denoised stack on
-the 2x grid (`Network3DSpec.serve`) and deconvolve it here (`deconvolve_denoised`). RL needs
-the stack's background in its model (without it, 0.7-3.4 dB lower): the denoised stack has no
-noise left, so a low percentile of it estimates the background.
+and 41.9). So a 3D bundle may serve the denoised stack on the 2x grid (`Network3DSpec.serve`)
+and deconvolve it here (`deconvolve_denoised`). RL needs the stack's background in its model
+(without it, 0.7-3.4 dB lower): the denoised stack has no noise left, so a low percentile of
+it estimates the background.
 """
 
 from __future__ import annotations
