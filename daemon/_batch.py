@@ -17,6 +17,11 @@ Why it is built this way:
 - Volumes are whole in depth unless `z_chunk` splits them; then chunks and halo are even, so
   the 3D network's interleaved sub-stacks (`plane_stride` 2) keep their plane pairs, and the
   blend runs along z with the same window.
+- A Self-Net bundle restores each tile's axial slices (engines/_selfnet_bundle.py): every xz
+  slice of the tile's rows and every yz slice of its columns, whole in depth, so its chunks
+  are lateral only and the depth becomes the isotropic one. Its network is local (a receptive
+  field of about 20 pixels, below the default halo), so the blended chunks equal the whole
+  volume's restore within the tiling tolerance, and no worker ever holds more than a tile.
 """
 
 from __future__ import annotations
@@ -41,16 +46,19 @@ from pydantic import Field
 
 from livedecon.daemon._batch_inputs import Source, plan_sources, read_region, stem
 from livedecon.engines._atomic_write import write_atomically
-from livedecon.engines._bundle import BundleError, ModelBundle
+from livedecon.engines._bundle import BundleError, BundleManifest, ModelBundle
 from livedecon.engines._configfile import StrictModel
 from livedecon.engines._enums import Backend
 from livedecon.engines._networks import input_multiple
 from livedecon.engines._offline import output_axes
 from livedecon.engines._ome_zarr import ngff_image
 from livedecon.engines._runtime import Runtime
+from livedecon.engines._selfnet import axial_ratio, upsampled_depth
+from livedecon.engines._selfnet_bundle import check_z_step, restore_isotropic
 from livedecon.engines._tiling import blend_window, restore_batch_electrons
 
 RECORDS = "livedecon_chunks"  # zarr group beside the image array: one record per done chunk
+SLICE_BATCH = 8  # Self-Net: axial slices per engine call
 
 
 class BatchOptions(StrictModel):
@@ -142,6 +150,15 @@ class Grid:
     halo: tuple[int, ...]
     scale: tuple[int, ...]
     core: int  # trailing axes one engine call sees: 2 (Y, X) or 3 (Z, Y, X)
+    depth_out: int | None = None  # Self-Net: the whole depth (axis -3) becomes these planes
+
+    def _resampled(self, axis: int) -> bool:
+        return self.depth_out is not None and axis == len(self.shape) - 3
+
+    def _out_length(self, axis: int, n: int) -> int:
+        if self.depth_out is not None and self._resampled(axis):
+            return self.depth_out  # asked only for the whole depth: chunks span it
+        return n * self.scale[axis]
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -149,11 +166,11 @@ class Grid:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return tuple(n * u for n, u in zip(self.shape, self.scale, strict=True))
+        return tuple(self._out_length(a, n) for a, n in enumerate(self.shape))
 
     @property
     def out_chunks(self) -> tuple[int, ...]:
-        return tuple(c * u for c, u in zip(self.chunks, self.scale, strict=True))
+        return tuple(self._out_length(a, c) for a, c in enumerate(self.chunks))
 
     @property
     def upscale(self) -> int:
@@ -177,7 +194,8 @@ class Grid:
 
     def to_output(self, region: Region) -> Region:
         return tuple(
-            slice(s.start * u, s.stop * u) for s, u in zip(region, self.scale, strict=True)
+            slice(0, self.depth_out) if self._resampled(a) else slice(s.start * u, s.stop * u)
+            for a, (s, u) in enumerate(zip(region, self.scale, strict=True))
         )
 
     def ramps(self) -> tuple[int | None, ...]:
@@ -200,6 +218,8 @@ def make_grid(source: Source, bundle: ModelBundle, options: BatchOptions) -> Gri
     """Chunks of whole network multiples laterally; a volume whole in depth unless
     `z_chunk` splits it (then chunk and halo are even: plane_stride 2 keeps its pairs)."""
     manifest = bundle.manifest
+    if manifest.is_selfnet:
+        return _selfnet_grid(source, bundle, options)
     core = 3 if manifest.is_3d else 2
     multiple = input_multiple(manifest.network)
     lateral = max(options.chunk_px // multiple, 1) * multiple
@@ -223,6 +243,31 @@ def make_grid(source: Source, bundle: ModelBundle, options: BatchOptions) -> Gri
     return Grid(tuple(source.shape), tuple(chunks), tuple(halo), scale, core)
 
 
+def _selfnet_grid(source: Source, bundle: ModelBundle, options: BatchOptions) -> Grid:
+    """Lateral chunks of whole volumes: every axial slice needs the full depth, which becomes
+    the isotropic one (the z step the bundle learned, checked against the source's)."""
+    if options.z_chunk is not None:
+        raise ValueError(
+            "Self-Net restores whole axial slices: a volume cannot be split in depth (drop"
+            " --z-chunk; its chunks are lateral, which bounds memory)"
+        )
+    manifest = bundle.manifest
+    ratio = axial_ratio(manifest.input_pixel_um, check_z_step(bundle, source.z_step_um))
+    lateral = options.chunk_px
+    if options.halo_px > lateral:
+        raise ValueError(f"halo {options.halo_px} px must not exceed the chunk {lateral} px")
+    lead = len(source.shape) - 3
+    depth = source.shape[-3]
+    return Grid(
+        shape=tuple(source.shape),
+        chunks=(*[1] * lead, depth, lateral, lateral),
+        halo=(*[0] * lead, 0, options.halo_px, options.halo_px),
+        scale=(1,) * len(source.shape),
+        core=3,
+        depth_out=upsampled_depth(depth, ratio),
+    )
+
+
 def _even(n: int) -> int:
     return n + n % 2
 
@@ -241,10 +286,15 @@ def _bounds(region: Region) -> tuple[tuple[int, int], ...]:
 def ngff_attributes(source: Source, grid: Grid, bundle: ModelBundle) -> dict[str, Any]:
     """NGFF 0.5 multiscales (one level) with the output's pixel sizes, and the run's model."""
     manifest = bundle.manifest
-    axes = output_axes(source.axes, len(source.shape), manifest.is_3d)
-    z_step = source.z_step_um or manifest.z_step_um or 1.0
+    axes = output_axes(source.axes, len(source.shape), manifest.takes_volumes)
+    z_step = manifest.output_z_step_um or source.z_step_um or manifest.z_step_um or 1.0
     size = {"T": 1.0, "C": 1.0, "Z": z_step, "Y": manifest.output_pixel_um}
     size["X"] = size["Y"]
+    units = (
+        "the input's intensity units above the bundle's offset"
+        if manifest.is_selfnet
+        else "photoelectrons per output pixel"
+    )
     # the interval is not known here: time in index units
     ome = ngff_image(stem(Path(source.path)), {a: size[a] for a in axes})
     return {
@@ -253,7 +303,7 @@ def ngff_attributes(source: Source, grid: Grid, bundle: ModelBundle) -> dict[str
             "source": source.path,
             "bundle": bundle.bundle_id,
             "weights_sha256": manifest.weights_sha256,
-            "units": "photoelectrons per output pixel",
+            "units": units,
             "chunks": grid.chunks,
             "halo": grid.halo,
             "chunk_records": RECORDS,
@@ -400,13 +450,8 @@ def infer_tile(
             source=source.path, chunk=index, region=_bounds(region), error=f"{exc!r}"[:500]
         )
     bundle, runtime = _engine(job)
-    norm = bundle.manifest.normalisation
-    items = norm.electrons(raw.reshape(-1, *raw.shape[-grid.core :]))
-    restored = restore_batch_electrons(
-        runtime.infer, items, norm.scale_e, runtime.multiple, grid.upscale, bundle.flux_share
-    )
-    # refined tile by tile, halo included: the seams' blend hides where tiles disagree
-    restored = np.stack([bundle.refine(r, e) for r, e in zip(restored, items, strict=True)])
+    items = raw.reshape(-1, *raw.shape[-grid.core :])
+    restored = _restore_items(bundle, runtime, items, source, grid)
     restored = restored.reshape(*raw.shape[: -grid.core], *restored.shape[1:])
     window = blend_window(restored.shape[-grid.core :], grid.ramps())
     weighted = restored * window
@@ -426,6 +471,26 @@ def infer_tile(
             own = spent if neighbour == index else None
             pieces[neighbour] = (tuple(in_block), data, window[part], own)
     return pieces
+
+
+def _restore_items(
+    bundle: ModelBundle, runtime: Runtime, items: np.ndarray, source: Source, grid: Grid
+) -> np.ndarray:
+    """One tile's frames or volumes (N, [Z,] Y, X) of raw values, restored."""
+    if bundle.manifest.is_selfnet:
+        return np.stack(
+            [
+                restore_isotropic(bundle, runtime.infer, v, source.z_step_um, SLICE_BATCH)
+                for v in items
+            ]
+        )
+    norm = bundle.manifest.normalisation
+    electrons = norm.electrons(items)
+    restored = restore_batch_electrons(
+        runtime.infer, electrons, norm.scale_e, runtime.multiple, grid.upscale, bundle.flux_share
+    )
+    # refined tile by tile, halo included: the seams' blend hides where tiles disagree
+    return np.stack([bundle.refine(r, e) for r, e in zip(restored, electrons, strict=True)])
 
 
 def piece_for(tile: dict[Index, Piece] | ChunkFailure, block: Index) -> Piece | ChunkFailure:
@@ -526,20 +591,30 @@ def local_workers(backend: Backend) -> int:
 Progress = Callable[[int, int, ChunkRecord | ChunkFailure], None]
 
 
+def _engine_shapes(grid: Grid) -> set[tuple[int, ...]]:
+    """What the engine sees of a grid's largest tile (a chunk and its halo, within the array):
+    the tile, or for Self-Net its axial slices (isotropic depth by tile height, and by width)."""
+    n = grid.core
+    core = zip(grid.chunks[-n:], grid.halo[-n:], grid.shape[-n:], strict=True)
+    tile = tuple(min(c + 2 * h, size) for c, h, size in core)
+    if grid.depth_out is None:
+        return {tile}
+    return {(grid.depth_out, side) for side in tile[1:]}
+
+
+def _max_batch(manifest: BundleManifest, options: BatchOptions) -> int:
+    """Items per engine call: a tile's frames (2D), one stack (3D), axial slices (Self-Net)."""
+    if manifest.is_selfnet:
+        return SLICE_BATCH
+    return 1 if manifest.is_3d else options.frames_per_chunk
+
+
 def make_job(
     bundle: ModelBundle, bundle_dir: Path, grids: list[Grid], options: BatchOptions
 ) -> Job:
     """The engine every worker opens, with the tile shapes it will see (TensorRT profiles)."""
     manifest = bundle.manifest
-    shapes = {
-        tuple(
-            min(c + 2 * h, n)
-            for c, h, n in zip(
-                g.chunks[-g.core :], g.halo[-g.core :], g.shape[-g.core :], strict=True
-            )
-        )
-        for g in grids
-    }
+    shapes = set().union(*(_engine_shapes(g) for g in grids))
     return Job(
         bundle_dir=str(bundle_dir.resolve()),
         bundle_id=bundle.bundle_id,
@@ -548,7 +623,7 @@ def make_job(
         backend=options.backend,
         threads=options.engine_threads,
         tile_shapes=tuple(sorted(shapes)),
-        max_batch=1 if manifest.is_3d else options.frames_per_chunk,
+        max_batch=_max_batch(manifest, options),
     )
 
 

@@ -16,6 +16,7 @@ from livedecon.engines._configfile import StrictModel
 from livedecon.engines._ome_tiff import check_pixel_size, tiff_layout
 from livedecon.engines._ome_zarr import image_of, is_image
 from livedecon.engines._raw_input import open_ndtiff
+from livedecon.engines._selfnet_bundle import check_z_step
 
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
@@ -182,12 +183,7 @@ def plan_sources(inputs: Sequence[str | Path], out: Path, bundle: ModelBundle) -
     if len(set(outputs)) != len(outputs):
         raise ValueError("two inputs have the same name: their outputs would collide")
     manifest = bundle.manifest
-    if manifest.is_selfnet:  # its network restores axial slices, not the frames batch tiles
-        raise ValueError(
-            f"bundle {bundle.bundle_id} is a Self-Net model, which batch does not run yet:"
-            " make volumes isotropic with `livedecon restore` (or live, in the daemon)"
-        )
-    need = 3 if manifest.is_3d else 2
+    need = 3 if manifest.takes_volumes else 2
     sources = []
     for path, output in zip(paths, outputs, strict=True):
         if output.resolve() == path.resolve():
@@ -202,6 +198,11 @@ def plan_sources(inputs: Sequence[str | Path], out: Path, bundle: ModelBundle) -
                     manifest.input_pixel_um,
                     f"bundle {bundle.bundle_id}",
                 )
+            if manifest.is_selfnet:  # the axial blur it undoes is that of one z step
+                try:
+                    check_z_step(bundle, source.z_step_um)
+                except ValueError as exc:
+                    raise ValueError(f"{path}: {exc}") from None
             sources.append(source)
     return sources
 
