@@ -32,7 +32,8 @@ from livedecon.calibration._resolution_targets import PairKind, pair_target, sma
 from livedecon.calibration._sim_run import default_sim_config
 from livedecon.calibration._sim_simulator import SimAcquisition, render_sim
 from livedecon.engines._dps import DpsConfig, DpsSpec, restore_dps, train_dps_sim
-from livedecon.engines._sim import SimParameters, SimSettings, estimate_parameters, reconstruct
+from livedecon.engines._sim import SimSettings, estimate_parameters, reconstruct
+from livedecon.engines._sim_pattern import SimParameters
 from livedecon.engines._sim_training import SimTrainingConfig, restore_sim, train_zs_sim
 
 

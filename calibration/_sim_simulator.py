@@ -24,8 +24,9 @@ from livedecon.calibration._psf import theoretical_psf
 from livedecon.calibration._quality_bench import Scene, _microscope
 from livedecon.engines._configfile import StrictModel
 from livedecon.engines._ome_tiff import write_ome_tiff
-from livedecon.engines._sim import SimParameters, bin_to_camera
+from livedecon.engines._sim import bin_to_camera
 from livedecon.engines._sim import detection_cutoff_per_um as cutoff_per_um
+from livedecon.engines._sim_pattern import SimParameters
 
 PSF_PX = 63  # detection PSF on the 2x grid
 

@@ -17,6 +17,8 @@ from typing import Any, Literal, Self
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from livedecon.engines._sim_pattern import SimParameters
+
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 65_536  # the daemon's default; `Limits.max_header_bytes` sets its own
 MAX_JSON_DEPTH = 16  # nesting of objects and arrays in a header (a plan is 3 deep)
@@ -138,6 +140,14 @@ class SimPlan(_Wire):
     sample_ri: float = Field(1.33, ge=1.0, le=2.0)
     camera_offset_adu: float = Field(100.0, ge=0)
     camera_gain_e_per_adu: float = Field(1.0, gt=0, le=1000, description="photoelectrons/count")
+    pattern: SimParameters | None = Field(
+        None,
+        description="a pattern measured before on this microscope and channel (the"
+        " <file>.sim.json beside an earlier acquisition's output, or one of bright beads):"
+        " every stream starts with it instead of estimating its own from its first sequence"
+        " (0.1-2 s, and not found at all in frames too dim to show it); its phases are still"
+        " measured again in every sequence (refresh_phases)",
+    )
     refresh_phases: bool = Field(
         True,
         description="measure the pattern's phases again in every complete sequence (a pattern"
@@ -153,6 +163,14 @@ class SimPlan(_Wire):
     def _optics(self) -> Self:
         if self.na >= self.immersion_ri:
             raise ValueError(f"na ({self.na}) must be below immersion_ri ({self.immersion_ri})")
+        pattern = self.pattern
+        if pattern is not None and (
+            len(pattern.k) != self.angles or any(len(p) != self.phases for p in pattern.phases)
+        ):
+            found = f"{len(pattern.k)} angles x {[len(p) for p in pattern.phases]} phases"
+            raise ValueError(
+                f"the pattern holds {found}, the sequence {self.angles} x {self.phases}"
+            )
         return self
 
 

@@ -9,7 +9,8 @@ DPS, engines/_sim_bundle.py) has each SR image restored by it, reconstructed wit
 
 The pattern is estimated once per stream (position, channel: each has its own wavelength),
 from its first complete group in which a pattern is found, and reused: estimation costs about
-15 times the reconstruction. It is saved beside the stream's output file
+15 times the reconstruction. A plan may carry a pattern measured before (`SimPlan.pattern`);
+every stream then starts with it and none is estimated. It is saved beside the stream's output file
 (`<file>.sim.json`) before any image made with it is written, so `reprocess` reconstructs
 with the same pattern and makes the same images. Until a pattern is found (dim first
 frames), each group is reconstructed with what it shows itself. The pattern's phases are
@@ -34,7 +35,6 @@ from livedecon.daemon._writer import FILE_SUFFIX, output_path
 from livedecon.engines._atomic_write import write_atomically
 from livedecon.engines._sim import (
     UPSCALE,
-    SimParameters,
     SimSettings,
     detection_cutoff_per_um,
     estimate_parameters,
@@ -42,6 +42,7 @@ from livedecon.engines._sim import (
     refresh_phases,
 )
 from livedecon.engines._sim_bundle import check_sim_chain
+from livedecon.engines._sim_pattern import SimParameters
 
 MIN_SIM_PX = 32  # the reconstruction's smallest frame
 
@@ -111,6 +112,13 @@ class SimProcessor:
         )
         self.psf_2x = detection_psf_2x(optics)
         self.cutoff_per_um = detection_cutoff_per_um(sim.na, sim.sample_ri, sim.emission_um)
+        given = sim.pattern
+        if given is not None and abs(given.output_pixel_um / self.output_pixel_um - 1) > 0.02:
+            raise ValueError(
+                f"the plan's SIM pattern was measured on {given.output_pixel_um:.4g} um SR"
+                f" pixels, this acquisition's are {self.output_pixel_um:.4g} um (camera pixel"
+                f" {self.pixel_um:.4g} um): measure the pattern at this pixel size"
+            )
 
     @property
     def name(self) -> str:
@@ -185,6 +193,10 @@ class SimProcessor:
         path = self.pattern_path(stream) if stream is not None else None
         if path is not None and path.is_file():
             found = SimParameters.model_validate_json(path.read_text())
+        elif self.sim.pattern is not None:  # measured before: no estimate, no dim-start gap
+            found = self.sim.pattern
+            if path is not None:
+                write_atomically(path, found.model_dump_json(indent=2))
         else:
             args = (self.psf_2x, self.output_pixel_um, self.cutoff_per_um, self.settings)
             found = estimate_parameters(electrons, *args)

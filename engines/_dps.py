@@ -42,7 +42,8 @@ from livedecon.engines._self_supervised import (
     recorrupt,
     ssim_torch,
 )
-from livedecon.engines._sim import SimParameters, SimSettings
+from livedecon.engines._sim import SimSettings
+from livedecon.engines._sim_pattern import SimParameters
 from livedecon.engines._sim_training import (
     SimRecorruption,
     SimSchedule,

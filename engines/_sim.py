@@ -32,6 +32,7 @@ from pydantic import Field
 from scipy import fft, ndimage
 
 from livedecon.engines._configfile import StrictModel
+from livedecon.engines._sim_pattern import SimParameters
 
 UPSCALE = 2
 # phases this far from evenly spread make the band separation amplify noise (1: even)
@@ -70,25 +71,6 @@ class SimSettings(StrictModel):
         description="a pattern estimated weaker than this is taken as not found (too few"
         " photons to see it): its angle then adds widefield information only",
     )
-
-
-class SimParameters(StrictModel):
-    """The illumination, per angle: pattern vector, phase of each frame, modulation depth."""
-
-    k: list[tuple[float, float]] = Field(description="(ky, kx) cycles per output pixel")
-    phases: list[list[float]] = Field(description="radians, per angle and phase")
-    modulation: list[float] = Field(description="per angle; 0: no pattern found there")
-    output_pixel_um: float = Field(gt=0)
-
-    def k_per_um(self) -> np.ndarray:
-        return np.asarray(self.k) / self.output_pixel_um
-
-    def angles_deg(self) -> np.ndarray:
-        k = np.asarray(self.k)
-        return np.degrees(np.arctan2(k[:, 0], k[:, 1]))
-
-    def periods_um(self) -> np.ndarray:
-        return 1.0 / np.linalg.norm(self.k_per_um(), axis=1)
 
 
 class SimResult(StrictModel, arbitrary_types_allowed=True):

@@ -33,7 +33,7 @@ from livedecon.daemon._sim_processing import SimProcessor
 from livedecon.daemon._writer import output_path, read_planes
 from livedecon.engines._bundle import ModelBundle
 from livedecon.engines._enums import Backend
-from livedecon.engines._sim import SimParameters
+from livedecon.engines._sim_pattern import SimParameters
 from livedecon.engines._sim_training import SimRecorruption, SimTrainingConfig
 
 SCENE = Scene(structure="dense", optics="tirf", peak_photons=100.0, size_px=64, seed=1234)
@@ -262,3 +262,37 @@ def test_a_stream_follows_its_pattern_as_it_drifts(acquisition):
         image = processor.process([drifted.counts], [(0, 0)])[0][0]
         scores[refresh] = psnr(fit_to(scored_region(image), reference), reference)
     assert scores[True] > scores[False] + 1.5, scores
+
+
+def test_a_pattern_measured_before_serves_from_the_first_group(acquisition, tmp_path, monkeypatch):
+    """SimPlan.pattern: every stream starts with the plan's pattern; none is estimated, it is
+    kept beside the output for reprocess, and a pattern of another pixel size or sequence is
+    refused before anything runs."""
+    from livedecon.daemon import _sim_processing
+
+    truth = acquisition.truth_parameters
+    plan = sim_plan().sim.model_copy(update={"pattern": truth})
+    estimated = SimProcessor(sim_plan().sim, OPTIC.pixel_size_um).process([acquisition.counts])
+
+    def no_estimate(*_args, **_kwargs):
+        raise AssertionError("estimated a pattern the plan gave")
+
+    monkeypatch.setattr(_sim_processing, "estimate_parameters", no_estimate)
+    processor = SimProcessor(plan, OPTIC.pixel_size_um, directory=tmp_path)
+    image = processor.process([acquisition.counts], [(0, 0)])[0][0]
+    saved = processor.pattern_path((0, 0))
+    assert saved is not None
+    assert SimParameters.model_validate_json(saved.read_text()) == truth
+    reference = scored_region(acquisition.reference)
+    scores = [
+        psnr(fit_to(scored_region(i), reference), reference) for i in (image, estimated[0][0])
+    ]
+    assert scores[0] > scores[1] - 0.1, scores  # measured: 29.41 against 28.89 dB
+
+    other_pixel = truth.model_copy(update={"output_pixel_um": 1.1 * truth.output_pixel_um})
+    with pytest.raises(ValueError, match=r"measured on .* SR pixels"):
+        SimProcessor(plan.model_copy(update={"pattern": other_pixel}), OPTIC.pixel_size_um)
+    with pytest.raises(ValidationError, match=r"the pattern holds 3 angles x \[3, 3, 3\]"):
+        SimPlan.model_validate(plan.model_dump() | {"phases": 5})
+    with pytest.raises(ValidationError, match="one modulation per angle"):
+        SimParameters.model_validate(truth.model_dump() | {"modulation": [1.0]})

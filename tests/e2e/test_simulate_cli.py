@@ -103,7 +103,8 @@ def test_truth_and_noisy_data_align(simulated):
 def test_the_sim_acquisition_holds_its_frames_truth_and_pattern(simulated):
     from livedecon.calibration._psf import theoretical_psf
     from livedecon.calibration._quality_bench import OPTICS
-    from livedecon.engines._sim import SimParameters, estimate_parameters
+    from livedecon.engines._sim import estimate_parameters
+    from livedecon.engines._sim_pattern import SimParameters
 
     manifest = json.loads((simulated / "simulation.json").read_text())["sim_2d"]
     raw = read_ome_tiff(simulated / manifest["raw"])
