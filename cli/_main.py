@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -28,7 +27,6 @@ from livedecon.engines._enums import Backend, Precision
 if TYPE_CHECKING:
     from livedecon.cli._demo import DemoSummary
     from livedecon.engines._bundle import ModelBundle
-    from livedecon.engines._networks import Network2DSpec, Network3DSpec
 
 app = typer.Typer(
     help="livedecon: real-time restoration of fluorescence microscopy during acquisition.",
@@ -118,17 +116,6 @@ def _has_camera_section(path: Path) -> bool:
         return "camera" in tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
         return True  # let the config loader report the problem
-
-
-def _network_spec(network: str) -> Network2DSpec | Network3DSpec:
-    from livedecon.engines._networks import Network2DSpec, Network3DSpec, fast_2d_spec
-
-    specs: dict[str, Callable[[], Network2DSpec | Network3DSpec]] = {
-        "fast": fast_2d_spec,
-        "full": Network2DSpec,
-        "3d": Network3DSpec,
-    }
-    return specs[network]()
 
 
 @app.command()
@@ -267,13 +254,15 @@ def train(
         raise _fail(str(exc)) from None
     if camera == "auto" and microscope is not None and not _has_camera_section(microscope):
         camera = "estimate"
-    spec = _network_spec(network) if network and config is None else base.network
-    overrides = {"network": spec, **schedule}
-    chosen = {k: v for k, v in overrides.items() if v is not None}
+    # the architecture is the recipe's for --network (default_recipe: on a CPU the small 3D
+    # network, residual 2D stages), or the config's
+    chosen = {k: v for k, v in schedule.items() if v is not None}
     if iterations is not None:
         chosen["max_passes"] = None  # iterations asked for are run, not capped by the data
     try:
-        settings = TrainingConfig.model_validate(base.model_dump() | chosen)
+        # the network as an object keeps what it left unset (a 3D spec's serve: the recipe's)
+        merged = base.model_dump() | {"network": base.network} | chosen
+        settings = TrainingConfig.model_validate(merged)
         if inputs:
             data = load_training_tiffs(inputs, scope, settings.is_3d, camera)
             if data.noise is not None:

@@ -12,7 +12,11 @@ from livedecon.calibration._config import default_microscope
 from livedecon.calibration._forward_model import ForwardModel
 from livedecon.engines._bundle import ModelBundle
 from livedecon.engines._ome_tiff import read_ome_tiff, write_ome_tiff
-from livedecon.engines._training import REFINE_ITERATIONS_2D, REFINE_ITERATIONS_3D
+from livedecon.engines._training import (
+    REFINE_ITERATIONS_2D,
+    REFINE_ITERATIONS_3D,
+    default_recipe,
+)
 
 TINY_CONFIG = """
 iterations = 6
@@ -162,6 +166,16 @@ def test_3d_train_and_restore_of_a_z_stack(tmp_path):
     text = Path(__file__).resolve().parents[2] / "configs" / "microscope_widefield_3d.toml"
     scope = tmp_path / "scope3d.toml"
     scope.write_text(text.read_text().replace("= 128", "= 32"))
+    # --network 3d alone trains the recipe's network: once it was replaced by the full 3D
+    # network with odd/even pairs, which diverged at the CPU recipe's learning rate
+    recipe = run_livedecon(
+        "train", tmp_path / "r3d", "--network", "3d", "--microscope", scope,
+        "--simulated-frames", "1", "--iterations", "1",
+    )  # fmt: skip
+    assert recipe.returncode == 0, recipe.stdout + recipe.stderr
+    trained_net = ModelBundle.load(tmp_path / "r3d").manifest.network
+    expected = default_recipe("3d").network  # this machine's recipe, as the CLI picks it
+    assert (trained_net.width, trained_net.plane_stride) == (expected.width, expected.plane_stride)
     (tmp_path / "tiny3d.toml").write_text(TINY_3D_CONFIG)
     bundle = tmp_path / "tiny3d"
     trained = run_livedecon(
