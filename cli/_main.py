@@ -252,6 +252,12 @@ def train(
         base = load_config(config, TrainingConfig) if config else default_recipe(network)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    if config is not None and network is not None and (network == "3d") != base.is_3d:
+        kind = "3D" if base.is_3d else "2D"
+        raise _fail(
+            f"--network {network}, but {config} describes a {kind} network: its [network]"
+            " decides the architecture; drop --network or use a config of that kind"
+        )
     if camera == "auto" and microscope is not None and not _has_camera_section(microscope):
         camera = "estimate"
     # the architecture is the recipe's for --network (default_recipe: on a CPU the small 3D

@@ -89,6 +89,10 @@ def test_train_refuses_an_existing_bundle_and_bad_input(trained, tmp_path):
     bad_net = run_livedecon("train", tmp_path / "b", "--network", "huge")
     assert bad_net.returncode == 2
     assert "--network" in bad_net.stdout
+    config_2d = Path(__file__).resolve().parents[2] / "configs" / "training_fast2d_sim.toml"
+    mixed = run_livedecon("train", tmp_path / "b", "--network", "3d", "--config", config_2d)
+    assert mixed.returncode == 2
+    assert "describes a 2D network" in mixed.stdout
 
 
 def test_restore_writes_upsampled_photoelectrons_with_metadata(trained, tmp_path):
