@@ -156,9 +156,8 @@ class Grid:
         return self.depth_out is not None and axis == len(self.shape) - 3
 
     def _out_length(self, axis: int, n: int) -> int:
-        if self.depth_out is not None and self._resampled(axis):
-            return self.depth_out  # asked only for the whole depth: chunks span it
-        return n * self.scale[axis]
+        # the resampled depth is only ever asked whole: its chunks span it
+        return (self.depth_out or 0) if self._resampled(axis) else n * self.scale[axis]
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -218,13 +217,13 @@ def make_grid(source: Source, bundle: ModelBundle, options: BatchOptions) -> Gri
     """Chunks of whole network multiples laterally; a volume whole in depth unless
     `z_chunk` splits it (then chunk and halo are even: plane_stride 2 keeps its pairs)."""
     manifest = bundle.manifest
-    if manifest.is_selfnet:
-        return _selfnet_grid(source, bundle, options)
-    core = 3 if manifest.is_3d else 2
     multiple = input_multiple(manifest.network)
     lateral = max(options.chunk_px // multiple, 1) * multiple
     if options.halo_px > lateral:
         raise ValueError(f"halo {options.halo_px} px must not exceed the chunk {lateral} px")
+    if manifest.is_selfnet:
+        return _selfnet_grid(source, bundle, options, lateral)
+    core = 3 if manifest.is_3d else 2
     lead = len(source.shape) - core
     chunks = [1] * lead + [lateral, lateral]
     halo = [0] * lead + [options.halo_px] * 2
@@ -243,7 +242,7 @@ def make_grid(source: Source, bundle: ModelBundle, options: BatchOptions) -> Gri
     return Grid(tuple(source.shape), tuple(chunks), tuple(halo), scale, core)
 
 
-def _selfnet_grid(source: Source, bundle: ModelBundle, options: BatchOptions) -> Grid:
+def _selfnet_grid(source: Source, bundle: ModelBundle, options: BatchOptions, lateral: int) -> Grid:
     """Lateral chunks of whole volumes: every axial slice needs the full depth, which becomes
     the isotropic one (the z step the bundle learned, checked against the source's)."""
     if options.z_chunk is not None:
@@ -251,11 +250,7 @@ def _selfnet_grid(source: Source, bundle: ModelBundle, options: BatchOptions) ->
             "Self-Net restores whole axial slices: a volume cannot be split in depth (drop"
             " --z-chunk; its chunks are lateral, which bounds memory)"
         )
-    manifest = bundle.manifest
-    ratio = axial_ratio(manifest.input_pixel_um, check_z_step(bundle, source.z_step_um))
-    lateral = options.chunk_px
-    if options.halo_px > lateral:
-        raise ValueError(f"halo {options.halo_px} px must not exceed the chunk {lateral} px")
+    ratio = axial_ratio(bundle.manifest.input_pixel_um, check_z_step(bundle, source.z_step_um))
     lead = len(source.shape) - 3
     depth = source.shape[-3]
     return Grid(

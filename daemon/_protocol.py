@@ -163,6 +163,10 @@ class SimPlan(_Wire):
     def _optics(self) -> Self:
         if self.na >= self.immersion_ri:
             raise ValueError(f"na ({self.na}) must be below immersion_ri ({self.immersion_ri})")
+        return self
+
+    @model_validator(mode="after")
+    def _pattern_fits_the_sequence(self) -> Self:
         pattern = self.pattern
         if pattern is not None and (
             len(pattern.k) != self.angles or any(len(p) != self.phases for p in pattern.phases)

@@ -8,16 +8,16 @@ DPS, engines/_sim_bundle.py) has each SR image restored by it, reconstructed wit
 (the Wiener constant above all) the model was trained behind.
 
 The pattern is estimated once per stream (position, channel: each has its own wavelength),
-from its first complete group in which a pattern is found, and reused: estimation costs about
-15 times the reconstruction. A plan may carry a pattern measured before (`SimPlan.pattern`);
-every stream then starts with it and none is estimated. It is saved beside the stream's output file
-(`<file>.sim.json`) before any image made with it is written, so `reprocess` reconstructs
-with the same pattern and makes the same images. Until a pattern is found (dim first
-frames), each group is reconstructed with what it shows itself. The pattern's phases are
-measured again in every complete group (`SimPlan.refresh_phases`): a pattern drifts sideways
-over hours, and stale phases cost dB. A group with frames missing
-(timed out) gives each angle that lacks a frame a widefield contribution only: its present
-frames are averaged, its modulation is set to 0.
+from its first complete group in which a pattern is found, and reused: estimation costs
+about 15 times the reconstruction. A plan may carry a pattern measured before
+(`SimPlan.pattern`); every stream then starts with it and none is estimated. The pattern is
+saved beside the stream's output file (`<file>.sim.json`) before any image made with it is
+written, so `reprocess` reconstructs with the same pattern and makes the same images. Until
+a pattern is found (dim first frames), each group is reconstructed with what it shows
+itself. The pattern's phases are measured again in every complete group
+(`SimPlan.refresh_phases`): a pattern drifts sideways over hours, and stale phases cost dB.
+A group with frames missing (timed out) gives each angle that lacks a frame a widefield
+contribution only: its present frames are averaged, its modulation is set to 0.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from livedecon.daemon._processing import PHOTOELECTRONS, ModelProcessor, Stream
 from livedecon.daemon._protocol import SimPlan
 from livedecon.daemon._writer import FILE_SUFFIX, output_path
 from livedecon.engines._atomic_write import write_atomically
+from livedecon.engines._ome_tiff import PIXEL_SIZE_TOLERANCE
 from livedecon.engines._sim import (
     UPSCALE,
     SimSettings,
@@ -113,7 +114,8 @@ class SimProcessor:
         self.psf_2x = detection_psf_2x(optics)
         self.cutoff_per_um = detection_cutoff_per_um(sim.na, sim.sample_ri, sim.emission_um)
         given = sim.pattern
-        if given is not None and abs(given.output_pixel_um / self.output_pixel_um - 1) > 0.02:
+        tolerance = PIXEL_SIZE_TOLERANCE
+        if given is not None and abs(given.output_pixel_um / self.output_pixel_um - 1) > tolerance:
             raise ValueError(
                 f"the plan's SIM pattern was measured on {given.output_pixel_um:.4g} um SR"
                 f" pixels, this acquisition's are {self.output_pixel_um:.4g} um (camera pixel"
