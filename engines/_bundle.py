@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from livedecon.engines._atomic_write import fsync_path, fsync_tree
 from livedecon.engines._configfile import StrictModel, describe_validation_error
+from livedecon.engines._enums import NetworkKind
 from livedecon.engines._networks import (
     DpsSpec,
     Network,
@@ -250,6 +251,15 @@ class BundleManifest(_Manifest):
     @property
     def takes_volumes(self) -> bool:
         return self.is_3d or self.is_selfnet
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dps_activation_of_its_time(cls, data: Any) -> Any:
+        # DPS bundles written before DpsSpec.output_activation existed ran softplus
+        network = data.get("network") if isinstance(data, dict) else None
+        if isinstance(network, dict) and network.get("kind") == NetworkKind.DPS:
+            data = {**data, "network": {"output_activation": "softplus", **network}}
+        return data
 
     @model_validator(mode="after")
     def _grids_agree(self) -> Self:

@@ -8,8 +8,9 @@ Two stages, trained together without clean data:
 2. a sparsity-deconvolution U-Net whose first estimate x0 goes through an error-feedback
    (back-projection) unit: x0 is re-blurred by the PSF, its residual against the denoised
    image is lifted back to the output grid by a small learned projection and added,
-   x = softplus(pre(x0) + P(denoised - H x0 - b)). The PSF and the background b are part of
-   the model.
+   x = pos(pre(x0) + P(denoised - H x0 - b)). The PSF and the background b are part of
+   the model; pos, the non-negative output, is |.| (softplus, the first choice, killed the
+   output on sparse specimens: `DpsSpec.output_activation`).
 
 The physics-informed objective of the second stage, with weights as settings:
     |H x + b - t|^2 + w_ssim (1 - SSIM(H x + b, t)) + w_l1 |x|_1 + w_hessian Hessian(x)
@@ -119,10 +120,15 @@ class DpsNet(nn.Module):
         self.register_buffer("background", torch.tensor(float(background)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        denoised = _positive(self.denoise_out(self.denoiser(x)))
+        denoised = self.positive(self.denoise_out(self.denoiser(x)))
         pre = self.first(self.deconvolver(denoised))
-        error = denoised - self.forward_model(_positive(pre))
-        return denoised, _positive(pre + self.feedback(error))
+        error = denoised - self.forward_model(self.positive(pre))
+        return denoised, self.positive(pre + self.feedback(error))
+
+    def positive(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.output_activation == "abs":
+            return x.abs()
+        return F.softplus(x, beta=10)
 
     def forward_model(self, estimate: torch.Tensor) -> torch.Tensor:
         """What the camera sees of an estimate: PSF blur, binning, the constant background.
@@ -136,10 +142,6 @@ class DpsNet(nn.Module):
         if self.upscale > 1:
             blurred = F.avg_pool2d(blurred, self.upscale)
         return blurred + self.background
-
-
-def _positive(x: torch.Tensor) -> torch.Tensor:
-    return F.softplus(x, beta=10)
 
 
 def dps_loss(

@@ -308,6 +308,12 @@ class DpsSpec(StrictModel):
     feedback_width: int = Field(16, ge=1, le=256, description="the back-projection's channels")
     upsample: bool = Field(True, description="2x output grid (widefield); off for SIM images")
     psf_px: int = Field(31, ge=1, description="the PSF width (odd), set from the PSF it holds")
+    output_activation: Literal["abs", "softplus"] = Field(
+        "abs",
+        description="keeps both stages' outputs non-negative. softplus (beta 10) reaches 0 only"
+        " at minus infinity, so on a sparse specimen the empty background drives the"
+        " deconvolution stage there and its output dies to 0 everywhere; abs reaches 0 at 0",
+    )
 
 
 NetworkSpec = Network2DSpec | Network3DSpec | SelfNetSpec | DpsSpec

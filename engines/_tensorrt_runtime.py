@@ -272,10 +272,11 @@ def match_layers(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
 # Any other op keeps the types it was exported with (FP32 around it, with casts).
 FP16_OPS = frozenset(
     {
-        "Add", "AveragePool", "Clip", "Concat", "Conv", "ConvTranspose", "DepthToSpace", "Div",
-        "GlobalAveragePool", "Identity", "LeakyRelu", "MaxPool", "Mul", "Pad", "ReduceMean",
-        "Relu", "Reshape", "Resize", "Sigmoid", "Slice", "Softplus", "SpaceToDepth", "Split",
-        "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Upsample", "Where",
+        "Abs", "Add", "AveragePool", "Clip", "Concat", "Conv", "ConvTranspose", "DepthToSpace",
+        "Div", "GlobalAveragePool", "Identity", "LeakyRelu", "MaxPool", "Mul", "Pad",
+        "ReduceMean", "Relu", "Reshape", "Resize", "Sigmoid", "Slice", "Softplus",
+        "SpaceToDepth", "Split", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Upsample",
+        "Where",
     }
 )  # fmt: skip
 # Float inputs that are parameters, not data: the ONNX spec fixes them to float32.

@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from tiny_specs import TINY_2D, TINY_DPS, TINY_SIM
 
 from livedecon.calibration._quality_bench import OPTICS, Scene
@@ -92,6 +95,20 @@ def test_a_sim_bundle_keeps_its_reconstruction_and_serves_alike_on_every_cpu_eng
     np.testing.assert_allclose(
         outputs[Backend.ONNXRUNTIME], outputs[Backend.TORCH], rtol=1e-3, atol=1e-4
     )
+
+
+def test_a_dps_bundle_from_before_the_abs_output_keeps_its_softplus(tmp_path: Path, acquisition):
+    bundle = train("dps", acquisition.electrons)
+    assert bundle.manifest.network.output_activation == "abs"  # what training makes now
+    path = bundle.save(tmp_path / bundle.manifest.name)
+    manifest = json.loads((path / "model.json").read_text())
+    del manifest["network"]["output_activation"]  # as bundles were written before
+    (path / "model.json").write_text(json.dumps(manifest))
+    old = ModelBundle.load(path)
+    assert old.manifest.network.output_activation == "softplus"
+    model = build_network(old.manifest.network)
+    x = torch.rand(1, 1, 16, 16)
+    assert torch.allclose(model.positive(x - 0.5), F.softplus(x - 0.5, beta=10))
 
 
 def test_the_chain_refuses_raw_frames_the_model_did_not_learn(acquisition):
