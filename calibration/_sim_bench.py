@@ -28,7 +28,13 @@ from livedecon.calibration._quality_bench import (
     fit_to,
     scored_region,
 )
-from livedecon.calibration._resolution_targets import PairKind, pair_target, smallest_resolved
+from livedecon.calibration._resolution_targets import (
+    SEPARATIONS_NM,
+    PairKind,
+    PairTarget,
+    pair_target,
+    smallest_resolved,
+)
 from livedecon.calibration._sim_run import default_sim_config
 from livedecon.calibration._sim_simulator import SimAcquisition, render_sim
 from livedecon.engines._dps import DpsConfig, DpsSpec, restore_dps, train_dps_sim
@@ -146,6 +152,17 @@ def run_sim_bench(
 TARGET_METHODS = ("widefield", "wiener", "zs-sim", "dps")
 
 
+def pair_target_acquisition(
+    kind: PairKind, peak_photons: float, separations_nm: tuple[float, ...] = SEPARATIONS_NM
+) -> tuple[PairTarget, SimAcquisition]:
+    """A line- or bead-pair target and its SIM acquisition on the TIRF simulator (peak
+    photons per raw frame, a fixed seed)."""
+    target = pair_target(kind, OPTICS["tirf"].pixel_size_um / UPSAMPLING, separations_nm)
+    size_px = target.specimen.shape[0] // UPSAMPLING
+    scene = Scene(structure="sparse", peak_photons=peak_photons, size_px=size_px, seed=3500)
+    return target, render_sim(scene, specimen=target.specimen)
+
+
 def run_pair_targets(
     kind: PairKind,
     peak_photons: float,
@@ -157,11 +174,8 @@ def run_pair_targets(
     reconstruction, and ZS-DeconvNet-SIM and DPS trained zero-shot on the target's own frames
     behind it. The true pattern is given: resolution is measured here, not pattern finding
     (on a target of a few pairs there is little for the estimate to lock onto)."""
-    fine_um = OPTICS["tirf"].pixel_size_um / UPSAMPLING
-    target = pair_target(kind, fine_um)
-    size_px = target.specimen.shape[0] // UPSAMPLING
-    scene = Scene(structure="sparse", peak_photons=peak_photons, size_px=size_px, seed=3500)
-    acquisition = render_sim(scene, specimen=target.specimen)
+    target, acquisition = pair_target_acquisition(kind, peak_photons)
+    scene, fine_um = acquisition.scene, acquisition.fine_pixel_um
     electrons = acquisition.electrons - scene.background_e
     pattern = acquisition.truth_parameters
     args = (acquisition.psf_2x, pattern, acquisition.cutoff_per_um, scene.read_noise_e)

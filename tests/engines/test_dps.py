@@ -3,6 +3,8 @@ zero-shot training on widefield frames and behind the Wiener SIM reconstruction.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,9 @@ from livedecon.engines._dps import (
     train_dps_sim,
 )
 from livedecon.engines._networks import UNetSpec
+
+if TYPE_CHECKING:
+    from livedecon.calibration._sim_simulator import SimAcquisition
 
 TINY = DpsSpec(unet=UNetSpec(levels=2, convs_per_block=1, base_width=4), feedback_width=4)
 
@@ -95,6 +100,24 @@ def test_sim_training_refuses_an_upsampling_network():
         train_dps_sim(np.zeros((9, 32, 32)), _box_psf(), None, 1.0, 1.5, DpsConfig(network=TINY))
 
 
+def _dps_behind_wiener(
+    acquisition: SimAcquisition, iterations: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """DPS trained behind the Wiener reconstruction of a SIM acquisition with its true
+    pattern: (DPS's estimate, the Wiener image it restored)."""
+    from livedecon.engines._sim import reconstruct
+
+    electrons = acquisition.electrons - acquisition.scene.background_e
+    pattern, psf = acquisition.truth_parameters, acquisition.psf_2x
+    config = DpsConfig(network=DpsSpec(upsample=False), iterations=iterations)
+    noise = acquisition.scene.read_noise_e
+    result = train_dps_sim(electrons, psf, pattern, acquisition.cutoff_per_um, noise, config)
+    settings = result.sim_settings
+    pixel, cutoff = acquisition.fine_pixel_um, acquisition.cutoff_per_um
+    wiener = reconstruct(electrons, psf, pixel, cutoff, settings, pattern).image
+    return restore_dps(result, wiener), wiener
+
+
 def test_dps_beats_wiener_sim_at_low_light():
     """30 photons peak per raw frame, calibrated pattern, 300 iterations of the default DPS
     network behind the Wiener reconstruction (about 25 s on 2 cores). Measured: Wiener 33.91
@@ -106,22 +129,9 @@ def test_dps_beats_wiener_sim_at_low_light():
     from livedecon.calibration._psf import theoretical_psf
     from livedecon.calibration._quality_bench import OPTICS, Scene, fit_to, scored_region
     from livedecon.calibration._sim_simulator import render_sim
-    from livedecon.engines._sim import reconstruct
 
     acquisition = render_sim(Scene(structure="mixed", peak_photons=30, size_px=128, seed=1070))
-    electrons = acquisition.electrons - acquisition.scene.background_e
-    pattern = acquisition.truth_parameters
-    config = DpsConfig(network=DpsSpec(upsample=False), iterations=300)
-    args = (acquisition.psf_2x, pattern, acquisition.cutoff_per_um, 1.5, config)
-    result = train_dps_sim(electrons, *args)
-    wiener = reconstruct(
-        electrons,
-        acquisition.psf_2x,
-        acquisition.fine_pixel_um,
-        acquisition.cutoff_per_um,
-        result.sim_settings,
-        pattern,
-    ).image
+    estimate, wiener = _dps_behind_wiener(acquisition, iterations=300)
     half = OPTICS["tirf"].model_copy(update={"emission_um": OPTICS["tirf"].emission_um / 2})
     reference_psf = theoretical_psf(half, acquisition.fine_pixel_um, 41)[0]
     reference = scored_region(acquisition.reference)
@@ -130,7 +140,7 @@ def test_dps_beats_wiener_sim_at_low_light():
         seen = signal.fftconvolve(image, reference_psf / reference_psf.sum(), mode="same")
         return max(psnr(fit_to(scored_region(v), reference), reference) for v in (image, seen))
 
-    assert best(restore_dps(result, wiener)) > best(wiener) + 1.5
+    assert best(estimate) > best(wiener) + 1.5
 
 
 def test_dps_keeps_a_sparse_specimen_it_learns_on():
@@ -140,29 +150,10 @@ def test_dps_keeps_a_sparse_specimen_it_learns_on():
     left at 100 and 300 iterations; Wiener resolves all four pairs). With |.|, measured: at
     100 iterations (about 10 s) 28% of Wiener's photons and the 280 nm pair resolved; at 300,
     110% and all four."""
-    from livedecon.calibration._quality_bench import OPTICS, UPSAMPLING, Scene
-    from livedecon.calibration._resolution_targets import pair_target, resolved
-    from livedecon.calibration._sim_simulator import render_sim
-    from livedecon.engines._sim import reconstruct
+    from livedecon.calibration._resolution_targets import resolved
+    from livedecon.calibration._sim_bench import pair_target_acquisition
 
-    fine_um = OPTICS["tirf"].pixel_size_um / UPSAMPLING
-    target = pair_target("lines", fine_um, separations_nm=(280, 240, 200, 180))
-    size_px = target.specimen.shape[0] // UPSAMPLING
-    scene = Scene(structure="sparse", peak_photons=30, size_px=size_px, seed=3500)
-    acquisition = render_sim(scene, specimen=target.specimen)
-    electrons = acquisition.electrons - scene.background_e
-    pattern = acquisition.truth_parameters
-    config = DpsConfig(network=DpsSpec(upsample=False), iterations=100)
-    args = (acquisition.psf_2x, pattern, acquisition.cutoff_per_um, scene.read_noise_e)
-    result = train_dps_sim(electrons, *args, config)
-    wiener = reconstruct(
-        electrons,
-        acquisition.psf_2x,
-        fine_um,
-        acquisition.cutoff_per_um,
-        result.sim_settings,
-        pattern,
-    ).image
-    estimate = restore_dps(result, wiener)
+    target, acquisition = pair_target_acquisition("lines", 30, separations_nm=(280, 240, 200, 180))
+    estimate, wiener = _dps_behind_wiener(acquisition, iterations=100)
     assert estimate.sum() > 0.1 * wiener.sum()
     assert resolved(estimate, target, 0)  # the 280 nm pair
