@@ -287,7 +287,7 @@ def test_a_pattern_measured_before_serves_from_the_first_group(acquisition, tmp_
     scores = [
         psnr(fit_to(scored_region(i), reference), reference) for i in (image, estimated[0][0])
     ]
-    assert scores[0] > scores[1] - 0.1, scores  # measured: 29.41 against 28.89 dB
+    assert scores[0] > scores[1] - 0.1, scores  # measured: 29.66 against 29.08 dB
 
     other_pixel = truth.model_copy(update={"output_pixel_um": 1.1 * truth.output_pixel_um})
     with pytest.raises(ValueError, match=r"measured on .* SR pixels"):
