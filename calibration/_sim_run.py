@@ -45,7 +45,8 @@ def detection_psf_2x(optics: Optics) -> np.ndarray:
 def default_sim_config(network: SimNetwork) -> SimTrainingConfig | DpsConfig:
     """The CPU defaults: ZS-DeconvNet-SIM 1,500 iterations, DPS 1,200 (measured in the README
     on the bench's four SIM scenes, over Wiener: ZS-DeconvNet-SIM +0.74 dB at 600 iterations,
-    +1.35 at 1,000, +1.89 at 1,500; DPS with its |.| output +1.24 at 300, +2.15 at 1,200)."""
+    +1.35 at 1,000, +1.89 at 1,500, +2.30 with the preconditioned loss; DPS with its |.|
+    output +1.24 at 300, +2.15 at 1,200, +2.76 preconditioned)."""
     if network == "sim":
         return SimTrainingConfig(iterations=1500)
     return DpsConfig(network=DpsSpec(upsample=False), iterations=1200)

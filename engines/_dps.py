@@ -42,6 +42,7 @@ from livedecon.engines._self_supervised import (
     reblur,
     recorrupt,
     ssim_torch,
+    whiten,
 )
 from livedecon.engines._sim import SimSettings
 from livedecon.engines._sim_pattern import SimParameters
@@ -68,6 +69,12 @@ class DpsLoss(StrictModel):
     ssim_weight: float = Field(0.1, ge=0)
     sparsity_weight: float = Field(0.002, ge=0, description="L1 of the estimate (model units)")
     hessian_weight: float = Field(0.002, ge=0)
+    precondition: float | None = Field(
+        None,
+        gt=0,
+        description="eps: the fidelity residual filtered by 1/sqrt(|OTF|^2 + eps), as"
+        " ZS-DeconvNet's [loss] precondition; None: plain",
+    )
     fidelity_to: Literal["denoised", "target"] = Field(
         "target",
         description="what the re-blurred estimate must explain: the recorrupted target"
@@ -80,7 +87,9 @@ class DpsConfig(SimSchedule):
     """How DPS trains: network, loss, recorruption, schedule, patches and budget."""
 
     network: DpsSpec = DpsSpec()
-    loss: DpsLoss = DpsLoss()
+    # the fidelity residual preconditioned (README, "SIM models"): on the bench's four SIM
+    # scenes +0.60 dB over the plain loss, line pairs 120 nm instead of 140
+    loss: DpsLoss = DpsLoss(precondition=0.03)
     recorruption: RecorruptionConfig = RecorruptionConfig(alpha_range=(0.5, 1.0))
     sim_recorruption: SimRecorruption = SimRecorruption()
     iterations: int = Field(1200, ge=1)
@@ -152,16 +161,23 @@ def dps_loss(
     psf_half_width: int,
     loss: DpsLoss,
     upscale: int,
+    psf: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Total loss and its parts (see the module docstring); the border the PSF reaches past
-    the patch is left out of the fidelity terms."""
+    the patch is left out of the fidelity terms. `psf`: the forward model's, needed when the
+    loss preconditions its residual."""
     denoise = ((denoised - target) ** 2).mean()
     explained = denoised.detach() if loss.fidelity_to == "denoised" else target
     margin = exact_margin(psf_half_width, upscale)
     index = (..., slice(margin, -margin or None), slice(margin, -margin or None))
     reblurred = forward_model(estimate)[index]
     explained = explained[index]
-    fidelity = ((reblurred - explained) ** 2).mean()
+    residual = reblurred - explained
+    if loss.precondition is not None:
+        if psf is None:
+            raise ValueError("a preconditioned DPS loss needs the forward model's PSF")
+        residual = whiten(residual, psf, upscale, loss.precondition)
+    fidelity = (residual**2).mean()
     structure = 1 - ssim_torch(reblurred, explained)
     sparsity = estimate.abs().mean()
     hessian = hessian_penalty(estimate)
@@ -196,7 +212,14 @@ class _DpsObjective:
         denoised, estimate = model(inputs)
         half_width = model.psf.shape[-1] // 2
         return dps_loss(
-            denoised, estimate, targets, model.forward_model, half_width, self.loss, model.upscale
+            denoised,
+            estimate,
+            targets,
+            model.forward_model,
+            half_width,
+            self.loss,
+            model.upscale,
+            model.psf,
         )
 
 

@@ -74,6 +74,28 @@ def test_each_term_of_the_objective_responds_to_its_weight():
     assert float(to_denoised["fidelity"]) != pytest.approx(float(base["fidelity"]))
 
 
+def test_the_preconditioned_fidelity_weighs_what_the_psf_attenuates():
+    """With `precondition`, a residual the PSF would blur away counts more than one it
+    passes, so the frequencies the optics attenuate are learnt as fast as the rest; plain,
+    the two weigh alike."""
+    model = DpsNet(TINY, _box_psf())
+    estimate = torch.rand(1, 1, 64, 64)
+    reblurred = model.forward_model(estimate)
+    x = torch.arange(32, dtype=torch.float32)
+    slow, fast = (0.05 * torch.cos(2 * np.pi * x / period).expand(32, 32) for period in (16, 4))
+
+    def fidelity(ripple: torch.Tensor, loss: DpsLoss) -> float:
+        target = reblurred + ripple
+        parts = dps_loss(target, estimate, target, model.forward_model, 4, loss, 2, model.psf)
+        return float(parts["fidelity"])
+
+    plain, preconditioned = DpsLoss(), DpsLoss(precondition=0.03)
+    assert fidelity(fast, plain) == pytest.approx(fidelity(slow, plain), rel=0.1)
+    assert fidelity(fast, preconditioned) > 3 * fidelity(slow, preconditioned)
+    with pytest.raises(ValueError, match="needs the forward model's PSF"):
+        dps_loss(reblurred, estimate, reblurred, model.forward_model, 4, preconditioned, 2)
+
+
 def test_widefield_training_learns_and_restores_onto_the_2x_grid():
     rng = np.random.default_rng(0)
     frame = rng.poisson(np.full((64, 64), 20.0)).astype(np.float32)
