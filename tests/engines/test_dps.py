@@ -20,6 +20,7 @@ from livedecon.engines._dps import (
     train_dps_sim,
 )
 from livedecon.engines._networks import UNetSpec
+from livedecon.engines._sim_training import SIM_LOSS, SimTrainingConfig
 
 if TYPE_CHECKING:
     from livedecon.calibration._sim_simulator import SimAcquisition
@@ -61,16 +62,16 @@ def test_each_term_of_the_objective_responds_to_its_weight():
     with torch.no_grad():
         denoised, estimate = model(x)
     args = (denoised, estimate, x, model.forward_model, 4)
-    base = dps_loss(*args, DpsLoss(), 2)
+    base = dps_loss(*args, DpsLoss(), 2, model.psf)
     assert all(torch.isfinite(v) for v in base.values())
     for weight, part in (("sparsity_weight", "sparsity"), ("hessian_weight", "hessian")):
-        more = dps_loss(*args, DpsLoss(**{weight: 1.0}), 2)
+        more = dps_loss(*args, DpsLoss(**{weight: 1.0}), 2, model.psf)
         assert float(more["total"]) == pytest.approx(
             float(base["total"]) + (1.0 - getattr(DpsLoss(), weight)) * float(base[part]),
             rel=1e-5,
         )
     # fidelity to the (fixed) denoised image instead of the noisy target
-    to_denoised = dps_loss(*args, DpsLoss(fidelity_to="denoised"), 2)
+    to_denoised = dps_loss(*args, DpsLoss(fidelity_to="denoised"), 2, model.psf)
     assert float(to_denoised["fidelity"]) != pytest.approx(float(base["fidelity"]))
 
 
@@ -89,11 +90,24 @@ def test_the_preconditioned_fidelity_weighs_what_the_psf_attenuates():
         parts = dps_loss(target, estimate, target, model.forward_model, 4, loss, 2, model.psf)
         return float(parts["fidelity"])
 
-    plain, preconditioned = DpsLoss(), DpsLoss(precondition=0.03)
+    plain, preconditioned = DpsLoss(precondition=None), DpsLoss(precondition=0.03)
     assert fidelity(fast, plain) == pytest.approx(fidelity(slow, plain), rel=0.1)
     assert fidelity(fast, preconditioned) > 3 * fidelity(slow, preconditioned)
     with pytest.raises(ValueError, match="needs the forward model's PSF"):
         dps_loss(reblurred, estimate, reblurred, model.forward_model, 4, preconditioned, 2)
+
+
+def test_a_loss_table_that_sets_one_term_keeps_the_sim_defaults_for_the_rest():
+    """A TOML [loss] with one weight must not silently drop the preconditioning (nor, for
+    ZS-DeconvNet-SIM, its L2 norm and Hessian weight): the other terms keep their defaults."""
+    dps = DpsConfig.model_validate({"loss": {"sparsity_weight": 0.01}})
+    assert dps.loss.precondition == DpsLoss().precondition == 0.03
+    zs = SimTrainingConfig.model_validate({"loss": {"sparsity_weight": 0.01}})
+    assert zs.loss == SIM_LOSS.model_copy(update={"sparsity_weight": 0.01})
+    assert SimTrainingConfig().loss.precondition == 0.03
+    plain = SimTrainingConfig.model_validate({"loss": {"precondition": None}})
+    assert plain.loss.precondition is None
+    assert plain.loss.norm == "l2"
 
 
 def test_widefield_training_learns_and_restores_onto_the_2x_grid():
