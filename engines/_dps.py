@@ -158,24 +158,20 @@ def dps_loss(
     estimate: torch.Tensor,
     target: torch.Tensor,
     forward_model: Callable[[torch.Tensor], torch.Tensor],
-    psf_half_width: int,
+    psf: torch.Tensor,
     loss: DpsLoss,
     upscale: int,
-    psf: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Total loss and its parts (see the module docstring); the border the PSF reaches past
-    the patch is left out of the fidelity terms. `psf`: the forward model's, needed when the
-    loss preconditions its residual."""
+    """Total loss and its parts (see the module docstring); `psf` is the forward model's. The
+    border the PSF reaches past the patch is left out of the fidelity terms."""
     denoise = ((denoised - target) ** 2).mean()
     explained = denoised.detach() if loss.fidelity_to == "denoised" else target
-    margin = exact_margin(psf_half_width, upscale)
+    margin = exact_margin(psf.shape[-1] // 2, upscale)
     index = (..., slice(margin, -margin or None), slice(margin, -margin or None))
     reblurred = forward_model(estimate)[index]
     explained = explained[index]
     residual = reblurred - explained
     if loss.precondition is not None:
-        if psf is None:
-            raise ValueError("a preconditioned DPS loss needs the forward model's PSF")
         residual = whiten(residual, psf, upscale, loss.precondition)
     fidelity = (residual**2).mean()
     structure = 1 - ssim_torch(reblurred, explained)
@@ -210,16 +206,8 @@ class _DpsObjective:
     ) -> dict[str, torch.Tensor]:
         inputs, targets = self.make_pairs(batch, generator)
         denoised, estimate = model(inputs)
-        half_width = model.psf.shape[-1] // 2
         return dps_loss(
-            denoised,
-            estimate,
-            targets,
-            model.forward_model,
-            half_width,
-            self.loss,
-            model.upscale,
-            model.psf,
+            denoised, estimate, targets, model.forward_model, model.psf, self.loss, model.upscale
         )
 
 

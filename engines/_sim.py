@@ -405,8 +405,8 @@ def estimate_parameters(
     # one setup, one period: unless two angles agree on it, what was found is noise (sparse
     # puncta, too few photons) and no angle counts as patterned
     seen = sum(good) >= min(2, settings.angles)
-    contrasts = [_frame_phases(raw, prepared, k).contrast for raw, k in zip(raws, ks, strict=True)]
-    good = _without_repeated_directions(ks, good, contrasts, settings.angles)
+    measured = [_frame_phases(raw, prepared, k) for raw, k in zip(raws, ks, strict=True)]
+    good = _without_repeated_directions(ks, good, [m.contrast for m in measured], settings.angles)
     if seen and not all(good):
         # evenly spread angles, 180/A degrees apart: look where no good angle is
         first = np.arctan2(*ks[good.index(True)])
@@ -420,15 +420,14 @@ def estimate_parameters(
         for a, raw in enumerate(raws):
             if not good[a]:
                 ks[a] = _pattern_vector(separate_bands(raw, nominal), prepared, window)
+                measured[a] = _frame_phases(raw, prepared, ks[a])
     phases, modulations = [], []
-    for a, raw in enumerate(raws):
-        k = ks[a]
-        measured = _frame_phases(raw, prepared, k)
-        phi = measured.phases
+    for raw, k, frame_phases in zip(raws, ks, measured, strict=True):
+        phi = frame_phases.phases
         bands = separate_bands(raw, phi)
         otf_k = _shifted_otf(prepared.psf, k, cutoff)
         m = 2 * abs(_modulation(bands[0], _shift_band(bands[1], k), prepared, otf_k))
-        if not seen or m < settings.min_modulation or not measured.usable:
+        if not seen or m < settings.min_modulation or not frame_phases.usable:
             m, phi = 0.0, nominal  # no pattern found: this angle counts as widefield only
         phases.append([float(p) for p in phi])
         modulations.append(float(min(m, 1.5)))

@@ -61,17 +61,17 @@ def test_each_term_of_the_objective_responds_to_its_weight():
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         denoised, estimate = model(x)
-    args = (denoised, estimate, x, model.forward_model, 4)
-    base = dps_loss(*args, DpsLoss(), 2, model.psf)
+    args = (denoised, estimate, x, model.forward_model, model.psf)
+    base = dps_loss(*args, DpsLoss(), 2)
     assert all(torch.isfinite(v) for v in base.values())
     for weight, part in (("sparsity_weight", "sparsity"), ("hessian_weight", "hessian")):
-        more = dps_loss(*args, DpsLoss(**{weight: 1.0}), 2, model.psf)
+        more = dps_loss(*args, DpsLoss(**{weight: 1.0}), 2)
         assert float(more["total"]) == pytest.approx(
             float(base["total"]) + (1.0 - getattr(DpsLoss(), weight)) * float(base[part]),
             rel=1e-5,
         )
     # fidelity to the (fixed) denoised image instead of the noisy target
-    to_denoised = dps_loss(*args, DpsLoss(fidelity_to="denoised"), 2, model.psf)
+    to_denoised = dps_loss(*args, DpsLoss(fidelity_to="denoised"), 2)
     assert float(to_denoised["fidelity"]) != pytest.approx(float(base["fidelity"]))
 
 
@@ -87,14 +87,12 @@ def test_the_preconditioned_fidelity_weighs_what_the_psf_attenuates():
 
     def fidelity(ripple: torch.Tensor, loss: DpsLoss) -> float:
         target = reblurred + ripple
-        parts = dps_loss(target, estimate, target, model.forward_model, 4, loss, 2, model.psf)
+        parts = dps_loss(target, estimate, target, model.forward_model, model.psf, loss, 2)
         return float(parts["fidelity"])
 
     plain, preconditioned = DpsLoss(precondition=None), DpsLoss(precondition=0.03)
     assert fidelity(fast, plain) == pytest.approx(fidelity(slow, plain), rel=0.1)
     assert fidelity(fast, preconditioned) > 3 * fidelity(slow, preconditioned)
-    with pytest.raises(ValueError, match="needs the forward model's PSF"):
-        dps_loss(reblurred, estimate, reblurred, model.forward_model, 4, preconditioned, 2)
 
 
 def test_a_loss_table_that_sets_one_term_keeps_the_sim_defaults_for_the_rest():
